@@ -1,0 +1,255 @@
+"""LLaVA-Meteor: frozen CLIP vision tower → Top-Down Compression → any causal LM.
+
+The model takes what `MeteorProcessor` produces: token ids in which every visual token of every
+image is one `<image>` id laid out in LLaVA-UHD's spatial schema, and the sliced images in the
+same order. It encodes each view, compresses it to K tokens, and writes them into the `<image>`
+positions of the LLM's input embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .compressor import CompressionOutput, TopDownCompression
+from .config import CONFIG_NAME, MeteorConfig
+from .processor import MeteorProcessor
+from .slicing import SlicedImage
+from .vision import VisionTower
+
+COMPRESSOR_FILE = "compressor.safetensors"
+VISION_DIR = "vision_tower"
+LANGUAGE_DIR = "language_model"
+
+
+@dataclass
+class ViewSelection:
+    """What the compressor kept for one view: for drawing and for analysis."""
+    image_index: int
+    view_index: int          # LLM order: slices row by row, then the global view
+    is_global: bool
+    grid: tuple[int, int]    # patch grid (rows, cols)
+    indices: torch.Tensor    # (K,) kept positions, raster order
+    visual_scores: torch.Tensor | None   # (rows·cols,)
+    native_scores: torch.Tensor | None
+    aggregate_scores: torch.Tensor
+
+
+class LlavaMeteor(nn.Module):
+    def __init__(self, config: MeteorConfig, vision_tower: VisionTower, language_model: nn.Module,
+                 image_token_id: int):
+        super().__init__()
+        compressor_config = dataclasses.replace(
+            config.compressor,
+            vision_width=vision_tower.hidden_size,
+            text_width=language_model.get_input_embeddings().embedding_dim,
+        )
+        self.config = dataclasses.replace(config, compressor=compressor_config)
+        self.vision_tower = vision_tower
+        self.compressor = TopDownCompression(compressor_config)
+        self.language_model = language_model
+        self.image_token_id = image_token_id
+        self.training_progress: float | None = None
+        """Fraction of training done, set by the trainer; drives the native expert's warm-up."""
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def build(cls, vision: str | os.PathLike | VisionTower, language_model: str | os.PathLike | nn.Module,
+              tokenizer: Any, config: MeteorConfig | None = None, dtype: torch.dtype | None = None
+              ) -> tuple["LlavaMeteor", MeteorProcessor]:
+        """A new model from a CLIP folder (or tower) and a causal-LM folder (or model); the
+        compressor is freshly initialised. The widths C and D are read from the components."""
+        from transformers import AutoTokenizer
+
+        config = config or MeteorConfig()
+        if not isinstance(vision, VisionTower):
+            vision = VisionTower.from_pretrained(vision, feature_layer=config.feature_layer,
+                                                 attention_layer=config.attention_layer, dtype=dtype)
+        if isinstance(language_model, (str, os.PathLike)):
+            language_model = _load_causal_lm(language_model, dtype)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        processor = MeteorProcessor(tokenizer, config, patch_size=vision.patch_size,
+                                    base_size=vision.image_size, image_mean=vision.image_mean,
+                                    image_std=vision.image_std)
+        model = cls(config, vision, language_model, processor.image_token_id)
+        if dtype is not None:
+            model.compressor.to(dtype)
+        return model, processor
+
+    # --- vision → compressed tokens ---------------------------------------------------------------
+    def encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False
+                      ) -> tuple[list[torch.Tensor], list[ViewSelection]]:
+        """Each image → (its visual tokens in LLM order, D); views of one size run as one batch
+        through the vision tower and the compressor."""
+        views, owners = [], []
+        for image_index, image in enumerate(images):
+            for view_index, view in enumerate(image.views()):
+                views.append(view)
+                owners.append((image_index, view_index, view_index == image.plan.num_slices))
+        device = self._device()
+        groups: dict[tuple[int, int], list[int]] = {}
+        for position, view in enumerate(views):
+            groups.setdefault(tuple(view.shape[-2:]), []).append(position)
+        per_view: list[torch.Tensor | None] = [None] * len(views)
+        selections: list[ViewSelection] = []
+        progress = self.training_progress if self.training else None
+        for positions in groups.values():
+            pixels = torch.stack([views[p] for p in positions]).to(device, self.vision_tower.dtype)
+            encoded = self.vision_tower(pixels)                      # tokens (n, HW, C), CLS row (n, HW)
+            out: CompressionOutput = self.compressor(encoded.patch_tokens, encoded.cls_attention,
+                                                     encoded.grid, progress)
+            for row, position in enumerate(positions):
+                per_view[position] = out.tokens[row]                  # (K, D)
+                if return_selection:
+                    image_index, view_index, is_global = owners[position]
+                    selections.append(ViewSelection(
+                        image_index, view_index, is_global, encoded.grid, out.indices[row].cpu(),
+                        _row(out.visual_scores, row), _row(out.native_scores, row),
+                        out.aggregate_scores[row].detach().cpu()))
+        per_image: list[list[torch.Tensor]] = [[] for _ in images]
+        for (image_index, _, _), tokens in zip(owners, per_view):
+            per_image[image_index].append(tokens)
+        selections.sort(key=lambda s: (s.image_index, s.view_index))
+        return [torch.cat(parts) for parts in per_image], selections
+
+    def embed(self, input_ids: torch.Tensor, images: Sequence[SlicedImage] = ()) -> torch.Tensor:
+        """Token ids with `<image>` placeholders → the LLM's input embeddings (B, T, D)."""
+        image_mask = input_ids == self.image_token_id                 # (B, T)
+        embedder = self.language_model.get_input_embeddings()
+        # The placeholder id may lie outside the LLM's vocabulary: look up a harmless id instead.
+        embeds = embedder(input_ids.masked_fill(image_mask, 0))       # (B, T, D)
+        expected = int(image_mask.sum())
+        if not images:
+            if expected:
+                raise ValueError(f"the input has {expected} image tokens but no images were given")
+            return embeds
+        visual = torch.cat(self.encode_images(images)[0])             # (Σ tokens, D)
+        if visual.shape[0] != expected:
+            raise ValueError(
+                f"image features and image tokens disagree: the images give {visual.shape[0]} visual "
+                f"tokens but the input has {expected} {self.config.image_token} tokens; build the "
+                f"input with the MeteorProcessor of this model (same tokens_per_slice and max_slices)")
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype))
+
+    # --- LLM ------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                images: Sequence[SlicedImage] = (), labels: torch.Tensor | None = None, **kwargs):
+        """The causal LM's output; with `labels` (IGNORE_INDEX where unsupervised) its `loss`."""
+        device = self._device()
+        input_ids = input_ids.to(device)
+        embeds = self.embed(input_ids, images)
+        return self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=None if attention_mask is None else attention_mask.to(device),
+            labels=None if labels is None else labels.to(device),
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 images: Sequence[SlicedImage] = (), **generate_kwargs) -> torch.Tensor:
+        """New token ids (B, T_new) for left-padded prompts."""
+        device = self._device()
+        input_ids = input_ids.to(device)
+        if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate needs left-padded prompts (the last position of every row "
+                             "must be a real token): use MeteorProcessor(...), which pads left")
+        embeds = self.embed(input_ids, images)
+        return self.language_model.generate(
+            inputs_embeds=embeds,
+            attention_mask=None if attention_mask is None else attention_mask.to(device),
+            **generate_kwargs,
+        )
+
+    def _device(self) -> torch.device:
+        return next(self.compressor.parameters()).device
+
+    # --- persistence ------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike, processor: MeteorProcessor | None = None,
+                        overwrite: bool = False) -> Path:
+        """Write config, compressor, vision tower, language model (all safetensors) and tokenizer.
+
+        The folder is written beside its destination and moved into place at the end, so an
+        interrupted save never leaves a half-written model; an existing folder is replaced only
+        with overwrite=True."""
+        folder = Path(folder)
+        if folder.exists() and any(folder.iterdir()) and not overwrite:
+            raise FileExistsError(f"{folder} exists and is not empty: choose another folder or pass "
+                                  f"overwrite=True to replace it")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            self.config.save(staging)
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.compressor.state_dict().items()},
+                      staging / COMPRESSOR_FILE, metadata={"format": "pt"})
+            self.vision_tower.save_pretrained(staging / VISION_DIR)
+            self.language_model.save_pretrained(staging / LANGUAGE_DIR)
+            if processor is not None:
+                processor.tokenizer.save_pretrained(staging)
+            _replace_folder(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None
+                        ) -> tuple["LlavaMeteor", MeteorProcessor]:
+        """Load a folder written by `save_pretrained` (no pickle anywhere)."""
+        from transformers import AutoTokenizer
+
+        folder = Path(folder)
+        if not (folder / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{folder} is not a LLaVA-Meteor model folder: {CONFIG_NAME} is "
+                                    f"missing (write one with LlavaMeteor.save_pretrained)")
+        config = MeteorConfig.load(folder)
+        vision = VisionTower.from_pretrained(folder / VISION_DIR, feature_layer=config.feature_layer,
+                                             attention_layer=config.attention_layer, dtype=dtype)
+        language_model = _load_causal_lm(folder / LANGUAGE_DIR, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model, processor = cls.build(vision, language_model, tokenizer, config, dtype)
+        model.compressor.load_state_dict(load_compressor(folder / COMPRESSOR_FILE))
+        return model, processor
+
+
+def load_compressor(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"compressor weights not found at {path}")
+    return load_file(str(path))
+
+
+def _load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | None):
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no causal language model at {path}: expected a Hugging Face folder "
+                                f"with config.json and weights (e.g. a local Vicuna checkout)")
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _replace_folder(staging: Path, folder: Path) -> None:
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        staging.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(folder)
+
+
+def _row(scores: torch.Tensor | None, row: int) -> torch.Tensor | None:
+    return None if scores is None else scores[row].detach().cpu()

@@ -1,0 +1,83 @@
+"""Tiny configurations of the real Hugging Face classes, for tests and the embedded demo.
+
+Nothing here is a stand-in: a `CLIPVisionModel`, a `LlamaForCausalLM` and a byte-level BPE
+tokenizer trained with `tokenizers`, only small enough to run on two CPU cores in seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from .config import CompressorConfig, MeteorConfig
+from .conversation import VICUNA_SYSTEM
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+_BASE_CORPUS = [
+    VICUNA_SYSTEM,
+    "USER: ASSISTANT: What is in the image? Describe the image. How many shapes are there?",
+    "a red circle, a blue square, a green triangle, a yellow star, a purple hexagon.",
+    "Is there a cat in the image? Yes. No. The answer is 0 1 2 3 4 5 6 7 8 9 10.",
+    "What colour is the shape on the left? It is orange. Which word is written? Answer with the letter.",
+    "A. B. C. D. top bottom left right above below next to the text reads",
+]
+
+
+def tiny_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on `texts` plus a small built-in corpus, wrapped as a
+    `PreTrainedTokenizerFast` with LLaMA-style special tokens and `<image>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    core.train_from_iterator(list(_BASE_CORPUS) + list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>",
+                                   extra_special_tokens=["<image>"])
+
+
+def tiny_clip_vision_config(**overrides):
+    """A 4-layer CLIP ViT with 14-px patches at a 56-px base (a 4×4 patch grid per view)."""
+    from transformers import CLIPVisionConfig
+
+    values = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  image_size=56, patch_size=14, projection_dim=32)
+    values.update(overrides)
+    return CLIPVisionConfig(**values)
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    values = dict(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def tiny_meteor_config(**compressor_overrides) -> MeteorConfig:
+    """K = 4 of the 16 tokens per view, two-slice cap, small Mamba state."""
+    values = dict(tokens_per_slice=4, d_state=8, expand=2)
+    values.update(compressor_overrides)
+    return MeteorConfig(compressor=CompressorConfig(**values), max_slices=4)
+
+
+def tiny_model(config: MeteorConfig | None = None, seed: int = 0, texts: Iterable[str] = ()):
+    """A randomly initialised tiny LLaVA-Meteor and its processor."""
+    import torch
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    from .modeling import LlavaMeteor
+    from .vision import VisionTower
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer(texts)
+    vision = VisionTower.from_model(CLIPVisionModel(tiny_clip_vision_config()))
+    language_model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
+    return LlavaMeteor.build(vision, language_model, tokenizer, config or tiny_meteor_config())
