@@ -58,10 +58,6 @@ class MeteorProcessor:
             kwargs.update(image_mean=self.image_mean, image_std=self.image_std)
         return slice_image(load_image(image), **kwargs)
 
-    def tokens_per_view(self):
-        k = self.config.compressor.tokens_per_slice
-        return k if k is not None else (lambda patches: patches)
-
     def image_layout(self, image: SlicedImage) -> str:
         return layout_tokens(image.plan, self._per_view(image), image_token=self.config.image_token,
                              slice_sep=self.config.slice_separator, row_sep=self.config.row_separator)
@@ -74,7 +70,7 @@ class MeteorProcessor:
         if k is not None:
             return k
         # Keep-all mode: each view contributes its own patch count.
-        return [rows * cols for rows, cols in view_grids(image)]
+        return [rows * cols for rows, cols in image.plan.view_patches]
 
     # --- text -----------------------------------------------------------------------------------
     def encode(self, conversations: Sequence[dict] | str, images: Sequence[SlicedImage] = (),
@@ -143,12 +139,6 @@ class MeteorProcessor:
             samples.append(self.encode(question, [sliced], template))
             prepared.append(sliced)
         return self.collate(samples, prepared, padding_side="left")
-
-
-def view_grids(image: SlicedImage) -> list[tuple[int, int]]:
-    """Patch grids of an image's views in LLM order: slices row by row, then the global view."""
-    plan = image.plan
-    return [tuple(plan.slice_patches)] * plan.num_slices + [tuple(plan.global_patches)]
 
 
 def ensure_image_token(tokenizer, image_token: str) -> int:

@@ -62,10 +62,10 @@ def tiny_llama_config(vocab_size: int, **overrides):
 
 
 def tiny_meteor_config(**compressor_overrides) -> MeteorConfig:
-    """K = 4 of the 16 tokens per view, two-slice cap, small Mamba state."""
+    """K = 4 of the 16 tokens per view, the paper's 6-slice cap, a small Mamba state."""
     values = dict(tokens_per_slice=4, d_state=8, expand=2)
     values.update(compressor_overrides)
-    return MeteorConfig(compressor=CompressorConfig(**values), max_slices=4)
+    return MeteorConfig(compressor=CompressorConfig(**values), max_slices=6)
 
 
 def tiny_model(config: MeteorConfig | None = None, seed: int = 0, texts: Iterable[str] = ()):

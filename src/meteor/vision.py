@@ -22,6 +22,7 @@ are never run (with the defaults the last layer is skipped).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -124,12 +125,13 @@ class VisionTower(nn.Module):
         folder = Path(path)
         model_type = _clip_model_type(folder)
         # A full CLIP checkpoint carries the text tower too; its keys are expected to go unused, so
-        # transformers' long "UNEXPECTED" load report would only be noise. Missing vision keys are
-        # checked below instead: they would leave layers randomly initialised without a word.
+        # transformers' long "UNEXPECTED" load report would only be noise: drop that one record.
+        # (Raising the logger's level instead makes transformers log a tensor-parallel warning.)
+        # Missing or stray vision keys are checked below instead.
         loader_logger = hf_logging.get_logger("transformers.modeling_utils")
-        previous_level = loader_logger.level
-        if model_type == "clip":
-            loader_logger.setLevel(hf_logging.ERROR)
+        drop_report = _DropLoadReport() if model_type == "clip" else None
+        if drop_report is not None:
+            loader_logger.addFilter(drop_report)
         try:
             model, info = CLIPVisionModel.from_pretrained(
                 folder,
@@ -138,7 +140,8 @@ class VisionTower(nn.Module):
                 output_loading_info=True,
             )
         finally:
-            loader_logger.setLevel(previous_level)
+            if drop_report is not None:
+                loader_logger.removeFilter(drop_report)
         if info["missing_keys"]:
             raise ValueError(
                 f"the checkpoint in {folder} lacks {len(info['missing_keys'])} vision weights "
@@ -146,7 +149,9 @@ class VisionTower(nn.Module):
             )
         stray = sorted(k for k in info["unexpected_keys"] if not k.startswith(_TEXT_SIDE_PREFIXES))
         if stray:
-            raise ValueError(f"the checkpoint in {folder} has weights a CLIP vision model does not know: {stray[:3]}")
+            raise ValueError(
+                f"the checkpoint in {folder} has weights a CLIP vision model does not know: {stray[:3]}"
+            )
         mean, std = _read_normalisation(folder)
         return cls(model, feature_layer, attention_layer, image_mean=mean, image_std=std)
 
@@ -162,7 +167,8 @@ class VisionTower(nn.Module):
         """A randomly initialised tower (tests, benchmarks); ``dtype`` None means float32."""
         if isinstance(config, CLIPConfig):
             config = config.vision_config
-        model = CLIPVisionModel(CLIPVisionConfig.from_dict(config.to_dict()))  # a copy: config stays untouched
+        # A copy of the config: set_attn_implementation must not change the caller's.
+        model = CLIPVisionModel(CLIPVisionConfig.from_dict(config.to_dict()))
         model.set_attn_implementation(attn_implementation)
         return cls(model.to(_resolve_dtype(dtype)), feature_layer, attention_layer)
 
@@ -208,6 +214,16 @@ class VisionTower(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.clip.embeddings.patch_embedding.weight.dtype
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the CLIP vision model (safetensors) and its normalisation, loadable by
+        ``from_pretrained``."""
+        folder = Path(folder)
+        self.clip.save_pretrained(folder)
+        preprocessor = {"image_mean": list(self.image_mean), "image_std": list(self.image_std),
+                        "crop_size": self.image_size, "size": self.image_size}
+        (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+        return folder
 
     def train(self, mode: bool = True) -> VisionTower:
         """Always eval: the tower is frozen (no dropout), whatever a parent module asks."""
@@ -267,7 +283,8 @@ class VisionTower(nn.Module):
     def _check_pixel_values(self, pixel_values: Tensor) -> tuple[int, int]:
         """Validate a batch of views; returns its (rows, cols) patch grid."""
         if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4:
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
+            is_tensor = isinstance(pixel_values, Tensor)
+            shape = tuple(pixel_values.shape) if is_tensor else type(pixel_values).__name__
             raise ValueError(
                 f"pixel_values must be (n, 3, h, w), got {shape}; add a batch dimension with "
                 "unsqueeze(0), or use encode_views for a list of (3, h, w) views"
@@ -324,6 +341,11 @@ def _capture_query_key(attention: nn.Module) -> Iterator[dict[str, Tensor]]:
             handle.remove()
 
 
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
 def _resolve_layer(index: int, num_layers: int, name: str) -> int:
     """A hidden-states index (negative from the end) → its position j in 1..num_layers."""
     if not isinstance(index, int) or isinstance(index, bool):
@@ -354,12 +376,15 @@ def _clip_model_type(folder: Path) -> str:
     """Check that ``folder`` holds a CLIP checkpoint; returns its model_type."""
     config_file = folder / "config.json"
     if not folder.is_dir():
+        problem = "is a file, not a folder" if folder.exists() else "does not exist"
         raise FileNotFoundError(
-            f"vision tower folder {folder} does not exist; pass a local folder holding a CLIP "
+            f"vision tower folder {folder} {problem}; pass a local folder holding a CLIP "
             "checkpoint (config.json + weights), e.g. a download of openai/clip-vit-large-patch14-336"
         )
     if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json, so it is not a transformers CLIP checkpoint folder")
+        raise FileNotFoundError(
+            f"{folder} has no config.json, so it is not a transformers CLIP checkpoint folder"
+        )
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in _CLIP_MODEL_TYPES:
         raise ValueError(

@@ -1,0 +1,123 @@
+"""End to end on tiny configs of the real classes: CLIPVisionModel + LlamaForCausalLM."""
+
+import pytest
+import torch
+from PIL import Image
+
+from meteor.conversation import IGNORE_INDEX
+from meteor.modeling import LlavaMeteor
+from meteor.tiny import tiny_meteor_config, tiny_model
+
+
+def _image(width, height, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = tiny_model(seed=0)
+    return model, processor
+
+
+def _conversation(question="What is it?", answer="a red circle"):
+    return [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+
+
+def test_prompt_layout_has_one_placeholder_per_kept_token(tiny):
+    model, processor = tiny
+    sliced = processor.prepare_image(_image(112, 168))     # the paper's 672×1008 at a 56-px base
+    assert sliced.plan.grid == (3, 2) and sliced.plan.num_slices == 6
+    ids, labels = processor.encode(_conversation(), [sliced])
+    k = model.config.compressor.tokens_per_slice
+    assert ids.count(processor.image_token_id) == k * (sliced.plan.num_slices + 1)
+    layout = processor.image_layout(sliced)
+    rows, cols = sliced.plan.grid
+    assert layout.count(",") == rows * (cols - 1) and layout.count("\n") == rows
+
+
+def test_only_assistant_tokens_are_supervised(tiny):
+    _, processor = tiny
+    sliced = processor.prepare_image(_image(56, 56))
+    ids, labels = processor.encode(_conversation(answer="a red circle"), [sliced])
+    supervised = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert processor.tokenizer.decode(supervised) == " a red circle</s>"
+    assert labels[-1] == processor.tokenizer.eos_token_id
+
+
+def test_mixed_batch_loss_backward_reaches_compressor_not_vision(tiny):
+    model, processor = tiny
+    model.train()
+    images = [processor.prepare_image(_image(112, 168, 1)), processor.prepare_image(_image(40, 30, 2))]
+    samples = [processor.encode(_conversation(), [images[0]]),
+               processor.encode([{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]),
+               processor.encode(_conversation("Colour?", "blue"), [images[1]])]
+    assert images[0].plan.num_slices != images[1].plan.num_slices
+    batch = processor.collate(samples, images)
+    model.zero_grad()
+    loss = model(**batch.to_model_kwargs()).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert model.compressor.fusion.instruction_token.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.vision_tower.parameters())
+    model.eval()
+
+
+def test_placeholder_mismatch_is_a_loud_error(tiny):
+    model, processor = tiny
+    sliced = processor.prepare_image(_image(56, 56))
+    ids, labels = processor.encode(_conversation(), [sliced])
+    batch = processor.collate([(ids[:-3] + [processor.image_token_id] * 3, labels)], [sliced])
+    with pytest.raises(ValueError, match="disagree"):
+        model(**batch.to_model_kwargs())
+    with pytest.raises(ValueError, match="1 <image> tag\\(s\\) but 2 image"):
+        processor.encode(_conversation(), [sliced, sliced])
+
+
+def test_generate_and_save_load_round_trip(tiny, tmp_path):
+    model, processor = tiny
+    model.eval()
+    batch = processor(["What is it?", "Describe the image."], [_image(112, 168), None])
+    torch.manual_seed(0)
+    out = model.generate(**batch.to_model_kwargs(), max_new_tokens=5, do_sample=False)
+    assert out.shape[0] == 2 and 1 <= out.shape[1] <= 5
+    with torch.no_grad():
+        logits = model(**batch.to_model_kwargs()).logits
+    folder = model.save_pretrained(tmp_path / "saved", processor)
+    assert (folder / "compressor.safetensors").is_file() and not list(folder.rglob("*.bin"))
+    reloaded, reprocessor = LlavaMeteor.from_pretrained(folder)
+    reloaded.eval()
+    again = reprocessor(["What is it?", "Describe the image."], [_image(112, 168), None])
+    assert torch.equal(again.input_ids, batch.input_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**again.to_model_kwargs()).logits, logits, rtol=0, atol=0)
+    assert torch.equal(reloaded.generate(**again.to_model_kwargs(), max_new_tokens=5, do_sample=False), out)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save_pretrained(folder, processor)
+
+
+def test_keep_all_tokens_mode(tmp_path):
+    model, processor = tiny_model(tiny_meteor_config(tokens_per_slice=None))
+    sliced = processor.prepare_image(_image(112, 168))
+    tokens, selections = model.encode_images([sliced], return_selection=True)
+    assert tokens[0].shape[0] == sum(s.grid[0] * s.grid[1] for s in selections)
+    ids, labels = processor.encode(_conversation(), [sliced])
+    assert ids.count(processor.image_token_id) == tokens[0].shape[0]
+    loss = model(**processor.collate([(ids, labels)], [sliced]).to_model_kwargs()).loss
+    assert torch.isfinite(loss)
+
+
+def test_selection_details_cover_every_view(tiny):
+    model, processor = tiny
+    sliced = processor.prepare_image(_image(112, 168))
+    _, selections = model.encode_images([sliced], return_selection=True)
+    assert len(selections) == sliced.plan.num_slices + 1 and selections[-1].is_global
+    for s in selections:
+        torch.testing.assert_close(s.visual_scores.sum(), torch.tensor(1.0))
+        assert len(s.indices) == model.config.compressor.tokens_per_slice
+
+
+def test_missing_folders_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a LLaVA-Meteor model folder"):
+        LlavaMeteor.from_pretrained(tmp_path)
