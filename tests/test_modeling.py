@@ -121,3 +121,12 @@ def test_selection_details_cover_every_view(tiny):
 def test_missing_folders_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a LLaVA-Meteor model folder"):
         LlavaMeteor.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("size", [(20, 600), (600, 20), (1, 300)])
+def test_extreme_aspect_ratios_run_end_to_end(tiny, size):
+    model, processor = tiny
+    sliced = processor.prepare_image(_image(*size))
+    ids, labels = processor.encode(_conversation(), [sliced])
+    loss = model(**processor.collate([(ids, labels)], [sliced]).to_model_kwargs()).loss
+    assert torch.isfinite(loss)

@@ -39,6 +39,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import signal
+
+    from .train import train
+    from .train.args import from_namespace
+
+    result = train(from_namespace(args))
+    if result.interrupted:
+        # The conventional exit status of a process ended by a signal, so schedulers requeue it.
+        return 128 + getattr(signal, result.signal_name or "SIGTERM")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meteor", description="LLaVA-Meteor: Top-Down Compression "
                                      "of visual tokens for LLaVA-style vision-language models.")
@@ -48,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="meteor-demo", help="folder for the demo's outputs")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    from .train.args import add_arguments
+
+    train = commands.add_parser("train", help="train stage 1 or 2 on LLaVA-format data",
+                                description="Train LLaVA-Meteor (stage presets: 1 = pre-training, "
+                                "2 = instruction tuning; every value can be overridden).")
+    add_arguments(train)
+    train.set_defaults(run=_train)
 
     params = commands.add_parser("params", help="count the compressor's parameters (meta device)")
     params.add_argument("--vision-width", type=int, default=1024, help="C (CLIP ViT-L/14: 1024)")
@@ -64,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"meteor {args.command}: error: {err}", file=sys.stderr)
         return 2
 

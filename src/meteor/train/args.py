@@ -1,0 +1,190 @@
+"""Training options: one typed dataclass, the two paper stages as presets, the CLI generated from it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+Stage = Literal[1, 2]
+Distributed = Literal["auto", "none", "ddp", "fsdp"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+class TrainConfigError(ValueError):
+    """An impossible training option; the message names it and what to do."""
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    """1: pre-training (only Top-Down Compression trains, template plain); 2: instruction tuning
+    (compressor and LLM train, template vicuna_v1). Sets the defaults marked 'stage preset'."""
+
+    data: str = ""
+    """LLaVA-format JSON list or JSONL file of records."""
+
+    image_folder: str | None = None
+    """Folder the records' 'image' paths are relative to."""
+
+    output_dir: str = ""
+    """Where checkpoints, logs and the final model go."""
+
+    model: str | None = None
+    """A LLaVA-Meteor folder (save_pretrained) to start from; or give --vision and --language-model."""
+
+    vision: str | None = None
+    """Local CLIP folder (CLIPVisionModel or CLIPModel), when not starting from --model."""
+
+    language_model: str | None = None
+    """Local causal-LM folder (e.g. Vicuna), when not starting from --model; also the tokenizer."""
+
+    compressor_from: str | None = None
+    """Stage-1 output (its folder or compressor.safetensors) whose compressor weights start stage 2,
+    as LLaVA starts from its projector file."""
+
+    meteor_config: str | None = None
+    """JSON file of MeteorConfig options for a new model (K per view, λ, scan mode, …)."""
+
+    template: str | None = None
+    """Conversation template; stage preset: plain (1), vicuna_v1 (2)."""
+
+    learning_rate: float | None = None
+    """Peak learning rate; stage preset: 1e-3 (1), 2e-5 (2); with LoRA: lora_learning_rate."""
+
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all devices; stage preset: 256 (1), 128 (2)."""
+
+    per_device_batch_size: int = 4
+    """Samples per forward pass on one device; gradient accumulation makes up the rest."""
+
+    epochs: float = 1.0
+    """Passes over the data (the paper: 1 per stage)."""
+
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs for the schedule length too)."""
+
+    warmup_ratio: float = 0.03
+    """Fraction of the steps with linear learning-rate warm-up before cosine decay."""
+
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Gradient clipping (LLaVA: 1.0); 0 disables it."""
+
+    max_length: int = 2048
+    """Longest tokenised sample; longer ones are truncated (counted) or dropped if the cut would
+    split an image or leave no answer token."""
+
+    seed: int = 42
+    lora: bool = False
+    """Stage 2 only: train LoRA adapters on the LLM instead of all its weights (needs peft)."""
+
+    lora_rank: int = 128
+    lora_alpha: int = 256
+    lora_learning_rate: float = 2e-4
+    """LoRA adapters' learning rate (LLaVA's LoRA recipe); the compressor keeps learning_rate."""
+
+    gradient_checkpointing: bool = False
+    precision: str = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16."""
+
+    distributed: str = "auto"
+    """auto: DDP when launched by torchrun with more than one process; ddp; fsdp (sharded, for a
+    13B LLM); none."""
+
+    save_every: int = 100
+    """Optimizer steps between checkpoints (one is also written at the end and on SIGTERM/SIGINT)."""
+
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    resume: bool = False
+    """Continue from the newest complete checkpoint in output_dir."""
+
+    strict: bool = False
+    """Stop at the first bad record instead of skipping and counting it."""
+
+    def __post_init__(self) -> None:
+        presets = STAGE_PRESETS.get(self.stage)
+        if presets is None:
+            raise TrainConfigError(f"stage must be 1 (pre-training) or 2 (instruction tuning), got {self.stage}")
+        for name, value in presets.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.lora and self.stage != 2:
+            raise TrainConfigError("--lora applies to stage 2 (the LLM is frozen in stage 1)")
+        for name in ("global_batch_size", "per_device_batch_size", "save_every", "log_every",
+                     "keep_checkpoints", "lora_rank", "lora_alpha"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise TrainConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise TrainConfigError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if self.epochs <= 0:
+            raise TrainConfigError(f"epochs must be positive, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise TrainConfigError(f"max_steps must be ≥ 1, got {self.max_steps}")
+        if self.precision not in get_args(Precision):
+            raise TrainConfigError(f"precision must be one of {get_args(Precision)}, got {self.precision!r}")
+        if self.distributed not in get_args(Distributed):
+            raise TrainConfigError(f"distributed must be one of {get_args(Distributed)}, got {self.distributed!r}")
+        if self.template not in ("plain", "vicuna_v1"):
+            raise TrainConfigError(f"template must be plain or vicuna_v1, got {self.template!r}")
+
+    def validate_sources(self) -> None:
+        """Checks that need the file system; called when a run starts."""
+        if not self.data:
+            raise TrainConfigError("--data is required: a LLaVA-format JSON or JSONL file")
+        if not Path(self.data).is_file():
+            raise TrainConfigError(f"--data {self.data} does not exist")
+        if not self.output_dir:
+            raise TrainConfigError("--output-dir is required")
+        if self.model is None and (self.vision is None or self.language_model is None):
+            raise TrainConfigError("give --model (a LLaVA-Meteor folder) or both --vision and "
+                                   "--language-model (local Hugging Face folders)")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+STAGE_PRESETS: dict[int, dict[str, Any]] = {
+    1: {"template": "plain", "learning_rate": 1e-3, "global_batch_size": 256},
+    2: {"template": "vicuna_v1", "learning_rate": 2e-5, "global_batch_size": 128},
+}
+
+
+def field_docs() -> dict[str, str]:
+    """Each field's docstring (the string literal under it), read from this file's source."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    docs, body = {}, tree.body[0].body
+    for node, following in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) \
+                and isinstance(getattr(following, "value", None), ast.Constant):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per TrainConfig field, with the field's docstring as help."""
+    docs = field_docs()
+    hints = get_type_hints(TrainConfig)
+    for item in dataclasses.fields(TrainConfig):
+        flag = "--" + item.name.replace("_", "-")
+        hint = hints[item.name]
+        help_text = docs.get(item.name, "")
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default, help=help_text)
+            continue
+        kind = next((t for t in (int, float, str) if t in (hint, *get_args(hint))), str)
+        parser.add_argument(flag, type=kind, default=item.default, help=help_text)
+
+
+def from_namespace(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**values)

@@ -1,0 +1,326 @@
+"""The training loop: both stages, gradient accumulation, exact resume, preemption-safe.
+
+Loss normalisation: every optimizer step sees exactly `global_batch_size` records (the last step of
+an epoch may see fewer), split over ranks and micro-batches. Each micro-batch contributes the *sum*
+of its token losses divided by the number of supervised tokens in the whole global batch, so the
+gradient is that of the mean token loss over the global batch whatever the number of devices or
+the accumulation: 2 processes and 1 process give the same updates up to floating-point order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..conversation import IGNORE_INDEX
+from ..data import Example, LlavaDataset, RecordError, SkipReport, collate
+from ..modeling import COMPRESSOR_FILE, LlavaMeteor, load_compressor
+from .args import TrainConfig, TrainConfigError
+from .checkpoint import latest_loadable, rng_state, save_checkpoint, set_rng_state
+from .distributed import Distributed
+from .logger import RunLogger
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    total_steps: int
+    interrupted: bool
+    signal_name: str | None
+    final_loss: float | None
+    model_dir: Path | None
+    skipped: SkipReport
+    truncated: int
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop finishes the current step, checkpoints, and exits."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def load_model(config: TrainConfig, dist: Distributed) -> tuple[LlavaMeteor, Any]:
+    from ..config import MeteorConfig
+
+    if config.model is not None:
+        model, processor = LlavaMeteor.from_pretrained(config.model)
+    else:
+        meteor_config = (MeteorConfig.from_json(Path(config.meteor_config).read_text())
+                         if config.meteor_config else MeteorConfig())
+        model, processor = LlavaMeteor.build(config.vision, config.language_model, config.language_model,
+                                             meteor_config)
+    if config.compressor_from is not None:
+        source = Path(config.compressor_from)
+        weights = load_compressor(source / COMPRESSOR_FILE if source.is_dir() else source)
+        try:
+            model.compressor.load_state_dict(weights)
+        except RuntimeError as err:
+            raise TrainConfigError(f"--compressor-from {source} does not fit this model's compressor "
+                                   f"(different widths or options?): {err}") from err
+    return model.to(dist.device), processor
+
+
+def set_trainable(model: LlavaMeteor, config: TrainConfig) -> list[dict[str, Any]]:
+    """Freeze per stage; returns the optimizer's parameter groups."""
+    model.requires_grad_(False)
+    model.compressor.requires_grad_(True)
+    groups = [{"params": list(model.compressor.parameters()), "lr": config.learning_rate}]
+    if config.stage == 2:
+        if config.lora:
+            from .lora import add_lora
+            lora_params = add_lora(model, config.lora_rank, config.lora_alpha)
+            groups.append({"params": lora_params, "lr": config.lora_learning_rate})
+        else:
+            model.language_model.requires_grad_(True)
+            groups.append({"params": list(model.language_model.parameters()), "lr": config.learning_rate})
+    return groups
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float):
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class DataOrder:
+    """Which records each step reads: a seeded permutation per epoch, cut into global batches,
+    each dealt round-robin to the ranks. A pure function of (seed, step), so resuming is exact."""
+
+    def __init__(self, size: int, global_batch: int, seed: int):
+        if size == 0:
+            raise TrainConfigError("the data file holds no record")
+        self.size, self.global_batch, self.seed = size, global_batch, seed
+        self.steps_per_epoch = math.ceil(size / global_batch)
+
+    def step_records(self, step: int) -> list[int]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.size, generator=generator)
+        return order[within * self.global_batch:(within + 1) * self.global_batch].tolist()
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Σ next-token cross-entropy over supervised positions, and their count."""
+    shifted = labels[:, 1:]                                             # (B, T-1)
+    count = int((shifted != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, count
+
+
+def _supervised(example: Example) -> int:
+    return sum(label != IGNORE_INDEX for label in example.labels[1:])
+
+
+def train(config: TrainConfig) -> TrainResult:
+    config.validate_sources()
+    output_dir = Path(config.output_dir)
+    dist = Distributed.setup(config)
+    torch.manual_seed(config.seed)
+    model, processor = load_model(config, dist)
+    groups = set_trainable(model, config)
+    if config.gradient_checkpointing:
+        model.language_model.gradient_checkpointing_enable()
+    dataset = LlavaDataset(config.data, config.image_folder, processor, config.template, config.max_length)
+    order = DataOrder(len(dataset), config.global_batch_size, config.seed)
+    total_steps = config.max_steps or math.ceil(order.steps_per_epoch * config.epochs)
+    per_rank = math.ceil(config.global_batch_size / dist.world_size)
+    micro_steps = math.ceil(per_rank / config.per_device_batch_size)
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, config.warmup_ratio))
+    wrapped = dist.wrap(model)
+    skipped = SkipReport()
+    counters = {"truncated": 0}
+    filler = dataset.processor.encode([{"from": "human", "value": "."}, {"from": "gpt", "value": "."}],
+                                      template=config.template)
+    start_step = 0
+    if config.resume:
+        start_step = _resume(output_dir, model, optimizer, scheduler, skipped, counters, dist)
+    logger = RunLogger(output_dir, dist.is_main, resume_step=start_step if config.resume else None)
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_config.json").write_text(config.to_json() + "\n")
+        logger.message(f"stage {config.stage}: {len(dataset)} records, {total_steps} steps of "
+                       f"{config.global_batch_size} samples ({dist.world_size} process(es) × "
+                       f"{micro_steps} micro-batches of ≤ {config.per_device_batch_size}); "
+                       f"trainable parameters: {sum(p.numel() for g in groups for p in g['params']):,}")
+    stop = StopFlag()
+    stop.install()
+    model.train()
+    loss_value = None
+    step = start_step
+    progress = logger.progress(total_steps, start_step)
+    try:
+        while step < total_steps:
+            model.training_progress = step / total_steps
+            started = time.perf_counter()
+            records = order.step_records(step)[dist.rank::dist.world_size]
+            examples: list[Example | None] = []
+            for index in records:
+                try:
+                    examples.append(dataset.encode(index))
+                except RecordError as err:
+                    if config.strict:
+                        raise
+                    skipped.add(err)
+                    logger.message(f"skipping {err}")
+            counters["truncated"] += sum(e.truncated for e in examples)
+            local_tokens = sum(_supervised(e) for e in examples)
+            global_tokens = dist.all_reduce_sum(float(local_tokens))
+            loss_sum_local, tokens_local, visual_tokens, samples = 0.0, 0, 0, 0
+            for micro in range(micro_steps):
+                chunk = examples[micro * config.per_device_batch_size:(micro + 1) * config.per_device_batch_size]
+                if chunk:
+                    batch, weight = collate(processor, chunk), 1.0
+                else:   # keep every rank in step with the others: a zero-weight filler batch
+                    batch, weight = processor.collate([filler], []), 0.0
+                sync = micro == micro_steps - 1
+                with dist.maybe_no_sync(wrapped, sync), dist.autocast(config.precision):
+                    out = wrapped(**batch.to_model_kwargs())
+                    loss_sum, count = token_loss_sum(out.logits, batch.labels.to(out.logits.device))
+                scale = weight * dist.world_size / max(global_tokens, 1.0)
+                (loss_sum * scale).backward()
+                if weight:
+                    loss_sum_local += float(loss_sum.detach())
+                    tokens_local += count
+                    visual_tokens += int((batch.input_ids == processor.image_token_id).sum())
+                    samples += batch.input_ids.shape[0]
+            if config.max_grad_norm > 0:
+                dist.clip_grad_norm(wrapped, [p for g in groups for p in g["params"]], config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            totals = dist.all_reduce_sum_many([loss_sum_local, float(samples), float(visual_tokens),
+                                               float(tokens_local)])
+            step += 1
+            loss_value = totals[0] / max(global_tokens, 1.0)
+            elapsed = time.perf_counter() - started
+            logger.step(step, {
+                "loss": loss_value,
+                "lr": scheduler.get_last_lr()[0],
+                "samples": int(totals[1]),
+                "visual_tokens_per_sample": totals[2] / max(totals[1], 1.0),
+                "supervised_tokens": int(global_tokens),
+                "tokens_per_s": dist.all_reduce_sum(float(sum(
+                    len(e.input_ids) for e in examples))) / elapsed,
+                "native_weight_progress": model.training_progress,
+                "skipped": skipped.total,
+                "truncated": counters["truncated"],
+            }, every=config.log_every)
+            progress.update(1, loss_value)
+            stopping = dist.any_flag(stop.signal_name is not None)
+            if stopping or step % config.save_every == 0 or step == total_steps:
+                _checkpoint(output_dir, step, model, optimizer, scheduler, skipped, counters, config, dist)
+            if stopping:
+                logger.message(f"received {stop.signal_name or 'a stop signal'}: checkpoint-{step} "
+                               f"saved; continue with --resume")
+                break
+    finally:
+        stop.restore()
+        progress.close()
+    interrupted = step < total_steps
+    model_dir = None
+    if not interrupted:
+        model_dir = _save_final(output_dir, model, processor, config, dist)
+    if dist.is_main:
+        logger.message(skipped.summary())
+        if counters["truncated"]:
+            logger.message(f"{counters['truncated']} sample(s) were truncated to max_length={config.max_length}")
+    logger.close()
+    dist.barrier()
+    result = TrainResult(step, total_steps, interrupted, stop.signal_name, loss_value, model_dir,
+                         skipped, counters["truncated"])
+    dist.shutdown()
+    return result
+
+
+def _trainable_state(model: LlavaMeteor) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _checkpoint(output_dir, step, model, optimizer, scheduler, skipped, counters, config, dist) -> None:
+    weights = dist.gather_trainable(model)
+    optimizer_state = dist.optimizer_state(model, optimizer)
+    if not dist.is_main:
+        dist.barrier()
+        return
+    state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state(),
+             "skipped": dict(skipped.counts), "skipped_examples": skipped.examples,
+             "truncated": counters["truncated"]}
+    save_checkpoint(output_dir, step, weights, state,
+                    {"stage": config.stage, "world_size": dist.world_size}, keep=config.keep_checkpoints)
+    dist.barrier()
+
+
+def _resume(output_dir, model, optimizer, scheduler, skipped, counters, dist) -> int:
+    found = latest_loadable(output_dir)
+    if found is None:
+        raise TrainConfigError(f"--resume: no complete checkpoint in {output_dir}; start without --resume")
+    checkpoint, (weights, state, meta) = found
+    missing = set(_trainable_state(model)) - set(weights)
+    if missing:
+        raise TrainConfigError(f"{checkpoint.path} lacks {len(missing)} trainable tensor(s) of this run "
+                               f"(e.g. {sorted(missing)[0]}): was it written by another stage or model?")
+    model.load_state_dict(weights, strict=False)
+    dist.load_optimizer_state(model, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    skipped.counts.update(state["skipped"])
+    skipped.examples.update(state["skipped_examples"])
+    counters["truncated"] = state["truncated"]
+    if dist.is_main:
+        print(f"resuming from {checkpoint.path} (step {checkpoint.step})", flush=True)
+    return checkpoint.step
+
+
+def _save_final(output_dir, model, processor, config, dist) -> Path | None:
+    if dist.mode == "fsdp":
+        # Sharded parameters cannot be saved as they are: load the full state into a plain copy.
+        state = dist.full_state(model)
+        if dist.is_main:
+            model, processor = load_model(config, dataclasses.replace(dist, mode="none"))
+            set_trainable(model, config)
+            model.load_state_dict(state)
+    if config.lora:
+        from .lora import merge_lora
+        merge_lora(model)
+    folder = output_dir / "model"
+    if dist.is_main:
+        model.save_pretrained(folder, processor, overwrite=True)
+        if config.stage == 1:   # LLaVA's "projector file": what stage 2 starts from
+            from safetensors.torch import save_file
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.compressor.state_dict().items()},
+                      output_dir / COMPRESSOR_FILE)
+        (output_dir / "DONE.json").write_text(json.dumps({"model": str(folder)}) + "\n")
+    dist.barrier()
+    return folder
