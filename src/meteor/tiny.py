@@ -81,3 +81,42 @@ def tiny_model(config: MeteorConfig | None = None, seed: int = 0, texts: Iterabl
     vision = VisionTower.from_model(CLIPVisionModel(tiny_clip_vision_config()))
     language_model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
     return LlavaMeteor.build(vision, language_model, tokenizer, config or tiny_meteor_config())
+
+
+_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 40)}
+
+
+def tiny_llava_data(folder, count: int = 24, seed: int = 0, caption: bool = False):
+    """A small LLaVA-format dataset of drawn images (sizes from 1 view to 6 slices + global at the
+    tiny tower's 56-px base): "What colour is the square?" → the square's colour, or, with
+    `caption`, LLaVA-Pretrain-style caption records. Returns the JSON file's path."""
+    import json
+    import random
+    from pathlib import Path
+
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    sizes = [(56, 56), (112, 56), (56, 112), (112, 112), (112, 168), (168, 112)]
+    records = []
+    for index in range(count):
+        width, height = sizes[index % len(sizes)]
+        colour = rng.choice(sorted(_COLOURS))
+        image = Image.new("RGB", (width, height), (128, 128, 128))
+        side = rng.randint(20, 40)
+        left, top = rng.randint(0, width - side), rng.randint(0, height - side)
+        ImageDraw.Draw(image).rectangle([left, top, left + side, top + side], fill=_COLOURS[colour])
+        name = f"images/{index:04d}.png"
+        image.save(folder / name)
+        if caption:
+            turns = [{"from": "human", "value": "<image>\n"},
+                     {"from": "gpt", "value": f"a {colour} square on grey"}]
+        else:
+            turns = [{"from": "human", "value": "<image>\nWhat colour is the square?"},
+                     {"from": "gpt", "value": colour}]
+        records.append({"id": f"tiny-{index}", "image": name, "conversations": turns})
+    path = folder / ("captions.json" if caption else "instruct.json")
+    path.write_text(json.dumps(records, indent=1))
+    return path

@@ -124,9 +124,12 @@ class WorldConfig:
                f"need 1 ≤ min_objects ≤ max_objects ≤ 12, got {self.min_objects}..{self.max_objects}")
         _check(0 <= self.min_texts <= self.max_texts <= 4,
                f"need 0 ≤ min_texts ≤ max_texts ≤ 4, got {self.min_texts}..{self.max_texts}")
-        low, high = self.text_height_patches = tuple(self.text_height_patches)  # type: ignore[misc]
-        object.__setattr__(self, "text_height_patches", (float(low), float(high)))
-        _check(all(math.isfinite(v) for v in (low, high)) and 0.5 <= low <= high <= 4.0,
+        heights = tuple(self.text_height_patches)
+        _check(len(heights) == 2 and all(isinstance(v, (int, float)) for v in heights),
+               f"text_height_patches must be two numbers (low, high), got {self.text_height_patches!r}")
+        low, high = float(heights[0]), float(heights[1])
+        object.__setattr__(self, "text_height_patches", (low, high))
+        _check(math.isfinite(low) and math.isfinite(high) and 0.5 <= low <= high <= 4.0,
                f"text_height_patches must be (low, high) with 0.5 ≤ low ≤ high ≤ 4, got {(low, high)}; "
                "(1.0, 1.5) keeps text legible in its slice without making it salient")
         object.__setattr__(self, "question_types", tuple(self.question_types))
