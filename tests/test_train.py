@@ -169,3 +169,32 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(assets, tmp_pat
     losses = _losses(run)
     assert len(losses) == len(expected) == 14
     assert losses == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_lora_trains_adapters_and_saves_a_plain_merged_model(assets, tmp_path):
+    result = train(_config(assets, tmp_path / "lora", lora=True, lora_rank=4, lora_alpha=8, max_steps=2))
+    after = _tensors(result.model_dir)
+    before = _tensors(assets["base"])
+    assert not any("lora" in name for name in after)            # merged: a plain LlamaForCausalLM
+    assert before.keys() == after.keys()
+    moved = [n for n in before if n.startswith("language_model.") and not torch.equal(before[n], after[n])]
+    assert moved and all(n.endswith("proj.weight") for n in moved)
+
+
+def test_gradient_checkpointing_and_bf16_autocast_run(assets, tmp_path):
+    result = train(_config(assets, tmp_path / "gc", gradient_checkpointing=True, precision="bf16",
+                           max_steps=2))
+    assert result.steps_done == 2 and all(map(lambda x: x == x, _losses(tmp_path / "gc")))
+
+
+def test_truncation_is_counted_and_reported(assets, tmp_path, capsys):
+    records = json.loads(Path(assets["instruct"]).read_text())[:8]
+    for record in records:
+        record["conversations"][1]["value"] = "red " * 300     # long answers, cut at max_length
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(records))
+    result = train(_config(assets, tmp_path / "run", data=str(data), max_length=150, max_steps=1))
+    assert result.truncated == 8 and result.skipped.total == 0
+    assert "8 sample(s) were truncated to max_length=150" in capsys.readouterr().err
+    with pytest.raises(TrainConfigError, match="--data"):
+        train(_config(assets, tmp_path / "x", data=str(tmp_path / "nope.json")))

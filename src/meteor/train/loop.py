@@ -150,7 +150,8 @@ def train(config: TrainConfig) -> TrainResult:
     model, processor = load_model(config, dist)
     groups = set_trainable(model, config)
     if config.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable()
+        lm = model.language_model   # transformers ≥ 5 renamed it; older releases have the old name
+        (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
     dataset = LlavaDataset(config.data, config.image_folder, processor, config.template, config.max_length)
     order = DataOrder(len(dataset), config.global_batch_size, config.seed)
     total_steps = config.max_steps or math.ceil(order.steps_per_epoch * config.epochs)

@@ -48,7 +48,8 @@ class SceneText:
     kind: str
     """"word" or "number"."""
     bbox: Box
-    """The ink's box (tight to the glyphs as FreeType renders them)."""
+    """The ink's box as FreeType measures it: tight vertically (the cap height), and at most a
+    pixel of side bearing wider than the glyphs horizontally."""
     font_size: int
     view: int
     """Index of the slice (crop box, row-major) that holds the whole text; -1 for an unsliced

@@ -1,0 +1,85 @@
+"""Stage-1 captions: a request from a few templates, and a caption that lists every shape and text."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from .config import PLURALS
+from .scene import Scene, SceneText
+
+CAPTION_REQUESTS = (
+    "Describe the image briefly.",
+    "Give a short caption for this image.",
+    "What does this picture show?",
+    "Summarize the image in one sentence.",
+    "Write a brief description of the image.",
+)
+
+BACKGROUND_PHRASES = {"plain": "a plain light background", "noise": "a lightly textured background",
+                      "gradient": "a softly shaded background"}
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+                "eleven", "twelve")
+
+
+def caption_request(rng: random.Random) -> str:
+    return rng.choice(CAPTION_REQUESTS)
+
+
+def caption(scene: Scene) -> str:
+    """E.g. 'A large red circle, two small blue squares and a medium green star on a plain light
+    background. The word "CAT" is written in small grey letters near the top left.'
+
+    Shapes are grouped by (size, colour, shape) in reading order of their first member (top to
+    bottom, then left to right); texts follow in reading order with where they are."""
+    objects = sorted(scene.objects, key=lambda o: (_centre(o.bbox)[1], _centre(o.bbox)[0]))
+    groups = Counter((o.size, o.colour, o.shape) for o in objects)  # insertion order = reading order
+    phrases = []
+    for (size, colour, shape), count in groups.items():
+        if count == 1:
+            phrases.append(f"{article(size)} {size} {colour} {shape}")
+        else:
+            phrases.append(f"{NUMBER_WORDS[count]} {size} {colour} {PLURALS[shape]}")
+    sentences = [f"{join_phrases(phrases)} on {BACKGROUND_PHRASES[scene.background]}."]
+    if not phrases:
+        sentences = [f"Nothing but text on {BACKGROUND_PHRASES[scene.background]}."]
+    texts = sorted(scene.texts, key=lambda t: (_centre(t.bbox)[1], _centre(t.bbox)[0]))
+    for text in texts:
+        sentences.append(f"{text_name(text).capitalize()} is written in small grey letters "
+                         f"{region_phrase(text.bbox, scene.width, scene.height)}.")
+    first = sentences[0]
+    sentences[0] = first[0].upper() + first[1:]
+    return " ".join(sentences)
+
+
+def text_name(text: SceneText) -> str:
+    return f'the {text.kind} "{text.text}"'
+
+
+def region_phrase(bbox: tuple[int, int, int, int], width: int, height: int) -> str:
+    """Where a box's centre falls in the image's 3×3 grid, e.g. "near the top left", "in the centre"."""
+    cx, cy = _centre(bbox)
+    column = ("left", "", "right")[min(2, int(3 * cx / width))]
+    row = ("top", "", "bottom")[min(2, int(3 * cy / height))]
+    if row and column:
+        return f"near the {row} {column}"
+    if row:
+        return f"near the {row}"
+    if column:
+        return f"on the {column}"
+    return "in the centre"
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def join_phrases(phrases: list[str]) -> str:
+    if len(phrases) <= 1:
+        return "".join(phrases)
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def _centre(bbox: tuple[int, int, int, int]) -> tuple[float, float]:
+    return (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
