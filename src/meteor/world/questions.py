@@ -225,17 +225,18 @@ def ask_choice(scene: Scene, config: WorldConfig, state: SplitState, rng: random
     if shape_refs:
         obj, query = rng.choice(shape_refs)
         builders.append(("shape", f"Which shape is {obj.colour}?", obj.shape, list(SHAPES), query))
-    if not scene.objects:
-        return None
-    shape = rng.choice(sorted({o.shape for o in scene.objects}))
-    count = sum(o.shape == shape for o in scene.objects)
-    numbers = [str(n) for n in range(max(config.max_objects, 3) + 1)]
-    builders.append(("count", f"How many {PLURALS[shape]} are there?", str(count), numbers, {"shape": shape}))
+    if scene.objects:
+        shape = rng.choice(sorted({o.shape for o in scene.objects}))
+        count = sum(o.shape == shape for o in scene.objects)
+        numbers = [str(n) for n in range(max(config.max_objects, 3) + 1)]
+        builders.append(("count", f"How many {PLURALS[shape]} are there?", str(count), numbers, {"shape": shape}))
     words = [t for t in scene.texts if t.kind == "word"]
     if len(words) == 1:
         unseen = [w for w in WORDS if w not in {t.text for t in scene.texts}]
         builders.append(("read", "Which word is written in the image?", words[0].text, [words[0].text] + unseen,
                          {"kind": "word"}))
+    if not builders:
+        return None
     subtype, question, answer, space, query = rng.choice(builders)
     options = [answer] + rng.sample([v for v in space if v != answer], len(LETTERS) - 1)
     rng.shuffle(options)
