@@ -46,10 +46,9 @@ def caption(scene: Scene) -> str:
         sentences = [f"Nothing but text on {BACKGROUND_PHRASES[scene.background]}."]
     texts = sorted(scene.texts, key=lambda t: (_centre(t.bbox)[1], _centre(t.bbox)[0]))
     for text in texts:
-        sentences.append(f"{text_name(text).capitalize()} is written in small grey letters "
+        sentences.append(f"{_upper_first(text_name(text))} is written in small grey letters "
                          f"{region_phrase(text.bbox, scene.width, scene.height)}.")
-    first = sentences[0]
-    sentences[0] = first[0].upper() + first[1:]
+    sentences[0] = _upper_first(sentences[0])
     return " ".join(sentences)
 
 
@@ -79,6 +78,10 @@ def join_phrases(phrases: list[str]) -> str:
     if len(phrases) <= 1:
         return "".join(phrases)
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def _upper_first(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _centre(bbox: tuple[int, int, int, int]) -> tuple[float, float]:

@@ -140,7 +140,8 @@ class WorldConfig:
         _check(self.max_texts >= 1 or "read" not in self.question_types,
                "question type 'read' needs text in the images: set max_texts ≥ 1 or drop 'read'")
         _check(1 <= self.questions_per_image <= 2 * len(QUESTION_TYPES),
-               f"questions_per_image must lie in 1..{2 * len(QUESTION_TYPES)}, got {self.questions_per_image}")
+               f"questions_per_image must lie in 1..{2 * len(QUESTION_TYPES)}, "
+               f"got {self.questions_per_image}")
 
     @property
     def slice_counts(self) -> tuple[int, ...]:

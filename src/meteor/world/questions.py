@@ -26,6 +26,10 @@ CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly
 NUMBER_SPACE = 10 ** MAX_NUMBER_DIGITS
 ABSENT_COUNT_RATE = 0.15
 """Share of count questions about something absent (answer "0"), so "0" is a real answer."""
+EXIST_COLOUR_RATE = 0.6
+"""Share of exist questions naming colour and shape ("a red star"); the rest name a shape."""
+EXIST_ADVERSARIAL_RATE = 0.75
+"""Share of colour-and-shape negatives that are adversarial (near misses) rather than random."""
 
 COLOUR_TEMPLATES = ("What colour is the {thing}?", "What is the colour of the {thing}?")
 EXTREMES = {"top": "topmost", "bottom": "bottommost", "left": "leftmost", "right": "rightmost"}
@@ -39,17 +43,22 @@ class Question:
     answer: str
     """The gold answer: a short exact string."""
     subtype: str
-    """Finer category for per-case evaluation (e.g. exist: positive / random / adversarial)."""
+    """Finer category for per-case evaluation; may depend on the answer (exist: positive / random
+    / adversarial, POPE's split of the negatives)."""
     query: dict[str, Any]
     """The question's meaning: which attributes name the target(s)."""
     answer_space: int
     """Number of answers the question type admits: 1 / answer_space is chance accuracy."""
     options: tuple[str, ...] = ()
     """Choice questions: the options in letter order."""
+    form: str = ""
+    """The wording pattern, which a model sees without the image (e.g. "shape" for "Is there a
+    star…?"); "" means the same as ``subtype``. Blind baselines group by it."""
 
     def to_dict(self) -> dict[str, Any]:
         data = {"question_type": self.question_type, "question": self.question, "answer": self.answer,
-                "subtype": self.subtype, "query": self.query, "answer_space": self.answer_space}
+                "subtype": self.subtype, "form": self.form or self.subtype, "query": self.query,
+                "answer_space": self.answer_space}
         if self.options:
             data["options"] = list(self.options)
         return data
@@ -61,6 +70,7 @@ class SplitState:
 
     type_counts: Counter = field(default_factory=Counter)
     exist_answers: Counter = field(default_factory=Counter)
+    choice_letters: Counter = field(default_factory=Counter)
 
 
 def ask_questions(scene: Scene, config: WorldConfig, state: SplitState) -> list[Question]:
@@ -84,13 +94,16 @@ def ask_questions(scene: Scene, config: WorldConfig, state: SplitState) -> list[
         state.type_counts[question_type] += 1
         if question_type == "exist":
             state.exist_answers[question.answer] += 1
+        elif question_type == "choice":
+            state.choice_letters[question.answer] += 1
     return asked
 
 
 # --- naming objects -----------------------------------------------------------------------------------
 
 def matches(obj: SceneObject, query: dict[str, Any]) -> bool:
-    return all(getattr(obj, key) == value for key, value in query.items() if key in ("shape", "colour", "size"))
+    return all(getattr(obj, key) == value for key, value in query.items()
+               if key in ("shape", "colour", "size"))
 
 
 def describe(query: dict[str, Any], plural: bool = False) -> str:
@@ -142,33 +155,36 @@ def ask_count(scene: Scene, config: WorldConfig, state: SplitState, rng: random.
 
 
 def ask_exist(scene: Scene, config: WorldConfig, state: SplitState, rng: random.Random) -> Question | None:
-    """POPE-style: answers kept 50/50 over the split; half the negatives are adversarial (the
-    scene's shape in a colour it does not have here, or its colour on a shape it does not have)."""
+    """POPE-style. Answers are kept 50/50 over the split, and the wording ("a star" or "a red
+    star") is drawn before the answer, so the wording says nothing about it. Negatives named by
+    colour and shape are adversarial (the scene's shape in a colour it lacks here, or its colour on
+    a shape it lacks) three times out of four, else random (neither the shape nor the colour is
+    in the image); negatives named by shape alone are random (a shape absent from the image)."""
+    if not scene.objects:
+        return None
     yes, no = state.exist_answers["yes"], state.exist_answers["no"]
-    want_yes = bool(scene.objects) and (yes < no or (yes == no and rng.random() < 0.5))
-    present = {(o.shape, o.colour) for o in scene.objects}
+    want_yes = yes < no or (yes == no and rng.random() < 0.5)
+    by_colour = rng.random() < EXIST_COLOUR_RATE
+    present = sorted({(o.shape, o.colour) for o in scene.objects})
     shapes = {o.shape for o in scene.objects}
     colours = {o.colour for o in scene.objects}
     if want_yes:
-        shape, colour = rng.choice(sorted(present))
-        query = {"colour": colour, "shape": shape} if rng.random() < 0.5 else {"shape": shape}
+        shape, colour = rng.choice(present)
         subtype = "positive"
+    elif not by_colour:
+        shape, colour, subtype = rng.choice([s for s in SHAPES if s not in shapes]), None, "random"
     else:
         absent = [(s, c) for s in SHAPES for c in sorted(COLOURS) if (s, c) not in present]
         adversarial = [(s, c) for s, c in absent if s in shapes or c in colours]
-        random_pool = [(s, None) for s in SHAPES if s not in shapes]
-        random_pool += [(s, c) for s, c in absent if s not in shapes and c not in colours]
-        pools = [("adversarial", adversarial), ("random", random_pool)]
-        if rng.random() < 0.5:
-            pools.reverse()
-        subtype, pool = next(((name, pool) for name, pool in pools if pool), (None, []))
-        if not pool:
-            return None
-        shape, colour = rng.choice(pool)
-        query = {"colour": colour, "shape": shape} if colour else {"shape": shape}
+        far = [(s, c) for s, c in absent if s not in shapes and c not in colours]
+        near_miss = adversarial and (not far or rng.random() < EXIST_ADVERSARIAL_RATE)
+        subtype = "adversarial" if near_miss else "random"
+        shape, colour = rng.choice(adversarial if subtype == "adversarial" else far)
+    query = {"colour": colour, "shape": shape} if by_colour else {"shape": shape}
     thing = describe(query)
     answer = "yes" if any(matches(o, query) for o in scene.objects) else "no"
-    return Question("exist", f"Is there {article(thing)} {thing} in the image?", answer, subtype, query, 2)
+    return Question("exist", f"Is there {article(thing)} {thing} in the image?", answer, subtype, query, 2,
+                    form="+".join(query))
 
 
 def ask_read(scene: Scene, config: WorldConfig, state: SplitState, rng: random.Random) -> Question | None:
@@ -176,7 +192,8 @@ def ask_read(scene: Scene, config: WorldConfig, state: SplitState, rng: random.R
     candidates = []
     for text in scene.texts:
         if kinds[text.kind] == 1:
-            candidates.append((f"What {text.kind} is written in the image?", text, text.kind, {"kind": text.kind}))
+            candidates.append((f"What {text.kind} is written in the image?", text, text.kind,
+                               {"kind": text.kind}))
         if len(scene.texts) == 1:
             candidates.append(("What is written in the image?", text, "any", {}))
         others = [t for t in scene.texts if t is not text]
@@ -215,12 +232,14 @@ def ask_position(scene: Scene, config: WorldConfig, state: SplitState, rng: rand
 
 
 def ask_choice(scene: Scene, config: WorldConfig, state: SplitState, rng: random.Random) -> Question | None:
-    """MMBench-style: a colour, shape, count or word question with four lettered options."""
+    """MMBench-style: a colour, shape, count or word question with four lettered options; the
+    correct letter is the one least used so far in the split (ties at random), so A-D stay even."""
     builders = []
     colour_refs = _unique_refs(scene, (("shape",), ("size", "shape")))
     if colour_refs:
         obj, query = rng.choice(colour_refs)
-        builders.append(("colour", f"What colour is the {describe(query)}?", obj.colour, sorted(COLOURS), query))
+        builders.append(("colour", f"What colour is the {describe(query)}?", obj.colour, sorted(COLOURS),
+                         query))
     shape_refs = _unique_refs(scene, (("colour",),))
     if shape_refs:
         obj, query = rng.choice(shape_refs)
@@ -229,17 +248,20 @@ def ask_choice(scene: Scene, config: WorldConfig, state: SplitState, rng: random
         shape = rng.choice(sorted({o.shape for o in scene.objects}))
         count = sum(o.shape == shape for o in scene.objects)
         numbers = [str(n) for n in range(max(config.max_objects, 3) + 1)]
-        builders.append(("count", f"How many {PLURALS[shape]} are there?", str(count), numbers, {"shape": shape}))
+        builders.append(("count", f"How many {PLURALS[shape]} are there?", str(count), numbers,
+                         {"shape": shape}))
     words = [t for t in scene.texts if t.kind == "word"]
     if len(words) == 1:
         unseen = [w for w in WORDS if w not in {t.text for t in scene.texts}]
-        builders.append(("read", "Which word is written in the image?", words[0].text, [words[0].text] + unseen,
-                         {"kind": "word"}))
+        builders.append(("read", "Which word is written in the image?", words[0].text,
+                         [words[0].text] + unseen, {"kind": "word"}))
     if not builders:
         return None
     subtype, question, answer, space, query = rng.choice(builders)
-    options = [answer] + rng.sample([v for v in space if v != answer], len(LETTERS) - 1)
-    rng.shuffle(options)
+    options = rng.sample([v for v in space if v != answer], len(LETTERS) - 1)
+    fewest = min(state.choice_letters[letter] for letter in LETTERS)
+    position = rng.choice([k for k, letter in enumerate(LETTERS) if state.choice_letters[letter] == fewest])
+    options.insert(position, answer)
     lines = [question] + [f"{letter}. {option}" for letter, option in zip(LETTERS, options)] + [CHOICE_SUFFIX]
     return Question("choice", "\n".join(lines), LETTERS[options.index(answer)], subtype, query, len(LETTERS),
                     options=tuple(options))

@@ -29,6 +29,9 @@ TEXT_CONTRAST = (70, 100)
 GAP = 2
 """Minimum pixels between any two items (shapes, text), and between text and a slice edge."""
 PLACEMENT_TRIES = 60
+"""Positions tried per item before it is left out."""
+LAYOUT_TRIES = 20
+"""Whole layouts tried per image before giving up (only very crowded configs get there)."""
 
 
 @dataclass(frozen=True)
@@ -107,14 +110,21 @@ def make_scene(config: WorldConfig, split: str, index: int) -> Scene:
     width, height, plan = _image_size(rng, config)
     background = rng.choice(BACKGROUNDS)
     grey = rng.randint(200, 235)
-    background_rgb = tuple(min(255, grey + rng.randint(-6, 6)) for _ in range(3))
+    red, green, blue = (min(255, grey + rng.randint(-6, 6)) for _ in range(3))  # a faint tint
     contrast = rng.randint(*TEXT_CONTRAST)
-    text_rgb = tuple(channel - contrast for channel in background_rgb)
-    texts = _place_texts(rng, config, plan)
-    objects = _place_objects(rng, config, width, height, [t.bbox for t in texts])
+    background_rgb, text_rgb = (red, green, blue), (red - contrast, green - contrast, blue - contrast)
+    for _ in range(LAYOUT_TRIES):  # a crowded draw is redrawn, so min_objects / min_texts hold
+        texts = _place_texts(rng, config, plan)
+        objects = _place_objects(rng, config, width, height, [t.bbox for t in texts])
+        if len(texts) >= config.min_texts and len(objects) >= config.min_objects:
+            break
+    else:
+        raise RuntimeError(f"could not fit {config.min_objects} shapes and {config.min_texts} texts without "
+                           f"overlap in the {width}×{height} image {image_id(split, index)}; lower min_objects "
+                           f"or min_texts, or raise base_size (now {config.base_size})")
     return Scene(image_id=image_id(split, index), split=split, index=index, width=width, height=height,
-                 grid=plan.grid, background=background, background_rgb=background_rgb,  # type: ignore[arg-type]
-                 text_rgb=text_rgb, texture_seed=rng.getrandbits(63), objects=tuple(objects),  # type: ignore[arg-type]
+                 grid=plan.grid, background=background, background_rgb=background_rgb,
+                 text_rgb=text_rgb, texture_seed=rng.getrandbits(63), objects=tuple(objects),
                  texts=tuple(texts))
 
 
@@ -160,11 +170,13 @@ def _place_texts(rng: random.Random, config: WorldConfig, plan: SlicePlan) -> li
     texts: list[SceneText] = []
     kinds = [rng.choice(("word", "number")) for _ in range(rng.randint(config.min_texts, config.max_texts))]
     for kind in kinds:
+        drawn = {t.text for t in texts}  # no string twice, so "the 7" always names one text
         if kind == "word":
-            string = rng.choice([w for w in WORDS if w not in {t.text for t in texts}])
+            string = rng.choice([w for w in WORDS if w not in drawn])
         else:
-            digits = rng.randint(1, MAX_NUMBER_DIGITS)
-            string = str(rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1))
+            string = _number(rng)
+            while string in drawn:
+                string = _number(rng)
         view = rng.randrange(len(regions)) if plan.is_sliced else -1
         left, top, right, bottom = regions[max(view, 0)]
         view_h = plan.slice_size[1] if plan.is_sliced else plan.global_size[1]  # type: ignore[index]
@@ -190,6 +202,11 @@ def _place_texts(rng: random.Random, config: WorldConfig, plan: SlicePlan) -> li
     return texts
 
 
+def _number(rng: random.Random) -> str:
+    digits = rng.randint(1, MAX_NUMBER_DIGITS)  # as many 1-digit as 3-digit numbers
+    return str(rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1))
+
+
 def _place_objects(rng: random.Random, config: WorldConfig, width: int, height: int,
                    taken: list[Box]) -> list[SceneObject]:
     """Shapes drawn from a few shapes and colours per image, so counts above one and near-miss
@@ -197,7 +214,8 @@ def _place_objects(rng: random.Random, config: WorldConfig, width: int, height: 
     shape_pool = rng.sample(SHAPES, rng.randint(2, 4))
     colour_pool = rng.sample(sorted(COLOURS), rng.randint(2, 4))
     count = rng.randint(config.min_objects, config.max_objects)
-    wanted = [(rng.choice(shape_pool), rng.choice(colour_pool), rng.choice(list(SIZES))) for _ in range(count)]
+    wanted = [(rng.choice(shape_pool), rng.choice(colour_pool), rng.choice(list(SIZES)))
+              for _ in range(count)]
     wanted.sort(key=lambda item: -SIZES[item[2]])
     short = min(width, height)
     boxes = list(taken)

@@ -1,0 +1,117 @@
+"""Which option letter a free-form answer picks, by the rules of MMBench's and MMMU's evaluators.
+
+The two benchmarks read the same answer differently; ``extract_choice`` names the rule set:
+
+* ``"mmbench"`` — the rule stage of MMBench's official evaluator, ``can_infer`` in
+  ``vlmeval/utils/matching_util.py`` of github.com/open-compass/VLMEvalKit. Where it finds no
+  letter it would ask a GPT judge; here that is ``None``.
+* ``"mmmu"`` — ``parse_multi_choice_response`` in ``eval/eval_utils.py`` of
+  github.com/MMMU-Benchmark/MMMU. Where it finds no letter it picks one at random; here ``None``.
+"""
+
+from __future__ import annotations
+
+from meteor.metrics._checks import require_options, require_text
+
+BENCHMARKS = ("mmbench", "mmmu")
+
+# can_infer_option: answers containing one of these are refusals, scored as option "Z".
+_MMBENCH_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+                     "I'm sorry, but without the image provided", "Cannot determine the answer")
+_MMBENCH_API_FAILURE = "Failed to obtain answer via API"
+_MMBENCH_SEPARATORS = ".()[],:;!*#{}"
+_MMBENCH_NO_OPTION = "Z"
+
+_MMMU_EDGE_MARKS = (",", ".", "!", "?", ";", ":", "'")
+_MMMU_CONTENT_MIN_WORDS = 6  # option texts are searched only in answers of more than 5 words
+
+
+def _mmbench_letter(prediction: str, options: dict[str, str]) -> str | None:
+    """``can_infer_option``: the one option letter standing as a word, "Z" for a refusal, or None.
+
+    The separators ``.()[],:;!*#{}`` become spaces, so "(B)", "B.", "B:" and "**B**" are the word
+    "B". A letter is returned only if exactly one option letter appears as a word; none with a
+    "Z" word present means "Z". The "A might be a quantifier" guard of the original only runs with
+    the ``VERBOSE`` environment variable set; by default it is off, so "A cat." picks option A.
+    """
+    if _MMBENCH_API_FAILURE in prediction:
+        return None
+    if any(refusal in prediction for refusal in _MMBENCH_REFUSALS):
+        return _MMBENCH_NO_OPTION
+    for separator in _MMBENCH_SEPARATORS:
+        prediction = prediction.replace(separator, " ")
+    words = prediction.split()
+    present = [letter for letter in options if letter in words]
+    if len(present) == 1:
+        return present[0]
+    if not present and _MMBENCH_NO_OPTION in words:
+        return _MMBENCH_NO_OPTION
+    return None
+
+
+def _mmbench_option_text(prediction: str, options: dict[str, str]) -> str | None:
+    """``can_infer_text``: the one option whose text occurs in the answer (case-insensitive), or None."""
+    lowered = prediction.lower()
+    found = [letter for letter, text in options.items() if text.lower() in lowered]
+    return found[0] if len(found) == 1 else None
+
+
+def _mmbench_choice(prediction: str, options: dict[str, str]) -> str | None:
+    """``can_infer``: the letter rules first, the option texts only if they find nothing."""
+    letter = _mmbench_letter(prediction, options) or _mmbench_option_text(prediction, options)
+    # "Z" is the evaluator's "no option" verdict (refusal or a bare "Z"): no letter is picked.
+    return letter if letter in options else None
+
+
+def _mmmu_choice(prediction: str, options: dict[str, str]) -> str | None:
+    """``parse_multi_choice_response`` without its random fallback.
+
+    1. Strip ``, . ! ? ; : '`` from both ends, one mark after the other in that order (so "A.,"
+       becomes "A" but "A,." keeps "A,"; whitespace is not stripped), and pad with a space on
+       each side.
+    2. Candidates are the letters written "(A)"; failing that, letters standing between two
+       spaces (" A "; "A," or "A\\n" do not count); failing that, and only if the answer has more
+       than 5 words, the options whose text occurs in it (case-insensitive).
+    3. Several candidates: the one whose pattern ("(A)", " A " or the option text) occurs last
+       wins (``rfind``); on a tie, the earlier option. No candidate: None (the original guesses).
+    """
+    response = prediction
+    for mark in _MMMU_EDGE_MARKS:
+        response = response.strip(mark)
+    response = f" {response} "
+
+    patterns = {letter: f"({letter})" for letter in options if f"({letter})" in response}
+    haystack = response
+    if not patterns:
+        patterns = {letter: f" {letter} " for letter in options if f" {letter} " in response}
+    if not patterns and len(response.split()) >= _MMMU_CONTENT_MIN_WORDS:
+        haystack = response.lower()
+        patterns = {letter: text.lower() for letter, text in options.items() if text.lower() in haystack}
+    if not patterns:
+        return None
+    # max() keeps the first of equal positions, as np.argmax does in the original.
+    return max(patterns, key=lambda letter: haystack.rfind(patterns[letter]))
+
+
+def extract_choice(prediction: str, options: dict[str, str], benchmark: str) -> str | None:
+    """The option letter a free-form answer picks under ``benchmark``'s official rules, or None.
+
+    ``options`` maps letters to option texts in the order they were shown, e.g.
+    ``{"A": "dog", "B": "cat"}``. ``benchmark`` is ``"mmbench"`` (VLMEvalKit's rule stage: see
+    ``_mmbench_letter`` and ``_mmbench_option_text``; None where it would call its GPT judge or
+    where it reads a refusal) or ``"mmmu"`` (MMMU's ``parse_multi_choice_response``: see
+    ``_mmmu_choice``; None where it would pick at random).
+
+    The rule sets disagree on purpose-built cases, for example with options dog/cat/bird/fish:
+    "(B) because A is wrong" is B for MMMU and None for MMBench (two letters stand as words);
+    "The cat" is B for MMBench (option text) and None for MMMU (too short to search texts);
+    "C is more likely than D" is D for MMMU (last letter wins) and None for MMBench.
+    """
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"benchmark must be one of {', '.join(map(repr, BENCHMARKS))} "
+                         f"(their rule sets differ), got {benchmark!r}")
+    require_text("prediction", prediction)
+    checked = require_options(options)
+    if benchmark == "mmbench":
+        return _mmbench_choice(prediction, checked)
+    return _mmmu_choice(prediction, checked)
