@@ -34,11 +34,12 @@ class Projector(nn.Module):
 class CompressionOutput:
     tokens: torch.Tensor
     """(B, K, D): the compressed views, ready for the LLM."""
-    indices: torch.Tensor
-    """(B, K): kept positions in each view's patch grid, raster order."""
+    indices: torch.Tensor | None
+    """(B, K): kept positions in each view's patch grid, raster order; None when the tokens are
+    mixtures of patches (pooling, resampler baselines)."""
     visual_scores: torch.Tensor | None
     native_scores: torch.Tensor | None
-    aggregate_scores: torch.Tensor
+    aggregate_scores: torch.Tensor | None
     grid: tuple[int, int]
 
 
@@ -72,10 +73,24 @@ class TopDownCompression(nn.Module):
         )
 
 
+def build_compressor(config: CompressorConfig) -> nn.Module:
+    """The projector named by `config.projector`: Top-Down Compression or a baseline."""
+    if config.projector == "meteor":
+        return TopDownCompression(config)
+    from .projectors import BASELINES
+
+    return BASELINES[config.projector](config)
+
+
 def count_parameters(config: CompressorConfig) -> dict[str, int]:
-    """Parameter counts of the compressor's parts, built on the meta device (no memory used)."""
+    """Parameter counts of the projector's parts, built on the meta device (no memory used)."""
     with torch.device("meta"):
-        module = TopDownCompression(config)
+        module = build_compressor(config)
+    if not isinstance(module, TopDownCompression):
+        parts = {name: sum(p.numel() for p in child.parameters()) for name, child in module.named_children()}
+        parts.update({name: p.numel() for name, p in module.named_parameters(recurse=False)})
+        parts["total"] = sum(parts.values())
+        return parts
     parts = {
         "instruction_token": module.fusion.instruction_token.numel(),
         "flash_global_fusion": sum(p.numel() for p in module.fusion.layers.parameters()),

@@ -18,11 +18,13 @@ ScanMode = Literal["single", "l2s", "both"]
 ExpertMode = Literal["visual", "native", "both"]
 DirectionMerge = Literal["mean", "concat"]
 NativeGradient = Literal["none", "straight_through"]
+Projector = Literal["meteor", "mlp", "resampler", "avgpool", "cls_topk", "random_topk"]
 
 SCAN_MODES = ("single", "l2s", "both")
 EXPERT_MODES = ("visual", "native", "both")
 DIRECTION_MERGES = ("mean", "concat")
 NATIVE_GRADIENTS = ("none", "straight_through")
+PROJECTORS = ("meteor", "mlp", "resampler", "avgpool", "cls_topk", "random_topk")
 
 CONFIG_NAME = "meteor_config.json"
 
@@ -39,6 +41,17 @@ def _check(condition: bool, message: str) -> None:
 @dataclass
 class CompressorConfig:
     """The Top-Down Compression module: Flash Global Fusion, Visual-Native Selection, projector."""
+
+    projector: Projector = "meteor"
+    """Which vision-to-language projector: "meteor" (Top-Down Compression, the paper's), or a
+    baseline on the same interface: "mlp" (LLaVA-1.5: every token, tokens_per_slice None),
+    "resampler" (LLaVA-UHD's compression layer: K learned queries, one cross-attention),
+    "avgpool" (adaptive average pooling of the patch grid to K tokens), "cls_topk" (training-free
+    Top-K by CLS attention, as FasterVLM / VisionZip's dominant tokens), "random_topk" (K random
+    tokens: the floor). All but "meteor" ignore the fusion and selection options."""
+
+    resampler_heads: int = 0
+    """Attention heads of the "resampler" projector; 0 means D / 128 (LLaVA-UHD: 40 at D=5120)."""
 
     vision_width: int = 1024
     """C: width of the vision encoder's patch tokens (CLIP ViT-L/14: 1024)."""
@@ -122,6 +135,21 @@ class CompressorConfig:
             f"native_temperature must be a positive finite number, got {self.native_temperature}",
         )
         _choice("native_gradient", self.native_gradient, NATIVE_GRADIENTS)
+        _choice("projector", self.projector, PROJECTORS)
+        if self.projector == "mlp":
+            _check(self.tokens_per_slice is None,
+                   f"the LLaVA-1.5 'mlp' projector keeps every token: set tokens_per_slice to None, "
+                   f"not {self.tokens_per_slice}")
+        elif self.projector != "meteor":
+            _check(self.tokens_per_slice is not None,
+                   f"the {self.projector!r} projector keeps K tokens per view: set tokens_per_slice "
+                   f"to a positive number (e.g. 144), not None")
+        _check(self.resampler_heads >= 0, f"resampler_heads must be ≥ 0, got {self.resampler_heads}")
+        _check(
+            self.projector != "resampler" or self.text_width % self.resolved_resampler_heads == 0,
+            f"the resampler's width D={self.text_width} must be divisible by resampler_heads="
+            f"{self.resolved_resampler_heads}",
+        )
         _choice("expert_mode", self.expert_mode, EXPERT_MODES)
         _choice("scan_mode", self.scan_mode, SCAN_MODES)
         _choice("direction_merge", self.direction_merge, DIRECTION_MERGES)
@@ -150,6 +178,10 @@ class CompressorConfig:
     @property
     def resolved_dt_rank(self) -> int:
         return self.dt_rank if self.dt_rank is not None else math.ceil(self.vision_width / 16)
+
+    @property
+    def resolved_resampler_heads(self) -> int:
+        return self.resampler_heads or max(1, self.text_width // 128)
 
     @property
     def resolved_projector_hidden(self) -> int:

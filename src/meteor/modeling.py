@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .compressor import CompressionOutput, TopDownCompression
+from .compressor import CompressionOutput, build_compressor
 from .config import CONFIG_NAME, MeteorConfig
 from .processor import MeteorProcessor
 from .slicing import SlicedImage
@@ -38,10 +38,10 @@ class ViewSelection:
     view_index: int          # LLM order: slices row by row, then the global view
     is_global: bool
     grid: tuple[int, int]    # patch grid (rows, cols)
-    indices: torch.Tensor    # (K,) kept positions, raster order
+    indices: torch.Tensor | None   # (K,) kept positions, raster order; None for mixing projectors
     visual_scores: torch.Tensor | None   # (rows·cols,)
     native_scores: torch.Tensor | None
-    aggregate_scores: torch.Tensor
+    aggregate_scores: torch.Tensor | None
 
 
 class LlavaMeteor(nn.Module):
@@ -55,7 +55,7 @@ class LlavaMeteor(nn.Module):
         )
         self.config = dataclasses.replace(config, compressor=compressor_config)
         self.vision_tower = vision_tower
-        self.compressor = TopDownCompression(compressor_config)
+        self.compressor = build_compressor(compressor_config)
         self.language_model = language_model
         self.image_token_id = image_token_id
         self.training_progress: float | None = None
@@ -113,9 +113,9 @@ class LlavaMeteor(nn.Module):
                 if return_selection:
                     image_index, view_index, is_global = owners[position]
                     selections.append(ViewSelection(
-                        image_index, view_index, is_global, encoded.grid, out.indices[row].cpu(),
+                        image_index, view_index, is_global, encoded.grid, _row(out.indices, row),
                         _row(out.visual_scores, row), _row(out.native_scores, row),
-                        out.aggregate_scores[row].detach().cpu()))
+                        _row(out.aggregate_scores, row)))
         per_image: list[list[torch.Tensor]] = [[] for _ in images]
         for (image_index, _, _), tokens in zip(owners, per_view):
             per_image[image_index].append(tokens)

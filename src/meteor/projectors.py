@@ -1,0 +1,142 @@
+"""Baseline projectors on the compressor's interface, for the paper's comparisons (Tables 1 and 4).
+
+Each takes a batch of views sharing one patch grid — patch tokens (B, H·W, C) and the CLS
+attention row (B, H·W) — and returns a `CompressionOutput` with K tokens of width D per view
+(every token for "mlp"). Indices are the kept patch positions where tokens are patches
+(selection baselines), and None where tokens are mixtures (pooling, resampler).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .compressor import CompressionOutput, Projector
+from .config import CompressorConfig
+from .selection import select_top_k, visual_scores
+
+
+class MlpProjection(nn.Module):
+    """LLaVA-1.5: the 2-layer MLP on every patch token, no compression."""
+
+    def __init__(self, config: CompressorConfig):
+        super().__init__()
+        self.projector = Projector(config)
+
+    def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
+        batch, length, _ = patch_tokens.shape
+        indices = torch.arange(length, device=patch_tokens.device).expand(batch, length)
+        return CompressionOutput(self.projector(patch_tokens.to(self.projector.fc1.weight.dtype)),
+                                 indices, visual_scores(cls_attention), None, None, grid)
+
+
+class ClsTopK(nn.Module):
+    """Training-free selection by the visual expert alone (FasterVLM; VisionZip's dominant tokens):
+    the raw CLIP tokens with the K highest CLS attention, then the MLP."""
+
+    def __init__(self, config: CompressorConfig):
+        super().__init__()
+        self.k = config.tokens_per_slice
+        self.projector = Projector(config)
+
+    def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
+        scores = visual_scores(cls_attention)                                 # (B, H·W)
+        indices = select_top_k(scores, self.k)                                # (B, K)
+        kept = torch.gather(patch_tokens, 1, indices[..., None].expand(-1, -1, patch_tokens.shape[-1]))
+        return CompressionOutput(self.projector(kept.to(self.projector.fc1.weight.dtype)), indices,
+                                 scores, None, scores, grid)
+
+
+class RandomTopK(nn.Module):
+    """K tokens drawn uniformly at random (raster order kept): the floor any selection must beat.
+    Random in training; a fixed seed at inference so evaluations are repeatable."""
+
+    def __init__(self, config: CompressorConfig, eval_seed: int = 0):
+        super().__init__()
+        self.k = config.tokens_per_slice
+        self.eval_seed = eval_seed
+        self.projector = Projector(config)
+
+    def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
+        batch, length, width = patch_tokens.shape
+        generator = None if self.training else torch.Generator().manual_seed(self.eval_seed)
+        scores = torch.rand(batch, length, generator=generator).to(patch_tokens.device)
+        indices = select_top_k(scores, self.k)
+        kept = torch.gather(patch_tokens, 1, indices[..., None].expand(-1, -1, width))
+        return CompressionOutput(self.projector(kept.to(self.projector.fc1.weight.dtype)), indices,
+                                 None, None, scores, grid)
+
+
+def pooled_grid(grid: tuple[int, int], k: int) -> tuple[int, int]:
+    """The (rows, cols) with rows·cols = K, fitting in the grid, closest to its aspect ratio."""
+    rows, cols = grid
+    fits = [(r, k // r) for r in range(1, k + 1) if k % r == 0 and r <= rows and k // r <= cols]
+    if not fits:
+        raise ValueError(f"average pooling cannot make exactly K={k} tokens from a {rows}×{cols} patch "
+                         f"grid: choose a K with a factorisation r×c, r ≤ {rows}, c ≤ {cols} (e.g. a square)")
+    aspect = math.log(rows / cols)
+    return min(fits, key=lambda rc: (abs(math.log(rc[0] / rc[1]) - aspect), rc[0]))
+
+
+class AvgPoolProjection(nn.Module):
+    """Adaptive average pooling of the patch grid to K cells (a fixed merging rule), then the MLP."""
+
+    def __init__(self, config: CompressorConfig):
+        super().__init__()
+        self.k = config.tokens_per_slice
+        self.projector = Projector(config)
+
+    def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
+        batch, _, width = patch_tokens.shape
+        fmap = patch_tokens.transpose(1, 2).reshape(batch, width, *grid)       # (B, C, H, W)
+        pooled = F.adaptive_avg_pool2d(fmap, pooled_grid(grid, self.k))        # (B, C, r, c)
+        tokens = pooled.flatten(2).transpose(1, 2)                             # (B, K, C)
+        return CompressionOutput(self.projector(tokens.to(self.projector.fc1.weight.dtype)), None,
+                                 None, None, None, grid)
+
+
+def sincos_2d(grid: tuple[int, int], width: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings (rows·cols, width): half the channels encode the
+    row, half the column, at geometric frequencies (as in MAE / the Qwen-VL resampler)."""
+    rows, cols = grid
+    quarter = width // 4
+    frequencies = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1)))
+    ys, xs = torch.meshgrid(torch.arange(rows, dtype=torch.float32),
+                            torch.arange(cols, dtype=torch.float32), indexing="ij")
+    parts = []
+    for positions in (ys.flatten(), xs.flatten()):
+        angles = positions[:, None] * frequencies[None]                        # (H·W, width/4)
+        parts += [angles.sin(), angles.cos()]
+    embedding = torch.cat(parts, dim=1)                                        # (H·W, 4·quarter)
+    return F.pad(embedding, (0, width - embedding.shape[1]))
+
+
+class Resampler(nn.Module):
+    """LLaVA-UHD's compression layer: K learned queries attend once to the view's tokens (keys carry
+    2-D sine-cosine positions of the view's own grid), then a linear map; all at the LLM width D."""
+
+    def __init__(self, config: CompressorConfig):
+        super().__init__()
+        width = config.text_width
+        self.queries = nn.Parameter(torch.randn(config.tokens_per_slice, width) * 0.02)
+        self.kv_proj = nn.Linear(config.vision_width, width, bias=False)
+        self.ln_q = nn.LayerNorm(width)
+        self.ln_kv = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, config.resolved_resampler_heads, batch_first=True)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, width) * width ** -0.5)
+
+    def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
+        dtype = self.kv_proj.weight.dtype
+        values = self.ln_kv(self.kv_proj(patch_tokens.to(dtype)))              # (B, H·W, D)
+        keys = values + sincos_2d(grid, values.shape[-1]).to(values)           # (B, H·W, D)
+        queries = self.ln_q(self.queries).expand(values.shape[0], -1, -1)      # (B, K, D)
+        attended, _ = self.attention(queries, keys, values, need_weights=False)  # (B, K, D)
+        return CompressionOutput(self.ln_post(attended) @ self.proj, None, None, None, None, grid)
+
+
+BASELINES = {"mlp": MlpProjection, "cls_topk": ClsTopK, "random_topk": RandomTopK,
+             "avgpool": AvgPoolProjection, "resampler": Resampler}

@@ -1,0 +1,78 @@
+"""The baseline projectors: same interface as Top-Down Compression, each trains and answers."""
+
+import pytest
+import torch
+
+from meteor.compressor import build_compressor, count_parameters
+from meteor.config import CompressorConfig
+from meteor.projectors import pooled_grid, sincos_2d
+from meteor.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
+from meteor.train import TrainConfig, train
+
+VARIANTS = [("meteor", 4), ("mlp", None), ("resampler", 4), ("avgpool", 4), ("cls_topk", 4), ("random_topk", 4)]
+
+
+def _config(projector, k, **kw):
+    return CompressorConfig(vision_width=16, text_width=32, projector=projector, tokens_per_slice=k,
+                            d_state=4, resampler_heads=4, **kw)
+
+
+@pytest.mark.parametrize("projector, k", VARIANTS)
+def test_every_projector_maps_views_to_k_tokens_of_width_d(projector, k):
+    torch.manual_seed(0)
+    module = build_compressor(_config(projector, k))
+    tokens, attention = torch.randn(3, 12, 16), torch.softmax(torch.randn(3, 12), -1)
+    out = module(tokens, attention, (3, 4))
+    assert out.tokens.shape == (3, k or 12, 32)
+    out.tokens.sum().backward()
+    assert any(p.grad is not None for p in module.parameters())
+
+
+def test_cls_topk_keeps_the_most_attended_raw_tokens():
+    module = build_compressor(_config("cls_topk", 2))
+    attention = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05, 0.0]])
+    out = module(torch.randn(1, 6, 16), attention, (2, 3))
+    assert out.indices.tolist() == [[1, 3]]
+
+
+def test_random_topk_is_repeatable_at_inference_only():
+    module = build_compressor(_config("random_topk", 3)).eval()
+    tokens, attention = torch.randn(1, 12, 16), torch.rand(1, 12)
+    assert torch.equal(module(tokens, attention, (3, 4)).indices, module(tokens, attention, (3, 4)).indices)
+
+
+def test_avgpool_grid_follows_the_aspect_ratio_and_refuses_impossible_k():
+    assert pooled_grid((24, 24), 144) == (12, 12)
+    assert pooled_grid((19, 29), 144) == (9, 16)      # 9/16 is the factorisation closest to 19/29
+    with pytest.raises(ValueError, match="K=7 tokens from a 3×4"):
+        pooled_grid((3, 4), 7)
+
+
+def test_sincos_positions_differ_per_cell():
+    pos = sincos_2d((3, 4), 16)
+    assert pos.shape == (12, 16) and torch.unique(pos, dim=0).shape[0] == 12
+
+
+def test_parameter_counts_at_the_papers_widths():
+    resampler = count_parameters(CompressorConfig(projector="resampler"))["total"]
+    assert abs(resampler - 137.84e6) / 137.84e6 < 0.01          # LLaVA-UHD's projector, Table 4
+    mlp = count_parameters(CompressorConfig(projector="mlp", tokens_per_slice=None))["total"]
+    assert mlp == 1024 * 5120 + 5120 + 5120 * 5120 + 5120
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("projector, k", VARIANTS)
+def test_every_variant_trains_and_answers(projector, k, tmp_path):
+    model, processor = tiny_model(tiny_meteor_config(projector=projector, tokens_per_slice=k))
+    model.save_pretrained(tmp_path / "base", processor)
+    data = tiny_llava_data(tmp_path / "data", 8)
+    result = train(TrainConfig(stage=2, data=str(data), image_folder=str(tmp_path / "data"),
+                               model=str(tmp_path / "base"), output_dir=str(tmp_path / "run"),
+                               global_batch_size=4, per_device_batch_size=4, max_steps=2,
+                               learning_rate=1e-3))
+    assert result.steps_done == 2 and result.final_loss == result.final_loss
+    from meteor.modeling import LlavaMeteor
+    trained, processor = LlavaMeteor.from_pretrained(result.model_dir)
+    assert trained.config.compressor.projector == projector
+    batch = processor(["What colour is the square?"], [tmp_path / "data" / "images" / "0004.png"])
+    assert trained.eval().generate(**batch.to_model_kwargs(), max_new_tokens=3, do_sample=False).shape[1] >= 1
