@@ -1,14 +1,22 @@
 """torch.distributed glue: torchrun's environment, DDP or FSDP, and the few collectives the loop needs.
 
 Single-process runs go through the same object with every collective a no-op, so the loop has one
-code path. The engines are PyTorch's own: `DistributedDataParallel` and FSDP (`fully_shard`).
+code path. The engines are PyTorch's own: `DistributedDataParallel` and FSDP2 (`fully_shard`, see
+`fsdp.py`); CPU runs use the gloo backend, CUDA runs NCCL.
+
+Every rank must issue the same collectives in the same order: the loop runs the same number of
+micro-batches on every rank (a zero-weight filler when a rank has no record left), DDP is built
+with `find_unused_parameters=True` and FSDP reduce-scatters zeros for unused parameters (a
+text-only micro-batch leaves the compressor without gradients), and a stop signal is agreed on
+with `any_flag` so that all ranks checkpoint and leave at the same step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -23,6 +31,7 @@ class Distributed:
     rank: int
     world_size: int
     device: torch.device
+    _calls: Any = field(default=None, repr=False, compare=False)   # fsdp.CallTracker under FSDP
 
     @property
     def is_main(self) -> bool:
@@ -52,23 +61,37 @@ class Distributed:
         return cls(mode, torch_dist.get_rank(), torch_dist.get_world_size(), device)
 
     # --- wrapping -------------------------------------------------------------------------------
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, groups: list[dict]) -> tuple[nn.Module, list[dict]]:
+        """The module to call for forward/backward, and the optimizer's parameter groups pointing
+        at the parameters that will train: FSDP replaces every parameter by a sharded one (same
+        name), so the optimizer must be built from the returned groups, after wrapping."""
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             # Text-only micro-batches leave the compressor unused, so unused parameters are expected.
             return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                           else None, find_unused_parameters=True)
+                                           else None, find_unused_parameters=True), groups
         if self.mode == "fsdp":
-            from .fsdp import shard_model
+            from .fsdp import CallTracker, shard_model
 
-            return shard_model(model, self.device)
-        return model
+            # Hold names, not the unsharded parameters, while sharding: each unit's full tensors
+            # are then freed as soon as it is sharded (the groups are refilled in place).
+            names = {id(p): name for name, p in model.named_parameters()}
+            group_names = [[names[id(p)] for p in group["params"]] for group in groups]
+            for group in groups:
+                group["params"].clear()
+            shard_model(model, self.device)
+            self._calls = CallTracker(model)
+            sharded = dict(model.named_parameters())
+            for group, wanted in zip(groups, group_names):
+                group["params"].extend(sharded[name] for name in wanted)
+            return model, groups
+        return model, groups
 
     def maybe_no_sync(self, wrapped: nn.Module, sync: bool):
         if self.mode == "ddp" and not sync:
             return wrapped.no_sync()
-        if self.mode == "fsdp" and hasattr(wrapped, "set_requires_gradient_sync"):
+        if self.mode == "fsdp":   # FSDP2's no_sync: accumulate unsharded grads, reduce on the last
             wrapped.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
@@ -78,7 +101,17 @@ class Distributed:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    def drop_unused_grads(self) -> None:
+        """After the step's last backward, before clipping and the optimizer: under FSDP the
+        gradients of a part no rank ran (the compressor in an all-text step) are zeros, not None;
+        make them None so AdamW skips them as it does without FSDP. Collective under FSDP."""
+        if self.mode == "fsdp" and self._calls is not None:
+            self._calls.drop_unused_grads()
+
     def clip_grad_norm(self, wrapped: nn.Module, params, max_norm: float) -> None:
+        """Clip by the norm of the whole gradient. Under FSDP the grads are DTensors sharded over
+        the ranks; `clip_grad_norm_` reduces their norms over the mesh (PyTorch's DTensor path),
+        so the norm is the full gradient's, as in a single process."""
         params = [p for p in params if p.grad is not None]
         if params:
             torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -107,12 +140,22 @@ class Distributed:
 
     # --- state ----------------------------------------------------------------------------------
     def gather_trainable(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Full (unsharded) trainable tensors, on every rank's CPU."""
+        """Full (unsharded) trainable tensors on the CPU: on every rank, except under FSDP where
+        only the main process gets them ({} elsewhere). Collective under FSDP."""
         if self.mode == "fsdp":
             from .fsdp import full_trainable_state
 
             return full_trainable_state(model)
         return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Load full (unsharded) tensors, read by every rank from a checkpoint, into the model."""
+        if self.mode == "fsdp":
+            from .fsdp import load_full_state
+
+            load_full_state(model, weights)
+            return
+        model.load_state_dict(weights, strict=False)
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         if self.mode == "fsdp":
@@ -132,7 +175,9 @@ class Distributed:
     def full_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """Every parameter and buffer, unsharded, on the main process (None elsewhere); for the
         final save of an FSDP run into a plain, unsharded copy of the model."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        if self.mode != "fsdp":
+            return model.state_dict() if self.is_main else None
+        from .fsdp import full_model_state
 
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = full_model_state(model)
         return state if self.is_main else None

@@ -81,6 +81,8 @@ def load_model(config: TrainConfig, dist: Distributed) -> tuple[LlavaMeteor, Any
         except RuntimeError as err:
             raise TrainConfigError(f"--compressor-from {source} does not fit this model's compressor "
                                    f"(different widths or options?): {err}") from err
+    if dist.mode == "fsdp":   # fully_shard moves each unit to the device as it shards it
+        return model, processor
     return model.to(dist.device), processor
 
 
@@ -157,9 +159,9 @@ def train(config: TrainConfig) -> TrainResult:
     total_steps = config.max_steps or math.ceil(order.steps_per_epoch * config.epochs)
     per_rank = math.ceil(config.global_batch_size / dist.world_size)
     micro_steps = math.ceil(per_rank / config.per_device_batch_size)
+    wrapped, groups = dist.wrap(model, groups)   # before the optimizer: FSDP replaces the parameters
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, config.warmup_ratio))
-    wrapped = dist.wrap(model)
     skipped = SkipReport()
     counters = {"truncated": 0}
     filler = dataset.processor.encode([{"from": "human", "value": "."}, {"from": "gpt", "value": "."}],
@@ -216,6 +218,7 @@ def train(config: TrainConfig) -> TrainResult:
                     tokens_local += count
                     visual_tokens += int((batch.input_ids == processor.image_token_id).sum())
                     samples += batch.input_ids.shape[0]
+            dist.drop_unused_grads()
             if config.max_grad_norm > 0:
                 dist.clip_grad_norm(wrapped, [p for g in groups for p in g["params"]], config.max_grad_norm)
             optimizer.step()
@@ -292,7 +295,7 @@ def _resume(output_dir, model, optimizer, scheduler, skipped, counters, dist) ->
     if missing:
         raise TrainConfigError(f"{checkpoint.path} lacks {len(missing)} trainable tensor(s) of this run "
                                f"(e.g. {sorted(missing)[0]}): was it written by another stage or model?")
-    model.load_state_dict(weights, strict=False)
+    dist.load_trainable(model, weights)
     dist.load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
@@ -309,10 +312,12 @@ def _save_final(output_dir, model, processor, config, dist) -> Path | None:
         # Sharded parameters cannot be saved as they are: load the full state into a plain copy.
         state = dist.full_state(model)
         if dist.is_main:
-            model, processor = load_model(config, dataclasses.replace(dist, mode="none"))
+            # a plain copy for saving only: on the CPU, where the gathered state already is
+            model, processor = load_model(config, dataclasses.replace(dist, mode="none",
+                                                                      device=torch.device("cpu")))
             set_trainable(model, config)
             model.load_state_dict(state)
-    if config.lora:
+    if config.lora and dist.is_main:   # only the main process saves (under FSDP, only it has a plain model)
         from .lora import merge_lora
         merge_lora(model)
     folder = output_dir / "model"
