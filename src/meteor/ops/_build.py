@@ -45,13 +45,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def extension_name() -> str:
+def extension_name(cflags: list[str] = CFLAGS) -> str:
     """Name under which the compiled module is cached; changes with anything that changes the binary."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
+    for part in (SOURCE.read_bytes(), " ".join(cflags + LDFLAGS).encode(), torch.__version__.encode(),
                  _cpu_model().encode()):
         key.update(part)
     return f"meteor_selective_scan_{key.hexdigest()[:12]}"
+
+
+def compile_variant(cflags: list[str], verbose: bool = False) -> ModuleType:
+    """Compile and load the kernel with other flags, uncached in this process (tests use it to build the
+    portable, non-AVX-512 code with ``-DMETEOR_SCAN_PORTABLE``)."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(name=extension_name(cflags), sources=[str(SOURCE)], extra_cflags=cflags,
+                              extra_ldflags=LDFLAGS, verbose=verbose)
 
 
 def build_extension(verbose: bool = False) -> ModuleType:
@@ -68,16 +77,8 @@ def build_extension(verbose: bool = False) -> ModuleType:
             return _module
         if _error is not None:
             raise RuntimeError(f"the meteor selective-scan extension failed to build earlier: {_error}") from _error
-        from torch.utils import cpp_extension
-
         try:
-            _module = cpp_extension.load(
-                name=extension_name(),
-                sources=[str(SOURCE)],
-                extra_cflags=CFLAGS,
-                extra_ldflags=LDFLAGS,
-                verbose=verbose,
-            )
+            _module = compile_variant(CFLAGS, verbose=verbose)
         except Exception as exc:  # compiler missing, ninja missing, compile error: all reported the same way
             _error = exc
             raise

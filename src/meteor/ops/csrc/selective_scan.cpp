@@ -1,8 +1,8 @@
 // Mamba-1 selective scan on CPU: the fused forward and backward behind meteor.ops.selective_scan.
 //
 // Contract (validated by the Python wrapper in selective_scan.py; re-checked cheaply here):
-//   u, delta, z      (batch, dim, L)   float32, contiguous            dim = d_inner
-//   A                (dim, N)          real
+//   u, delta, z      (batch, dim, L)   float32, time- or channel-contiguous (see Seq)   dim = d_inner
+//   A                (dim, N)          real, contiguous (as every other operand)
 //   B, C             (batch, G, N, L)  G groups of dim / G channels   (mamba's (batch, N, L) is G = 1)
 //   D, delta_bias    (dim,)
 //   dt  = softplus(delta + delta_bias)                  (bias and softplus each optional)
@@ -15,9 +15,12 @@
 //    vectorise over 16 neighbouring channels: one 16-float vector per state n, all N states of a block
 //    held in registers, and B_t[n], C_t[n] are scalars broadcast to all lanes, so the forward needs no
 //    horizontal sums.
-//  * Inputs are channel-major along time. Each 16-channel block is transposed once (16x16 in-register
-//    transposes) into an (L, 16) "tile" that stays in L2, and results are transposed back at the end.
-//    Elementwise work (bias, softplus, D, z gating) is done on the tiles, fused with those passes.
+//  * Contiguous inputs run along time per channel. Each 16-channel block is transposed once (16x16
+//    in-register transposes) into an (L, 16) "tile" that stays in L2, and results are transposed back
+//    at the end; channel-contiguous inputs are copied into the tile as they are. Elementwise work
+//    (bias, softplus, D, z gating) is done on the tiles, fused with those passes.
+//  * Outputs come from a small pool of reused blocks (OutputPool): fresh 66 MB tensors cost more in
+//    page faults than the rest of the forward's overhead.
 //  * exp(x) = 2^(x log2 e): a degree-5 polynomial of the fraction, the exponent applied with vscalefps.
 //  * The forward stores the state every `chunk` steps. The backward recomputes one chunk at a time from
 //    its checkpoint (decays and states into a small buffer), then runs the adjoint recurrence in
@@ -34,6 +37,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -106,9 +110,19 @@ INLINE V exp2v(V x) {
 
 inline V expv(V x) { return exp2v(x * kLog2e); }
 
+// 1 / x to about 1 ulp: rcp14 and one Newton step. A vdivps would stall the elementwise loops.
+INLINE V reciprocal(V x) {
+#ifdef METEOR_SCAN_AVX512
+  const V r = (V)_mm512_rcp14_ps((__m512)x);
+  return r + r * (1.f - x * r);
+#else
+  return 1.f / x;
+#endif
+}
+
 // log(1 + e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) <= 1/3, series to s^13 (rel. err 1e-8).
 inline V log1p_unit(V e) {
-  const V s = e / (e + 2.f);
+  const V s = e * reciprocal(e + 2.f);
   const V s2 = s * s;
   V p = splat(1.f / 13.f);
   p = p * s2 + 1.f / 11.f;
@@ -122,7 +136,7 @@ inline V log1p_unit(V e) {
 
 // sigmoid(x) from e = exp(-|x|), stable for any x.
 inline V sigmoid_from(V x, V e) {
-  const V r = 1.f / (1.f + e);
+  const V r = reciprocal(1.f + e);
   return x >= V{} ? r : e * r;
 }
 
@@ -237,20 +251,108 @@ void tile_to_rows(const float* tile, int rows, int64_t L, float* dst, int64_t st
     for (int c = 0; c < rows; ++c) dst[c * stride + t] = tile[t * W + c];
 }
 
-// Large outputs are fresh memory from the OS every call (glibc returns big blocks on free), and at
-// 4 KiB per page fault a 66 MB tensor costs ~15 ms to fault in, a third of the forward. Asking for
-// transparent huge pages on the untouched range first makes that one fault per 2 MiB. Only a hint:
-// without THP ("never") or off Linux nothing changes.
-void hint_huge_pages(const at::Tensor& t) {
+// A (batch, dim, L) operand read in place, in either of two layouts: time-contiguous (stride_t = 1,
+// a contiguous tensor) or channel-contiguous (stride_d = 1: a transposed (batch, L, dim) tensor, the
+// layout in which a Mamba block produces delta and z). The second needs no transpose at all.
+struct Seq {
+  const float* data = nullptr;
+  int64_t stride_b = 0, stride_d = 0, stride_t = 0;
+
+  Seq() = default;
+  explicit Seq(const at::Tensor& t)
+      : data(t.data_ptr<float>()), stride_b(t.stride(0)), stride_d(t.stride(1)), stride_t(t.stride(2)) {}
+  explicit operator bool() const { return data != nullptr; }
+  bool time_major() const { return stride_t == 1; }
+  const float* block(int64_t b, int64_t d0) const { return data + b * stride_b + d0 * stride_d; }
+};
+
+// The (L, 16) tile of channels [d0, d0 + rows) of batch b; absent channels read as 0.
+void load_tile(const Seq& s, int64_t b, int64_t d0, int rows, int64_t L, float* tile) {
+  const float* src = s.block(b, d0);
+  if (s.time_major()) return rows_to_tile(src, s.stride_d, rows, L, tile);
+  for (int64_t t = 0; t < L; ++t) {
+    const float* step = src + t * s.stride_t;
+    if (rows == W) {
+      store(tile + t * W, loadu(step));
+    } else {
+      for (int c = 0; c < W; ++c) tile[t * W + c] = c < rows ? step[c] : 0.f;
+    }
+  }
+}
+
+// Output memory. glibc hands every block above 32 MiB back to the OS when it is freed, so a fresh
+// (batch, dim, L) output (66 MB at the FGF shape) arrives as untouched pages that the OS must fault in
+// and zero: ~9 ms per tensor measured here, a quarter of the forward, three quarters of it again in
+// the backward. So the large outputs of this op come from a small pool: when such a tensor dies its
+// block waits for the next call asking for the same size instead of going back to the OS. Fresh
+// blocks are 2 MiB aligned and marked for transparent huge pages (one fault per 2 MiB, not per 4 KiB).
+// Idle blocks are capped (kMaxIdle*), and release_cached_memory() returns them all.
+class OutputPool {
+ public:
+  static OutputPool& instance() {
+    static OutputPool* pool = new OutputPool();  // never destroyed: tensors may outlive static destructors
+    return *pool;
+  }
+
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    int64_t numel = 1;
+    for (int64_t s : sizes) numel *= s;
+    const size_t bytes = static_cast<size_t>(numel) * sizeof(float);
+    if (bytes < kMinPooledBytes) return at::empty(sizes, options);
+    const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* block = take(rounded);
+    return at::from_blob(block, sizes, [rounded](void* p) { OutputPool::instance().give(p, rounded); }, options);
+  }
+
+  void release_all() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [bytes, block] : idle_) std::free(block);
+    idle_.clear();
+    idle_bytes_ = 0;
+  }
+
+ private:
+  static constexpr size_t kHuge = size_t(2) << 20;
+  static constexpr size_t kMinPooledBytes = size_t(4) << 20;
+  static constexpr size_t kMaxIdleBytes = size_t(1) << 30;
+  static constexpr size_t kMaxIdleBlocks = 12;  // a bidirectional layer's forward and backward outputs
+  std::mutex mutex_;
+  std::vector<std::pair<size_t, void*>> idle_;  // oldest first
+  size_t idle_bytes_ = 0;
+
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (size_t i = idle_.size(); i-- > 0;) {
+        if (idle_[i].first != bytes) continue;
+        void* block = idle_[i].second;
+        idle_.erase(idle_.begin() + static_cast<std::ptrdiff_t>(i));
+        idle_bytes_ -= bytes;
+        return block;
+      }
+    }
+    void* block = std::aligned_alloc(kHuge, bytes);
+    if (!block) throw std::bad_alloc();
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
+    madvise(block, bytes, MADV_HUGEPAGE);  // only a hint: without THP nothing changes
 #endif
+    return block;
+  }
+
+  void give(void* block, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    idle_.emplace_back(bytes, block);
+    idle_bytes_ += bytes;
+    while (!idle_.empty() && (idle_bytes_ > kMaxIdleBytes || idle_.size() > kMaxIdleBlocks)) {
+      std::free(idle_.front().second);
+      idle_bytes_ -= idle_.front().first;
+      idle_.erase(idle_.begin());
+    }
+  }
+};
+
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return OutputPool::instance().empty(sizes, options);
 }
 
 struct AlignedFloats {
@@ -319,15 +421,60 @@ void prepare_dt(float* dt, int64_t L, V bias, bool softplus, float* sig) {
   }
 }
 
+// Runs body(worker, claim) once per worker; claim() hands out item indices until none are left (-1).
+// Items come from a shared counter rather than a static split: the machine is shared, and a worker
+// that loses its core for a while should not leave the other idle at the end.
 template <typename F>
 void parallel_items(int64_t n_items, int n_workers, const F& body) {
-  // Items are claimed from a shared counter rather than split statically: the machine is shared,
-  // and a worker that loses its core for a while should not leave the other one idle at the end.
-  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> counter{0};
+  const auto claim = [&] {
+    const int64_t i = counter.fetch_add(1);
+    return i < n_items ? i : int64_t{-1};
+  };
   at::parallel_for(0, n_workers, 1, [&](int64_t w0, int64_t w1) {
-    for (int64_t worker = w0; worker < w1; ++worker) body(worker, next);
+    for (int64_t worker = w0; worker < w1; ++worker) body(worker, claim);
   });
 }
+
+// Pulls the next item's inputs towards L2 while this item computes, a few cache lines per time step.
+// Loading them only when the next item starts leaves the core waiting on DRAM: 16 rows per operand
+// are more streams than the hardware prefetcher runs far enough ahead, and a channel-contiguous
+// operand is one cache line per step, kilobytes apart, which it does not follow at all. Measured:
+// 5-10% of the single-threaded forward at the FGF shape. (Loading and prefetching chunk by chunk
+// instead was tried: slower for contiguous inputs, no better for channel-contiguous ones.)
+struct RowPrefetcher {
+  static constexpr int kMaxArrays = 4;
+  struct Runs {  // `count` runs of `bytes` contiguous bytes, `stride` bytes apart
+    const char* base;
+    int64_t count, bytes, stride;
+  };
+  Runs runs[kMaxArrays] = {};
+  int arrays = 0, array = 0;
+  int64_t run = 0, offset = 0;
+
+  void add(const Seq& s, int64_t b, int64_t d0, int rows, int64_t L) {
+    const char* base = reinterpret_cast<const char*>(s.block(b, d0));
+    constexpr int64_t f = sizeof(float);
+    runs[arrays++] = s.time_major() ? Runs{base, rows, L * f, s.stride_d * f} : Runs{base, L, rows * f, s.stride_t * f};
+  }
+  INLINE void step(int lines) {
+    for (int i = 0; i < lines && array < arrays; ++i) {
+      const Runs& r = runs[array];
+      __builtin_prefetch(r.base + run * r.stride + offset, 0, 2);
+      if ((offset += 64) < r.bytes) continue;
+      offset = 0;
+      if (++run < r.count) continue;
+      run = 0;
+      ++array;
+    }
+  }
+  // Lines per step so that everything is requested within `steps` steps.
+  int lines_per_step(int64_t steps) const {
+    int64_t total = 0;
+    for (int i = 0; i < arrays; ++i) total += runs[i].count * ((runs[i].bytes + 63) / 64);
+    return static_cast<int>(steps > 0 ? (total + steps - 1) / steps : total);
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // The recurrences. NS > 0: N known at compile time, states unrolled into registers; NS = 0: any N.
@@ -340,6 +487,8 @@ struct BlockScan {
   const float* A2;  // (N, 16) A * log2(e)
   float* ckpt;      // state before chunk k at ckpt + k * ckpt_stride, (N, 16)
   int64_t ckpt_stride;
+  RowPrefetcher* prefetch;  // the next item's inputs, or null
+  int prefetch_lines;       // cache lines to request per time step
 };
 
 template <int NS>
@@ -352,6 +501,7 @@ void forward_block(const BlockScan& s, const float* dt, const float* u, float* y
       for (int n = 0; n < N; ++n) store(s.ckpt + k * s.ckpt_stride + n * W, h[n]);
     const int64_t t1 = std::min(s.L, t0 + s.chunk);
     for (int64_t t = t0; t < t1; ++t) {
+      if (s.prefetch) s.prefetch->step(s.prefetch_lines);
       const V d = load(dt + t * W);
       const V du = d * load(u + t * W);
       const float* Bn = s.Bt + t * N;
@@ -406,6 +556,7 @@ void backward_block(const BlockScan& s, const float* u, BlockGrads& g) {
       store(g.states + n * W, h[n]);
     }
     for (int64_t j = 0; j < len; ++j) {
+      if (s.prefetch) s.prefetch->step(s.prefetch_lines);
       const int64_t t = t0 + j;
       const V d = load(g.dt + t * W), uu = load(u + t * W), du = d * uu, gy = load(g.go + t * W);
       const float* Bn = s.Bt + t * N;
@@ -431,6 +582,7 @@ void backward_block(const BlockScan& s, const float* u, BlockGrads& g) {
 
     // 2. Adjoint recurrence, in reverse: gh = dL/dh_t = C_t dL/dy_t + a_{t+1} dL/dh_{t+1}.
     for (int64_t j = len - 1; j >= 0; --j) {
+      if (s.prefetch) s.prefetch->step(s.prefetch_lines);
       const int64_t t = t0 + j;
       const V d = load(g.dt + t * W), uu = load(u + t * W), du = d * uu, gy = load(g.go + t * W);
       const float* Bn = s.Bt + t * N;
@@ -486,19 +638,25 @@ const float* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
 }
 
+// (batch, dim, L) operands may be time-contiguous or channel-contiguous (see Seq).
+bool sequence_layout_ok(const at::Tensor& t) { return t.dim() == 3 && (t.stride(2) == 1 || t.stride(1) == 1); }
+
 void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                   const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                   const std::optional<at::Tensor>& delta_bias, int64_t chunk) {
   // The Python wrapper gives the friendly messages; these guard the raw pointers below.
-  for (const at::Tensor* t : {&u, &delta, &A, &B, &C}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
-                "meteor selective scan kernel: expects contiguous float32 CPU tensors");
-  }
-  for (const std::optional<at::Tensor>* t : {&D, &z, &delta_bias}) {
-    if (t->has_value() && (*t)->defined())
-      TORCH_CHECK((*t)->device().is_cpu() && (*t)->scalar_type() == at::kFloat && (*t)->is_contiguous(),
-                  "meteor selective scan kernel: expects contiguous float32 CPU tensors");
-  }
+  const auto check = [](const at::Tensor& t, bool sequence) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
+                "meteor selective scan kernel: expects float32 CPU tensors");
+    TORCH_CHECK(sequence ? sequence_layout_ok(t) : t.is_contiguous(),
+                "meteor selective scan kernel: u, delta, z must be time- or channel-contiguous, the rest contiguous");
+  };
+  check(u, true);
+  check(delta, true);
+  for (const at::Tensor* t : {&A, &B, &C}) check(*t, false);
+  if (z.has_value() && z->defined()) check(*z, true);
+  for (const std::optional<at::Tensor>* t : {&D, &delta_bias})
+    if (t->has_value() && (*t)->defined()) check(**t, false);
   TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes() && A.dim() == 2 && A.size(0) == u.size(1) &&
                   B.dim() == 4 && C.sizes() == B.sizes() && B.size(0) == u.size(0) && B.size(2) == A.size(1) &&
                   B.size(3) == u.size(2) && B.size(1) >= 1 && u.size(1) % B.size(1) == 0,
@@ -522,42 +680,48 @@ std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delt
   const Geometry geo(u, A, B, chunk);
   const at::Tensor Bt = B.transpose(2, 3).contiguous();  // (batch, G, L, N): B_t[n] rows per step
   const at::Tensor Ct = C.transpose(2, 3).contiguous();
-  at::Tensor out = at::empty_like(u);
+  at::Tensor out = pooled_empty(u.sizes(), u.options());  // contiguous, whatever u's layout
   at::Tensor last = at::empty({geo.batch, geo.dim, geo.N}, u.options());
-  at::Tensor ckpt = save_checkpoints ? at::empty({geo.batch, geo.n_chunks, geo.blocks, geo.N, W}, u.options())
+  at::Tensor ckpt = save_checkpoints ? pooled_empty({geo.batch, geo.n_chunks, geo.blocks, geo.N, W}, u.options())
                                      : at::empty({0}, u.options());
-  hint_huge_pages(out);
-  if (save_checkpoints) hint_huge_pages(ckpt);
 
-  const float *u_p = u.data_ptr<float>(), *delta_p = delta.data_ptr<float>(), *A_p = A.data_ptr<float>();
-  const float *Bt_p = Bt.data_ptr<float>(), *Ct_p = Ct.data_ptr<float>();
-  const float *D_p = data_or_null(D), *z_p = data_or_null(z), *bias_p = data_or_null(delta_bias);
+  const Seq u_s(u), delta_s(delta), z_s = z.has_value() && z->defined() ? Seq(*z) : Seq();
+  const float *A_p = A.data_ptr<float>(), *Bt_p = Bt.data_ptr<float>(), *Ct_p = Ct.data_ptr<float>();
+  const float *D_p = data_or_null(D), *bias_p = data_or_null(delta_bias);
   float *out_p = out.data_ptr<float>(), *last_p = last.data_ptr<float>();
   float* ckpt_p = save_checkpoints ? ckpt.data_ptr<float>() : nullptr;
   const int64_t L = geo.L, N = geo.N;
 
-  parallel_items(geo.batch * geo.blocks, at::get_num_threads(), [&](int64_t, std::atomic<int64_t>& next) {
-    AlignedFloats dt(L * W), ut(L * W), yt(L * W), zt(z_p ? L * W : 0), A2(N * W), last_lanes(N * W);
-    for (int64_t index; (index = next.fetch_add(1)) < geo.batch * geo.blocks;) {
+  parallel_items(geo.batch * geo.blocks, at::get_num_threads(), [&](int64_t, const auto& claim) {
+    AlignedFloats dt(L * W), ut(L * W), yt(L * W), zt(z_s ? L * W : 0), A2(N * W), last_lanes(N * W);
+    for (int64_t index = claim(), next; index >= 0; index = next) {
+      next = claim();
+      RowPrefetcher prefetch;
+      if (next >= 0) {
+        const Item upcoming(geo, next);
+        for (const Seq* p : {&delta_s, &u_s, &z_s})
+          if (*p) prefetch.add(*p, upcoming.b, upcoming.d0, upcoming.rows, L);
+      }
       const Item it(geo, index);
-      const int64_t row0 = (it.b * geo.dim + it.d0) * L;  // first row of this block in (batch, dim, L)
-      rows_to_tile(delta_p + row0, L, it.rows, L, dt.data);
+      const int64_t row0 = (it.b * geo.dim + it.d0) * L;  // first row of this block in the output
+      load_tile(delta_s, it.b, it.d0, it.rows, L, dt.data);
       prepare_dt(dt.data, L, lanes_of(bias_p, it), delta_softplus, nullptr);
-      rows_to_tile(u_p + row0, L, it.rows, L, ut.data);
+      load_tile(u_s, it.b, it.d0, it.rows, L, ut.data);
       state_lanes(A_p, N, it, kLog2e, A2.data);
 
       const BlockScan scan{L, geo.chunk, static_cast<int>(N), Bt_p + (it.b * geo.groups + it.group) * L * N,
                            Ct_p + (it.b * geo.groups + it.group) * L * N, A2.data,
                            ckpt_p ? ckpt_p + (it.b * geo.n_chunks * geo.blocks + it.block) * N * W : nullptr,
-                           geo.blocks * N * W};
+                           geo.blocks * N * W, next >= 0 ? &prefetch : nullptr,
+                           prefetch.lines_per_step(L * 3 / 4)};  // all requested by 3/4 of the scan
       dispatch_state_size(N, [&](auto ns) { forward_block<decltype(ns)::value>(scan, dt.data, ut.data, yt.data, last_lanes.data); });
 
       // out = (y + D u) * silu(z), on the tile so the epilogue needs no ragged row ends.
       const V Dv = lanes_of(D_p, it);
-      if (z_p) rows_to_tile(z_p + row0, L, it.rows, L, zt.data);
+      if (z_s) load_tile(z_s, it.b, it.d0, it.rows, L, zt.data);
       for (int64_t t = 0; t < L; ++t) {
         V o = load(yt.data + t * W) + Dv * load(ut.data + t * W);
-        if (z_p) {
+        if (z_s) {
           const V zz = load(zt.data + t * W);
           o = o * zz * sigmoid_from(zz, expv(-vabs(zz)));
         }
@@ -584,8 +748,8 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
   TORCH_CHECK(ckpt.dim() == 5 && ckpt.size(0) == geo.batch && ckpt.size(1) == geo.n_chunks &&
                   ckpt.size(2) == geo.blocks && ckpt.size(3) == geo.N && ckpt.size(4) == W && ckpt.is_contiguous(),
               "meteor selective scan backward: checkpoints do not match the inputs (was chunk changed?)");
-  TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == at::kFloat && dout.is_contiguous(),
-              "meteor selective scan backward: dout must be a contiguous float32 tensor shaped like u");
+  TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == at::kFloat && sequence_layout_ok(dout),
+              "meteor selective scan backward: dout must be a float32 tensor shaped like u, time- or channel-contiguous");
   const float* dlast_p = data_or_null(dlast);
   if (dlast_p)
     TORCH_CHECK(dlast->dim() == 3 && dlast->size(0) == geo.batch && dlast->size(1) == geo.dim &&
@@ -597,10 +761,9 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
   const at::Tensor Bt = B.transpose(2, 3).contiguous();
   const at::Tensor Ct = C.transpose(2, 3).contiguous();
   const auto f32 = u.options();
-  at::Tensor du = at::empty_like(u), ddelta = at::empty_like(u);
-  at::Tensor dz = z.has_value() && z->defined() ? at::empty_like(u) : at::Tensor();
-  for (const at::Tensor& t : {du, ddelta, dz})
-    if (t.defined()) hint_huge_pages(t);
+  at::Tensor du = pooled_empty(u.sizes(), f32), ddelta = pooled_empty(u.sizes(), f32);
+  const bool has_z = z.has_value() && z->defined();
+  at::Tensor dz = has_z ? pooled_empty(u.sizes(), f32) : at::Tensor();
   // dB, dC sum over channels, which several workers handle at once: one buffer per worker.
   at::Tensor dBt_w = at::zeros({workers, geo.batch, geo.groups, L, N}, f32);
   at::Tensor dCt_w = at::zeros({workers, geo.batch, geo.groups, L, N}, f32);
@@ -609,29 +772,36 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
   at::Tensor dD_b = at::empty({geo.batch, geo.blocks, W}, f32);
   at::Tensor dbias_b = at::empty({geo.batch, geo.blocks, W}, f32);
 
-  const float *u_p = u.data_ptr<float>(), *delta_p = delta.data_ptr<float>(), *A_p = A.data_ptr<float>();
-  const float *Bt_p = Bt.data_ptr<float>(), *Ct_p = Ct.data_ptr<float>(), *dout_p = dout.data_ptr<float>();
-  const float *D_p = data_or_null(D), *z_p = data_or_null(z), *bias_p = data_or_null(delta_bias);
+  const Seq u_s(u), delta_s(delta), dout_s(dout), z_s = has_z ? Seq(*z) : Seq();
+  const float *A_p = A.data_ptr<float>(), *Bt_p = Bt.data_ptr<float>(), *Ct_p = Ct.data_ptr<float>();
+  const float *D_p = data_or_null(D), *bias_p = data_or_null(delta_bias);
   const float* ckpt_p = ckpt.data_ptr<float>();
-  float *du_p = du.data_ptr<float>(), *ddelta_p = ddelta.data_ptr<float>(), *dz_p = z_p ? dz.data_ptr<float>() : nullptr;
+  float *du_p = du.data_ptr<float>(), *ddelta_p = ddelta.data_ptr<float>(), *dz_p = has_z ? dz.data_ptr<float>() : nullptr;
   float *dBt_p = dBt_w.data_ptr<float>(), *dCt_p = dCt_w.data_ptr<float>();
   float *dA_p = dA_b.data_ptr<float>(), *dD_p = dD_b.data_ptr<float>(), *dbias_p = dbias_b.data_ptr<float>();
 
-  parallel_items(n_items, workers, [&](int64_t worker, std::atomic<int64_t>& next) {
-    AlignedFloats dt(L * W), ut(L * W), sig(delta_softplus ? L * W : 0), go(L * W), gz(z_p ? L * W : 0);
+  parallel_items(n_items, workers, [&](int64_t worker, const auto& claim) {
+    AlignedFloats dt(L * W), ut(L * W), sig(delta_softplus ? L * W : 0), go(L * W), gz(has_z ? L * W : 0);
     AlignedFloats decay(geo.chunk * N * W), states((geo.chunk + 1) * N * W);
     AlignedFloats A2(N * W), Ar(N * W), dlast_lanes(N * W);
-    for (int64_t index; (index = next.fetch_add(1)) < n_items;) {
+    for (int64_t index = claim(), next; index >= 0; index = next) {
+      next = claim();
+      RowPrefetcher prefetch;
+      if (next >= 0) {
+        const Item upcoming(geo, next);
+        for (const Seq* p : {&delta_s, &u_s, &dout_s, &z_s})
+          if (*p) prefetch.add(*p, upcoming.b, upcoming.d0, upcoming.rows, L);
+      }
       const Item it(geo, index);
       const int64_t row0 = (it.b * geo.dim + it.d0) * L;
-      rows_to_tile(delta_p + row0, L, it.rows, L, dt.data);
+      load_tile(delta_s, it.b, it.d0, it.rows, L, dt.data);
       prepare_dt(dt.data, L, lanes_of(bias_p, it), delta_softplus, delta_softplus ? sig.data : nullptr);
-      rows_to_tile(u_p + row0, L, it.rows, L, ut.data);
-      rows_to_tile(dout_p + row0, L, it.rows, L, go.data);
-      if (z_p) {
+      load_tile(u_s, it.b, it.d0, it.rows, L, ut.data);
+      load_tile(dout_s, it.b, it.d0, it.rows, L, go.data);
+      if (has_z) {
         // out = o * silu(z): dL/do = dout * silu(z) and dL/dz = dout * o * silu'(z); o is rebuilt in
         // the recompute, so keep dout * silu'(z) until then.
-        rows_to_tile(z_p + row0, L, it.rows, L, gz.data);
+        load_tile(z_s, it.b, it.d0, it.rows, L, gz.data);
         for (int64_t t = 0; t < L; ++t) {
           const V zz = load(gz.data + t * W), g = load(go.data + t * W);
           const V sz = sigmoid_from(zz, expv(-vabs(zz)));
@@ -649,10 +819,11 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
       const int64_t bg = (it.b * geo.groups + it.group) * L * N;  // this batch and group in (.., L, N)
       const BlockScan scan{L, geo.chunk, static_cast<int>(N), Bt_p + bg, Ct_p + bg, A2.data,
                            const_cast<float*>(ckpt_p) + (it.b * geo.n_chunks * geo.blocks + it.block) * N * W,
-                           geo.blocks * N * W};
+                           geo.blocks * N * W, next >= 0 ? &prefetch : nullptr,
+                           prefetch.lines_per_step(L * 3 / 2)};  // two passes over time in the backward
       float* worker_dB = dBt_p + worker * geo.batch * geo.groups * L * N;
       float* worker_dC = dCt_p + worker * geo.batch * geo.groups * L * N;
-      BlockGrads grads{Ar.data, lanes_of(D_p, it), go.data, dt.data, z_p ? gz.data : nullptr, decay.data,
+      BlockGrads grads{Ar.data, lanes_of(D_p, it), go.data, dt.data, has_z ? gz.data : nullptr, decay.data,
                        states.data, dA_p + (it.b * geo.blocks + it.block) * N * W, worker_dB + bg, worker_dC + bg,
                        dlast_p ? dlast_lanes.data : nullptr, V{}};
       dispatch_state_size(N, [&](auto ns) { backward_block<decltype(ns)::value>(scan, ut.data, grads); });
@@ -669,7 +840,7 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
       store(dD_p + (it.b * geo.blocks + it.block) * W, grads.dD);
       tile_to_rows(dt.data, it.rows, L, ddelta_p + row0, L);
       tile_to_rows(go.data, it.rows, L, du_p + row0, L);
-      if (z_p) tile_to_rows(gz.data, it.rows, L, dz_p + row0, L);
+      if (has_z) tile_to_rows(gz.data, it.rows, L, dz_p + row0, L);
     }
   });
 
@@ -701,5 +872,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("simd") = "generic-vector";
 #endif
   m.def("forward", &scan_forward, "selective scan forward: (out, last_state, checkpoints)");
+  m.def("release_cached_memory", [] { OutputPool::instance().release_all(); },
+        "free the idle output blocks kept for reuse");
   m.def("backward", &scan_backward, "selective scan backward: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)");
 }
