@@ -9,6 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 setup:
 	$(PYTHON) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install --quiet -e ".[test]"
+	$(PYTHON) -m pip install --quiet --no-deps "lmms-eval==0.7.3"
 
 demo: setup
 	$(PYTHON) -m meteor demo

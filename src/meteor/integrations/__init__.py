@@ -1,0 +1,1 @@
+"""Adapters that let other evaluation harnesses run LLaVA-Meteor models (``lmms_eval``: lmms-eval)."""

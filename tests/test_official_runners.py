@@ -1,0 +1,517 @@
+"""The twelve official-benchmark runners on tiny benchmarks written in their real file formats.
+
+The tiny model's answers are noise, so the end-to-end tests check the pipeline (files in, predictions
+JSONL, resume, scores.json, the files for official servers) and the scoring tests inject answers of
+known correctness.
+"""
+
+import base64
+import csv
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from meteor.evaluation import EvalConfig, read_jsonl
+from meteor.evaluation.official import (OFFICIAL_RUNNERS, BenchmarkFileError, MMVetRunner, OpenAIGrader,
+                                        build_runner)
+from meteor.evaluation.official.mmmu_open import eval_open, parse_open_response
+from meteor.evaluation.official.mmvet import GRADING_PROMPT, grading_prompt, read_grade
+from meteor.evaluation.official.summary import TABLE1_COLUMNS, collect_headlines, write_table1
+from meteor.tiny import tiny_model
+
+SHORT = "\nAnswer the question using a single word or phrase."
+LETTER = "\nAnswer with the option's letter from the given choices directly."
+
+
+# --- tiny benchmarks in their real formats ----------------------------------------------------------
+def _image(path: Path, shade: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (56 + 28 * (shade % 2), 56), (shade * 40 % 255, 90, 160)).save(path)
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _dump(path: Path, value) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+    return path
+
+
+def _llava(root: Path, texts, image_name=lambda i: f"img{i}.png", extra=lambda i: {}) -> Path:
+    for i in range(len(texts)):
+        _image(root / "images" / image_name(i), i)
+    return _jsonl(root / "questions.jsonl", [{"question_id": i, "image": image_name(i), "text": text, **extra(i)}
+                                             for i, text in enumerate(texts)])
+
+
+def make_textvqa(root):
+    questions = [f"what is written on sign {i}?\nReference OCR token: stop, go{SHORT}" for i in range(4)]
+    data = _llava(root, questions)
+    ann = _dump(root / "TextVQA_0.5.1_val.json", {"dataset_name": "textvqa", "data": [
+        {"image_id": f"img{i}", "question": f"What is written on sign {i}?", "answers": ["stop"] * 10}
+        for i in range(4)]})
+    return data, root / "images", ann
+
+
+def make_gqa(root):
+    data = _llava(root, [f"Is the shape {i} red?{SHORT}" for i in range(4)])
+    ann = _dump(root / "testdev_balanced_questions.json",
+                {str(i): {"answer": "yes" if i % 2 else "no", "imageId": f"img{i}"} for i in range(4)})
+    return data, root / "images", ann
+
+
+def make_vqav2(root):
+    data = _llava(root, [f"How many shapes are there in {i}?{SHORT}" for i in range(4)])
+    ann = _dump(root / "v2_mscoco_val2014_annotations.json", {"annotations": [
+        {"question_id": i, "answers": [{"answer": "2", "answer_id": k} for k in range(10)]} for i in range(4)]})
+    return data, root / "images", ann
+
+
+def make_vizwiz(root):
+    data = _llava(root, [f"What is this {i}?\nWhen the provided information is insufficient, respond with "
+                         f"'Unanswerable'.{SHORT}" for i in range(4)],
+                  image_name=lambda i: f"VizWiz_val_{i:08d}.jpg")
+    ann = _dump(root / "val.json", [{"image": f"VizWiz_val_{i:08d}.jpg", "question": "What is this?",
+                                     "answers": [{"answer": "unanswerable", "answer_confidence": "yes"}] * 10,
+                                     "answerable": 0} for i in range(4)])
+    return data, root / "images", ann
+
+
+def make_pope(root):
+    categories = ["adversarial", "adversarial", "random", "random"]
+    data = _llava(root, [f"Is there a cat in the image?{SHORT}"] * 4, extra=lambda i: {"category": categories[i]})
+    labels = root / "pope_labels"
+    labels.mkdir()
+    for category, ids, answers in (("adversarial", (0, 1), ("yes", "no")), ("random", (2, 3), ("no", "yes"))):
+        _jsonl(labels / f"coco_pope_{category}.json",
+               [{"question_id": k + 1, "image": f"img{i}.png", "text": "Is there a cat in the image?", "label": a}
+                for k, (i, a) in enumerate(zip(ids, answers))])
+    return data, root / "images", labels
+
+
+def make_seed(root):
+    options = "\nA. red\nB. blue\nC. green\nD. grey"
+    data = _llava(root, [f"What colour is the square?{options}{LETTER}"] * 4,
+                  extra=lambda i: {"question_id": f"{100 + i}", "category": "Instance Attributes"})
+    ann = _dump(root / "SEED-Bench.json", {"question_type": {"Instance Attributes": 2}, "questions": [
+        {"question_id": f"{100 + i}", "answer": "ABCD"[i], "question_type_id": 2, "data_type": "image",
+         "data_id": f"img{i}.png"} for i in range(4)] + [
+        {"question_id": "9000", "answer": "A", "question_type_id": 10, "data_type": "video", "data_id": "v.mp4"}]})
+    return data, root / "images", ann
+
+
+def make_mmvet(root):
+    data = _llava(root, [f"Describe shape {i}." for i in range(3)])
+    ann = _dump(root / "mm-vet.json", {f"v1_{i}": {"imagename": f"img{i}.png", "question": f"Describe shape {i}.",
+                                                   "answer": "a square<OR>a box", "capability": ["rec", "spat"][:1 + i % 2]}
+                                       for i in range(3)})
+    return data, root / "images", ann
+
+
+def _b64_png(shade: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (56, 56), (shade, 80, 80)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def make_mmbench(root):
+    path = root / "mmbench_dev_20230712.tsv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source",
+                         "l2-category", "comment", "split"])
+        writer.writerow([7, "What colour is the square?", "nan", "red", "blue", "green", "grey", "B",
+                         "attribute_recognition", _b64_png(40), "s", "l2", "nan", "dev"])
+        writer.writerow([9, "Which shape is it?", "The image shows one shape.", "square", "circle", "", "", "A",
+                         "shape", _b64_png(200), "s", "l2", "nan", "dev"])
+    return path, None, None
+
+
+def make_mmmu(root):
+    for i in range(3):
+        _image(root / "images" / f"validation_Art_{i + 1}_1.png", i)
+    records = [
+        {"id": "validation_Art_1", "question": "<image 1> Which colour dominates?", "options": "['red', 'blue']",
+         "answer": "B", "question_type": "multiple-choice", "image_1": "validation_Art_1_1.png"},
+        {"id": "validation_Art_2", "question": "<image 1> How many shapes?", "options": "[]", "answer": "2",
+         "question_type": "open", "image_1": "validation_Art_2_1.png"},
+        {"id": "validation_Art_Theory_3", "question": "<image 1> Which style?",
+         "options": ["cubism", "baroque", "gothic"], "answer": "A", "question_type": "multiple-choice",
+         "image_1": "validation_Art_3_1.png"}]
+    folder = root / "mmmu"
+    folder.mkdir()
+    _jsonl(folder / "Art.jsonl", records[:2])
+    _jsonl(folder / "Art_Theory.jsonl", records[2:])
+    return folder, root / "images", None
+
+
+def make_docvqa(root, image_field="image", name="val_v1.0.json"):
+    for i in range(3):
+        _image(root / "images" / "documents" / f"doc{i}.png", i)
+    data = _dump(root / name, {"dataset_name": "docvqa", "dataset_split": "val", "data": [
+        {"questionId": 50 + i, "question": f"What is the title of page {i}?", image_field: f"documents/doc{i}.png",
+         "docId": i, "answers": ["annual report", "the annual report"]} for i in range(3)]})
+    return data, root / "images", None
+
+
+def make_infovqa(root):
+    return make_docvqa(root, "image_local_name", "infographicsVQA_val_v1.0_withQT.json")
+
+
+def make_chartqa(root):
+    test = root / "test"
+    for split, n in (("human", 2), ("augmented", 2)):
+        names = [f"{split}{i}.png" for i in range(n)]
+        for i, name in enumerate(names):
+            _image(test / "png" / name, i)
+        _dump(test / f"test_{split}.json", [{"imgname": name, "query": f"What is the value of bar {i}?",
+                                            "label": "45"} for i, name in enumerate(names)])
+    return test, test, None
+
+
+MAKERS = {"textvqa": make_textvqa, "docvqa": make_docvqa, "chartqa": make_chartqa, "infovqa": make_infovqa,
+          "gqa": make_gqa, "vqav2": make_vqav2, "vizwiz": make_vizwiz, "mmbench": make_mmbench, "mmvet": make_mmvet,
+          "mmmu": make_mmmu, "pope": make_pope, "seed": make_seed}
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(seed=0)
+
+
+def _stable(scores):
+    return {k: v for k, v in scores.items() if k not in ("seconds", "answered_now", "files")}
+
+
+# --- end to end ------------------------------------------------------------------------------------
+def test_every_benchmark_has_a_runner_and_a_table1_column():
+    assert list(OFFICIAL_RUNNERS) == [benchmark for _, benchmark in TABLE1_COLUMNS]
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_runner_end_to_end_and_an_interrupted_run_resumes_to_the_same_scores(name, tiny, tmp_path):
+    benchmark = name   # (a parameter called "benchmark" would clash with pytest-benchmark's fixture)
+    model, processor = tiny
+    data, images, annotations = MAKERS[benchmark](tmp_path)
+    config = EvalConfig(batch_size=2, max_new_tokens=3)
+
+    whole = build_runner(benchmark, config, annotations).run(model, processor, data, images, tmp_path / "whole")
+
+    interrupted = build_runner(benchmark, config, annotations)
+    real_generate, calls = interrupted._generate, []
+
+    def stop_at_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SimulatedCrash("the machine went down")
+        return real_generate(*args)
+
+    interrupted._generate = stop_at_second_batch
+    with pytest.raises(SimulatedCrash):
+        interrupted.run(model, processor, data, images, tmp_path / "resumed")
+    assert len(read_jsonl(tmp_path / "resumed" / "predictions.jsonl")) == 2   # the first batch was kept
+    resumed = build_runner(benchmark, config, annotations).run(model, processor, data, images, tmp_path / "resumed")
+
+    assert resumed["answered_now"] == whole["questions"] - 2
+    assert _stable(resumed) == _stable(whole)
+    rows = read_jsonl(tmp_path / "whole" / "predictions.jsonl")
+    assert len(rows) == whole["questions"] and all(isinstance(r["prediction"], str) for r in rows)
+    assert all(r["benchmark"] == benchmark for r in rows)
+    assert json.loads((tmp_path / "whole" / "scores.json").read_text())["benchmark"] == benchmark
+    assert "headline" in whole
+    for path in whole.get("files", {}).values():
+        assert Path(path).is_file()
+
+
+def test_files_for_the_official_servers_and_evaluators(tiny, tmp_path):
+    model, processor = tiny
+    config = EvalConfig(batch_size=4, max_new_tokens=3)
+    data, images, _ = make_vqav2(tmp_path / "vqav2")
+    scores = build_runner("vqav2", config).run(model, processor, data, images, tmp_path / "out_vqav2")
+    assert scores["headline"] is None and "EvalAI" in scores["status"]
+    upload = json.loads((tmp_path / "out_vqav2" / "vqav2_submission.json").read_text())
+    assert [row["question_id"] for row in upload] == [0, 1, 2, 3] and set(upload[0]) == {"question_id", "answer"}
+    test2015 = _jsonl(tmp_path / "llava_vqav2_mscoco_test2015.jsonl",
+                      [{"question_id": i, "image": f"img{i}.png", "text": "?"} for i in range(6)])
+    scores = build_runner("vqav2", config, test2015).run(model, processor, data, images, tmp_path / "out_vqav2")
+    assert scores["headline"] is None and scores["answered_now"] == 0
+    upload = json.loads((tmp_path / "out_vqav2" / "vqav2_submission.json").read_text())
+    assert [row["question_id"] for row in upload] == list(range(6)) and upload[5]["answer"] == ""
+
+    data, images, _ = make_mmvet(tmp_path / "mmvet")
+    scores = build_runner("mmvet", config).run(model, processor, data, images, tmp_path / "out_mmvet")
+    assert scores["status"] == "needs grading"
+    results = json.loads((tmp_path / "out_mmvet" / "mmvet_results.json").read_text())
+    assert sorted(results) == ["v1_0", "v1_1", "v1_2"] and all(isinstance(v, str) for v in results.values())
+
+
+# --- scoring with answers of known correctness ---------------------------------------------------------
+def _rows(benchmark, root, predictions, annotations_too=True):
+    data, _, annotations = MAKERS[benchmark](root)
+    runner = build_runner(benchmark, EvalConfig(), annotations if annotations_too else None)
+    questions = runner.load_questions(data)
+    rows = [{**{k: v for k, v in q.items() if k != "meta"}, "prediction": p} for q, p in zip(questions, predictions)]
+    return runner, rows
+
+
+@pytest.mark.parametrize("name, predictions, headline", [
+    ("textvqa", ["Stop.", "stop", "go", "STOP"], 75.0),
+    ("gqa", ["no", "Yes.", "yes", "yes"], 75.0),
+    ("vqav2", ["two", "2", "3", "2."], 75.0),
+    ("vizwiz", ["Unanswerable", "unanswerable", "cat", "Unanswerable."], 75.0),
+    ("seed", ["A", "B", "C", "A"], 75.0),
+    ("docvqa", ["Annual report", "annual reprt", "nothing"], 100 * (1 + (1 - 1 / 13)) / 3),
+    ("infovqa", ["annual report", "x", "x"], 100 / 3),
+    ("chartqa", ["44", "50", "45", "0.45"], 50.0),          # human: 1/2, augmented: 1/2
+])
+def test_scores_of_known_answers(name, predictions, headline, tmp_path):
+    runner, rows = _rows(name, tmp_path, predictions)
+    assert runner.score(rows)["headline"] == pytest.approx(headline, abs=0.01)
+
+
+def test_textvqa_accepts_llavas_image_ids_repeated_as_question_ids(tmp_path):
+    _, images, annotations = make_textvqa(tmp_path)
+    data = _jsonl(tmp_path / "llava_textvqa_val_v051_ocr.jsonl", [
+        {"question_id": "img0", "image": "img0.png", "text": f"what is written on sign 0?{SHORT}"},
+        {"question_id": "img0", "image": "img0.png", "text": f"what is written on sign 1?{SHORT}"},
+        {"question_id": "img2", "image": "img2.png", "text": f"what is written on sign 2?{SHORT}"}])
+    runner = build_runner("textvqa", EvalConfig(), annotations)
+    questions = runner.load_questions(data)
+    assert [q["question_id"] for q in questions] == ["img0#0", "img0#1", "img2"]
+
+
+def test_pope_scores_per_category_and_mean_f1(tmp_path):
+    # labels: adversarial yes, no; random no, yes
+    runner, rows = _rows("pope", tmp_path, ["Yes, there is.", "No.", "yes", "Yes"])
+    scores = runner.score(rows)
+    assert scores["categories"]["adversarial"]["f1"] == 1.0
+    assert scores["categories"]["random"]["accuracy"] == 0.5 and scores["categories"]["random"]["f1"] == pytest.approx(2 / 3)
+    assert scores["headline"] == pytest.approx(100 * (1 + 2 / 3) / 2, abs=0.01)
+
+
+def test_mmbench_circular_evaluation_counts_a_question_only_if_every_rotation_is_right(tmp_path):
+    data, _, _ = make_mmbench(tmp_path)
+    runner = build_runner("mmbench")
+    questions = runner.load_questions(data)
+    assert [q["question_id"] for q in questions] == [7, 1_000_007, 2_000_007, 3_000_007, 9, 1_000_009]
+    assert questions[0]["question"].endswith("\nA. red\nB. blue\nC. green\nD. grey")
+    assert questions[1]["options"]["A"] == "blue" and questions[1]["answer"] == "A"   # rotated with its text
+    assert questions[4]["question"].startswith("The image shows one shape.\nWhich shape is it?")
+    assert runner.prompt(questions[0]).endswith(LETTER)
+    right = [f"{q['answer']}." for q in questions]
+    rows = [{**{k: v for k, v in q.items() if k != "meta"}, "prediction": p} for q, p in zip(questions, right)]
+    assert runner.score(rows)["headline"] == 100.0
+    rows[2]["prediction"] = "A"                     # one rotation of question 7 wrong: 7 fails, 9 holds
+    scores = runner.score(rows)
+    assert scores["headline"] == 50.0 and scores["vanilla_accuracy"] == 1.0
+    assert scores["categories"] == {"attribute_recognition": 0.0, "shape": 1.0}
+
+
+def test_mmbench_tsv_with_circular_copies_is_not_rotated_again(tmp_path):
+    path = tmp_path / "circular.tsv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["index", "question", "A", "B", "answer", "image"])
+        writer.writerow([3, "Q?", "x", "y", "A", _b64_png(1)])
+        writer.writerow([1_000_003, "Q?", "y", "x", "B", _b64_png(1)])
+    questions = build_runner("mmbench").load_questions(path)
+    assert [(q["question_id"], q["group"]) for q in questions] == [(3, 3), (1_000_003, 3)]
+
+
+def test_mmmu_prompts_and_scoring(tmp_path):
+    runner, rows = _rows("mmmu", tmp_path, ["(B) blue", "There are 2 shapes.", "C"])
+    assert rows[0]["question"] == ("<image 1> Which colour dominates?\n\n(A) red\n(B) blue\n\n\n"
+                                   "Answer with the option's letter from the given choices directly.")
+    assert rows[1]["question"].endswith("\n\nAnswer the question using a single word or phrase.")
+    assert [r["subject"] for r in rows] == ["Art", "Art", "Art_Theory"]
+    scores = runner.score(rows)
+    assert scores["headline"] == pytest.approx(200 / 3, abs=0.01)
+    assert scores["subjects"]["Art"]["accuracy"] == 1.0 and scores["subjects"]["Art_Theory"]["accuracy"] == 0.0
+
+
+def test_mmmu_open_answer_parsing_follows_the_official_rules():
+    assert eval_open("2", parse_open_response("The answer is 2.0"))
+    assert eval_open("1,000", parse_open_response("so the total is 1000 dollars"))
+    assert eval_open(["cat", "kitten"], parse_open_response("I think it is a kitten"))
+    assert not eval_open("3", parse_open_response("It is 2."))
+    assert not eval_open("a", parse_open_response("banana"))   # one letter must stand at a word edge
+
+
+def test_mmvet_grading_with_a_pluggable_grader_and_the_official_prompt(tmp_path):
+    data, _, annotations = make_mmvet(tmp_path)
+    prompts = []
+
+    def grader(prompt, temperature):
+        prompts.append((prompt, temperature))
+        return "oops" if len(prompts) == 1 else "0.5"    # the first reply is unreadable: retried
+
+    runner = MMVetRunner(EvalConfig(), annotations, grader)
+    questions = runner.load_questions(data)
+    rows = [{**{k: v for k, v in q.items() if k != "meta"}, "prediction": "a square"} for q in questions]
+    scores = runner.score(rows)
+    assert scores["headline"] == 50.0 and scores["capabilities"] == {"rec": 50.0, "spat": 50.0}
+    assert [t for _, t in prompts[:2]] == [0.0, 0.2]
+    assert prompts[0][0] == GRADING_PROMPT + "\nDescribe shape 0. | a square <OR> a box | a square | "
+    assert read_grade("0.7 because") == 0.7 and read_grade("1.5") is None and read_grade("n/a") is None
+
+
+def test_openai_grader_calls_a_chat_completions_endpoint(monkeypatch):
+    seen = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen["path"], seen["auth"] = self.path, self.headers["Authorization"]
+            seen["body"] = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": "0.8"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("MY_GRADER_KEY", "secret")
+        grader = OpenAIGrader(f"http://127.0.0.1:{server.server_port}/v1", "judge-1", "MY_GRADER_KEY")
+        assert grader(grading_prompt("Q?", "A", "A"), 0.0) == "0.8"
+    finally:
+        server.shutdown()
+    assert seen["path"] == "/v1/chat/completions" and seen["auth"] == "Bearer secret"
+    assert seen["body"]["model"] == "judge-1" and seen["body"]["messages"][0]["role"] == "user"
+    monkeypatch.delenv("MY_GRADER_KEY")
+    with pytest.raises(RuntimeError, match="MY_GRADER_KEY"):
+        grader("p", 0.0)
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+def test_a_missing_image_names_the_line_and_keeps_earlier_predictions(tiny, tmp_path):
+    model, processor = tiny
+    data, images, annotations = make_gqa(tmp_path)
+    config = EvalConfig(batch_size=2, max_new_tokens=2)
+    runner = build_runner("gqa", config, annotations)
+    runner.run(model, processor, data, images, tmp_path / "out")
+    before = (tmp_path / "out" / "predictions.jsonl").read_text()
+    lines = data.read_text().splitlines()
+    lines.append(json.dumps({"question_id": 99, "image": "gone.png", "text": "Is it?"}))
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"questions\.jsonl:5: the image of question 99 is missing"):
+        build_runner("gqa", config, annotations).run(model, processor, data, images, tmp_path / "out")
+    assert (tmp_path / "out" / "predictions.jsonl").read_text() == before
+
+
+def test_an_unreadable_image_mid_run_names_its_line_and_keeps_the_finished_batches(tiny, tmp_path):
+    model, processor = tiny
+    data, images, annotations = make_gqa(tmp_path)
+    (images / "img3.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"questions\.jsonl:4: question 3: "):
+        build_runner("gqa", EvalConfig(batch_size=2, max_new_tokens=2), annotations).run(
+            model, processor, data, images, tmp_path / "out")
+    assert [row["question_id"] for row in read_jsonl(tmp_path / "out" / "predictions.jsonl")] == [0, 1]
+
+
+def test_mmmu_reads_the_hugging_face_parquet_files(tmp_path):
+    parquet = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (56, 56), (9, 9, 9)).save(buffer, format="PNG")
+    table = pyarrow.Table.from_pylist([{
+        "id": "validation_Music_1", "question": "<image 1> Which clef?", "options": "['treble', 'bass']",
+        "answer": "A", "question_type": "multiple-choice", "image_1": {"bytes": buffer.getvalue(), "path": None}}])
+    parquet.write_table(table, tmp_path / "validation-00000-of-00001.parquet")
+    (question,) = build_runner("mmmu").load_questions(tmp_path)
+    assert question["image"] is None and question["meta"]["image_bytes"] == buffer.getvalue()
+    assert question["options"] == {"A": "treble", "B": "bass"} and question["subject"] == "Music"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("", "questions.jsonl:2: empty line"),
+    ("{not json", "questions.jsonl:2: not valid JSON"),
+    ('["a list"]', "questions.jsonl:2: a JSON list, not an object"),
+    ('{"question_id": 5, "image": "a.png"}', r"questions.jsonl:2: lacks \['text'\]"),
+])
+def test_bad_question_lines_name_the_file_and_line(line, message, tmp_path):
+    data, _, _ = make_gqa(tmp_path)
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[0], line, *lines[1:]]) + "\n")
+    with pytest.raises(BenchmarkFileError, match=message):
+        build_runner("gqa").load_questions(data)
+
+
+def test_an_annotation_file_of_another_benchmark_is_refused(tiny, tmp_path):
+    model, processor = tiny
+    data, images, _ = make_textvqa(tmp_path / "textvqa")
+    _, _, gqa_annotations = make_gqa(tmp_path / "gqa")
+    with pytest.raises(BenchmarkFileError, match='holds no "data" list'):
+        build_runner("textvqa", EvalConfig(), gqa_annotations).run(model, processor, data, images, tmp_path / "o")
+    _, _, vqav2_annotations = make_vqav2(tmp_path / "vqav2")
+    with pytest.raises(BenchmarkFileError, match="is not testdev_balanced_questions.json"):
+        build_runner("gqa", EvalConfig(), vqav2_annotations).annotation_data()
+
+
+def test_a_predictions_folder_of_another_benchmark_is_refused(tiny, tmp_path):
+    model, processor = tiny
+    config = EvalConfig(batch_size=4, max_new_tokens=2)
+    data, images, annotations = make_gqa(tmp_path / "gqa")
+    build_runner("gqa", config, annotations).run(model, processor, data, images, tmp_path / "out")
+    before = (tmp_path / "out" / "predictions.jsonl").read_text()
+    data, images, annotations = make_vqav2(tmp_path / "vqav2")
+    with pytest.raises(BenchmarkFileError, match=r"predictions.jsonl:1: this prediction is for benchmark 'gqa'"):
+        build_runner("vqav2", config, annotations).run(model, processor, data, images, tmp_path / "out")
+    assert (tmp_path / "out" / "predictions.jsonl").read_text() == before
+
+
+def test_pope_labels_that_do_not_match_the_questions_are_refused(tmp_path):
+    runner, rows = _rows("pope", tmp_path, ["yes"] * 4)
+    rows[0]["image"] = "other.png"
+    with pytest.raises(BenchmarkFileError, match=r"coco_pope_adversarial.json:1: labels image 'img0.png'"):
+        runner.score(rows)
+
+
+def test_answers_unknown_to_the_annotations_name_the_question(tmp_path):
+    runner, rows = _rows("seed", tmp_path, ["A"] * 4)
+    rows[0]["question_id"] = "424242"
+    with pytest.raises(BenchmarkFileError, match="424242"):
+        runner.score(rows)
+
+
+# --- Table 1 -----------------------------------------------------------------------------------------------
+def test_table1_layout_from_several_scores_files(tmp_path):
+    def scores(run, benchmark, headline):
+        folder = tmp_path / run / benchmark
+        folder.mkdir(parents=True)
+        (folder / "scores.json").write_text(json.dumps({"benchmark": benchmark, "headline": headline}))
+
+    for benchmark in OFFICIAL_RUNNERS:
+        scores("full", benchmark, 50.0)
+    scores("part", "gqa", 60.0)
+    scores("part", "mmvet", None)        # needs grading
+    scores("part", "world", 99.0)        # not a Table-1 column
+    text = write_table1({"Meteor-full": [tmp_path / "full"], "Meteor-part": [tmp_path / "part"]},
+                        tmp_path / "table1.md")
+    lines = text.splitlines()
+    assert lines[0] == ("| Model | VQAT | VQAD | QAC | VQAI | GQA | VQAv2 | VizWiz | MMB | MMVet | MMMU | POPE "
+                        "| SEED | Avg |")
+    assert lines[2] == "| Meteor-full | " + " | ".join(["50.0"] * 12) + " | 50.0 |"
+    assert lines[3] == "| Meteor-part | – | – | – | – | 60.0 | – | – | – | – | – | – | – | 60.0* |"
+    assert (tmp_path / "table1.md").read_text() == text
+    scores("dup", "gqa", 1.0)
+    with pytest.raises(ValueError, match="scored twice"):
+        collect_headlines([tmp_path / "part", tmp_path / "dup"])
