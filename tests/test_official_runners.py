@@ -427,8 +427,8 @@ def test_an_unreadable_image_mid_run_names_its_line_and_keeps_the_finished_batch
 
 
 def test_mmmu_reads_the_hugging_face_parquet_files(tmp_path):
-    parquet = pytest.importorskip("pyarrow.parquet")
     import pyarrow
+    import pyarrow.parquet as parquet
 
     buffer = io.BytesIO()
     Image.new("RGB", (56, 56), (9, 9, 9)).save(buffer, format="PNG")

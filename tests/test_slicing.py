@@ -136,7 +136,7 @@ def test_impossible_options_are_refused_by_name(kwargs, words):
 
 
 def test_property_random_sizes():
-    hypothesis = pytest.importorskip("hypothesis")
+    import hypothesis
     st = hypothesis.strategies
 
     @hypothesis.settings(max_examples=300, deadline=None)
