@@ -4,8 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 
 def _meteor(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "meteor", *args], capture_output=True, text=True,
@@ -25,12 +23,25 @@ def test_params_refuses_impossible_widths_clearly():
     assert done.returncode == 2 and "vision_width must be positive" in done.stderr
 
 
-@pytest.mark.slow
-def test_demo_runs_end_to_end_in_a_clean_folder(tmp_path):
-    done = _meteor("demo", "--out", "out", cwd=tmp_path)
+def test_demo_help_lists_its_options():
+    done = _meteor("demo", "--help")
+    assert done.returncode == 0 and all(flag in done.stdout for flag in ("--quick", "--out", "--force"))
+
+
+def test_data_synth_then_eval_reach_each_stage_alone(tmp_path):
+    import torch
+
+    from meteor.tiny import tiny_model
+
+    done = _meteor("data", "synth", "--out", "world", "--train-images", "2", "--test-images", "2",
+                   "--base-size", "56", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "world" / "test.jsonl").is_file() and "wrote world" in done.stdout
+    torch.manual_seed(0)
+    model, processor = tiny_model()
+    model.save_pretrained(tmp_path / "model", processor)
+    done = _meteor("eval", "--benchmark", "world", "--model", "model", "--data", "world/test.jsonl",
+                   "--image-folder", "world/images", "--out", "eval", "--limit", "3", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["num_slices"] == 6 and summary["grid"] == [3, 2]
-    assert summary["kept_tokens"] == 4 * 7 and summary["reload_identical"] is True
-    assert (tmp_path / "out" / "model" / "compressor.safetensors").is_file()
-    assert "[5/5]" in done.stdout
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert scores["questions"] == 3 and "all" in scores["accuracy"]

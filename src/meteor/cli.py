@@ -35,7 +35,36 @@ def _params(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out=args.out, seed=args.seed)
+    run_demo(out=args.out, seed=args.seed, quick=args.quick, force=args.force)
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .world import WorldConfig, generate_world
+
+    config = WorldConfig(seed=args.seed, n_train_images=args.train_images, n_test_images=args.test_images,
+                         base_size=args.base_size, max_slices=args.max_slices,
+                         questions_per_image=args.questions_per_image)
+    world = generate_world(args.out, config, overwrite=args.overwrite)
+    print(f"{'reused' if world.reused else 'wrote'} world in {world.out_dir}: {world.counts}")
+    print(f"stage 1: {world.stage1_path}\nstage 2: {world.stage2_path}\ntest: {world.test_path}\n"
+          f"images: {world.image_folder}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluation import EvalConfig, evaluate
+
+    config = EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit)
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r{done}/{total} questions", end="", file=sys.stderr, flush=True)
+
+    scores = evaluate(args.benchmark, args.model, args.data, args.image_folder, args.out, config, progress)
+    print(file=sys.stderr)
+    print(json.dumps(scores, indent=2))
     return 0
 
 
@@ -57,10 +86,37 @@ def _parser() -> argparse.ArgumentParser:
                                      "of visual tokens for LLaVA-style vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="run the whole pipeline on the embedded tiny default")
-    demo.add_argument("--out", default="meteor-demo", help="folder for the demo's outputs")
+    demo = commands.add_parser("demo", help="train and evaluate LLaVA-Meteor end to end in the synthetic world",
+                               description="Generate the world, train a tiny CLIP and a tiny LLaMA, run stage 1 "
+                               "and stage 2 per token budget, evaluate, write OUT/report/report.md.")
+    demo.add_argument("--out", default="meteor-demo", help="folder for the demo's outputs (reused when re-run)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="a smaller version that takes about a minute")
+    demo.add_argument("--force", action="store_true", help="rebuild every step instead of reusing OUT")
     demo.set_defaults(run=_demo)
+
+    data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="generate the synthetic visual-instruction world")
+    synth.add_argument("--out", required=True, help="world folder (new, empty, or the same world to reuse)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--train-images", type=int, default=1000)
+    synth.add_argument("--test-images", type=int, default=200)
+    synth.add_argument("--base-size", type=int, default=112, help="vision tower input side in pixels")
+    synth.add_argument("--max-slices", type=int, default=6)
+    synth.add_argument("--questions-per-image", type=int, default=4)
+    synth.add_argument("--overwrite", action="store_true", help="replace a different world in --out")
+    synth.set_defaults(run=_synth)
+
+    evaluate = commands.add_parser("eval", help="answer a benchmark's questions and score them (resumable)")
+    evaluate.add_argument("--benchmark", default="world", choices=["world"])
+    evaluate.add_argument("--model", required=True, help="a LLaVA-Meteor folder (save_pretrained)")
+    evaluate.add_argument("--data", required=True, help="the questions (world: test.jsonl)")
+    evaluate.add_argument("--image-folder", default=None, help="folder the questions' image paths are relative to")
+    evaluate.add_argument("--out", default="eval", help="folder for predictions.jsonl and scores.json")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-new-tokens", type=int, default=8)
+    evaluate.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    evaluate.set_defaults(run=_eval)
 
     from .train.args import add_arguments
 

@@ -1,0 +1,78 @@
+"""What `meteor demo` builds, in one place: the full demo (≤ 15 min on 2 CPU cores) and `--quick`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..clip_pretrain import ClipPretrainConfig
+from ..world import WorldConfig
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One training stage as the demo runs it through ``meteor.train.train``."""
+
+    epochs: float
+    global_batch_size: int
+    learning_rate: float
+    per_device_batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    world: WorldConfig
+    """The synthetic world (seeded): 112-px views, an 8×8 patch grid per view, up to 6 slices."""
+    clip: ClipPretrainConfig
+    """The tiny CLIP trained contrastively on the world's captions."""
+    vocab_size: int = 1024
+    """Byte-level BPE vocabulary trained on the world's texts."""
+    llama: dict[str, int] = field(default_factory=lambda: dict(
+        hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2))
+    """Tiny LlamaForCausalLM widths (random init: the LLM learns the world's language in stage 2)."""
+    budgets: tuple[int | None, ...] = (None, 16, 7, 3)
+    """Visual tokens kept per view, K, of the 64 patches: all, 25 %, 11 %, 4.7 % (the paper's
+    576 → 144 / 64 / 32 ratios). Each budget is its own training, stage 1 and stage 2, as in
+    the paper, which trains one model per K."""
+    stage1: StageRun = StageRun(epochs=1, global_batch_size=16, learning_rate=1e-3)
+    """The paper's stage-1 recipe (lr 1e-3, 1 epoch) with a smaller global batch for enough steps."""
+    stage2: StageRun = StageRun(epochs=3, global_batch_size=16, learning_rate=2e-3)
+    """Stage 2 trains a randomly initialised tiny LLM, so it needs a much higher learning rate and
+    a few epochs; the paper's 2e-5 fine-tunes a pretrained Vicuna."""
+    compressor: dict[str, Any] = field(default_factory=lambda: dict(d_state=8, expand=2))
+    """Compressor options besides K (Mamba state and expansion kept small)."""
+    eval_batch_size: int = 32
+    figure_images: int = 3
+    """Test images drawn with the tokens each expert kept (the paper's Figure 4)."""
+    threads: int = 1
+    """torch threads. On a shared 2-core machine one thread was 5-50× faster than two for these
+    tiny matrices (thread contention dominates); raise it on a quiet machine."""
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["world"] = self.world.to_dict()
+        return data
+
+
+def full_config(seed: int = 0) -> DemoConfig:
+    return DemoConfig(
+        world=WorldConfig(seed=seed, n_train_images=1000, n_test_images=150, base_size=112),
+        clip=ClipPretrainConfig(image_size=112, epochs=12, seed=seed),
+        seed=seed)
+
+
+def quick_config(seed: int = 0) -> DemoConfig:
+    """About a minute: the same pipeline on a world of 96 images, a few steps per stage."""
+    return DemoConfig(
+        world=WorldConfig(seed=seed, n_train_images=96, n_test_images=12, base_size=112),
+        clip=ClipPretrainConfig(image_size=112, epochs=2, seed=seed, vision_width=32, text_width=32,
+                                projection_dim=32),
+        vocab_size=512,
+        llama=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1),
+        stage1=StageRun(epochs=1, global_batch_size=48, learning_rate=1e-3),
+        stage2=StageRun(epochs=1, global_batch_size=48, learning_rate=1e-3),
+        figure_images=2, seed=seed)

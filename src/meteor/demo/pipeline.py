@@ -1,0 +1,176 @@
+"""The demo's steps, each cached in its own folder and keyed on the configuration that made it.
+
+A step's folder holds ``key.json`` (written last) with the exact configuration of the step and of
+everything it depends on; a re-run reuses the folder when the key matches and rebuilds it (after
+deleting it) when it does not, or when ``force`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..clip_pretrain import pretrain_clip
+from ..config import CompressorConfig, MeteorConfig
+from ..world import WorldManifest, generate_world, world_texts
+from .config import DemoConfig
+
+KEY_FILE = "key.json"
+
+
+class Step:
+    """A cached folder: ``done`` when its key matches; ``start`` clears it for a rebuild."""
+
+    def __init__(self, folder: Path, key: dict[str, Any], force: bool):
+        self.folder, self.key = folder, key
+        self.done = not force and _read_key(folder) == key
+
+    def start(self) -> None:
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+
+    def finish(self) -> None:
+        (self.folder / KEY_FILE).write_text(json.dumps(self.key, indent=2, sort_keys=True) + "\n")
+
+
+def _read_key(folder: Path) -> Any:
+    try:
+        return json.loads((folder / KEY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def budget_name(k: int | None) -> str:
+    return "all" if k is None else f"k{k}"
+
+
+class Pipeline:
+    """Runs the steps of ``meteor demo`` in ``out``; ``log`` receives progress lines."""
+
+    def __init__(self, out: Path, config: DemoConfig, force: bool, log: Callable[[str], None]):
+        self.out, self.config, self.force, self.log = out, config, force, log
+        self.timings: dict[str, float] = {}
+        self.reused: list[str] = []
+
+    def _timed(self, name: str, started: float) -> None:
+        self.timings[name] = round(time.perf_counter() - started, 1)
+
+    # --- 1. world -----------------------------------------------------------------------------------
+    def world(self) -> WorldManifest:
+        started = time.perf_counter()
+        folder = self.out / "world"
+        if self.force and folder.exists():
+            shutil.rmtree(folder)
+        world = generate_world(folder, self.config.world, overwrite=True)
+        if world.reused:
+            self.reused.append("world")
+        self._timed("world", started)
+        return world
+
+    # --- 2. tokenizer and the tiny LLaMA --------------------------------------------------------------
+    def base_language_model(self, world: WorldManifest) -> Path:
+        from transformers import LlamaForCausalLM
+
+        from ..tiny import tiny_llama_config, tiny_tokenizer
+
+        step = Step(self.out / "language_model", {"world": world.config.to_dict(), "vocab": self.config.vocab_size,
+                                                 "llama": self.config.llama, "seed": self.config.seed}, self.force)
+        if step.done:
+            self.reused.append("language_model")
+            return step.folder
+        started = time.perf_counter()
+        step.start()
+        tokenizer = tiny_tokenizer(world_texts(world), self.config.vocab_size)
+        torch.manual_seed(self.config.seed)
+        model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), **self.config.llama))
+        model.save_pretrained(step.folder)
+        tokenizer.save_pretrained(step.folder)
+        step.finish()
+        self._timed("language_model", started)
+        return step.folder
+
+    # --- 3. tiny CLIP ---------------------------------------------------------------------------------------
+    def clip(self, world: WorldManifest, language_model: Path) -> Path:
+        from transformers import AutoTokenizer
+
+        step = Step(self.out / "clip", {"world": world.config.to_dict(), "vocab": self.config.vocab_size,
+                                        "clip": asdict(self.config.clip)}, self.force)
+        if step.done:
+            self.reused.append("clip")
+            return step.folder
+        started = time.perf_counter()
+        step.start()
+        tokenizer = AutoTokenizer.from_pretrained(language_model)
+        records = json.loads(world.stage1_path.read_text())
+        summary = pretrain_clip(records, world.image_folder, tokenizer, step.folder, self.config.clip,
+                                progress=self.log)
+        self.log(f"    CLIP trained in {summary['seconds']} s: in-batch image→caption accuracy "
+                 f"{summary['final_batch_retrieval']:.2f} (chance {1 / self.config.clip.batch_size:.2f})")
+        step.finish()
+        self._timed("clip", started)
+        return step.folder
+
+    # --- 4. stage 1 and stage 2 per budget ----------------------------------------------------------------------
+    def train_budget(self, world: WorldManifest, clip: Path, language_model: Path, k: int | None) -> Path:
+        from ..train import TrainConfig, train
+
+        meteor_config = MeteorConfig(compressor=CompressorConfig(tokens_per_slice=k, **self.config.compressor),
+                                     max_slices=world.config.max_slices)
+        base_key = {"world": world.config.to_dict(), "clip": _read_key(clip),
+                    "language_model": _read_key(language_model), "meteor": meteor_config.to_dict()}
+        root = self.out / "runs" / budget_name(k)
+        stage1 = Step(root / "stage1", {**base_key, "stage1": asdict(self.config.stage1)}, self.force)
+        stage2 = Step(root / "stage2", {**stage1.key, "stage2": asdict(self.config.stage2)},
+                      self.force or not stage1.done)
+        for stage, step, run in ((1, stage1, self.config.stage1), (2, stage2, self.config.stage2)):
+            name = f"{budget_name(k)}/stage{stage}"
+            if step.done:
+                self.reused.append(name)
+                continue
+            started = time.perf_counter()
+            step.start()
+            config_file = step.folder / "meteor_config.json"
+            config_file.write_text(meteor_config.to_json() + "\n")
+            self.log(f"    stage {stage}, K={'all' if k is None else k}: training ...")
+            result = train(TrainConfig(
+                stage=stage, data=str(world.stage1_path if stage == 1 else world.stage2_path),
+                image_folder=str(world.image_folder), vision=str(clip), language_model=str(language_model),
+                meteor_config=str(config_file), compressor_from=str(stage1.folder) if stage == 2 else None,
+                output_dir=str(step.folder), epochs=run.epochs, global_batch_size=run.global_batch_size,
+                per_device_batch_size=run.per_device_batch_size, learning_rate=run.learning_rate,
+                save_every=10 ** 6, keep_checkpoints=1, seed=self.config.seed))
+            if result.interrupted:
+                raise RuntimeError(f"{name} was interrupted; re-run meteor demo to start it again")
+            self.log(f"    stage {stage}, K={'all' if k is None else k}: {result.steps_done} steps, "
+                     f"final loss {result.final_loss:.3f} ({time.perf_counter() - started:.0f} s)")
+            step.finish()
+            self._timed(name, started)
+        return stage2.folder / "model"
+
+    # --- 5. evaluation ------------------------------------------------------------------------------------------
+    def evaluate(self, world: WorldManifest, model_dir: Path, k: int | None) -> dict[str, Any]:
+        from ..evaluation import EvalConfig, WorldRunner
+        from ..modeling import LlavaMeteor
+
+        step = Step(self.out / "eval" / budget_name(k), {"model": _read_key(model_dir.parent),
+                                                         "batch": self.config.eval_batch_size}, self.force)
+        scores_file = step.folder / "scores.json"
+        if step.done and scores_file.is_file():
+            self.reused.append(f"eval/{budget_name(k)}")
+            return json.loads(scores_file.read_text())
+        started = time.perf_counter()
+        if _read_key(step.folder) != step.key or self.force:
+            step.start()          # predictions of another model: start over; same model: resume
+        model, processor = LlavaMeteor.from_pretrained(model_dir)
+        runner = WorldRunner(EvalConfig(batch_size=self.config.eval_batch_size))
+        (step.folder / KEY_FILE).write_text(json.dumps(step.key, indent=2, sort_keys=True) + "\n")
+        scores = runner.run(model, processor, world.test_path, world.image_folder, step.folder)
+        self._timed(f"eval/{budget_name(k)}", started)
+        return scores

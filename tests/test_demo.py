@@ -1,0 +1,63 @@
+"""`meteor demo --quick` through the real entry point, in a clean folder, then re-run to reuse it."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from meteor.demo import quick_config
+from meteor.demo.pipeline import Step
+from meteor.world import QUESTION_TYPES
+
+
+def _meteor(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "meteor", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_step_reuses_only_a_folder_with_the_same_key(tmp_path):
+    step = Step(tmp_path / "s", {"a": 1}, force=False)
+    assert not step.done
+    step.start()
+    (step.folder / "x").write_text("built")
+    step.finish()
+    assert Step(tmp_path / "s", {"a": 1}, force=False).done
+    assert not Step(tmp_path / "s", {"a": 2}, force=False).done
+    assert not Step(tmp_path / "s", {"a": 1}, force=True).done
+
+
+def test_quick_config_covers_the_four_budgets():
+    config = quick_config()
+    assert config.budgets == (None, 16, 7, 3)
+    assert config.world.base_size // config.world.patch_size == 8   # 64 patches per view
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_the_report_with_numbers_and_pictures(tmp_path):
+    done = _meteor("demo", "--quick", "--out", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = tmp_path / "out" / "report"
+    text = (report / "report.md").read_text()
+    for name in (*QUESTION_TYPES, "all"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        numbers = re.findall(r"\d\.\d{3}", row)
+        assert len(numbers) == 3 + 4, row           # chance, majority, blind prior + four budgets
+    results = json.loads((report / "results.json").read_text())
+    assert [b["k"] for b in results["budgets"]] == [None, 16, 7, 3]
+    for budget in results["budgets"]:
+        assert 0.0 <= budget["scores"]["accuracy"]["all"]["accuracy"] <= 1.0
+        assert budget["scores"]["questions"] == results["baselines"]["all"]["questions"]
+    pictures = ["accuracy_vs_tokens.png", "training_loss.png", *results["figures"]]
+    assert len(results["figures"]) >= 1
+    for name in pictures:
+        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"({name})" in text
+    assert "[9/9]" in done.stdout
+
+    again = _meteor("demo", "--quick", "--out", "out", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    reused = json.loads((report / "results.json").read_text())["reused"]
+    assert {"world", "clip", "language_model", "k16/stage2", "eval/k16"} <= set(reused)
+    assert "stage 1, K=16: training" not in again.stdout

@@ -1,0 +1,80 @@
+"""The evaluation runners: normalisation, per-type exact match, JSONL written as it goes, resume."""
+
+import json
+
+import pytest
+import torch
+
+from meteor.evaluation import EvalConfig, WorldRunner, normalize_answer, read_jsonl, world_exact_match
+from meteor.evaluation.base import PREDICTIONS_FILE
+from meteor.tiny import tiny_model
+from meteor.world import WorldConfig, generate_world
+
+
+def test_normalisation_is_light_and_symmetric():
+    assert normalize_answer("  Yes. ") == "yes"
+    assert normalize_answer("MAP") == normalize_answer("map")
+    assert world_exact_match("B.", "B") and world_exact_match("red  ", "Red")
+    assert not world_exact_match("two", "2") and not world_exact_match("B. red", "B")
+
+
+def test_score_gives_accuracy_per_question_type_and_overall():
+    rows = [{"question_id": "a", "question_type": "colour", "answer": "red", "prediction": "Red."},
+            {"question_id": "b", "question_type": "colour", "answer": "blue", "prediction": "red"},
+            {"question_id": "c", "question_type": "count", "answer": "3", "prediction": "3"}]
+    acc = WorldRunner().score(rows)["accuracy"]
+    assert acc["colour"] == {"accuracy": 0.5, "questions": 2}
+    assert acc["count"]["accuracy"] == 1.0 and acc["all"] == {"accuracy": 0.6667, "questions": 3}
+    assert list(acc) == ["colour", "count", "all"]
+
+
+def test_read_jsonl_ignores_a_line_cut_by_a_crash_but_not_a_corrupt_middle(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"question_id": "a"}\n{"question_id": "b"')
+    assert read_jsonl(path) == [{"question_id": "a"}]
+    path.write_text('{"question_id": "a"}\n{broken\n{"question_id": "c"}\n')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_jsonl(path)
+
+
+class CountingRunner(WorldRunner):
+    """Records how many questions were sent to the model."""
+
+    def __init__(self, config, stop_after=None):
+        super().__init__(config)
+        self.asked, self.stop_after = 0, stop_after
+
+    def answer(self, model, processor, questions, image_folder):
+        if self.stop_after is not None and self.asked >= self.stop_after:
+            raise KeyboardInterrupt
+        self.asked += len(questions)
+        return super().answer(model, processor, questions, image_folder)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return generate_world(tmp_path_factory.mktemp("world"),
+                          WorldConfig(seed=1, n_train_images=2, n_test_images=3, base_size=56))
+
+
+def test_runner_writes_predictions_and_resumes_without_redoing(world, tmp_path):
+    torch.manual_seed(0)
+    model, processor = tiny_model()
+    config = EvalConfig(batch_size=4, max_new_tokens=3)
+    interrupted = CountingRunner(config, stop_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run(model, processor, world.test_path, world.image_folder, tmp_path)
+    written = read_jsonl(tmp_path / PREDICTIONS_FILE)
+    assert len(written) == 4 and all("prediction" in row and "meta" not in row for row in written)
+    resumed = CountingRunner(config)
+    scores = resumed.run(model, processor, world.test_path, world.image_folder, tmp_path)
+    total = world.counts["test_questions"]
+    assert resumed.asked == total - 4 and scores["answered_now"] == total - 4
+    rows = read_jsonl(tmp_path / PREDICTIONS_FILE)
+    assert sorted(r["question_id"] for r in rows) == sorted(
+        json.loads(line)["question_id"] for line in world.test_path.read_text().splitlines())
+    assert scores["questions"] == total and 0.0 <= scores["accuracy"]["all"]["accuracy"] <= 1.0
+    again = CountingRunner(config)
+    assert again.run(model, processor, world.test_path, world.image_folder, tmp_path)["answered_now"] == 0
+    assert again.asked == 0
+    assert json.loads((tmp_path / "scores.json").read_text())["benchmark"] == "world"
