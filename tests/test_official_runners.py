@@ -515,3 +515,28 @@ def test_table1_layout_from_several_scores_files(tmp_path):
     scores("dup", "gqa", 1.0)
     with pytest.raises(ValueError, match="scored twice"):
         collect_headlines([tmp_path / "part", tmp_path / "dup"])
+
+
+@pytest.mark.slow
+def test_meteor_eval_and_table_through_the_real_entry_point(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    model, processor = tiny
+    model.save_pretrained(tmp_path / "model", processor)
+    data, images, annotations = make_pope(tmp_path / "pope")
+    command = [sys.executable, "-m", "meteor", "eval", "--benchmark", "pope", "--model", str(tmp_path / "model"),
+               "--data", str(data), "--annotations", str(annotations), "--image-folder", str(images),
+               "--out", str(tmp_path / "out"), "--max-new-tokens", "3"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scores = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert scores["benchmark"] == "pope" and scores["questions"] == len(read_jsonl(data))
+    table = subprocess.run([sys.executable, "-m", "meteor", "table", "--row", f"tiny={tmp_path / 'out'}",
+                            "--out", str(tmp_path / "table1.md")], capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr[-2000:]
+    text = (tmp_path / "table1.md").read_text()
+    assert "POPE" in text and "| tiny" in text
+    bad = subprocess.run([sys.executable, "-m", "meteor", "table", "--row", "nofolders"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "NAME=FOLDER" in bad.stderr

@@ -52,19 +52,50 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+OFFICIAL_BENCHMARKS = ("textvqa", "docvqa", "chartqa", "infovqa", "gqa", "vqav2", "vizwiz", "mmbench",
+                       "mmvet", "mmmu", "pope", "seed")
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
 
     from .evaluation import EvalConfig, evaluate
-
-    config = EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    from .evaluation.official import OFFICIAL_RUNNERS, OpenAIGrader, build_runner
 
     def progress(done: int, total: int) -> None:
         print(f"\r{done}/{total} questions", end="", file=sys.stderr, flush=True)
 
-    scores = evaluate(args.benchmark, args.model, args.data, args.image_folder, args.out, config, progress)
+    if args.benchmark == "world":
+        config = EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or 8, limit=args.limit)
+        scores = evaluate("world", args.model, args.data, args.image_folder, args.out, config, progress)
+    else:
+        from .modeling import LlavaMeteor
+
+        grader = None
+        if args.grader_base_url or args.grader_model:
+            if not (args.grader_base_url and args.grader_model):
+                raise ValueError("an MM-Vet grader needs both --grader-base-url and --grader-model")
+            grader = OpenAIGrader(args.grader_base_url, args.grader_model, args.grader_key_env)
+        max_new = args.max_new_tokens or OFFICIAL_RUNNERS[args.benchmark].recommended_max_new_tokens
+        config = EvalConfig(batch_size=args.batch_size, max_new_tokens=max_new, limit=args.limit)
+        runner = build_runner(args.benchmark, config, args.annotations, grader)
+        model, processor = LlavaMeteor.from_pretrained(args.model)
+        scores = runner.run(model, processor, args.data, args.image_folder, args.out, progress)
     print(file=sys.stderr)
     print(json.dumps(scores, indent=2))
+    return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from .evaluation.official.summary import write_table1
+
+    runs = {}
+    for row in args.row:
+        name, sep, folders = row.partition("=")
+        if not sep or not folders:
+            raise ValueError(f"--row {row!r}: write NAME=FOLDER[,FOLDER…] (folders holding scores.json)")
+        runs[name] = folders.split(",")
+    print(write_table1(runs, args.out))
     return 0
 
 
@@ -108,15 +139,28 @@ def _parser() -> argparse.ArgumentParser:
     synth.set_defaults(run=_synth)
 
     evaluate = commands.add_parser("eval", help="answer a benchmark's questions and score them (resumable)")
-    evaluate.add_argument("--benchmark", default="world", choices=["world"])
+    evaluate.add_argument("--benchmark", default="world", choices=["world", *OFFICIAL_BENCHMARKS])
     evaluate.add_argument("--model", required=True, help="a LLaVA-Meteor folder (save_pretrained)")
-    evaluate.add_argument("--data", required=True, help="the questions (world: test.jsonl)")
+    evaluate.add_argument("--data", required=True, help="the questions (world: test.jsonl; LLaVA's question "
+                          "files for the others, e.g. llava_textvqa_val_v051_ocr.jsonl, mmbench_dev_20230712.tsv)")
+    evaluate.add_argument("--annotations", default=None, help="the benchmark's answer file where scoring needs "
+                          "one (e.g. TextVQA_0.5.1_val.json, testdev_balanced_questions.json, POPE's folder)")
+    evaluate.add_argument("--grader-base-url", default=None, help="MM-Vet: an OpenAI-compatible endpoint")
+    evaluate.add_argument("--grader-model", default=None, help="MM-Vet: the grader model's name there")
+    evaluate.add_argument("--grader-key-env", default="OPENAI_API_KEY", help="MM-Vet: env var with the API key")
     evaluate.add_argument("--image-folder", default=None, help="folder the questions' image paths are relative to")
     evaluate.add_argument("--out", default="eval", help="folder for predictions.jsonl and scores.json")
     evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--max-new-tokens", type=int, default=8)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="longest answer (default: 8 for world, the benchmark's own otherwise)")
     evaluate.add_argument("--limit", type=int, default=None, help="only the first N questions")
     evaluate.set_defaults(run=_eval)
+
+    table = commands.add_parser("table", help="the paper's Table 1 layout from several evaluations")
+    table.add_argument("--row", action="append", required=True,
+                       help="NAME=FOLDER[,FOLDER…]: one table row from the eval output folders of a model")
+    table.add_argument("--out", default="table1.md")
+    table.set_defaults(run=_table)
 
     from .train.args import add_arguments
 
