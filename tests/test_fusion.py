@@ -103,3 +103,19 @@ def test_parameter_count_at_the_papers_widths_uses_no_memory():
     assert counts["instruction_token"] == 1024 and counts["visual_native_selection"] == 0
     assert 6e6 < counts["flash_global_fusion"] < 8e6
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+
+
+@pytest.mark.parametrize("length", [1, 2, 7])
+def test_channels_last_causal_conv_equals_nn_conv1d(length):
+    from meteor.mamba import causal_depthwise_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
+    x = torch.randn(2, length, 6, requires_grad=True)
+    expected = conv(x.transpose(1, 2))[..., :length].transpose(1, 2)
+    got = causal_depthwise_conv(x, conv.weight, conv.bias)
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(got.square().sum(), [x, conv.weight, conv.bias])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, conv.weight, conv.bias])
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)

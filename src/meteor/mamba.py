@@ -50,17 +50,39 @@ class ScanDirection(nn.Module):
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """x, z: (B, d_inner, L) → y: (B, d_inner, L), read left to right."""
-        length = x.shape[-1]
-        x = F.silu(self.conv1d(x)[..., :length])                # (B, d_inner, L), causal
-        x_dbl = self.x_proj(x.transpose(1, 2))                  # (B, L, dt_rank + 2N)
+        """x, z: (B, L, d_inner), channels last → y: (B, d_inner, L), read left to right.
+
+        Channels last all the way: the input projection produces that layout, the Δ/B/C
+        projections consume it, and the scan kernel reads channel-contiguous operands in place,
+        so no (B, d_inner, L) copy is made before the scan."""
+        x = F.silu(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias), inplace=True)  # (B, L, d_inner)
+        x_dbl = self.x_proj(x)                                  # (B, L, dt_rank + 2N)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)     # (B, d_inner, L), bias in the scan
+        dt = dt @ self.dt_proj.weight.t()                       # (B, L, d_inner), bias in the scan
         b = b.transpose(1, 2).contiguous()                      # (B, N, L)
         c = c.transpose(1, 2).contiguous()                      # (B, N, L)
         a = -torch.exp(self.A_log.float())                      # (d_inner, N)
-        return selective_scan(x, dt, a, b, c, D=self.D.float(), z=z,
-                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        return selective_scan(x.transpose(1, 2), dt.transpose(1, 2), a, b, c, D=self.D.float(),
+                              z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(),
+                              delta_softplus=True)
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Causal depthwise 1-D convolution in channels-last layout, equal to
+    ``nn.Conv1d(D, D, K, groups=D, padding=K-1)(x.transpose(1, 2))[..., :L].transpose(1, 2)``.
+
+    x: (B, L, D) (any strides); weight: (D, 1, K); bias: (D,) → (B, L, D) contiguous. Output step t
+    sums weight[:, K-1-j] · x[t-j] for j < K: K shifted multiply-adds over the sequence, which
+    on CPU beats the library convolution plus the two layout copies it needs."""
+    length, kernel = x.shape[1], weight.shape[-1]
+    taps = weight[:, 0, :].to(x.dtype)                          # (D, K)
+    if bias is None:
+        out = x * taps[:, kernel - 1]                           # (B, L, D), the j = 0 tap
+    else:
+        out = torch.addcmul(bias.to(x.dtype), x, taps[:, kernel - 1])
+    for j in range(1, min(kernel, length)):
+        out[:, j:].addcmul_(x[:, :length - j], taps[:, kernel - 1 - j])
+    return out
 
 
 class BiMamba(nn.Module):
@@ -79,15 +101,17 @@ class BiMamba(nn.Module):
         self.out_proj = nn.Linear(merged, width, bias=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        xz = self.in_proj(hidden).transpose(1, 2)               # (B, 2·d_inner, L)
-        x, z = xz.chunk(2, dim=1)                               # (B, d_inner, L) each
+        xz = self.in_proj(hidden)                               # (B, L, 2·d_inner)
+        x, z = xz.chunk(2, dim=-1)                              # (B, L, d_inner) each, views
         y_fwd = self.forward_scan(x, z)                         # (B, d_inner, L)
         # Eq. 1, backward scan: read the reversed sequence, then put outputs back in place.
-        y_bwd = self.backward_scan(x.flip(-1), z.flip(-1)).flip(-1)
+        reversed_xz = xz.flip(1)                                # (B, L, 2·d_inner), one copy
+        x_rev, z_rev = reversed_xz.chunk(2, dim=-1)
+        y_bwd = self.backward_scan(x_rev, z_rev).flip(-1)       # (B, d_inner, L)
         if self.direction_merge == "concat":
             y = torch.cat([y_fwd, y_bwd], dim=1)                # (B, 2·d_inner, L)
         else:
-            y = 0.5 * (y_fwd + y_bwd)                           # (B, d_inner, L)
+            y = y_fwd.add_(y_bwd).mul_(0.5)                     # (B, d_inner, L), in place
         return self.out_proj(y.transpose(1, 2))                 # (B, L, C)
 
 
