@@ -50,10 +50,29 @@ def test_fused_token_i_is_the_output_at_t_i_not_tl_i():
     fusion = FlashGlobalFusion(_config(scan_mode="l2s"))
     for layer in fusion.layers:
         torch.nn.init.zeros_(layer.mixer.out_proj.weight)
-    tokens = torch.randn(2, 12, 16)
-    out = fusion(tokens, (3, 4))
-    torch.testing.assert_close(out.fused, tokens)
-    torch.testing.assert_close(out.instruction, fusion.instruction_token.expand(2, -1))
+    for grid in [(3, 4), (3, 5)]:          # H·W even and odd: INS between pairs, or inside one
+        tokens = torch.randn(2, grid[0] * grid[1], 16)
+        out = fusion(tokens, grid)
+        torch.testing.assert_close(out.fused, tokens)
+        torch.testing.assert_close(out.instruction, fusion.instruction_token.expand(2, -1))
+
+
+@pytest.mark.parametrize("grid", [(3, 4), (3, 5), (1, 1)])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_last_layer_shortcut_equals_computing_every_output(grid, layers):
+    """The last layer computes outputs only at Tⁱ and INS; the result must equal running it on
+    every position and then dropping the TL outputs."""
+    torch.manual_seed(0)
+    fusion = FlashGlobalFusion(_config(scan_mode="l2s", fgf_layers=layers))
+    tokens = torch.randn(2, grid[0] * grid[1], 16)
+    out = fusion(tokens, grid)
+    sequence, centre = insert_at_centre(interleave(local_to_single(tokens, grid), tokens),
+                                        fusion.instruction_token)
+    for layer in fusion.layers:
+        sequence = layer(sequence)
+    without_ins = torch.cat([sequence[:, :centre], sequence[:, centre + 1:]], dim=1)
+    torch.testing.assert_close(out.fused, without_ins[:, 1::2])
+    torch.testing.assert_close(out.instruction, sequence[:, centre])
 
 
 def test_fusion_is_global_and_bidirectional():

@@ -68,11 +68,13 @@ class FlashGlobalFusion(nn.Module):
         self.instruction_token = nn.Parameter(torch.randn(config.vision_width) * 0.02)
         self.layers = nn.ModuleList(FusionLayer(config) for _ in range(config.fgf_layers))
 
-    def _run(self, sequence: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _run(self, sequence: torch.Tensor, keep=None) -> tuple[torch.Tensor, int]:
+        """Insert INS at the centre and run the layers; `keep(centre)` names the positions whose
+        outputs the last layer must produce (earlier layers need every position)."""
         sequence, centre = insert_at_centre(sequence, self.instruction_token)
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             sequence = layer(sequence)
-        return sequence, centre
+        return self.layers[-1](sequence, None if keep is None else keep(centre)), centre
 
     def _single(self, tokens: torch.Tensor) -> FusionOutput:
         out, centre = self._run(tokens)                                       # (B, HW+1, C)
@@ -81,11 +83,14 @@ class FlashGlobalFusion(nn.Module):
 
     def _local_to_single(self, tokens: torch.Tensor, grid: tuple[int, int]) -> FusionOutput:
         local = local_to_single(tokens, grid, self.window_size)             # (B, HW, C)
-        out, centre = self._run(interleave(local, tokens))                  # (B, 2HW+1, C)
-        # The sequence has even length 2HW, so the centre falls between pairs: dropping INS
-        # leaves (TL, T) pairs intact and Fⁱ sits at every odd index.
-        pairs = torch.cat([out[:, :centre], out[:, centre + 1:]], dim=1)     # (B, 2HW, C)
-        return FusionOutput(pairs[:, 1::2], out[:, centre])
+        # In TL¹,T¹,…,TL^HW,T^HW the Tⁱ sit at odd indices; INS goes in at c = HW, so after it
+        # they sit one further (c even: between pairs; c odd: between a TLⁱ and its Tⁱ). Only
+        # the Tⁱ outputs and INS' are computed by the last layer; TL outputs are never needed.
+        out, centre = self._run(interleave(local, tokens),
+                                keep=lambda c: [slice(1, c, 2), slice(c, c + 1), slice(c + 2 - c % 2, None, 2)])
+        half = centre // 2                                                  # Tⁱ before INS
+        fused = torch.cat([out[:, :half], out[:, half + 1:]], dim=1)        # (B, HW, C)
+        return FusionOutput(fused, out[:, half])
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> FusionOutput:
         if self.scan_mode == "single":

@@ -11,6 +11,7 @@ projections, A and D, so each direction can learn its own dynamics at a small co
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +101,9 @@ class BiMamba(nn.Module):
         merged = 2 * d_inner if direction_merge == "concat" else d_inner
         self.out_proj = nn.Linear(merged, width, bias=False)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, keep: Sequence[slice] | None = None) -> torch.Tensor:
+        """(B, L, C) → (B, L, C); with `keep`, only the outputs at those positions (concatenated
+        in order), so positions whose outputs are discarded skip the output projection."""
         xz = self.in_proj(hidden)                               # (B, L, 2·d_inner)
         x, z = xz.chunk(2, dim=-1)                              # (B, L, d_inner) each, views
         y_fwd = self.forward_scan(x, z)                         # (B, d_inner, L)
@@ -112,7 +115,9 @@ class BiMamba(nn.Module):
             y = torch.cat([y_fwd, y_bwd], dim=1)                # (B, 2·d_inner, L)
         else:
             y = y_fwd.add_(y_bwd).mul_(0.5)                     # (B, d_inner, L), in place
-        return self.out_proj(y.transpose(1, 2))                 # (B, L, C)
+        if keep is not None:
+            y = torch.cat([y[..., part] for part in keep], dim=-1)  # (B, d_inner, L_kept)
+        return self.out_proj(y.transpose(1, 2))                 # (B, L or L_kept, C)
 
 
 class FusionLayer(nn.Module):
@@ -125,5 +130,6 @@ class FusionLayer(nn.Module):
         self.mixer = BiMamba(config.vision_width, config.d_state, config.expand, config.d_conv,
                              config.resolved_dt_rank, config.direction_merge)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.mixer(self.norm(hidden))
+    def forward(self, hidden: torch.Tensor, keep: Sequence[slice] | None = None) -> torch.Tensor:
+        residual = hidden if keep is None else torch.cat([hidden[:, part] for part in keep], dim=1)
+        return residual + self.mixer(self.norm(hidden), keep)
