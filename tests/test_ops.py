@@ -1,6 +1,6 @@
 """Tests for meteor.ops: every selective-scan path equals the reference on outputs and all gradients.
 
-The C++ kernel is compiled on first use (about 30 s once per machine, cached afterwards); a build
+The C++ kernel is compiled on first use (about 25 s once per machine, cached afterwards); a build
 failure makes these tests fail rather than skip, because auto mode would then silently be slow.
 """
 
