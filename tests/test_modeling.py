@@ -130,3 +130,26 @@ def test_extreme_aspect_ratios_run_end_to_end(tiny, size):
     ids, labels = processor.encode(_conversation(), [sliced])
     loss = model(**processor.collate([(ids, labels)], [sliced]).to_model_kwargs()).loss
     assert torch.isfinite(loss)
+
+
+def test_a_tokenizer_without_an_image_token_gets_one(tmp_path):
+    """Real LLaMA/Vicuna tokenizers have no <image> and no pad token: the processor adds the one
+    and pads with unk, and the placeholder then encodes as a single id."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from meteor.config import MeteorConfig
+    from meteor.processor import MeteorProcessor
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(["what colour is it"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    before = len(tokenizer)
+    processor = MeteorProcessor(tokenizer, MeteorConfig())
+    assert len(tokenizer) == before + 1 and processor.image_token_id == before
+    assert tokenizer("a<image><image>", add_special_tokens=False)["input_ids"][-2:] == [before, before]
+    assert tokenizer.pad_token == "<unk>"
