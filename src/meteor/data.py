@@ -1,4 +1,4 @@
-"""LLaVA-format data: records, validation, and the collator that masks and truncates.
+"""LLaVA-format data: records, validation, truncation, and collation into padded batches.
 
 A record is LLaVA's `{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}, …]}`
 (LLaVA-Pretrain 558K / CC-595K captions and the 665K instruction mixture share it). Files may be a

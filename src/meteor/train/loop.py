@@ -9,12 +9,10 @@ the accumulation: 2 processes and 1 process give the same updates up to floating
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
