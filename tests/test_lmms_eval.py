@@ -72,3 +72,89 @@ def test_llava_meteor_is_registered_with_lmms_eval():
     from lmms_eval.models import get_model
 
     assert get_model(MODEL_NAME) is LlavaMeteorLMMS
+
+
+# --- lmms-eval's own evaluator, on a task defined by a local YAML and dataset (no network) ----------------
+TASK_UTILS = '''
+def doc_to_visual(doc):
+    return [doc["image"].convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"] + "\\nAnswer the question using a single word or phrase."
+
+
+def process_results(doc, results):
+    return {"exact_match": float(results[0].strip().lower() == doc["answer"])}
+'''
+
+
+@pytest.mark.slow
+def test_lmms_evals_simple_evaluate_runs_llava_meteor_on_a_local_task(tmp_path):
+    import datasets
+    import lmms_eval.evaluator as evaluator   # needs sacrebleu and tenacity beside the --no-deps install
+    from lmms_eval.tasks import TaskManager
+
+    model, processor = tiny_model(seed=0)
+    model.save_pretrained(tmp_path / "model", processor)
+    docs = {"question": ["What colour is the square?", "How many shapes are there?", "Is the shape round?"],
+            "image": [Image.new("RGB", (56, 56), (220, 40, 40)), Image.new("RGB", (112, 56), (40, 80, 220)),
+                      Image.new("RGB", (56, 112), (40, 170, 60))],
+            "answer": ["red", "1", "no"]}
+    features = datasets.Features({"question": datasets.Value("string"), "image": datasets.Image(),
+                                  "answer": datasets.Value("string")})
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(docs, features=features)}).save_to_disk(
+        str(tmp_path / "dataset"))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_shapes_utils.py").write_text(TASK_UTILS)
+    (tasks / "tiny_shapes.yaml").write_text(f"""task: tiny_meteor_shapes
+dataset_path: {tmp_path / "dataset"}
+dataset_kwargs:
+  load_from_disk: true
+test_split: test
+output_type: generate_until
+doc_to_visual: !function tiny_shapes_utils.doc_to_visual
+doc_to_text: !function tiny_shapes_utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 4
+  temperature: 0
+  do_sample: false
+process_results: !function tiny_shapes_utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 0.0
+""")
+    if not [ep for ep in entry_points().select(group="lmms_eval.models") if ep.name == MODEL_NAME]:
+        register()
+    # lmms-eval 0.7.3 patches filelock through ``filelock._api``, which filelock ≥ 4 no longer has; the
+    # patch only guards multi-process lock sharing, so a single-process run can go without it.
+    evaluator._enable_reentrant_filelocks._patched = True
+
+    results = evaluator.simple_evaluate(
+        model=MODEL_NAME, model_args=f"pretrained={tmp_path / 'model'},max_new_tokens=4", tasks=["tiny_meteor_shapes"],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False), batch_size=2, device="cpu",
+        log_samples=True)
+
+    samples = sorted(results["samples"]["tiny_meteor_shapes"], key=lambda sample: sample["doc_id"])
+    answers = [sample["resps"][0][0] if isinstance(sample["resps"][0], list) else sample["resps"][0]
+               for sample in samples]
+    assert [sample["doc_id"] for sample in samples] == [0, 1, 2]
+    assert all(isinstance(answer, str) for answer in answers)
+    expected = sum(a.strip().lower() == gold for a, gold in zip(answers, docs["answer"])) / 3
+    assert results["results"]["tiny_meteor_shapes"]["exact_match,none"] == pytest.approx(expected)
+    # The evaluator's answers are the adapter's own for the same requests (greedy, same folder).
+    adapter = LlavaMeteorLMMS.create_from_arg_string(f"pretrained={tmp_path / 'model'},max_new_tokens=4")
+    adapter.task_dict = {TASK: {SPLIT: [{"image": image} for image in docs["image"]]}}
+    direct = adapter.generate_until([
+        Instance(request_type="generate_until",
+                 arguments=(f"{question}\nAnswer the question using a single word or phrase.",
+                            {"max_new_tokens": 4, "temperature": 0, "do_sample": False}, _doc_to_visual,
+                            doc_id, TASK, SPLIT),
+                 idx=0, metadata={"task": TASK, "doc_id": doc_id, "repeats": 1})
+        for doc_id, question in enumerate(docs["question"])])
+    assert answers == direct

@@ -6,8 +6,8 @@ import math
 import pytest
 
 import meteor.metrics
-from meteor.metrics import (anls, evalai_normalize, exact_match, extract_choice, pope_answer,
-                            pope_scores, relaxed_accuracy, textvqa_accuracy, vqa_accuracy,
+from meteor.metrics import (anls, evalai_normalize, exact_match, extract_choice, mmbench_can_infer,
+                            pope_answer, pope_scores, relaxed_accuracy, textvqa_accuracy, vqa_accuracy,
                             vqa_normalize)
 from meteor.metrics import choice, pope, vqa
 
@@ -20,7 +20,8 @@ def test_docstring_examples_hold():
 
 def test_package_exports_every_metric():
     for name in ("vqa_accuracy", "textvqa_accuracy", "vqa_normalize", "evalai_normalize", "anls",
-                 "relaxed_accuracy", "exact_match", "pope_scores", "pope_answer", "extract_choice"):
+                 "relaxed_accuracy", "exact_match", "pope_scores", "pope_answer", "extract_choice",
+                 "mmbench_can_infer"):
         assert callable(getattr(meteor.metrics, name)), name
 
 
@@ -320,6 +321,20 @@ def test_mmmu_breaks_ties_by_option_order_and_mmbench_gives_up():
 def test_mmbench_skips_the_letter_rules_after_an_api_failure():
     assert extract_choice("Oops. B", OPTIONS, "mmbench") == "B"
     assert extract_choice("Failed to obtain answer via API. B", OPTIONS, "mmbench") is None
+
+
+@pytest.mark.parametrize("answer, read_as", [
+    ("B", "B"),
+    ("Cannot determine the answer, maybe B", "Z"),   # a refusal: decided, counted wrong, not judged
+    ("Z", "Z"),                                      # the judge's "none of the options"
+    ("The answer is Z.", "Z"),
+    ("Z or B", "B"),                                 # a real option letter comes first
+    ("no idea", None),                               # undecided: where the GPT judge is asked
+    ("B or C", None),
+])
+def test_mmbench_can_infer_tells_a_refusal_from_an_undecided_answer(answer, read_as):
+    assert mmbench_can_infer(answer, OPTIONS) == read_as
+    assert extract_choice(answer, OPTIONS, "mmbench") == (read_as if read_as != "Z" else None)
 
 
 @pytest.mark.parametrize("options, error, words", [

@@ -332,9 +332,12 @@ def test_mmbench_tsv_with_circular_copies_is_not_rotated_again(tmp_path):
 
 def test_mmmu_prompts_and_scoring(tmp_path):
     runner, rows = _rows("mmmu", tmp_path, ["(B) blue", "There are 2 shapes.", "C"])
-    assert rows[0]["question"] == ("<image 1> Which colour dominates?\n\n(A) red\n(B) blue\n\n\n"
+    # MMMU's construct_prompt with mmmu/configs/llava1.5.yaml: "{}\n{}\nAnswer …" once YAML has folded
+    # the format's blank lines; the options list ends in its own "\n".
+    assert rows[0]["question"] == ("<image 1> Which colour dominates?\n(A) red\n(B) blue\n\n"
                                    "Answer with the option's letter from the given choices directly.")
-    assert rows[1]["question"].endswith("\n\nAnswer the question using a single word or phrase.")
+    assert rows[1]["question"] == "<image 1> How many shapes?\nAnswer the question using a single word or phrase."
+    assert runner.prompt(rows[0]) == rows[0]["question"]   # sent as built, nothing appended
     assert [r["subject"] for r in rows] == ["Art", "Art", "Art_Theory"]
     scores = runner.score(rows)
     assert scores["headline"] == pytest.approx(200 / 3, abs=0.01)
@@ -411,7 +414,9 @@ def test_a_missing_image_names_the_line_and_keeps_earlier_predictions(tiny, tmp_
     lines = data.read_text().splitlines()
     lines.append(json.dumps({"question_id": 99, "image": "gone.png", "text": "Is it?"}))
     data.write_text("\n".join(lines) + "\n")
-    with pytest.raises(FileNotFoundError, match=r"questions\.jsonl:5: the image of question 99 is missing"):
+    with pytest.raises(FileNotFoundError, match=r"missing images: 1 of the 1 questions to answer .*questions\.jsonl "
+                                                r"line 5\):\n  \S*questions\.jsonl:5: question 99: \S*gone\.png\n"
+                                                r"Point --image-folder at"):
         build_runner("gqa", config, annotations).run(model, processor, data, images, tmp_path / "out")
     assert (tmp_path / "out" / "predictions.jsonl").read_text() == before
 

@@ -60,13 +60,13 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from .evaluation import EvalConfig, evaluate
-    from .evaluation.official import OFFICIAL_RUNNERS, OpenAIGrader, build_runner
+    from .evaluation.official import OpenAIGrader, build_runner
 
     def progress(done: int, total: int) -> None:
         print(f"\r{done}/{total} questions", end="", file=sys.stderr, flush=True)
 
     if args.benchmark == "world":
-        config = EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens or 8, limit=args.limit)
+        config = EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit)
         scores = evaluate("world", args.model, args.data, args.image_folder, args.out, config, progress)
     else:
         from .modeling import LlavaMeteor
@@ -74,10 +74,9 @@ def _eval(args: argparse.Namespace) -> int:
         grader = None
         if args.grader_base_url or args.grader_model:
             if not (args.grader_base_url and args.grader_model):
-                raise ValueError("an MM-Vet grader needs both --grader-base-url and --grader-model")
+                raise ValueError("an MM-Vet grader / MMBench judge needs both --grader-base-url and --grader-model")
             grader = OpenAIGrader(args.grader_base_url, args.grader_model, args.grader_key_env)
-        max_new = args.max_new_tokens or OFFICIAL_RUNNERS[args.benchmark].recommended_max_new_tokens
-        config = EvalConfig(batch_size=args.batch_size, max_new_tokens=max_new, limit=args.limit)
+        config = EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit)
         runner = build_runner(args.benchmark, config, args.annotations, grader)
         model, processor = LlavaMeteor.from_pretrained(args.model)
         scores = runner.run(model, processor, args.data, args.image_folder, args.out, progress)
@@ -145,9 +144,9 @@ def _parser() -> argparse.ArgumentParser:
                           "files for the others, e.g. llava_textvqa_val_v051_ocr.jsonl, mmbench_dev_20230712.tsv)")
     evaluate.add_argument("--annotations", default=None, help="the benchmark's answer file where scoring needs "
                           "one (e.g. TextVQA_0.5.1_val.json, testdev_balanced_questions.json, POPE's folder)")
-    evaluate.add_argument("--grader-base-url", default=None, help="MM-Vet: an OpenAI-compatible endpoint")
-    evaluate.add_argument("--grader-model", default=None, help="MM-Vet: the grader model's name there")
-    evaluate.add_argument("--grader-key-env", default="OPENAI_API_KEY", help="MM-Vet: env var with the API key")
+    evaluate.add_argument("--grader-base-url", default=None, help="MM-Vet grader / MMBench judge: an OpenAI-compatible endpoint")
+    evaluate.add_argument("--grader-model", default=None, help="MM-Vet grader / MMBench judge: the model's name there")
+    evaluate.add_argument("--grader-key-env", default="OPENAI_API_KEY", help="MM-Vet grader / MMBench judge: env var with the API key")
     evaluate.add_argument("--image-folder", default=None, help="folder the questions' image paths are relative to")
     evaluate.add_argument("--out", default="eval", help="folder for predictions.jsonl and scores.json")
     evaluate.add_argument("--batch-size", type=int, default=16)

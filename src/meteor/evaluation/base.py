@@ -18,7 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import torch
 
@@ -32,15 +32,17 @@ class EvalConfig:
 
     batch_size: int = 16
     """Questions per ``generate`` call (left-padded together)."""
-    max_new_tokens: int = 8
-    """Longest answer generated; the world's answers are one word, a number or a letter."""
+    max_new_tokens: int | None = None
+    """Longest answer generated; None: the runner's own ``default_max_new_tokens`` (short for
+    one-word benchmarks, long for MM-Vet's descriptions)."""
     limit: int | None = None
     """Evaluate only the first ``limit`` questions (smoke tests)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"batch_size and max_new_tokens must be ≥ 1, got {self.batch_size}, "
-                             f"{self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1 or None (the runner's default), got {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be ≥ 1 or None, got {self.limit}")
 
@@ -64,13 +66,28 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+MISSING_IMAGES_LISTED = 5
+"""How many missing images an error message names one by one (all are counted and located)."""
+
+
 class Runner(ABC):
     """Generate answers for a benchmark's questions, resumably, and score them."""
 
     name: str = ""
+    """The benchmark's name, written into every prediction row and into scores.json."""
+    default_max_new_tokens: int = 8
+    """The answer length allowed when ``EvalConfig.max_new_tokens`` is None: 8 suits one-word,
+    number or letter answers (the synthetic world's); runners for longer answers raise it."""
+    image_folder_option: str = "--image-folder"
+    """How the user sets the image folder, named by the missing-image error."""
 
     def __init__(self, config: EvalConfig = EvalConfig()):
         self.config = config
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The answer length used: the configuration's, else this runner's default."""
+        return self.config.max_new_tokens or self.default_max_new_tokens
 
     # --- what a benchmark defines -------------------------------------------------------------
     @abstractmethod
@@ -100,8 +117,11 @@ class Runner(ABC):
         if len(set(ids)) != len(ids):
             raise ValueError(f"{data} repeats question ids; every question needs its own question_id")
         path = out / PREDICTIONS_FILE
-        done = {row["question_id"] for row in read_jsonl(path)}
+        previous = read_jsonl(path)
+        self.check_previous_predictions(previous, path)
+        done = {row["question_id"] for row in previous}
         todo = [q for q in questions if q["question_id"] not in done]
+        self.check_images(questions, image_folder, data, answered=done)   # before any generation
         started = time.perf_counter()
         model.eval()
         with path.open("a", encoding="utf-8") as sink:
@@ -109,7 +129,8 @@ class Runner(ABC):
                 batch = todo[start:start + self.config.batch_size]
                 answers = self.answer(model, processor, batch, image_folder)
                 for question, answer in zip(batch, answers):
-                    row = {**{k: v for k, v in question.items() if k != "meta"}, "prediction": answer}
+                    row = {**{k: v for k, v in question.items() if k != "meta"}, "benchmark": self.name,
+                           "prediction": answer}
                     sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                 sink.flush()
                 if progress is not None:
@@ -117,9 +138,46 @@ class Runner(ABC):
         wanted = set(ids)
         rows = [row for row in read_jsonl(path) if row["question_id"] in wanted]
         scores = {"benchmark": self.name, "questions": len(rows), "answered_now": len(todo),
-                  "seconds": round(time.perf_counter() - started, 2), **self.score(rows)}
+                  "max_new_tokens": self.max_new_tokens, "seconds": round(time.perf_counter() - started, 2),
+                  **self.score(rows)}
         (out / SCORES_FILE).write_text(json.dumps(scores, indent=2) + "\n")
         return scores
+
+    # --- checks before the first question is asked -------------------------------------------------
+    def check_previous_predictions(self, rows: Sequence[dict[str, Any]], path: Path) -> None:
+        """Refuse to resume into another benchmark's predictions (rows written before rows were
+        tagged with their benchmark are taken as this one's)."""
+        for number, row in enumerate(rows, start=1):
+            if row.get("benchmark", self.name) != self.name:
+                raise ValueError(f"{path}:{number}: this prediction is for benchmark {row['benchmark']!r}, not "
+                                 f"{self.name!r}: give {self.name} its own output folder (nothing was changed)")
+
+    def check_images(self, questions: Sequence[dict[str, Any]], image_folder: str | Path | None,
+                     data: str | Path, answered: Collection[Any] = ()) -> None:
+        """Every image file named by a question still to answer (not in ``answered``) must exist
+        under ``image_folder``; otherwise one error lists the first few missing files, how many
+        there are and where (file and line of ``data``, in the order ``load_questions`` read them)."""
+        folder = Path(image_folder or ".")
+        to_answer = [q for q in questions if q["question_id"] not in answered]
+        missing = [(position, q) for position, q in enumerate(questions)
+                   if q["question_id"] not in answered and q.get("image") is not None
+                   and not (folder / q["image"]).is_file()]
+        if not missing:
+            return
+        lines = _record_lines(data)
+        if lines is not None and len(lines) < len(questions):   # not one question per line: no line numbers
+            lines = None
+        sources = [q.get("meta", {}).get("source") or
+                   (f"{data}:{lines[position]}" if lines else f"{data}:record {position + 1}")
+                   for position, q in missing]
+        named = "\n".join(f"  {source}: question {q['question_id']!r}: {folder / q['image']}"
+                          for source, (_, q) in zip(sources[:MISSING_IMAGES_LISTED], missing))
+        more = f"\n  … and {len(missing) - MISSING_IMAGES_LISTED} more" if len(missing) > MISSING_IMAGES_LISTED else ""
+        raise FileNotFoundError(
+            f"missing images: {len(missing)} of the {len(to_answer)} questions to answer name an image file "
+            f"that is not under {folder} ({describe_sources(sources)}):\n{named}{more}\n"
+            f"Point {self.image_folder_option} at the folder the question file's image paths are relative to "
+            f"(now {folder.resolve()}). Nothing was generated; predictions already written are kept.")
 
     @torch.no_grad()
     def answer(self, model, processor, questions: Sequence[dict[str, Any]],
@@ -135,7 +193,7 @@ class Runner(ABC):
 
     def _generate(self, model, processor, prompts: list[str], images: list) -> list[str]:
         batch = processor(prompts, images)
-        new = model.generate(**batch.to_model_kwargs(), max_new_tokens=self.config.max_new_tokens,
+        new = model.generate(**batch.to_model_kwargs(), max_new_tokens=self.max_new_tokens,
                              do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
                              eos_token_id=processor.tokenizer.eos_token_id)
         return [text.strip() for text in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -152,3 +210,46 @@ def group_accuracy(rows: Iterable[dict[str, Any]], correct: Callable[[dict[str, 
             totals[group][0] += hit
             totals[group][1] += 1
     return {group: {"accuracy": round(h / n, 4), "questions": n} for group, (h, n) in totals.items()}
+
+
+def _record_lines(data: str | Path) -> list[int] | None:
+    """The line number of each record of a JSONL file as ``read_jsonl`` reads it (blank lines
+    skipped), or None when ``data`` is not a JSONL file."""
+    path = Path(data)
+    if path.suffix != ".jsonl" or not path.is_file():
+        return None
+    return [number for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+            if line.strip()]
+
+
+def describe_sources(sources: Sequence[str]) -> str:
+    """"file:line" sources grouped by file, numbers as ranges, first-seen order:
+    ``["q.jsonl:2", "q.jsonl:3", "q.jsonl:4", "q.jsonl:9", "b.json:record 1"]`` →
+    ``"q.jsonl lines 2-4, 9; b.json record 1"``."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for source in sources:
+        file, _, where = source.rpartition(":")
+        kind, _, number = where.rpartition(" ")
+        if not number.isdigit():   # a locator that is not numbered: kept as it is
+            groups.setdefault((source, ""), [])
+            continue
+        groups.setdefault((file, kind or "line"), []).append(int(number))
+    parts = []
+    for (file, kind), numbers in groups.items():
+        if not kind:
+            parts.append(file)
+            continue
+        plural = kind + ("s" if len(numbers) > 1 else "")
+        parts.append(f"{file} {plural} {_ranges(numbers)}")
+    return "; ".join(parts)
+
+
+def _ranges(numbers: Sequence[int]) -> str:
+    """[2, 3, 4, 9] → "2-4, 9" (in the given order; a run is consecutive increasing numbers)."""
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][1] + 1:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)

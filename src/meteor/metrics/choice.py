@@ -4,7 +4,9 @@ The two benchmarks read the same answer differently; ``extract_choice`` names th
 
 * ``"mmbench"`` — the rule stage of MMBench's official evaluator, ``can_infer`` in
   ``vlmeval/utils/matching_util.py`` of github.com/open-compass/VLMEvalKit. Where it finds no
-  letter it would ask a GPT judge; here that is ``None``.
+  letter it would ask a GPT judge; here that is ``None`` (``mmbench_can_infer`` tells a refusal,
+  "Z", from an undecided answer; the judge stage itself is
+  ``meteor.evaluation.official.mmbench_judge``).
 * ``"mmmu"`` — ``parse_multi_choice_response`` in ``eval/eval_utils.py`` of
   github.com/MMMU-Benchmark/MMMU. Where it finds no letter it picks one at random; here ``None``.
 """
@@ -56,9 +58,21 @@ def _mmbench_option_text(prediction: str, options: dict[str, str]) -> str | None
     return found[0] if len(found) == 1 else None
 
 
+def mmbench_can_infer(answer: str, options: dict[str, str]) -> str | None:
+    """``can_infer`` itself: an option letter, ``"Z"`` (a refusal, or a bare "Z": none of the
+    options), or None (undecided: where MMBench's evaluator turns to its GPT judge).
+
+    The letter rules run first, the option texts only if they find nothing. MMBench's evaluator
+    reads the judge's reply with this same function, so "Z" is a decision (counted wrong), not a
+    failure; ``extract_choice`` folds it into None because it only reports picked options.
+    """
+    require_text("answer", answer)
+    checked = require_options(options)
+    return _mmbench_letter(answer, checked) or _mmbench_option_text(answer, checked)
+
+
 def _mmbench_choice(prediction: str, options: dict[str, str]) -> str | None:
-    """``can_infer``: the letter rules first, the option texts only if they find nothing."""
-    letter = _mmbench_letter(prediction, options) or _mmbench_option_text(prediction, options)
+    letter = mmbench_can_infer(prediction, options)
     # "Z" is the evaluator's "no option" verdict (refusal or a bare "Z"): no letter is picked.
     return letter if letter in options else None
 

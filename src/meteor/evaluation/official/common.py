@@ -8,8 +8,8 @@ benchmark's predictions.
   testdev_balanced_questions.json, …), read once, lazily, when scoring;
 * a ``benchmark`` field on every question, hence on every prediction row, so a predictions file
   left by another benchmark in the same output folder is refused instead of silently "resumed";
-* every image checked *before* generation starts: a missing one stops the run with the question's
-  file and line, and the predictions already written stay where they are;
+* every image checked *before* generation starts (``Runner.check_images``): missing ones stop the
+  run with their files and lines, and the predictions already written stay where they are;
 * ``suffix``: the instruction LLaVA appends ("Answer the question using a single word or
   phrase."), added only when the question file's text does not already end with it (LLaVA's own
   question files carry it; hand-made ones often do not);
@@ -132,10 +132,12 @@ class OfficialRunner(Runner):
     """LLaVA's instruction appended to each question (None: the text is sent as it is)."""
     annotation_hint: str = ""
     """What ``annotations`` should be, for error messages; empty when the benchmark takes none."""
-    recommended_max_new_tokens: int = 128
-    """The answer length LLaVA's evaluation scripts allow for this benchmark (``max_new_tokens``
-    of model_vqa_loader.py / model_vqa_mmbench.py; 1024 for MM-Vet's long answers). ``EvalConfig``
-    is shared by all runners, so the CLI should pass this when the user gives no value."""
+    default_max_new_tokens: int = 128
+    """The answer length LLaVA's evaluation scripts allow for this benchmark: 128, the default
+    ``--max_new_tokens`` of ``llava/eval/model_vqa_loader.py`` and ``model_vqa_mmbench.py``, which
+    ``scripts/v1_5/eval/*.sh`` do not override (and ``max_new_tokens=128`` of MMMU's LLaVA runner);
+    MM-Vet raises it to 1024 (``model_vqa.py``). Greedy answers stop at the end-of-answer token
+    well before it; the cap only keeps a rambling answer from truncating differently than there."""
 
     def __init__(self, config: EvalConfig = EvalConfig(), annotations: str | Path | None = None):
         super().__init__(config)
@@ -169,14 +171,13 @@ class OfficialRunner(Runner):
     # --- the loop ------------------------------------------------------------------------------------
     def run(self, model, processor, data: str | Path, image_folder: str | Path | None, out_dir: str | Path,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        """``Runner.run`` after two checks that cost nothing: the output folder's predictions are
-        this benchmark's, and every image exists. Then the benchmark's extra files are written."""
+        """``Runner.run`` (which checks that the output folder's predictions are this benchmark's and
+        that every image exists) after the annotation file is read, so a wrong one fails before any
+        generation. Then the benchmark's extra files are written."""
         out = Path(out_dir)
-        self._check_previous_predictions(out / PREDICTIONS_FILE)
         questions = self.read_questions(data)
         if self.config.limit is not None:
             questions = questions[:self.config.limit]
-        self._check_images(questions, image_folder)
         self.annotation_data()   # a wrong annotation file fails now, before any generation
         self._read_once = (str(data), questions)   # the base loop reads them again: same list
         try:
@@ -205,22 +206,13 @@ class OfficialRunner(Runner):
         """Files for the official server or evaluator; none by default."""
         return {}
 
-    def _check_previous_predictions(self, path: Path) -> None:
-        for number, row in enumerate(read_jsonl(path), start=1):
+    def check_previous_predictions(self, rows: Sequence[dict[str, Any]], path: Path) -> None:
+        """Stricter than the base: every row of an official runner carries its benchmark."""
+        for number, row in enumerate(rows, start=1):
             if row.get("benchmark") != self.name:
                 raise BenchmarkFileError(
                     path, f"this prediction is for benchmark {row.get('benchmark')!r}, not {self.name!r}: "
                           f"give {self.name} its own output folder (nothing was changed)", number)
-
-    def _check_images(self, questions: Sequence[dict[str, Any]], image_folder: str | Path | None) -> None:
-        folder = Path(image_folder or ".")
-        missing = [q for q in questions if q.get("image") is not None and not (folder / q["image"]).is_file()]
-        if missing:
-            first = missing[0]
-            raise FileNotFoundError(
-                f"{first['meta']['source']}: the image of question {first['question_id']!r} is missing: "
-                f"{folder / first['image']} ({len(missing)} of {len(questions)} questions lack their image); "
-                f"check --image-folder. Predictions already written are kept.")
 
     # --- images --------------------------------------------------------------------------------------
     def image_source(self, question: dict[str, Any], image_folder: str | Path | None) -> Any:

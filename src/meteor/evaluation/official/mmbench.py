@@ -11,26 +11,36 @@ right only if *every* variant is answered right. Variants get the question id ``
 (k = 0..n−1) and are grouped by ``index mod 10⁶``, the convention of the official TSVs, so a TSV
 that already holds the circular copies (indices ≥ 10⁶) is used as it is, without rotating again.
 
-The letter an answer picks is read by ``extract_choice(…, "mmbench")`` (the rule stage of
-MMBench's evaluator); where the official evaluator would then ask a GPT judge, the variant counts
-as wrong here — a lower bound on the official score. The headline is the circular accuracy in
-percent; ``vanilla`` (first variants only) and per-category circular accuracies are reported too.
-Without answers (a test split), ``mmbench_predictions.tsv`` is written for the MMBench server.
+Answers are matched to letters as VLMEvalKit does (``mmbench_judge``): the rule stage
+(``can_infer``) first, then, for what it cannot read, a GPT judge with the official prompt when a
+judge is given (``judge=``, any OpenAI-compatible endpoint through ``OpenAIGrader``). Without one,
+those questions count as wrong and the score is a lower bound: how many there were is printed and
+saved (``stages`` in scores.json). Every question's verdict and the stage that decided it go to
+``mmbench_verdicts.jsonl``; the judge's replies are cached in ``mmbench_judge.jsonl`` so a re-run
+does not pay twice (an endpoint that cannot be reached stops the scoring with its error rather than
+counting answers wrong; the predictions and the replies received so far are kept). The headline is the circular accuracy in percent; ``vanilla`` (first variants
+only, matched the same way) and per-category circular accuracies are reported too. Without answers
+(a test split), ``mmbench_predictions.tsv`` is written for the MMBench server.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...metrics import extract_choice
+from ..base import EvalConfig, read_jsonl
 from .common import OPTION_LETTER, BenchmarkFileError, OfficialRunner, mean, percent
+from .mmbench_judge import (CircularVerdict, Judge, JudgeCall, VariantJudge, ask_judge, circular_verdict,
+                            stage_counts)
 
 LETTERS = "ABCDEFGHI"
 VARIANT_STRIDE = 1_000_000
 REQUIRED = ("index", "question", "A", "B", "image")
+VERDICTS_FILE = "mmbench_verdicts.jsonl"
+JUDGE_FILE = "mmbench_judge.jsonl"
 
 
 def _present(value: str | None) -> bool:
@@ -42,6 +52,16 @@ class MMBenchRunner(OfficialRunner):
     name = "mmbench"
     suffix = OPTION_LETTER
     expected = "MMBench's TSV (index, question, hint, A..D, answer, category, base64 image)"
+
+    def __init__(self, config: EvalConfig = EvalConfig(), annotations: str | Path | None = None,
+                 judge: Judge | None = None):
+        super().__init__(config, annotations)
+        self.judge = judge
+        self.out_dir: Path | None = None
+
+    def run(self, model, processor, data, image_folder, out_dir, progress=None):
+        self.out_dir = Path(out_dir)
+        return super().run(model, processor, data, image_folder, out_dir, progress)
 
     def read_questions(self, data: str | Path) -> list[dict[str, Any]]:
         path = Path(data)
@@ -82,30 +102,80 @@ class MMBenchRunner(OfficialRunner):
                 questions.append(self.question(
                     f"{path}:{line}", index + k * VARIANT_STRIDE, text, None,
                     group=index % VARIANT_STRIDE, round=k, answer=letter, category=row.get("category"),
-                    options=dict(zip(LETTERS, shown)), meta={"image_base64": row["image"]}))
+                    options=dict(zip(LETTERS, shown)), raw_question=row["question"],
+                    meta={"image_base64": row["image"]}))
         return questions
 
     def score(self, predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if any(row["answer"] is None for row in predictions):
             return {"headline": None, "status": "no answers in the TSV (test split): submit "
                                                 "mmbench_predictions.tsv to the MMBench server"}
-        groups: dict[int, list[bool]] = {}
-        category: dict[int, str] = {}
-        vanilla = []
+        groups: dict[int, list[dict[str, Any]]] = {}
         for row in predictions:
-            hit = extract_choice(row["prediction"], row["options"], "mmbench") == row["answer"]
-            groups.setdefault(row["group"], []).append(hit)
-            category[row["group"]] = row.get("category") or "?"
-            if row["round"] == 0:
-                vanilla.append(hit)
-        circular = {group: all(hits) for group, hits in groups.items()}
+            groups.setdefault(row["group"], []).append(row)
+        judge = self._variant_judge()
+        verdicts = {group: circular_verdict(rows, judge) for group, rows in groups.items()}
+        vanilla = [self._vanilla_hit(rows, verdicts[group], judge) for group, rows in groups.items()]
         per_category: dict[str, list[bool]] = {}
-        for group, hit in circular.items():
-            per_category.setdefault(category[group], []).append(hit)
-        accuracy = mean(circular.values())
-        return {"headline": percent(accuracy), "circular_accuracy": accuracy, "groups": len(circular),
-                "vanilla_accuracy": mean(vanilla),
-                "categories": {name: round(mean(hits), 4) for name, hits in sorted(per_category.items())}}
+        for group, verdict in verdicts.items():
+            per_category.setdefault(groups[group][0].get("category") or "?", []).append(verdict.hit)
+        self._write_verdicts(groups, verdicts)
+        stages = stage_counts(list(verdicts.values()))
+        accuracy = mean(v.hit for v in verdicts.values())
+        scores = {"headline": percent(accuracy), "circular_accuracy": accuracy, "groups": len(verdicts),
+                  "vanilla_accuracy": mean(vanilla),
+                  "categories": {name: round(mean(hits), 4) for name, hits in sorted(per_category.items())},
+                  "stages": stages, "lower_bound": stages["failed"] + stages["unjudged"] > 0}
+        if stages["unjudged"]:
+            scores["note"] = (f"{stages['unjudged']} of {len(verdicts)} questions needed MMBench's GPT judge "
+                              "(no option letter could be read from an answer) and were counted wrong: the "
+                              "score is a lower bound; configure a judge (OpenAI-compatible endpoint) to match "
+                              "the official evaluator")
+            print(f"mmbench: {scores['note']}", file=sys.stderr)
+        return scores
+
+    def _variant_judge(self) -> VariantJudge | None:
+        """``ask_judge`` on a prediction row, through the reply cache of the output folder."""
+        if self.judge is None:
+            return None
+        cache_path = None if self.out_dir is None else self.out_dir / JUDGE_FILE
+        cache = {(row["question_id"], row["prediction"]): JudgeCall(row["letter"], row["replies"])
+                 for row in (read_jsonl(cache_path) if cache_path else [])}
+
+        def judge_row(row: dict[str, Any]) -> JudgeCall:
+            key = (row["question_id"], row["prediction"])
+            if key not in cache:
+                question = row.get("raw_question", row["question"].split("\nA. ")[0])
+                cache[key] = ask_judge(self.judge, question, row["options"], row["prediction"])
+                if cache_path is not None:
+                    with cache_path.open("a", encoding="utf-8") as sink:
+                        sink.write(json.dumps({"question_id": key[0], "prediction": key[1],
+                                               "letter": cache[key].letter, "replies": cache[key].replies},
+                                              ensure_ascii=False) + "\n")
+            return cache[key]
+
+        return judge_row
+
+    @staticmethod
+    def _vanilla_hit(rows: list[dict[str, Any]], verdict: CircularVerdict, judge: VariantJudge | None) -> bool:
+        """The first variant alone, matched by the same two stages."""
+        first = min(rows, key=lambda row: row["round"])
+        letter, stage = verdict.letters[first["question_id"]], verdict.stages[first["question_id"]]
+        if letter is None and stage == "skipped" and judge is not None:
+            letter = judge(first).letter
+        return letter == first["answer"]
+
+    def _write_verdicts(self, groups: dict[int, list[dict[str, Any]]], verdicts: dict[int, CircularVerdict]) -> None:
+        if self.out_dir is None:
+            return
+        with (self.out_dir / VERDICTS_FILE).open("w", encoding="utf-8") as sink:
+            for group, verdict in sorted(verdicts.items()):
+                variants = [{"question_id": row["question_id"], "prediction": row["prediction"],
+                             "answer": row["answer"], "read_as": verdict.letters[row["question_id"]],
+                             "stage": verdict.stages[row["question_id"]]}
+                            for row in sorted(groups[group], key=lambda row: row["round"])]
+                sink.write(json.dumps({"index": group, "hit": verdict.hit, "stage": verdict.stage,
+                                       "variants": variants}, ensure_ascii=False) + "\n")
 
     def write_outputs(self, rows, out):
         path = out / "mmbench_predictions.tsv"
@@ -116,4 +186,7 @@ class MMBenchRunner(OfficialRunner):
                 options = [row["options"].get(letter, "") for letter in LETTERS[:4]]
                 writer.writerow([row["question_id"], row["question"].split("\nA. ")[0], *options,
                                  row["prediction"], row.get("category") or ""])
-        return {"mmbench_submission": path}
+        written = {"mmbench_submission": path}
+        if (out / VERDICTS_FILE).is_file():
+            written["mmbench_verdicts"] = out / VERDICTS_FILE
+        return written

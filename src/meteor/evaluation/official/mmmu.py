@@ -7,9 +7,12 @@ or the Hugging Face dataset's ``*.parquet`` files when pyarrow is installed). A 
 image folder, or the dataset's ``{"bytes": …}``). Only the first image is shown, as in MMMU's
 LLaVA runner; the question's "<image 1>" tag stays in the text.
 
-Prompts follow MMMU's LLaVA-1.5 configuration: "question\\n\\n(A) opt\\n(B) opt\\n\\n\\nAnswer with the
-option's letter from the given choices directly." for multiple choice and "question\\n\\nAnswer the
-question using a single word or phrase." for open questions.
+Prompts are MMMU's own for LLaVA-1.5: ``construct_prompt`` of ``mmmu/utils/data_utils.py`` with
+``mmmu/configs/llava1.5.yaml`` (github.com/MMMU-Benchmark/MMMU, used by its ``mmmu/run_llava.py``).
+Multiple choice: "question\\n(A) opt\\n(B) opt\\n\\nAnswer with the option's letter from the given
+choices directly."; open: "question\\nAnswer the question using a single word or phrase.". (The YAML
+writes each format over lines separated by blank lines, inside quotes; YAML folds each blank line
+into one newline, so the blank lines there are single newlines here.)
 
 Scoring: multiple choice by ``extract_choice(…, "mmmu")`` (``parse_multi_choice_response``); where
 the official code picks a random letter, the answer counts as wrong here. Open questions by
@@ -64,6 +67,18 @@ def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return [(f"{path}:record {n}", r) for n, r in enumerate(data if isinstance(data, list) else [data], start=1)]
 
 
+def multiple_choice_prompt(question: str, options: dict[str, str]) -> str:
+    """``multi_choice_example_format`` "{}\\n{}\\nAnswer with …" filled with the question and the
+    options as ``construct_prompt`` lists them, one "(A) text\\n" per option."""
+    listed = "".join(f"({letter}) {option}\n" for letter, option in options.items())
+    return f"{question}\n{listed}\n{OPTION_LETTER}"
+
+
+def open_prompt(question: str) -> str:
+    """``short_ans_example_format`` "{}\\nAnswer the question using a single word or phrase."."""
+    return f"{question}\n{SHORT_ANSWER}"
+
+
 class MMMURunner(OfficialRunner):
     name = "mmmu"
 
@@ -81,12 +96,11 @@ class MMMURunner(OfficialRunner):
                 meta["image_bytes"], image = image["bytes"], None
             if kind == "multiple-choice":
                 options = dict(zip("ABCDEFGHIJ", _as_list(record["options"], source, "options")))
-                listed = "".join(f"({letter}) {option}\n" for letter, option in options.items())
-                text = f"{record['question']}\n\n{listed}\n\n{OPTION_LETTER}"
+                text = multiple_choice_prompt(record["question"], options)
                 answer: Any = record["answer"]
             else:
                 options = {}
-                text = f"{record['question']}\n\n{SHORT_ANSWER}"
+                text = open_prompt(record["question"])
                 answer = _as_list(record["answer"], source, "answer")
             subject = "_".join(str(record["id"]).split("_")[1:-1]) or "?"
             questions.append(self.question(source, record["id"], text, image, question_type=kind,

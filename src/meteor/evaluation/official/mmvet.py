@@ -81,13 +81,15 @@ class OpenAIGrader:
     api_key_env: str = "OPENAI_API_KEY"
     """The environment variable holding the API key (the key itself is never passed around)."""
     max_tokens: int = 3
+    """The reply budget: 3, MM-Vet's, for a grade like "0.7" (``build_runner`` gives MMBench's
+    judge VLMEvalKit's larger one)."""
     timeout: float = 60.0
 
     def __call__(self, prompt: str, temperature: float) -> str:
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise RuntimeError(f"the MM-Vet grader needs an API key in ${self.api_key_env}; set it or pass "
-                               "another api_key_env")
+            raise RuntimeError(f"the grader (MM-Vet's grader, MMBench's judge) needs an API key in "
+                               f"${self.api_key_env}; set it or pass another api_key_env")
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
                            "temperature": temperature, "max_tokens": self.max_tokens}).encode()
         request = urllib.request.Request(f"{self.base_url.rstrip('/')}/chat/completions", data=body,
@@ -105,7 +107,7 @@ def official_id(question_id: Any) -> str:
 class MMVetRunner(LlavaQuestionRunner):
     name = "mmvet"
     suffix = None
-    recommended_max_new_tokens = 1024
+    default_max_new_tokens = 1024   # model_vqa.py's, for MM-Vet's open-ended answers
     question_file = "llava-mm-vet.jsonl"
     annotation_hint = 'MM-Vet\'s mm-vet.json ({"v1_0": {"question", "answer", "capability"}, ...})'
 

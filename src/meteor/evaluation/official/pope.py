@@ -1,7 +1,11 @@
 """POPE: yes/no object-hallucination questions, scored per split as ``eval_pope.py`` scores them.
 
 Questions: LLaVA's ``llava_pope_test.jsonl`` (``question_id``, ``image``, ``text``, ``category`` —
-adversarial, popular or random). Labels: POPE's ``coco_pope_{category}.json`` files (JSONL, one
+adversarial, popular or random). Its texts already end with the instruction ("Is there a snowboard
+in the image?\\nAnswer the question using a single word or phrase.", line 1 of
+``playground/data/eval/pope/llava_pope_test.jsonl`` in github.com/haotian-liu/LLaVA), and LLaVA's
+``model_vqa_loader.py`` (run by ``scripts/v1_5/eval/pope.sh``) sends ``text`` as it is: so the
+instruction is appended only to a question that lacks it (``with_suffix``), never twice. Labels: POPE's ``coco_pope_{category}.json`` files (JSONL, one
 ``{"question_id", "image", "text", "label"}`` per line), given as their folder (LLaVA's
 ``--annotation-dir``) or as one of those files.
 
