@@ -56,7 +56,7 @@ def run_demo(out: str | Path = "meteor-demo", seed: int = 0, quick: bool = False
     for index, k in enumerate(config.budgets):
         log(f"[{4 + index}/{total}] budget {report.budget_label(k, patches)}: stage 1, stage 2, evaluation ...")
         model_dir = pipe.train_budget(world, clip, language_model, k)
-        scores = pipe.evaluate(world, model_dir, k)
+        scores = pipe.evaluate(world, model_dir, budget_name(k))
         acc = scores["accuracy"]
         log("    accuracy: " + ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in acc.items()))
         budgets.append({"k": k, "name": budget_name(k), "model": str(model_dir), "scores": scores})

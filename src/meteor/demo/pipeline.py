@@ -119,26 +119,34 @@ class Pipeline:
 
     # --- 4. stage 1 and stage 2 per budget ----------------------------------------------------------------------
     def train_budget(self, world: WorldManifest, clip: Path, language_model: Path, k: int | None) -> Path:
-        from ..train import TrainConfig, train
-
         meteor_config = MeteorConfig(compressor=CompressorConfig(tokens_per_slice=k, **self.config.compressor),
                                      max_slices=world.config.max_slices)
+        return self.train_variant(world, clip, language_model, budget_name(k), meteor_config)
+
+    def train_variant(self, world: WorldManifest, clip: Path, language_model: Path, name: str,
+                      meteor_config: MeteorConfig) -> Path:
+        """Stage 1 then stage 2 of one model configuration in ``out/runs/<name>/``; its model folder.
+
+        Both stages use the demo's recipe (``config.stage1`` / ``config.stage2``) and seed, so
+        variants differ only by ``meteor_config``; each stage is reused when its key matches."""
+        from ..train import TrainConfig, train
+
         base_key = {"world": world.config.to_dict(), "clip": _read_key(clip),
                     "language_model": _read_key(language_model), "meteor": meteor_config.to_dict()}
-        root = self.out / "runs" / budget_name(k)
+        root = self.out / "runs" / name
         stage1 = Step(root / "stage1", {**base_key, "stage1": asdict(self.config.stage1)}, self.force)
         stage2 = Step(root / "stage2", {**stage1.key, "stage2": asdict(self.config.stage2)},
                       self.force or not stage1.done)
         for stage, step, run in ((1, stage1, self.config.stage1), (2, stage2, self.config.stage2)):
-            name = f"{budget_name(k)}/stage{stage}"
+            step_name = f"{name}/stage{stage}"
             if step.done:
-                self.reused.append(name)
+                self.reused.append(step_name)
                 continue
             started = time.perf_counter()
             step.start()
             config_file = step.folder / "meteor_config.json"
             config_file.write_text(meteor_config.to_json() + "\n")
-            self.log(f"    stage {stage}, K={'all' if k is None else k}: training ...")
+            self.log(f"    {name}, stage {stage}: training ...")
             result = train(TrainConfig(
                 stage=stage, data=str(world.stage1_path if stage == 1 else world.stage2_path),
                 image_folder=str(world.image_folder), vision=str(clip), language_model=str(language_model),
@@ -147,23 +155,24 @@ class Pipeline:
                 per_device_batch_size=run.per_device_batch_size, learning_rate=run.learning_rate,
                 save_every=10 ** 6, keep_checkpoints=1, seed=self.config.seed))
             if result.interrupted:
-                raise RuntimeError(f"{name} was interrupted; re-run meteor demo to start it again")
-            self.log(f"    stage {stage}, K={'all' if k is None else k}: {result.steps_done} steps, "
+                raise RuntimeError(f"{step_name} was interrupted; re-run meteor demo to start it again")
+            self.log(f"    {name}, stage {stage}: {result.steps_done} steps, "
                      f"final loss {result.final_loss:.3f} ({time.perf_counter() - started:.0f} s)")
             step.finish()
-            self._timed(name, started)
+            self._timed(step_name, started)
         return stage2.folder / "model"
 
     # --- 5. evaluation ------------------------------------------------------------------------------------------
-    def evaluate(self, world: WorldManifest, model_dir: Path, k: int | None) -> dict[str, Any]:
+    def evaluate(self, world: WorldManifest, model_dir: Path, name: str) -> dict[str, Any]:
+        """Scores of ``model_dir`` on the world's test split, in ``out/eval/<name>/`` (resumable)."""
         from ..evaluation import EvalConfig, WorldRunner
         from ..modeling import LlavaMeteor
 
-        step = Step(self.out / "eval" / budget_name(k), {"model": _read_key(model_dir.parent),
+        step = Step(self.out / "eval" / name, {"model": _read_key(model_dir.parent),
                                                          "batch": self.config.eval_batch_size}, self.force)
         scores_file = step.folder / "scores.json"
         if step.done and scores_file.is_file():
-            self.reused.append(f"eval/{budget_name(k)}")
+            self.reused.append(f"eval/{name}")
             return json.loads(scores_file.read_text())
         started = time.perf_counter()
         if _read_key(step.folder) != step.key or self.force:
@@ -172,5 +181,5 @@ class Pipeline:
         runner = WorldRunner(EvalConfig(batch_size=self.config.eval_batch_size))
         (step.folder / KEY_FILE).write_text(json.dumps(step.key, indent=2, sort_keys=True) + "\n")
         scores = runner.run(model, processor, world.test_path, world.image_folder, step.folder)
-        self._timed(f"eval/{budget_name(k)}", started)
+        self._timed(f"eval/{name}", started)
         return scores
