@@ -22,6 +22,7 @@ from torch import nn
 
 from .compressor import CompressionOutput, build_compressor
 from .config import CONFIG_NAME, MeteorConfig
+from .features import FeatureCache
 from .processor import MeteorProcessor
 from .slicing import SlicedImage
 from .vision import VisionTower
@@ -60,6 +61,9 @@ class LlavaMeteor(nn.Module):
         self.image_token_id = image_token_id
         self.training_progress: float | None = None
         """Fraction of training done, set by the trainer; drives the native expert's warm-up."""
+        self.feature_cache: FeatureCache | None = None
+        """Where the frozen tower's outputs are kept between calls (``meteor.features``); None:
+        every view is encoded every time."""
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -105,7 +109,10 @@ class LlavaMeteor(nn.Module):
         progress = self.training_progress if self.training else None
         for positions in groups.values():
             pixels = torch.stack([views[p] for p in positions]).to(device, self.vision_tower.dtype)
-            encoded = self.vision_tower(pixels)                      # tokens (n, HW, C), CLS row (n, HW)
+            if self.feature_cache is None:
+                encoded = self.vision_tower(pixels)                  # tokens (n, HW, C), CLS row (n, HW)
+            else:
+                encoded = self.feature_cache.encode(self.vision_tower, pixels)
             out: CompressionOutput = self.compressor(encoded.patch_tokens, encoded.cls_attention,
                                                      encoded.grid, progress)
             for row, position in enumerate(positions):

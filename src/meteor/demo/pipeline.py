@@ -18,6 +18,7 @@ import torch
 
 from ..clip_pretrain import pretrain_clip
 from ..config import CompressorConfig, MeteorConfig
+from ..features import FeatureCache
 from ..world import WorldManifest, generate_world, world_texts
 from .config import DemoConfig
 
@@ -153,7 +154,8 @@ class Pipeline:
                 meteor_config=str(config_file), compressor_from=str(stage1.folder) if stage == 2 else None,
                 output_dir=str(step.folder), epochs=run.epochs, global_batch_size=run.global_batch_size,
                 per_device_batch_size=run.per_device_batch_size, learning_rate=run.learning_rate,
-                save_every=10 ** 6, keep_checkpoints=1, seed=self.config.seed))
+                save_every=10 ** 6, keep_checkpoints=1, seed=self.config.seed,
+                feature_cache=str(self.out / "features")))
             if result.interrupted:
                 raise RuntimeError(f"{step_name} was interrupted; re-run meteor demo to start it again")
             self.log(f"    {name}, stage {stage}: {result.steps_done} steps, "
@@ -178,6 +180,7 @@ class Pipeline:
         if _read_key(step.folder) != step.key or self.force:
             step.start()          # predictions of another model: start over; same model: resume
         model, processor = LlavaMeteor.from_pretrained(model_dir)
+        model.feature_cache = FeatureCache(self.out / "features")
         runner = WorldRunner(EvalConfig(batch_size=self.config.eval_batch_size))
         (step.folder / KEY_FILE).write_text(json.dumps(step.key, indent=2, sort_keys=True) + "\n")
         scores = runner.run(model, processor, world.test_path, world.image_folder, step.folder)

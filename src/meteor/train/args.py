@@ -88,6 +88,11 @@ class TrainConfig:
     """LoRA adapters' learning rate (LLaVA's LoRA recipe); the compressor keeps learning_rate."""
 
     gradient_checkpointing: bool = False
+    feature_cache: str | None = None
+    """Keep the frozen vision tower's outputs: a folder (shared by runs with the same tower, e.g.
+    stage 1 and stage 2 and every budget), or "memory" (this run only, up to 1 GiB). Exact: the
+    cached outputs are the tower's own. Default: encode every view at every step."""
+
     precision: str = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16."""
 

@@ -79,6 +79,10 @@ def load_model(config: TrainConfig, dist: Distributed) -> tuple[LlavaMeteor, Any
         except RuntimeError as err:
             raise TrainConfigError(f"--compressor-from {source} does not fit this model's compressor "
                                    f"(different widths or options?): {err}") from err
+    if config.feature_cache is not None:
+        from ..features import FeatureCache
+
+        model.feature_cache = FeatureCache(None if config.feature_cache == "memory" else config.feature_cache)
     if dist.mode == "fsdp":   # fully_shard moves each unit to the device as it shards it
         return model, processor
     return model.to(dist.device), processor
