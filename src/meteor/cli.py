@@ -39,6 +39,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from .ablate import describe_variants, run_ablation
+    from .demo import full_config, quick_config
+
+    if args.list:
+        config = quick_config(args.seed) if args.quick else full_config(args.seed)
+        print(describe_variants(args.table, args.variant, config))
+        return 0
+    run_ablation(out=args.out, tables=args.table, variants=args.variant, quick=args.quick, seed=args.seed,
+                 force=args.force)
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     from .world import WorldConfig, generate_world
 
@@ -124,6 +137,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller version that takes about a minute")
     demo.add_argument("--force", action="store_true", help="rebuild every step instead of reusing OUT")
     demo.set_defaults(run=_demo)
+
+    ablate = commands.add_parser("ablate", help="the paper's Tables 1-4 in the demo's world",
+                                 description="Train and evaluate the baselines and ablations of the paper's Tables "
+                                 "1-4 on the demo's world with the demo's recipe and seeds; write "
+                                 "OUT/ablation/tables.md and results.json. Runs are cached in OUT (the demo's "
+                                 "folder can be reused).")
+    ablate.add_argument("--out", default="meteor-ablate", help="folder for the outputs (reused when re-run)")
+    ablate.add_argument("--table", action="append", default=None,
+                        help="table1, table2, table3 or table4 (repeatable; default: all four)")
+    ablate.add_argument("--variant", action="append", default=None,
+                        help="run only this variant of the chosen tables (repeatable; see --list)")
+    ablate.add_argument("--seed", type=int, default=0)
+    ablate.add_argument("--quick", action="store_true", help="the demo's --quick world and recipe")
+    ablate.add_argument("--force", action="store_true", help="rebuild every step instead of reusing OUT")
+    ablate.add_argument("--list", action="store_true", help="print the variants per table with their overrides")
+    ablate.set_defaults(run=_ablate)
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="generate the synthetic visual-instruction world")
