@@ -1,0 +1,397 @@
+"""`meteor ablate`: the paper's Tables 1-4 as named variants, trained and evaluated in the demo's world.
+
+A variant is a few overrides of the demo's compressor configuration; everything else (the world,
+the tiny CLIP, the tiny LLaMA, the two-stage recipe, the seeds) is the demo's, so the rows of a
+table differ only by what the variant names. The demo's pipeline caches each run in
+``out/runs/<name>/`` by name and configuration, so a variant listed in several tables (the
+default ``meteor``) is trained once, and a re-run reuses everything that did not change.
+
+    from meteor.ablate import run_ablation
+    results = run_ablation("meteor-ablate", tables=["table2"], quick=True)
+
+Writes ``out/ablation/results.json`` and ``out/ablation/tables.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .compressor import count_parameters
+from .config import CompressorConfig, MeteorConfig
+from .demo import DemoConfig, full_config, quick_config
+
+PAPER_WIDTHS = {"vision_width": 1024, "text_width": 5120}
+"""C and D of the paper's model: CLIP ViT-L/14 and Vicuna-13B."""
+
+PAPER_BUDGETS = (144, 64, 32)
+"""The paper's K per slice of 576 patches. The demo's compressed budgets (16, 7, 3 of 64 patches)
+are the same fractions, so budget i of a variant is the paper's PAPER_BUDGETS[i]."""
+
+
+# --- the registry -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PaperRow:
+    """What the paper reports for the row a variant reproduces (None where it reports nothing)."""
+
+    label: str
+    tokens: str | None = None
+    """Visual tokens as the paper's table gives them (Table 1: per image; Table 4: per slice)."""
+    average: float | None = None
+    """The paper's average over its 12 benchmarks ("Avg")."""
+    parameters_m: float | None = None
+    """Projector parameters in millions (Table 4)."""
+    train_hours: float | None = None
+    tokens_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """CompressorConfig fields that differ from the demo's default (not K: see ``budget``)."""
+    budget: int | None = 0
+    """Index of K in the demo's compressed budgets (and in PAPER_BUDGETS); None keeps every token."""
+
+    def compressor_options(self, budgets: Sequence[int]) -> dict[str, Any]:
+        if self.budget is not None and self.budget >= len(budgets):
+            raise ValueError(f"variant {self.name!r} uses compressed budget #{self.budget}, but the "
+                             f"configuration has only {list(budgets)}: add budgets to DemoConfig.budgets")
+        k = None if self.budget is None else budgets[self.budget]
+        return {**self.overrides, "tokens_per_slice": k}
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    title: str
+    variants: tuple[str, ...]
+    paper: dict[str, PaperRow] = field(default_factory=dict)
+    """The paper's row beside each variant it reports."""
+    efficiency: bool = False
+    """Table 4's layout: cost columns first, accuracy reduced to the average."""
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("meteor", "Top-Down Compression, the paper's defaults (L2S scan, window 3, both experts, λ 0.8)"),
+    Variant("mlp", "LLaVA-1.5: the MLP on every token", {"projector": "mlp"}, budget=None),
+    Variant("resampler", "LLaVA-UHD's compression layer: K learned queries", {"projector": "resampler"}),
+    Variant("avgpool", "average pooling of the patch grid to K tokens", {"projector": "avgpool"}),
+    Variant("cls_topk", "training-free Top-K by CLS attention (FasterVLM)", {"projector": "cls_topk"}),
+    Variant("random_topk", "K random tokens: the floor", {"projector": "random_topk"}),
+    Variant("meteor_11pct", "Top-Down Compression keeping 11% of the patches (the paper's K=64)", budget=1),
+    Variant("meteor_5pct", "Top-Down Compression keeping ~5% of the patches (the paper's K=32)", budget=2),
+    Variant("scan_single", "single scan: no local tokens TL", {"scan_mode": "single"}),
+    Variant("scan_both", "single and L2S sequences through one block, averaged", {"scan_mode": "both"}),
+    Variant("window5", "L2S with a 5×5 local window", {"window_size": 5}),
+    Variant("window7", "L2S with a 7×7 local window", {"window_size": 7}),
+    Variant("expert_visual", "visual expert only (CLS attention)", {"expert_mode": "visual"}),
+    Variant("expert_native", "native expert only (instruction token)", {"expert_mode": "native"}),
+    Variant("lam0.2", "both experts, λ = 0.2", {"lam": 0.2}),
+    Variant("lam0.5", "both experts, λ = 0.5", {"lam": 0.5}),
+    Variant("lam0.9", "both experts, λ = 0.9", {"lam": 0.9}),
+)}
+DEFAULT_VARIANT = "meteor"
+
+_UHD = PaperRow("LLaVA-UHD", "144", 60.4, 137.84, 17.2, 28.4)
+_METEOR = (PaperRow("LLaVA-Meteor 144", "144", 62.4, 37.08, 13.7, 29.1),
+           PaperRow("LLaVA-Meteor 64", "64", 61.0, 37.08, 12.9, 31.3),
+           PaperRow("LLaVA-Meteor 32", "32", 59.3, 37.08, 12.1, 32.9))
+
+TABLES = {t.name: t for t in (
+    Table("table1", "Projectors at the same token budget (paper Table 1: Meteor vs LLaVA-UHD and LLaVA-1.5)",
+          ("meteor", "mlp", "resampler", "avgpool", "cls_topk", "random_topk"),
+          {"meteor": PaperRow("LLaVA-Meteor", "~256", 62.4, 37.08), "mlp": PaperRow("LLaVA-1.5 (7B)", "576"),
+           "resampler": PaperRow("LLaVA-UHD", "~256", 60.4, 137.84)}),
+    Table("table2", "Scanning strategies of Flash Global Fusion (paper Table 2; windows 5 and 7 from §4.4)",
+          ("scan_single", "meteor", "scan_both", "window5", "window7"),
+          {"scan_single": PaperRow("Single", average=61.1), "meteor": PaperRow("Local-to-Single", average=62.4)}),
+    Table("table3", "Expert selection strategies and λ (paper Table 3; the paper reports only λ = 0.8; "
+          "λ = 1 and 0 are close to the visual-only and native-only rows)",
+          ("expert_visual", "expert_native", "meteor", "lam0.2", "lam0.5", "lam0.9"),
+          {"expert_visual": PaperRow("Visual", average=59.0), "expert_native": PaperRow("Native", average=58.3),
+           "meteor": PaperRow("Visual-Native", average=62.4)}),
+    Table("table4", "Efficiency (paper Table 4): the Table 1 projectors and Meteor at the smaller budgets",
+          ("meteor", "meteor_11pct", "meteor_5pct", "mlp", "resampler", "avgpool", "cls_topk", "random_topk"),
+          {"resampler": _UHD, "meteor": _METEOR[0], "meteor_11pct": _METEOR[1], "meteor_5pct": _METEOR[2]},
+          efficiency=True),
+)}
+
+
+def select(tables: Sequence[str] | None = None, variants: Sequence[str] | None = None
+           ) -> tuple[list[Table], list[Variant]]:
+    """The chosen tables and the variants to run, each once, in table order. Unknown names raise
+    a ValueError listing the valid ones."""
+    tables = list(tables or TABLES)
+    unknown = [t for t in tables if t not in TABLES]
+    if unknown:
+        raise ValueError(f"unknown table(s) {unknown}; valid tables: {', '.join(TABLES)}")
+    chosen = [TABLES[t] for t in dict.fromkeys(tables)]
+    names = list(dict.fromkeys(v for table in chosen for v in table.variants))
+    if variants:
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; valid variants: {', '.join(VARIANTS)}")
+        outside = [v for v in variants if v not in names]
+        if outside:
+            raise ValueError(f"variant(s) {outside} are in none of the tables {[t.name for t in chosen]}; "
+                             f"those tables have: {', '.join(names)}")
+        names = [n for n in names if n in variants]
+    return chosen, [VARIANTS[n] for n in names]
+
+
+def compressed_budgets(config: DemoConfig) -> tuple[int, ...]:
+    return tuple(k for k in config.budgets if k is not None)
+
+
+def variant_config(variant: Variant, config: DemoConfig) -> MeteorConfig:
+    """The demo's model configuration with the variant's overrides (as ``Pipeline.train_budget``)."""
+    options = {**config.compressor, **variant.compressor_options(compressed_budgets(config))}
+    return MeteorConfig(compressor=CompressorConfig(**options), max_slices=config.world.max_slices)
+
+
+def paper_width_config(variant: Variant) -> CompressorConfig:
+    """The variant at the paper's widths and K, with the library defaults elsewhere (e.g. Mamba's
+    d_state 16, where the demo uses 8)."""
+    return CompressorConfig(**variant.compressor_options(PAPER_BUDGETS), **PAPER_WIDTHS)
+
+
+def describe_variants(tables: Sequence[str] | None = None, variants: Sequence[str] | None = None,
+                      config: DemoConfig | None = None) -> str:
+    """The `--list` text: per table, each variant with K and its overrides."""
+    config = config or full_config()
+    chosen, selected = select(tables, variants)
+    budgets, names = compressed_budgets(config), {v.name for v in selected}
+    lines = [f"demo compressor: {config.compressor}; K per view: {budgets} (paper: {PAPER_BUDGETS})"]
+    for table in chosen:
+        lines.append(f"\n{table.name}: {table.title}")
+        for variant in (VARIANTS[n] for n in table.variants if n in names):
+            k = "all tokens" if variant.budget is None else (f"K={budgets[variant.budget]} "
+                                                             f"(paper {PAPER_BUDGETS[variant.budget]})")
+            overrides = ", ".join(f"{key}={value}" for key, value in variant.overrides.items()) or "(default)"
+            lines.append(f"  {variant.name:<14} {k:<20} {overrides:<26} {variant.description}")
+    return "\n".join(lines)
+
+
+# --- measurements -----------------------------------------------------------------------------------
+
+def visual_tokens(sizes: Sequence[tuple[int, int]], k: int | None, world_config: Any) -> dict[str, float]:
+    """Mean visual tokens per view and per image over images of ``sizes`` (width, height), as the
+    processor lays them out: K per view, or every patch of each view when K is None."""
+    from .slicing import plan_slices, view_token_counts
+
+    views = tokens = 0
+    for width, height in sizes:
+        plan = plan_slices(width, height, world_config.max_slices, world_config.patch_size, world_config.base_size)
+        counts = view_token_counts(plan, k if k is not None else (lambda grid: grid[0] * grid[1]))
+        views, tokens = views + len(counts), tokens + sum(counts)
+    return {"per_view": tokens / max(views, 1), "per_image": tokens / max(len(sizes), 1)}
+
+
+def _test_image_sizes(world: Any) -> list[tuple[int, int]]:
+    from PIL import Image
+
+    images = {}
+    for line in world.test_path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            images.setdefault(record["image_id"], record["image"])
+    sizes = []
+    for image in images.values():
+        with Image.open(world.image_folder / image) as opened:
+            sizes.append(opened.size)
+    return sizes
+
+
+def run_log(stage_dir: Path) -> dict[str, float | None]:
+    """Training-loop seconds (the last ``elapsed_s``) and mean ``tokens_per_s`` of a stage's log.jsonl."""
+    path = stage_dir / "log.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    speeds = [r["tokens_per_s"] for r in rows if isinstance(r.get("tokens_per_s"), (int, float))]
+    return {"seconds": rows[-1].get("elapsed_s") if rows else None,
+            "tokens_per_s": sum(speeds) / len(speeds) if speeds else None}
+
+
+def measure(variant: Variant, model_dir: Path, scores: dict[str, Any], sizes: Sequence[tuple[int, int]],
+            world_config: Any) -> dict[str, Any]:
+    """Tokens, parameters (demo and paper widths), training and evaluation cost of one trained variant."""
+    built = MeteorConfig.load(model_dir).compressor           # holds the built model's C and D
+    paper = paper_width_config(variant)
+    stages = {f"stage{n}": run_log(model_dir.parent.parent / f"stage{n}") for n in (1, 2)}
+    seconds = [s["seconds"] for s in stages.values()]
+    return {
+        "k": built.tokens_per_slice,
+        "visual_tokens": visual_tokens(sizes, built.tokens_per_slice, world_config),
+        "parameters": {"demo": count_parameters(built)["total"],
+                       "demo_widths": {"C": built.vision_width, "D": built.text_width},
+                       "paper_widths": count_parameters(paper)["total"],
+                       "paper_k": paper.tokens_per_slice},
+        "train_seconds": {**{n: s["seconds"] for n, s in stages.items()},
+                          "total": round(sum(seconds), 3) if None not in seconds else None},
+        "tokens_per_s": stages["stage2"]["tokens_per_s"],
+        "eval_seconds": scores.get("seconds"),
+    }
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+def run_ablation(out: str | Path = "meteor-ablate", tables: Sequence[str] | None = None,
+                 variants: Sequence[str] | None = None, quick: bool = False, seed: int = 0,
+                 force: bool = False, config: DemoConfig | None = None) -> dict[str, Any]:
+    """Train and evaluate the variants of ``tables`` (all four by default; only ``variants`` if
+    given) on the demo's world with the demo's recipe; write ``out/ablation/``."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from .demo.pipeline import Pipeline
+
+    chosen, selected = select(tables, variants)
+    config = config or (quick_config(seed) if quick else full_config(seed))
+    configs = {v.name: variant_config(v, config) for v in selected}       # fail before any training
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(config.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    total = 4 + len(selected)
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
+
+    pipe = Pipeline(out, config, force, log)
+    log(f"[1/{total}] world: {config.world.n_train_images} train + {config.world.n_test_images} test images ...")
+    world = pipe.world()
+    log(f"[2/{total}] tokenizer (BPE, {config.vocab_size}) and tiny LLaMA {config.llama} ...")
+    language_model = pipe.base_language_model(world)
+    log(f"[3/{total}] tiny CLIP ...")
+    clip = pipe.clip(world, language_model)
+    sizes = _test_image_sizes(world)
+    rows = {}
+    for index, variant in enumerate(selected):
+        in_tables = [t.name for t in chosen if variant.name in t.variants]
+        log(f"[{4 + index}/{total}] {variant.name} ({', '.join(in_tables)}): {variant.description} ...")
+        model_dir = pipe.train_variant(world, clip, language_model, variant.name, configs[variant.name])
+        scores = pipe.evaluate(world, model_dir, variant.name)
+        row = {"name": variant.name, "description": variant.description, "overrides": variant.overrides,
+               "tables": in_tables, "model": str(model_dir), "accuracy": scores["accuracy"],
+               "questions": scores.get("questions"),
+               **measure(variant, model_dir, scores, sizes, world.config),
+               "wall_seconds": {key: pipe.timings[key] for key in (f"{variant.name}/stage1",
+                                f"{variant.name}/stage2", f"eval/{variant.name}") if key in pipe.timings}}
+        rows[variant.name] = row
+        log("    accuracy: " + ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in scores["accuracy"].items()))
+    log(f"[{total}/{total}] tables ...")
+    folder = out / "ablation"
+    folder.mkdir(exist_ok=True)
+    results = {"tables": {t.name: {"title": t.title, "variants": [n for n in t.variants if n in rows],
+                                   "paper": {n: asdict(row) for n, row in t.paper.items() if n in rows}}
+                          for t in chosen},
+               "variants": rows, "baselines": world.baselines, "paper_widths": PAPER_WIDTHS,
+               "paper_budgets": PAPER_BUDGETS, "config": config.to_dict(), "timings": pipe.timings,
+               "reused": pipe.reused, "seconds": round(time.perf_counter() - started, 1)}
+    (folder / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (folder / "tables.md").write_text(markdown(results, chosen) + "\n")
+    log(f"wrote {folder / 'tables.md'} and results.json in {results['seconds']} s"
+        f"{' (reused: ' + ', '.join(pipe.reused) + ')' if pipe.reused else ''}")
+    return results
+
+
+# --- the tables -------------------------------------------------------------------------------------
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _millions(value: float | None) -> str:
+    return "–" if value is None else f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value / 1e3:.1f}K"
+
+
+def _types(results: dict[str, Any]) -> list[str]:
+    types = [t for t in results["baselines"] if t != "all"]
+    for row in results["variants"].values():
+        types += [t for t in row["accuracy"] if t != "all" and t not in types]
+    return types
+
+
+def _mean(accuracy: dict[str, Any], types: Sequence[str], key: str = "accuracy") -> float | None:
+    values = [accuracy[t][key] for t in types if t in accuracy and key in accuracy[t]]
+    return sum(values) / len(values) if values else None
+
+
+def markdown(results: dict[str, Any], tables: Sequence[Table]) -> str:
+    """One markdown table per paper table from ``results`` (as written to results.json)."""
+    types, baselines = _types(results), results["baselines"]
+    config = results["config"]
+    lines = ["# Ablations on the demo world", "",
+             f"World: {config['world']['n_train_images']} train / {config['world']['n_test_images']} test "
+             f"images, seed {config['seed']}; every variant has the same tiny CLIP, tiny LLaMA, recipe "
+             f"and seed. Accuracy: exact match per question type; `all` pools the questions, `mean` "
+             f"averages the types (like the paper's Avg over benchmarks). Tokens: visual tokens per view "
+             f"and per image, mean over the test images' views. Parameters: the projector at the demo's "
+             f"widths, and at the paper's (C={PAPER_WIDTHS['vision_width']}, D={PAPER_WIDTHS['text_width']}, "
+             f"K={PAPER_BUDGETS[0]}/{PAPER_BUDGETS[1]}/{PAPER_BUDGETS[2]}, library defaults elsewhere) "
+             f"beside the paper's figure. Train s: training-loop seconds, stage 1 + stage 2 (log.jsonl); "
+             f"tokens/s: mean over stage-2 steps. Paper numbers are on its 12 benchmarks with Vicuna-13B: "
+             f"compare directions, not values."]
+    for table in tables:
+        names = results["tables"][table.name]["variants"]
+        rows = [results["variants"][n] for n in names]
+        lines += ["", f"## {table.name}: {table.title}", ""]
+        lines += _efficiency(rows, table, types) if table.efficiency else _accuracy(rows, table, types, baselines)
+    return "\n".join(lines)
+
+
+def _accuracy(rows: list[dict[str, Any]], table: Table, types: list[str],
+              baselines: dict[str, Any]) -> list[str]:
+    head = ["variant", "tokens/view", "tokens/image", *types, "all", "mean", "params (demo)",
+            "params (paper widths)", "params (paper)", "train s", "tokens/s", "paper row", "paper avg"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 3) + "---|---:|"]
+    for row in rows:
+        paper = table.paper.get(row["name"])
+        accuracy = row["accuracy"]
+        cells = [f"`{row['name']}`", _number(row["visual_tokens"]["per_view"], 1),
+                 _number(row["visual_tokens"]["per_image"], 1),
+                 *[_number(accuracy[t]["accuracy"]) if t in accuracy else "–" for t in [*types, "all"]],
+                 _number(_mean(accuracy, types)), _millions(row["parameters"]["demo"]),
+                 _millions(row["parameters"]["paper_widths"]),
+                 _millions(paper.parameters_m * 1e6) if paper and paper.parameters_m else "–",
+                 _number(row["train_seconds"]["total"], 1), _number(row["tokens_per_s"], 0),
+                 paper.label if paper else "", _number(paper.average, 1) if paper else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for label, key in (("chance", "chance_accuracy"), ("majority", "majority_accuracy"),
+                       ("blind prior", "form_majority_accuracy")):
+        cells = [f"*{label}*", "", "", *[_number(baselines[t].get(key)) if t in baselines else "–"
+                                         for t in [*types, "all"]],
+                 _number(_mean(baselines, types, key)), *[""] * 7]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _efficiency(rows: list[dict[str, Any]], table: Table, types: list[str]) -> list[str]:
+    head = ["variant", "tokens/view", "tokens/image", "params (demo)", "params (paper widths)", "params (paper)",
+            "train s", "tokens/s", "eval s", "all", "mean", "paper row", "paper tokens", "paper train h",
+            "paper TPS", "paper avg"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * 10 + "---|" + "---:|" * 4]
+    for row in rows:
+        paper = table.paper.get(row["name"])
+        cells = [f"`{row['name']}`", _number(row["visual_tokens"]["per_view"], 1),
+                 _number(row["visual_tokens"]["per_image"], 1), _millions(row["parameters"]["demo"]),
+                 _millions(row["parameters"]["paper_widths"]),
+                 _millions(paper.parameters_m * 1e6) if paper and paper.parameters_m else "–",
+                 _number(row["train_seconds"]["total"], 1), _number(row["tokens_per_s"], 0),
+                 _number(row["eval_seconds"], 1), _number(row["accuracy"].get("all", {}).get("accuracy")),
+                 _number(_mean(row["accuracy"], types))]
+        if paper:
+            cells += [paper.label, paper.tokens or "–", _number(paper.train_hours, 1),
+                      _number(paper.tokens_per_s, 1), _number(paper.average, 1)]
+        else:
+            cells += ["", "–", "–", "–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines

@@ -1,0 +1,162 @@
+"""`meteor ablate`: the registry, the command line, and every variant trained and evaluated in a tiny world."""
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from meteor.ablate import (DEFAULT_VARIANT, PAPER_BUDGETS, PAPER_WIDTHS, TABLES, VARIANTS, markdown,
+                           paper_width_config, run_ablation, select, variant_config, visual_tokens)
+from meteor.compressor import count_parameters
+from meteor.config import CompressorConfig
+from meteor.demo import StageRun, full_config, quick_config
+from meteor.world import WorldConfig
+
+
+def _meteor(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "meteor", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def tiny_config():
+    """The quick demo on 24 train / 6 test images, one CLIP epoch, a couple of steps per stage."""
+    quick = quick_config()
+    return dataclasses.replace(
+        quick, world=dataclasses.replace(quick.world, n_train_images=24, n_test_images=6),
+        clip=dataclasses.replace(quick.clip, epochs=1),
+        stage1=StageRun(epochs=1, global_batch_size=24, learning_rate=1e-3),
+        stage2=StageRun(epochs=1, global_batch_size=48, learning_rate=1e-3))
+
+
+# --- the registry -------------------------------------------------------------------------------------
+
+def test_every_variant_differs_from_the_default_only_where_it_says():
+    config = full_config()
+    default = dataclasses.asdict(variant_config(VARIANTS[DEFAULT_VARIANT], config))
+    for variant in VARIANTS.values():
+        built = dataclasses.asdict(variant_config(variant, config))
+        assert {k: v for k, v in built.items() if k != "compressor"} == \
+               {k: v for k, v in default.items() if k != "compressor"}, variant.name
+        changed = {k for k, v in built["compressor"].items() if v != default["compressor"][k]}
+        said = set(variant.overrides) | ({"tokens_per_slice"} if variant.budget != 0 else set())
+        assert changed == said, (variant.name, changed, said)
+        assert all(built["compressor"][k] == v for k, v in variant.overrides.items())
+
+
+def test_no_two_variants_train_the_same_model():
+    config = full_config()
+    seen = {}
+    for variant in VARIANTS.values():
+        key = variant_config(variant, config).to_json()
+        assert key not in seen, f"{variant.name} duplicates {seen.get(key)}"
+        seen[key] = variant.name
+
+
+def test_the_tables_follow_the_papers_and_the_default_is_run_once():
+    assert set(TABLES) == {"table1", "table2", "table3", "table4"}
+    assert {VARIANTS[n].overrides.get("projector", "meteor") for n in TABLES["table1"].variants} == \
+           {"meteor", "mlp", "resampler", "avgpool", "cls_topk", "random_topk"}
+    assert {VARIANTS[n].overrides.get("scan_mode", "l2s") for n in TABLES["table2"].variants} == \
+           {"single", "l2s", "both"}
+    assert {VARIANTS[n].overrides.get("window_size", 3) for n in TABLES["table2"].variants} == {3, 5, 7}
+    assert {VARIANTS[n].overrides.get("expert_mode", "both") for n in TABLES["table3"].variants} == \
+           {"visual", "native", "both"}
+    assert CompressorConfig().lam == 0.8 and len({VARIANTS[n].overrides.get("lam", 0.8)
+                                                   for n in TABLES["table3"].variants}) >= 4
+    assert set(TABLES["table1"].variants) <= set(TABLES["table4"].variants)
+    _, variants = select()
+    names = [v.name for v in variants]
+    assert names.count(DEFAULT_VARIANT) == 1 and set(names) == set(VARIANTS)
+    assert [v.name for v in select(["table2", "table3"], ["meteor", "lam0.5"])[1]] == ["meteor", "lam0.5"]
+
+
+def test_unknown_names_are_refused_with_the_valid_ones():
+    with pytest.raises(ValueError, match="valid tables: table1, table2, table3, table4"):
+        select(["table5"])
+    with pytest.raises(ValueError, match="valid variants: meteor, mlp"):
+        select(None, ["metor"])
+    with pytest.raises(ValueError, match="in none of the tables"):
+        select(["table1"], ["window7"])
+
+
+def test_paper_width_counts_use_the_papers_widths_and_k():
+    meteor = paper_width_config(VARIANTS["meteor"])
+    assert (meteor.vision_width, meteor.text_width, meteor.tokens_per_slice) == (1024, 5120, 144)
+    assert count_parameters(meteor)["total"] == 38_511_616              # `meteor params` prints the same
+    resampler = paper_width_config(VARIANTS["resampler"])
+    assert count_parameters(resampler)["total"] == count_parameters(
+        CompressorConfig(projector="resampler", tokens_per_slice=144, **PAPER_WIDTHS))["total"]
+    assert paper_width_config(VARIANTS["meteor_5pct"]).tokens_per_slice == PAPER_BUDGETS[2]
+    assert paper_width_config(VARIANTS["mlp"]).tokens_per_slice is None
+
+
+def test_visual_tokens_count_every_view():
+    world = WorldConfig(base_size=112, patch_size=14, max_slices=6)
+    unsliced = visual_tokens([(112, 112)], 16, world)
+    assert unsliced == {"per_view": 16.0, "per_image": 16.0}
+    assert visual_tokens([(112, 112)], None, world) == {"per_view": 64.0, "per_image": 64.0}
+    sliced = visual_tokens([(112, 112), (224, 224)], 16, world)
+    assert sliced["per_view"] == 16.0 and sliced["per_image"] > 16.0
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+def test_cli_list_prints_every_table_and_override():
+    done = _meteor("ablate", "--list")
+    assert done.returncode == 0, done.stderr
+    for name, table in TABLES.items():
+        assert f"\n{name}: " in done.stdout
+    for variant in VARIANTS.values():
+        assert variant.name in done.stdout
+        for key, value in variant.overrides.items():
+            assert f"{key}={value}" in done.stdout
+    one = _meteor("ablate", "--list", "--table", "table2")
+    assert "table2" in one.stdout and "table1" not in one.stdout and "scan_single" in one.stdout
+
+
+def test_cli_refuses_unknown_names_listing_the_valid_ones(tmp_path):
+    done = _meteor("ablate", "--table", "table7", "--out", "x", cwd=tmp_path)
+    assert done.returncode == 2 and "valid tables: table1, table2, table3, table4" in done.stderr
+    done = _meteor("ablate", "--variant", "nope", "--out", "x", cwd=tmp_path)
+    assert done.returncode == 2 and "valid variants:" in done.stderr and "scan_single" in done.stderr
+    assert not (tmp_path / "x").exists()                 # refused before anything is built
+
+
+# --- every variant, end to end -------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_every_variant_trains_and_evaluates(tmp_path, capsys):
+    results = run_ablation(tmp_path / "out", config=tiny_config())
+    printed = capsys.readouterr().out
+    assert set(results["variants"]) == set(VARIANTS)
+    assert printed.count(f"{DEFAULT_VARIANT}, stage 1: training") == 1      # shared by four tables
+    written = json.loads((tmp_path / "out" / "ablation" / "results.json").read_text())
+    assert set(written["variants"]) == set(VARIANTS)
+    for name, row in written["variants"].items():
+        assert row["accuracy"] and all(math.isfinite(v["accuracy"]) for v in row["accuracy"].values()), name
+        assert row["visual_tokens"]["per_image"] >= row["visual_tokens"]["per_view"] > 0
+        assert row["train_seconds"]["total"] > 0 and row["tokens_per_s"] > 0 and row["eval_seconds"] >= 0
+        # paper-width counts are count_parameters of the variant at C=1024, D=5120
+        assert row["parameters"]["paper_widths"] == count_parameters(paper_width_config(VARIANTS[name]))["total"]
+        assert row["parameters"]["demo_widths"] == {"C": 32, "D": 32}
+    assert written["variants"]["meteor"]["visual_tokens"]["per_view"] == 16
+    assert 16 < written["variants"]["mlp"]["visual_tokens"]["per_view"] <= 64    # slices may be smaller
+    assert written["variants"]["meteor"]["tables"] == ["table1", "table2", "table3", "table4"]
+    text = (tmp_path / "out" / "ablation" / "tables.md").read_text()
+    assert text == markdown(written, list(TABLES.values())) + "\n"
+    for name in TABLES:
+        assert f"## {name}: " in text
+    for name in VARIANTS:
+        assert f"| `{name}` |" in text
+    meteor_row = next(line for line in text.splitlines() if line.startswith("| `meteor` |"))
+    assert "38.51M" in meteor_row and "37.08M" in meteor_row                 # ours beside the paper's
+    resampler_row = next(line for line in text.splitlines() if line.startswith("| `resampler` |"))
+    assert "137.84M" in resampler_row
+    assert text.count("| *chance* |") == 3 and text.count("| *majority* |") == 3
+
+    again = run_ablation(tmp_path / "out", tables=["table2"], variants=["meteor"], config=tiny_config())
+    assert {"meteor/stage1", "meteor/stage2", "eval/meteor"} <= set(again["reused"])
+    assert again["variants"]["meteor"]["accuracy"] == written["variants"]["meteor"]["accuracy"]
