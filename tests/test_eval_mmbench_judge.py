@@ -6,8 +6,6 @@ import base64
 import csv
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from PIL import Image
@@ -17,6 +15,8 @@ from meteor.evaluation.official import OpenAIGrader, build_runner
 from meteor.evaluation.official.mmbench_judge import (JUDGE_ATTEMPTS, ask_judge, judge_prompt, read_judge_reply)
 from meteor.metrics import mmbench_can_infer
 from meteor.tiny import tiny_model
+
+from chat_endpoint import chat_endpoint
 
 # --- a tiny MMBench TSV and the model's answers ---------------------------------------------------------
 QUESTIONS = [  # index, question, options, answer
@@ -75,34 +75,14 @@ def write_predictions(runner, tsv, out):
 @pytest.fixture
 def endpoint(monkeypatch):
     """A local /v1/chat/completions answering from REPLIES; yields (base_url, requests received)."""
-    received = []
+    def reply(body):
+        prompt = body["messages"][-1]["content"]
+        quoted = prompt.rsplit("\nAnswer: ", 1)[1].split("\nYour output: ")[0]
+        return REPLIES.get(quoted, "no idea")
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            received.append({"path": self.path, "auth": self.headers["Authorization"], **body})
-            prompt = body["messages"][-1]["content"]
-            quoted = prompt.rsplit("\nAnswer: ", 1)[1].split("\nYour output: ")[0]
-            reply = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                         "content": REPLIES.get(quoted, "no idea")}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     monkeypatch.setenv("JUDGE_KEY", "k-123")
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1", received
-    finally:
-        server.shutdown()
-        server.server_close()
+    with chat_endpoint(reply) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

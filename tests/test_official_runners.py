@@ -9,8 +9,6 @@ import base64
 import csv
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,8 @@ from meteor.evaluation.official.mmmu_open import eval_open, parse_open_response
 from meteor.evaluation.official.mmvet import GRADING_PROMPT, grading_prompt, read_grade
 from meteor.evaluation.official.summary import TABLE1_COLUMNS, collect_headlines, write_table1
 from meteor.tiny import tiny_model
+
+from chat_endpoint import chat_endpoint
 
 SHORT = "\nAnswer the question using a single word or phrase."
 LETTER = "\nAnswer with the option's letter from the given choices directly."
@@ -371,33 +371,13 @@ def test_mmvet_grading_with_a_pluggable_grader_and_the_official_prompt(tmp_path)
 
 
 def test_openai_grader_calls_a_chat_completions_endpoint(monkeypatch):
-    seen = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            seen["path"], seen["auth"] = self.path, self.headers["Authorization"]
-            seen["body"] = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": "0.8"}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with chat_endpoint(lambda body: "0.8") as (base_url, received):
         monkeypatch.setenv("MY_GRADER_KEY", "secret")
-        grader = OpenAIGrader(f"http://127.0.0.1:{server.server_port}/v1", "judge-1", "MY_GRADER_KEY")
+        grader = OpenAIGrader(base_url, "judge-1", "MY_GRADER_KEY")
         assert grader(grading_prompt("Q?", "A", "A"), 0.0) == "0.8"
-    finally:
-        server.shutdown()
+    (seen,) = received
     assert seen["path"] == "/v1/chat/completions" and seen["auth"] == "Bearer secret"
-    assert seen["body"]["model"] == "judge-1" and seen["body"]["messages"][0]["role"] == "user"
+    assert seen["model"] == "judge-1" and seen["messages"][0]["role"] == "user"
     monkeypatch.delenv("MY_GRADER_KEY")
     with pytest.raises(RuntimeError, match="MY_GRADER_KEY"):
         grader("p", 0.0)

@@ -246,26 +246,14 @@ def run_ablation(out: str | Path = "meteor-ablate", tables: Sequence[str] | None
                  force: bool = False, config: DemoConfig | None = None) -> dict[str, Any]:
     """Train and evaluate the variants of ``tables`` (all four by default; only ``variants`` if
     given) on the demo's world with the demo's recipe; write ``out/ablation/``."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from .demo.pipeline import Pipeline
+    from .demo.pipeline import open_pipeline
 
     chosen, selected = select(tables, variants)
     config = config or (quick_config(seed) if quick else full_config(seed))
     configs = {v.name: variant_config(v, config) for v in selected}       # fail before any training
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(config.threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    pipe = open_pipeline(out, config, force)
+    out, log, started = pipe.out, pipe.log, pipe.started
     total = 4 + len(selected)
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
-
-    pipe = Pipeline(out, config, force, log)
     log(f"[1/{total}] world: {config.world.n_train_images} train + {config.world.n_test_images} test images ...")
     world = pipe.world()
     log(f"[2/{total}] tokenizer (BPE, {config.vocab_size}) and tiny LLaMA {config.llama} ...")

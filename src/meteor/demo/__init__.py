@@ -17,32 +17,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import DemoConfig, StageRun, full_config, quick_config
-from .pipeline import Pipeline, budget_name
+from .pipeline import budget_name, open_pipeline
 
 
 def run_demo(out: str | Path = "meteor-demo", seed: int = 0, quick: bool = False, force: bool = False,
              config: DemoConfig | None = None) -> dict[str, Any]:
-    from transformers.utils import logging as hf_logging
-
     from ..modeling import LlavaMeteor
     from . import report
 
     config = config or (quick_config(seed) if quick else full_config(seed))
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(config.threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    pipe = open_pipeline(out, config, force)
+    out, log, started = pipe.out, pipe.log, pipe.started
     total = 5 + len(config.budgets)
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
-
-    pipe = Pipeline(out, config, force, log)
     log(f"[1/{total}] world: {config.world.n_train_images} train + {config.world.n_test_images} test images ...")
     world = pipe.world()
     log(f"    {world.counts['stage2_questions']} train questions, {world.counts['test_questions']} test "

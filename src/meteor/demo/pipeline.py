@@ -52,6 +52,26 @@ def budget_name(k: int | None) -> str:
     return "all" if k is None else f"k{k}"
 
 
+def open_pipeline(out: str | Path, config: DemoConfig, force: bool) -> "Pipeline":
+    """A Pipeline in ``out`` (created) whose log prints lines stamped with the seconds since now;
+    Hugging Face's own progress bars and warnings are silenced and torch uses ``config.threads``."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(config.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
+
+    pipe = Pipeline(out, config, force, log)
+    pipe.started = started
+    return pipe
+
+
 class Pipeline:
     """Runs the steps of ``meteor demo`` in ``out``; ``log`` receives progress lines."""
 
@@ -59,6 +79,7 @@ class Pipeline:
         self.out, self.config, self.force, self.log = out, config, force, log
         self.timings: dict[str, float] = {}
         self.reused: list[str] = []
+        self.started = time.perf_counter()
 
     def _timed(self, name: str, started: float) -> None:
         self.timings[name] = round(time.perf_counter() - started, 1)
