@@ -186,7 +186,10 @@ def findings(results: dict[str, Any], baselines: dict[str, Any], patches: int) -
     if max(by_k.values()) <= prior + 0.05:
         notes.append(f"No budget beats the blind prior ({prior:.3f}, the best a model that ignores the "
                      "image can do) by more than 5 points: the models have not learnt to use the image, so "
-                     "the accuracy differences between budgets are noise and say nothing about compression.")
+                     "the accuracy differences between budgets are noise and say nothing about compression. "
+                     "docs/demo-learning.md in the llava-meteor repository records why (the tiny LLaMA, "
+                     "trained from scratch, does not learn the questions in this budget even when the "
+                     "scene is given as text) and what to try next.")
         return notes
     if len(ks) >= 2:
         high, low = ks[-1], ks[0]
