@@ -73,9 +73,33 @@ def _start(command: list[str], log: Path) -> subprocess.Popen:
         handle.close()
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children first found first."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        children = parents.get(queue.pop(), [])
+        found += children
+        queue += children
+    return found
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
+    # torchrun may put its workers in sessions of their own: kill them by ancestry too, or a hung
+    # worker outlives the test.
+    for pid in [*_descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     try:
-        os.killpg(proc.pid, signal.SIGKILL)      # the session we started: torchrun and its workers
+        os.killpg(proc.pid, signal.SIGKILL)      # the session we started
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)

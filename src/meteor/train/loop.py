@@ -10,6 +10,7 @@ the accumulation: 2 processes and 1 process give the same updates up to floating
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import signal
@@ -263,9 +264,14 @@ def train(config: TrainConfig) -> TrainResult:
         if counters["truncated"]:
             logger.message(f"{counters['truncated']} sample(s) were truncated to max_length={config.max_length}")
     logger.close()
-    dist.barrier()
     result = TrainResult(step, total_steps, interrupted, stop.signal_name, loss_value, model_dir,
                          skipped, counters["truncated"])
+    # Free the DDP wrapper (its reducer's buckets), the model and the optimizer while the process
+    # group lives: otherwise gloo's worker thread may free their tensors (which needs the GIL) while
+    # destroy_process_group joins that thread holding the GIL, a deadlock seen under load.
+    del wrapped, model, optimizer, scheduler, groups, progress
+    gc.collect()
+    dist.barrier()
     dist.shutdown()
     return result
 
