@@ -35,7 +35,8 @@ def _params(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out=args.out, seed=args.seed, quick=args.quick, force=args.force)
+    run_demo(out=args.out, seed=args.seed, quick=args.quick, force=args.force,
+             pretrain_language_model=args.pretrain_language_model)
     return 0
 
 
@@ -136,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a smaller version that takes about a minute")
     demo.add_argument("--force", action="store_true", help="rebuild every step instead of reusing OUT")
+    demo.add_argument("--pretrain-language-model", action="store_true",
+                      help="pretrain the tiny LLaMA on text here (~30 min) instead of using the shipped one")
     demo.set_defaults(run=_demo)
 
     ablate = commands.add_parser("ablate", help="the paper's Tables 1-4 in the demo's world",

@@ -22,12 +22,12 @@ from .pipeline import budget_name, open_pipeline
 
 
 def run_demo(out: str | Path = "meteor-demo", seed: int = 0, quick: bool = False, force: bool = False,
-             config: DemoConfig | None = None) -> dict[str, Any]:
+             config: DemoConfig | None = None, pretrain_language_model: bool = False) -> dict[str, Any]:
     from ..modeling import LlavaMeteor
     from . import report
 
     config = config or (quick_config(seed) if quick else full_config(seed))
-    pipe = open_pipeline(out, config, force)
+    pipe = open_pipeline(out, config, force, pretrain_language_model)
     out, log, started = pipe.out, pipe.log, pipe.started
     total = 5 + len(config.budgets)
     log(f"[1/{total}] world: {config.world.n_train_images} train + {config.world.n_test_images} test images ...")

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..clip_pretrain import ClipPretrainConfig
 from ..world import WorldConfig
+from .language import LanguagePretraining
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,10 @@ class DemoConfig:
     llama: dict[str, int] = field(default_factory=lambda: dict(
         hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2))
-    """Tiny LlamaForCausalLM widths (random init: the LLM learns the world's language in stage 2)."""
+    """Tiny LlamaForCausalLM widths."""
+    language_pretraining: LanguagePretraining | None = LanguagePretraining()
+    """Pretrain the tiny LLaMA on the world's scenes written as text (the shipped asset when it
+    fits); None: random initialisation (``--quick``, whose LLaMA learns nothing in a minute)."""
     budgets: tuple[int | None, ...] = (None, 16, 7, 3)
     """Visual tokens kept per view, K, of the 64 patches: all, 25 %, 11 %, 4.7 % (the paper's
     576 → 144 / 64 / 32 ratios). Each budget is its own training, stage 1 and stage 2, as in
@@ -39,8 +43,8 @@ class DemoConfig:
     stage1: StageRun = StageRun(epochs=1, global_batch_size=16, learning_rate=1e-3)
     """The paper's stage-1 recipe (lr 1e-3, 1 epoch) with a smaller global batch for enough steps."""
     stage2: StageRun = StageRun(epochs=3, global_batch_size=16, learning_rate=2e-3)
-    """Stage 2 trains a randomly initialised tiny LLM, so it needs a much higher learning rate and
-    a few epochs; the paper's 2e-5 fine-tunes a pretrained Vicuna."""
+    """Stage 2 fine-tunes a tiny LLM pretrained on text only, so it needs a much higher learning rate
+    than the paper's 2e-5 for Vicuna-13B."""
     compressor: dict[str, Any] = field(default_factory=lambda: dict(d_state=8, expand=2))
     """Compressor options besides K (Mamba state and expansion kept small)."""
     eval_batch_size: int = 32
@@ -75,4 +79,4 @@ def quick_config(seed: int = 0) -> DemoConfig:
                    num_key_value_heads=1),
         stage1=StageRun(epochs=1, global_batch_size=48, learning_rate=1e-3),
         stage2=StageRun(epochs=1, global_batch_size=48, learning_rate=1e-3),
-        figure_images=2, seed=seed)
+        language_pretraining=None, figure_images=2, seed=seed)

@@ -48,11 +48,20 @@ def _read_key(folder: Path) -> Any:
         return None
 
 
+def _text_processor(tokenizer):
+    """A processor for text-only conversations (it adds the <image> and pad tokens the model's
+    processor adds, so vocabulary sizes agree)."""
+    from ..processor import MeteorProcessor
+
+    return MeteorProcessor(tokenizer, MeteorConfig(), patch_size=14, base_size=112)
+
+
 def budget_name(k: int | None) -> str:
     return "all" if k is None else f"k{k}"
 
 
-def open_pipeline(out: str | Path, config: DemoConfig, force: bool) -> "Pipeline":
+def open_pipeline(out: str | Path, config: DemoConfig, force: bool,
+                  pretrain_language_model: bool = False) -> "Pipeline":
     """A Pipeline in ``out`` (created) whose log prints lines stamped with the seconds since now;
     Hugging Face's own progress bars and warnings are silenced and torch uses ``config.threads``."""
     from transformers.utils import logging as hf_logging
@@ -67,7 +76,7 @@ def open_pipeline(out: str | Path, config: DemoConfig, force: bool) -> "Pipeline
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
 
-    pipe = Pipeline(out, config, force, log)
+    pipe = Pipeline(out, config, force, log, pretrain_language_model)
     pipe.started = started
     return pipe
 
@@ -75,8 +84,11 @@ def open_pipeline(out: str | Path, config: DemoConfig, force: bool) -> "Pipeline
 class Pipeline:
     """Runs the steps of ``meteor demo`` in ``out``; ``log`` receives progress lines."""
 
-    def __init__(self, out: Path, config: DemoConfig, force: bool, log: Callable[[str], None]):
+    def __init__(self, out: Path, config: DemoConfig, force: bool, log: Callable[[str], None],
+                 pretrain_language_model: bool = False):
         self.out, self.config, self.force, self.log = out, config, force, log
+        self.pretrain_language_model = pretrain_language_model
+        """Pretrain the tiny LLaMA here even when the shipped one fits."""
         self.timings: dict[str, float] = {}
         self.reused: list[str] = []
         self.started = time.perf_counter()
@@ -98,22 +110,47 @@ class Pipeline:
 
     # --- 2. tokenizer and the tiny LLaMA --------------------------------------------------------------
     def base_language_model(self, world: WorldManifest) -> Path:
+        """The tokenizer and the tiny LLaMA. With ``config.language_pretraining`` (the full demo), the
+        LLaMA is pretrained on text (``meteor.demo.language``): the shipped asset when its key
+        matches, else pretrained here; without it (``--quick``), it starts from random weights."""
         from transformers import LlamaForCausalLM
 
         from ..tiny import tiny_llama_config, tiny_tokenizer
+        from .language import ASSET, pretrain_language_model, text_conversations
 
-        step = Step(self.out / "language_model", {"world": world.config.to_dict(), "vocab": self.config.vocab_size,
-                                                 "llama": self.config.llama, "seed": self.config.seed}, self.force)
+        recipe = self.config.language_pretraining
+        if recipe is None:
+            key = {"world": world.config.to_dict(), "vocab": self.config.vocab_size, "llama": self.config.llama,
+                   "seed": self.config.seed}
+        else:   # independent of the demo's world: the text world and its tokenizer are fixed
+            key = {"text_world": recipe.world().to_dict(), "vocab": self.config.vocab_size,
+                   "llama": self.config.llama, "pretraining": asdict(recipe)}
+        step = Step(self.out / "language_model", key, self.force)
         if step.done:
             self.reused.append("language_model")
             return step.folder
         started = time.perf_counter()
         step.start()
-        tokenizer = tiny_tokenizer(world_texts(world), self.config.vocab_size)
-        torch.manual_seed(self.config.seed)
-        model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), **self.config.llama))
-        model.save_pretrained(step.folder)
-        tokenizer.save_pretrained(step.folder)
+        if recipe is not None and not self.pretrain_language_model and _read_key(ASSET) == key:
+            for item in ASSET.iterdir():
+                if item.name != KEY_FILE:
+                    shutil.copy2(item, step.folder / item.name)
+            self.log("    the shipped text-pretrained tiny LLaMA (meteor/demo/assets/language_model) fits "
+                     "this configuration: using it (--pretrain-language-model rebuilds it, ~30 min)")
+        else:
+            texts = world_texts(world if recipe is None else recipe.world())
+            tokenizer = tiny_tokenizer(texts, self.config.vocab_size)
+            processor = _text_processor(tokenizer)
+            torch.manual_seed(self.config.seed if recipe is None else recipe.seed)
+            model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), **self.config.llama))
+            if recipe is not None:
+                self.log(f"    pretraining the tiny LLaMA on {recipe.scenes} scenes written as text, "
+                         f"{recipe.steps} steps ...")
+                samples = [processor.encode(c, [], "vicuna_v1") for c in text_conversations(recipe.world(), recipe)]
+                summary = pretrain_language_model(model, samples, tokenizer.pad_token_id, recipe, self.log)
+                self.log(f"    pretrained in {summary['seconds']} s, final loss {summary['final_loss']:.3f}")
+            model.save_pretrained(step.folder)
+            tokenizer.save_pretrained(step.folder)
         step.finish()
         self._timed("language_model", started)
         return step.folder

@@ -1,0 +1,131 @@
+"""The demo's stand-in for Vicuna: a tiny LLaMA pretrained on the world's scenes written as text.
+
+The paper's LLM arrives able to read a context and answer about it; a tiny LLaMA from random
+initialisation cannot learn that within the demo's budget, even when the scene is given as text
+(docs/demo-learning.md). So the demo's language model is pretrained here, by this module, on text
+only: scenes of the generator's train split at indices from ``FIRST_INDEX`` up (never drawn, never
+the test split), each written as ``Scene: large red star near the top left; …; word "CAT" on the
+right.`` followed by its caption and questions in the vicuna_v1 template. No image is involved.
+
+Pretraining to the point where it helps takes about 30 minutes on one CPU core, so the package
+ships the result (``assets/language_model``, 1.8 MB) with the key it was made with; the demo uses
+it when its configuration matches and pretrains otherwise (``meteor demo --pretrain-language-model``
+forces a rebuild).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..conversation import IGNORE_INDEX
+from ..world import WorldConfig
+from ..world.captions import caption, caption_request, region_phrase
+from ..world.questions import SplitState, ask_questions
+from ..world.scene import Scene, make_scene
+
+ASSET = Path(__file__).parent / "assets" / "language_model"
+FIRST_INDEX = 100_000
+"""Text scenes are train-split scenes from this index up: far beyond any drawn image."""
+
+
+@dataclass(frozen=True)
+class LanguagePretraining:
+    """How the demo's tiny LLaMA is pretrained on text (the shipped asset used these values)."""
+
+    scenes: int = 20_000
+    steps: int = 6_000
+    learning_rate: float = 2e-3
+    batch_size: int = 16
+    questions_per_scene: int = 6
+    min_objects: int = 1
+    """1: easy one-shape scenes mixed in (a curriculum); the test world keeps its own minimum."""
+    seed: int = 0
+    world_seed: int = 0
+    """The text world (and the tokenizer's corpus): the full demo's world at this seed, whatever
+    seed the demo itself runs with, so one pretrained LLaMA serves every demo seed."""
+
+    def world(self) -> WorldConfig:
+        return WorldConfig(seed=self.world_seed, n_train_images=1000, n_test_images=150, base_size=112)
+
+
+def describe_scene(scene: Scene) -> str:
+    """The scene as text: shapes in reading order, then texts, each with where it is."""
+    objects = sorted(scene.objects, key=lambda o: ((o.bbox[1] + o.bbox[3]) / 2, (o.bbox[0] + o.bbox[2]) / 2))
+    parts = [f"{o.size} {o.colour} {o.shape} {region_phrase(o.bbox, scene.width, scene.height)}" for o in objects]
+    parts += [f'{t.kind} "{t.text}" {region_phrase(t.bbox, scene.width, scene.height)}' for t in scene.texts]
+    return "Scene: " + "; ".join(parts) + "."
+
+
+def text_conversations(world: WorldConfig, recipe: LanguagePretraining) -> list[list[dict[str, str]]]:
+    """One conversation per text scene: the scene, then its caption request (at a random turn) and
+    its questions, each answered."""
+    config = dataclasses.replace(world, questions_per_image=recipe.questions_per_scene,
+                                 min_objects=recipe.min_objects)
+    state, order = SplitState(), random.Random(1)
+    conversations = []
+    for index in range(FIRST_INDEX, FIRST_INDEX + recipe.scenes):
+        scene = make_scene(config, "train", index)
+        turns = [(q.question, q.answer) for q in ask_questions(scene, config, state)]
+        turns.insert(order.randrange(len(turns) + 1), (caption_request(order), caption(scene)))
+        conversation = []
+        for k, (question, answer) in enumerate(turns):
+            prefix = describe_scene(scene) + "\n" if k == 0 else ""
+            conversation += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+        conversations.append(conversation)
+    return conversations
+
+
+def pretrain_language_model(model: torch.nn.Module, samples: Sequence[tuple[list[int], list[int]]],
+                            pad_id: int, recipe: LanguagePretraining,
+                            progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``model`` (a causal LM) on encoded ``samples`` (input ids, labels): AdamW, cosine decay
+    after a 2 % warm-up, gradient clipping at 1, shuffled epochs. Returns a summary."""
+    started = time.perf_counter()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
+    total, warmup = recipe.steps, max(1, recipe.steps // 50)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup)
+                                                  * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
+    shuffle, step, losses = random.Random(recipe.seed), 0, []
+    model.train()
+    while step < total:
+        order = list(range(len(samples)))
+        shuffle.shuffle(order)
+        for start in range(0, len(order), recipe.batch_size):
+            if step >= total:
+                break
+            ids, mask, labels = pad_batch([samples[i] for i in order[start:start + recipe.batch_size]], pad_id)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            losses.append(float(loss.detach()))
+            step += 1
+            if step % max(1, total // 10) == 0 or step == total:
+                progress(f"    language model step {step}/{total}: loss {sum(losses[-50:]) / len(losses[-50:]):.3f}")
+    model.eval()
+    return {"steps": step, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def pad_batch(samples: Sequence[tuple[list[int], list[int]]], pad_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, attention mask, labels) for a text-only batch."""
+    length = max(len(ids) for ids, _ in samples)
+    ids = torch.full((len(samples), length), pad_id)
+    labels = torch.full((len(samples), length), IGNORE_INDEX)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, (sample_ids, sample_labels) in enumerate(samples):
+        ids[row, :len(sample_ids)] = torch.tensor(sample_ids)
+        labels[row, :len(sample_labels)] = torch.tensor(sample_labels)
+        mask[row, :len(sample_ids)] = 1
+    return ids, mask, labels

@@ -1,0 +1,94 @@
+"""The demo's text-pretrained tiny LLaMA: its corpus, its training loop, the shipped asset."""
+
+import dataclasses
+import json
+import re
+from dataclasses import asdict
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from meteor.demo import full_config
+from meteor.demo.language import (ASSET, FIRST_INDEX, LanguagePretraining, describe_scene, pretrain_language_model,
+                                  text_conversations)
+from meteor.demo.pipeline import Pipeline, _text_processor
+from meteor.tiny import tiny_llama_config, tiny_tokenizer
+from meteor.world import WorldConfig, world_texts
+from meteor.world.scene import make_scene
+
+
+def test_a_scene_written_as_text_names_every_shape_and_text_with_its_place():
+    scene = make_scene(WorldConfig(), "train", 3)
+    text = describe_scene(scene)
+    assert text.startswith("Scene: ") and text.endswith(".")
+    parts = text[len("Scene: "):-1].split("; ")
+    assert len(parts) == len(scene.objects) + len(scene.texts)
+    for obj in scene.objects:
+        assert any(p.startswith(f"{obj.size} {obj.colour} {obj.shape} ") for p in parts)
+    for item in scene.texts:
+        assert any(p.startswith(f'{item.kind} "{item.text}" ') for p in parts)
+    region = re.compile(r" (near the (top|bottom)( left| right)?|on the (left|right)|in the centre)$")
+    assert all(region.search(p) for p in parts)
+
+
+def test_text_conversations_come_from_undrawn_scenes_and_answer_from_the_text():
+    recipe = LanguagePretraining(scenes=12)
+    conversations = text_conversations(recipe.world(), recipe)
+    assert len(conversations) == 12
+    for index, conversation in enumerate(conversations):
+        scene_text = conversation[0]["value"].split("\n")[0]
+        assert scene_text == describe_scene(make_scene(dataclasses.replace(recipe.world(), min_objects=1),
+                                                       "train", FIRST_INDEX + index))
+        assert [t["from"] for t in conversation] == ["human", "gpt"] * (len(conversation) // 2)
+        assert sum(t["value"].startswith(("A ", "An ", "Nothing", "Two", "Three")) for t in conversation[1::2]) >= 1
+        assert len(conversation) // 2 == recipe.questions_per_scene + 1      # the questions and a caption
+        for question, answer in zip(conversation[0::2], conversation[1::2]):
+            if question["value"].startswith(("What colour is the", "What is the colour of the")) \
+                    and "\nA. " not in question["value"]:          # not the lettered choice questions
+                assert answer["value"] in scene_text          # the colour is written in the scene
+
+
+def test_pretraining_lowers_the_loss():
+    tokenizer = tiny_tokenizer(world_texts(WorldConfig(n_train_images=40, n_test_images=4)), 512)
+    processor = _text_processor(tokenizer)
+    recipe = LanguagePretraining(scenes=40, steps=40, batch_size=8)
+    samples = [processor.encode(c, [], "vicuna_v1") for c in text_conversations(recipe.world(), recipe)]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
+    lines = []
+    summary = pretrain_language_model(model, samples, tokenizer.pad_token_id, recipe, lines.append)
+    first = [float(line.rsplit(" ", 1)[1]) for line in lines]
+    assert summary["steps"] == 40 and len(lines) == 10
+    assert first[-1] < 0.8 * first[0]
+
+
+def test_the_shipped_model_fits_the_full_demo_and_its_tokenizer_is_the_recipes():
+    config = full_config()
+    recipe = config.language_pretraining
+    key = json.loads((ASSET / "key.json").read_text())
+    assert key == {"text_world": recipe.world().to_dict(), "vocab": config.vocab_size, "llama": config.llama,
+                   "pretraining": asdict(recipe)}
+    tokenizer = AutoTokenizer.from_pretrained(ASSET)
+    model = LlamaForCausalLM.from_pretrained(ASSET)
+    assert model.config.hidden_size == config.llama["hidden_size"]
+    assert model.get_input_embeddings().num_embeddings == len(_text_processor(tokenizer).tokenizer)
+    rebuilt = tiny_tokenizer(world_texts(recipe.world()), config.vocab_size)
+    assert rebuilt.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+
+
+@pytest.mark.parametrize("pretrain", [False, True])
+def test_the_pipeline_uses_the_shipped_model_unless_told_to_pretrain(tmp_path, pretrain):
+    config = full_config()
+    if pretrain:   # a tiny recipe, so the test pretrains in seconds (its key no longer fits the asset)
+        config = dataclasses.replace(config, language_pretraining=LanguagePretraining(scenes=20, steps=4),
+                                     llama=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=2, num_key_value_heads=1))
+    lines = []
+    pipe = Pipeline(tmp_path, config, force=False, log=lines.append, pretrain_language_model=pretrain)
+    folder = pipe.base_language_model(world=None)
+    shipped = (folder / "model.safetensors").read_bytes() == (ASSET / "model.safetensors").read_bytes()
+    assert shipped != pretrain
+    assert any("shipped" in line for line in lines) != pretrain
+    assert json.loads((folder / "key.json").read_text())["pretraining"] == asdict(config.language_pretraining)
+    assert LlamaForCausalLM.from_pretrained(folder).config.hidden_size == config.llama["hidden_size"]
