@@ -93,6 +93,14 @@ def test_memory_stays_under_its_cap():
         FeatureCache(max_memory_bytes=-1)
 
 
+def test_a_file_given_as_the_cache_folder_is_refused_and_kept(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        FeatureCache(path)
+    assert path.read_text() == "mine"
+
+
 def test_model_loss_and_gradients_are_the_same_with_the_cache():
     model, processor = tiny_model(seed=0)
     from PIL import Image

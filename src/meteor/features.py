@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -57,10 +58,13 @@ class FeatureCache:
         if max_memory_bytes < 0:
             raise ValueError(f"max_memory_bytes must be ≥ 0, got {max_memory_bytes}")
         self.folder = None if folder is None else Path(folder)
+        if self.folder is not None and self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"feature cache {self.folder} is a file, not a folder: give a folder path "
+                             f"(it is created if missing) or 'memory'")
         self.max_memory_bytes = max_memory_bytes
         self._memory: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
         self._memory_bytes = 0
-        self._fingerprints: dict[int, str] = {}
+        self._fingerprints: weakref.WeakKeyDictionary[VisionTower, str] = weakref.WeakKeyDictionary()
         self.hits = self.misses = 0
 
     def encode(self, tower: VisionTower, pixels: Tensor) -> VisionOutput:
@@ -86,10 +90,11 @@ class FeatureCache:
 
     # --- storage ------------------------------------------------------------------------------------
     def _fingerprint(self, tower: VisionTower) -> str:
-        # Weights of a tower never change (it is frozen), so one hash per tower object suffices.
-        if id(tower) not in self._fingerprints:
-            self._fingerprints[id(tower)] = tower_fingerprint(tower)
-        return self._fingerprints[id(tower)]
+        # Weights of a tower never change (it is frozen), so one hash per tower object suffices;
+        # weak keys, so a freed tower's entry cannot be mistaken for a new tower's.
+        if tower not in self._fingerprints:
+            self._fingerprints[tower] = tower_fingerprint(tower)
+        return self._fingerprints[tower]
 
     def _path(self, key: str) -> Path:
         assert self.folder is not None
