@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+from collections import Counter
 from dataclasses import asdict
 
 import pytest
@@ -10,8 +11,8 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from meteor.demo import full_config
-from meteor.demo.language import (ASSET, FIRST_INDEX, LanguagePretraining, describe_scene, pretrain_language_model,
-                                  text_conversations)
+from meteor.demo.language import (ASSET, FIRST_INDEX, LanguagePretraining, describe_scene, focus_conversations,
+                                  pretrain_language_model, text_conversations)
 from meteor.demo.pipeline import Pipeline, _text_processor
 from meteor.tiny import tiny_llama_config, tiny_tokenizer
 from meteor.world import WorldConfig, world_texts
@@ -49,6 +50,25 @@ def test_text_conversations_come_from_undrawn_scenes_and_answer_from_the_text():
                 assert answer["value"] in scene_text          # the colour is written in the scene
 
 
+def test_the_second_phase_asks_one_balanced_question_per_scene_after_the_first_phases_scenes():
+    recipe = LanguagePretraining(scenes=12, focus_scenes=700)
+    conversations = focus_conversations(recipe.world(), recipe)
+    assert len(conversations) == 700
+    world = dataclasses.replace(recipe.world(), min_objects=1)
+    kinds = Counter()
+    for index, conversation in enumerate(conversations):
+        assert [t["from"] for t in conversation] == ["human", "gpt"]        # one question, one answer
+        scene_text, question = conversation[0]["value"].split("\n", 1)
+        assert scene_text == describe_scene(make_scene(world, "train", FIRST_INDEX + 12 + index))
+        answer = conversation[1]["value"]
+        kinds["caption" if answer.endswith(".") and len(answer) > 30 else
+              "exist" if answer in ("yes", "no") else "other"] += 1
+    assert 60 <= kinds["caption"] <= 140                # about one in seven
+    assert 70 <= kinds["exist"] <= 110                  # the types are balanced: about 600 / 6
+    exist = [c[1]["value"] for c in conversations if c[1]["value"] in ("yes", "no")]
+    assert abs(exist.count("yes") - exist.count("no")) <= 1
+
+
 def test_pretraining_lowers_the_loss():
     tokenizer = tiny_tokenizer(world_texts(WorldConfig(n_train_images=40, n_test_images=4)), 512)
     processor = _text_processor(tokenizer)
@@ -81,7 +101,8 @@ def test_the_shipped_model_fits_the_full_demo_and_its_tokenizer_is_the_recipes()
 def test_the_pipeline_uses_the_shipped_model_unless_told_to_pretrain(tmp_path, pretrain):
     config = full_config()
     if pretrain:   # a tiny recipe, so the test pretrains in seconds (its key no longer fits the asset)
-        config = dataclasses.replace(config, language_pretraining=LanguagePretraining(scenes=20, steps=4),
+        config = dataclasses.replace(config, language_pretraining=LanguagePretraining(
+                                         scenes=20, steps=4, focus_scenes=20, focus_steps=3),
                                      llama=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                 num_attention_heads=2, num_key_value_heads=1))
     lines = []
@@ -90,5 +111,6 @@ def test_the_pipeline_uses_the_shipped_model_unless_told_to_pretrain(tmp_path, p
     shipped = (folder / "model.safetensors").read_bytes() == (ASSET / "model.safetensors").read_bytes()
     assert shipped != pretrain
     assert any("shipped" in line for line in lines) != pretrain
+    assert any("second phase in" in line for line in lines) == pretrain
     assert json.loads((folder / "key.json").read_text())["pretraining"] == asdict(config.language_pretraining)
     assert LlamaForCausalLM.from_pretrained(folder).config.hidden_size == config.llama["hidden_size"]

@@ -47,6 +47,16 @@ class LanguagePretraining:
     questions_per_scene: int = 6
     min_objects: int = 1
     """1: easy one-shape scenes mixed in (a curriculum); the test world keeps its own minimum."""
+    focus_scenes: int = 0
+    """Second phase (0: none, as in the shipped asset): this many further scenes, each one sequence
+    holding one question (or, one time in ``len(question types) + 1``, the caption). Short sequences
+    give about 2.5x more answers per token than the first phase. An experimental option: measured in
+    docs/demo-learning.md, not yet shipped."""
+    focus_types: tuple[str, ...] | None = None
+    """Question types of the second phase (None: all of them)."""
+    focus_steps: int = 0
+    focus_learning_rate: float = 2e-3
+    focus_batch_size: int = 32
     seed: int = 0
     world_seed: int = 0
     """The text world (and the tokenizer's corpus): the full demo's world at this seed, whatever
@@ -83,25 +93,51 @@ def text_conversations(world: WorldConfig, recipe: LanguagePretraining) -> list[
     return conversations
 
 
+def focus_conversations(world: WorldConfig, recipe: LanguagePretraining) -> list[list[dict[str, str]]]:
+    """The second phase's corpus: scenes after the first phase's, one sequence each: the scene and
+    one question (types balanced over the corpus), or the scene and its caption request."""
+    config = dataclasses.replace(world, questions_per_image=1, min_objects=recipe.min_objects,
+                                 question_types=recipe.focus_types or world.question_types)
+    state, order = SplitState(), random.Random(2)
+    conversations = []
+    first = FIRST_INDEX + recipe.scenes
+    for index in range(first, first + recipe.focus_scenes):
+        scene = make_scene(config, "train", index)
+        if order.randrange(len(config.question_types) + 1) == 0:
+            question, answer = caption_request(order), caption(scene)
+        else:
+            asked = ask_questions(scene, config, state)
+            if not asked:
+                continue
+            question, answer = asked[0].question, asked[0].answer
+        conversations.append([{"from": "human", "value": describe_scene(scene) + "\n" + question},
+                              {"from": "gpt", "value": answer}])
+    return conversations
+
+
 def pretrain_language_model(model: torch.nn.Module, samples: Sequence[tuple[list[int], list[int]]],
                             pad_id: int, recipe: LanguagePretraining,
-                            progress: Callable[[str], None] = print) -> dict[str, Any]:
+                            progress: Callable[[str], None] = print, *, focus: bool = False,
+                            on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train ``model`` (a causal LM) on encoded ``samples`` (input ids, labels): AdamW, cosine decay
-    after a 2 % warm-up, gradient clipping at 1, shuffled epochs. Returns a summary."""
+    after a 2 % warm-up, gradient clipping at 1, shuffled epochs; the recipe's first phase, or its
+    second with ``focus``. ``on_step(step)`` runs after every step. Returns a summary."""
     started = time.perf_counter()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
-    total, warmup = recipe.steps, max(1, recipe.steps // 50)
+    steps, learning_rate, batch_size = ((recipe.focus_steps, recipe.focus_learning_rate, recipe.focus_batch_size)
+                                        if focus else (recipe.steps, recipe.learning_rate, recipe.batch_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    total, warmup = steps, max(1, steps // 50)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup)
                                                   * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
-    shuffle, step, losses = random.Random(recipe.seed), 0, []
+    shuffle, step, losses = random.Random(recipe.seed + focus), 0, []
     model.train()
     while step < total:
         order = list(range(len(samples)))
         shuffle.shuffle(order)
-        for start in range(0, len(order), recipe.batch_size):
+        for start in range(0, len(order), batch_size):
             if step >= total:
                 break
-            ids, mask, labels = pad_batch([samples[i] for i in order[start:start + recipe.batch_size]], pad_id)
+            ids, mask, labels = pad_batch([samples[i] for i in order[start:start + batch_size]], pad_id)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -110,6 +146,8 @@ def pretrain_language_model(model: torch.nn.Module, samples: Sequence[tuple[list
             optimizer.zero_grad()
             losses.append(float(loss.detach()))
             step += 1
+            if on_step is not None:
+                on_step(step)
             if step % max(1, total // 10) == 0 or step == total:
                 progress(f"    language model step {step}/{total}: loss {sum(losses[-50:]) / len(losses[-50:]):.3f}")
     model.eval()

@@ -116,7 +116,7 @@ class Pipeline:
         from transformers import LlamaForCausalLM
 
         from ..tiny import tiny_llama_config, tiny_tokenizer
-        from .language import ASSET, pretrain_language_model, text_conversations
+        from .language import ASSET, focus_conversations, pretrain_language_model, text_conversations
 
         recipe = self.config.language_pretraining
         if recipe is None:
@@ -149,6 +149,14 @@ class Pipeline:
                 samples = [processor.encode(c, [], "vicuna_v1") for c in text_conversations(recipe.world(), recipe)]
                 summary = pretrain_language_model(model, samples, tokenizer.pad_token_id, recipe, self.log)
                 self.log(f"    pretrained in {summary['seconds']} s, final loss {summary['final_loss']:.3f}")
+                if recipe.focus_steps:
+                    self.log(f"    second phase: {recipe.focus_scenes} scenes, one question each, "
+                             f"{recipe.focus_steps} steps ...")
+                    samples = [processor.encode(c, [], "vicuna_v1")
+                               for c in focus_conversations(recipe.world(), recipe)]
+                    summary = pretrain_language_model(model, samples, tokenizer.pad_token_id, recipe, self.log,
+                                                      focus=True)
+                    self.log(f"    second phase in {summary['seconds']} s, final loss {summary['final_loss']:.3f}")
             model.save_pretrained(step.folder)
             tokenizer.save_pretrained(step.folder)
         step.finish()
