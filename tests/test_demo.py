@@ -55,6 +55,12 @@ def test_quick_demo_writes_the_report_with_numbers_and_pictures(tmp_path):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"({name})" in text
     assert "[9/9]" in done.stdout
+    # the CLIP's own corpus: further train-split scenes of the same seed, unsliced, and no test image
+    # shared with the world the model is evaluated on
+    corpus = json.loads((tmp_path / "out" / "clip_corpus" / "manifest.json").read_text())
+    assert corpus["slice_histogram"]["train"] == {"0": quick_config().clip_images}
+    clip_key = json.loads((tmp_path / "out" / "clip" / "key.json").read_text())
+    assert clip_key["foils"] is True and clip_key["corpus"]["slice_mix"] == [0]
 
     again = _meteor("demo", "--quick", "--out", "out", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

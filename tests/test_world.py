@@ -343,3 +343,51 @@ def test_world_texts_match_the_files_and_cover_the_vocabulary(world):
     with_test = world_texts(world, include_test=True)
     _, _, test = load(world)
     assert len(with_test) == len(from_config) + 2 * len(test)
+
+
+def test_foil_captions_change_exactly_one_detail_and_cover_every_kind():
+    import random as _random
+
+    from meteor.world.captions import foil_caption
+    text = ('A large yellow diamond, an orange circle and three medium purple diamonds on a plain light '
+            'background. The number "370" is written in small grey letters near the top. The word "CAT" '
+            'is written in small grey letters in the centre.')
+    rng, kinds = _random.Random(0), Counter()
+    for _ in range(300):
+        foil = foil_caption(text, rng)
+        assert foil != text
+        old, new = text.split(), foil.split()
+        assert len(old) == len(new)
+        changed = [(a, b) for a, b in zip(old, new) if a != b]
+        # one swapped word, plus at most its article ("a orange" is never written)
+        assert 1 <= len(changed) <= 2 and " a orange" not in foil and " an large" not in foil
+        a, b = changed[-1]
+        if a.startswith('"'):
+            kinds["number" if a.strip('"').isdigit() else "word"] += 1
+            assert len(a) == len(b) if a.strip('"').isdigit() else b.strip('"').isupper()
+        else:
+            kinds[a.strip(",.")] += 1
+    assert {"number", "word", "yellow", "large", "diamond", "three", "diamonds"} <= set(kinds)
+    assert foil_caption("Nothing here.", rng) is None
+    assert foil_caption(text, _random.Random(3)) == foil_caption(text, _random.Random(3))
+
+
+def test_clip_training_puts_each_captions_foil_beside_it(tmp_path):
+    from meteor.clip_pretrain import ClipPretrainConfig, pretrain_clip
+    from meteor.tiny import tiny_tokenizer
+    from meteor.world import generate_world, world_texts
+    from meteor.world.captions import foil_caption
+    world = generate_world(tmp_path / "w", WorldConfig(n_train_images=8, n_test_images=1, slice_mix=(0,)))
+    tokenizer = tiny_tokenizer(world_texts(world.config), 256)
+    records = json.loads(world.stage1_path.read_text())
+    calls = []
+
+    def counting_foil(caption, rng):
+        calls.append(caption)
+        return foil_caption(caption, rng)
+
+    config = ClipPretrainConfig(epochs=2, batch_size=4, vision_width=16, text_width=16, projection_dim=16)
+    summary = pretrain_clip(records, world.image_folder, tokenizer, tmp_path / "clip", config,
+                            progress=lambda line: None, foil=counting_foil)
+    captions = {r["conversations"][1]["value"] for r in records}
+    assert summary["steps"] == 4 and len(calls) == 4 * 4 and set(calls) <= captions

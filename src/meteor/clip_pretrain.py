@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,6 +92,20 @@ def caption_ids(tokenizer, captions: Sequence[str], max_tokens: int) -> torch.Te
     return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
 
 
+def _encode_captions(tokenizer, captions: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = caption_ids(tokenizer, captions, max_tokens)
+    return ids, (ids != tokenizer.pad_token_id) | (ids == len(tokenizer))
+
+
+def _join_texts(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor],
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack two (ids, mask) caption batches, right-padding the narrower one."""
+    width = max(first[0].shape[1], second[0].shape[1])
+    pad = lambda t, value: F.pad(t, (0, width - t.shape[1]), value=value)
+    return (torch.cat([pad(first[0], pad_id), pad(second[0], pad_id)]),
+            torch.cat([pad(first[1], False), pad(second[1], False)]))
+
+
 def square_pixels(path: str | Path, size: int) -> torch.Tensor:
     """(3, size, size) CLIP-normalised pixels of the whole image resized to a square."""
     image = load_image(path).convert("RGB").resize((size, size), resample=3)  # bicubic
@@ -103,11 +118,18 @@ def square_pixels(path: str | Path, size: int) -> torch.Tensor:
 
 def pretrain_clip(records: Sequence[dict], image_folder: str | Path, tokenizer, out_dir: str | Path,
                   config: ClipPretrainConfig = ClipPretrainConfig(),
-                  progress: Callable[[str], None] = print) -> dict[str, Any]:
+                  progress: Callable[[str], None] = print,
+                  foil: Callable[[str, random.Random], str | None] | None = None) -> dict[str, Any]:
     """Train a tiny CLIP with the symmetric InfoNCE loss on LLaVA caption records (``image`` and
     the first ``gpt`` turn) and save it as a ``CLIPModel`` folder (loadable by
     ``VisionTower.from_pretrained``). Returns the run summary (also in ``clip_pretrain.json``),
-    including the final retrieval accuracy on the training batches."""
+    including the final retrieval accuracy on the training batches.
+
+    ``foil(caption, rng)`` (optional) returns a hard negative: the caption with one detail made
+    false. Each batch's foils join its captions on the text side, so every image must also tell its
+    caption from its own foil (the image→text loss runs over captions and foils; the text→image
+    loss over real captions only). Without foils, a tiny CLIP matches captions by colour alone and
+    its patch tokens do not encode shape (docs/demo-learning.md)."""
     from transformers import CLIPModel
 
     out = Path(out_dir)
@@ -116,8 +138,8 @@ def pretrain_clip(records: Sequence[dict], image_folder: str | Path, tokenizer, 
     captions = [next(t["value"] for t in r["conversations"] if t["from"] == "gpt") for r in records]
     started = time.perf_counter()
     images = torch.stack([square_pixels(Path(image_folder) / r["image"], config.image_size) for r in records])
-    texts = caption_ids(tokenizer, captions, config.max_text_tokens)
-    attention = (texts != tokenizer.pad_token_id) | (texts == len(tokenizer))
+    texts, attention = _encode_captions(tokenizer, captions, config.max_text_tokens)
+    foil_rng = random.Random(config.seed)
     n = len(records)
     steps_per_epoch = max(1, n // config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -133,11 +155,18 @@ def pretrain_clip(records: Sequence[dict], image_folder: str | Path, tokenizer, 
         hits = seen = 0
         for b in range(steps_per_epoch):
             index = order[b * config.batch_size:(b + 1) * config.batch_size]
-            out_ = model(input_ids=texts[index], attention_mask=attention[index].long(),
-                         pixel_values=images[index])
-            logits = out_.logits_per_image                                      # (B, B)
+            batch_texts, batch_attention = texts[index], attention[index]
+            foils = [foil(captions[i], foil_rng) for i in index.tolist()] if foil is not None else []
+            foils = [f for f in foils if f is not None]
+            if foils:
+                batch_texts, batch_attention = _join_texts(
+                    (batch_texts, batch_attention), _encode_captions(tokenizer, foils, config.max_text_tokens),
+                    tokenizer.pad_token_id)
+            out_ = model(input_ids=batch_texts, attention_mask=batch_attention.long(), pixel_values=images[index])
+            logits = out_.logits_per_image                                      # (B, B + foils)
             target = torch.arange(len(index))
-            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :len(index)].T, target)) / 2
+            logits = logits[:, :len(index)]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -27,6 +27,14 @@ class DemoConfig:
     """The synthetic world (seeded): 112-px views, an 8×8 patch grid per view, up to 6 slices."""
     clip: ClipPretrainConfig
     """The tiny CLIP trained contrastively on the world's captions."""
+    clip_images: int = 4000
+    """The CLIP's own corpus: this many further train-split scenes of the world, drawn unsliced at
+    the tower's view size (0: the world's train images, each squeezed to one view). In a squeezed
+    sliced image the shapes are a few pixels wide, and a CLIP trained on those learnt colour but
+    not shape (docs/demo-learning.md)."""
+    clip_foils: bool = True
+    """Train the CLIP with hard-negative captions (one shape, colour, size, count or text swapped;
+    ``meteor.world.captions.foil_caption``), so it cannot match captions by colour alone."""
     vocab_size: int = 1024
     """Byte-level BPE vocabulary trained on the world's texts."""
     llama: dict[str, int] = field(default_factory=lambda: dict(
@@ -64,7 +72,7 @@ class DemoConfig:
 def full_config(seed: int = 0) -> DemoConfig:
     return DemoConfig(
         world=WorldConfig(seed=seed, n_train_images=1000, n_test_images=150, base_size=112),
-        clip=ClipPretrainConfig(image_size=112, epochs=12, seed=seed),
+        clip=ClipPretrainConfig(image_size=112, epochs=10, seed=seed),
         seed=seed)
 
 
@@ -79,4 +87,4 @@ def quick_config(seed: int = 0) -> DemoConfig:
                    num_key_value_heads=1),
         stage1=StageRun(epochs=1, global_batch_size=48, learning_rate=1e-3),
         stage2=StageRun(epochs=1, global_batch_size=48, learning_rate=1e-3),
-        language_pretraining=None, figure_images=2, seed=seed)
+        clip_images=96, language_pretraining=None, figure_images=2, seed=seed)

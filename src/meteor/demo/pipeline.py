@@ -7,6 +7,7 @@ deleting it) when it does not, or when ``force`` is set.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -165,24 +166,44 @@ class Pipeline:
 
     # --- 3. tiny CLIP ---------------------------------------------------------------------------------------
     def clip(self, world: WorldManifest, language_model: Path) -> Path:
+        """The tiny CLIP, trained contrastively on captions: of ``config.clip_images`` further
+        unsliced train-split scenes (in ``clip/corpus``, never the test split), or of the world's
+        train images; with hard-negative captions when ``config.clip_foils``."""
         from transformers import AutoTokenizer
 
+        from ..world.captions import foil_caption
+
+        corpus = self.clip_corpus(world)
         step = Step(self.out / "clip", {"world": world.config.to_dict(), "vocab": self.config.vocab_size,
-                                        "clip": asdict(self.config.clip)}, self.force)
+                                        "clip": asdict(self.config.clip), "corpus": corpus.config.to_dict(),
+                                        "foils": self.config.clip_foils}, self.force)
         if step.done:
             self.reused.append("clip")
             return step.folder
         started = time.perf_counter()
         step.start()
         tokenizer = AutoTokenizer.from_pretrained(language_model)
-        records = json.loads(world.stage1_path.read_text())
-        summary = pretrain_clip(records, world.image_folder, tokenizer, step.folder, self.config.clip,
-                                progress=self.log)
+        records = json.loads(corpus.stage1_path.read_text())
+        self.log(f"    {len(records)} images, {'with' if self.config.clip_foils else 'without'} hard-negative captions")
+        summary = pretrain_clip(records, corpus.image_folder, tokenizer, step.folder, self.config.clip,
+                                progress=self.log, foil=foil_caption if self.config.clip_foils else None)
         self.log(f"    CLIP trained in {summary['seconds']} s: in-batch image→caption accuracy "
                  f"{summary['final_batch_retrieval']:.2f} (chance {1 / self.config.clip.batch_size:.2f})")
         step.finish()
         self._timed("clip", started)
         return step.folder
+
+    def clip_corpus(self, world: WorldManifest) -> WorldManifest:
+        """The CLIP's images: the world itself, or its unsliced companion (same seed and scene
+        distribution, one view per image, train split only is used)."""
+        if not self.config.clip_images:
+            return world
+        config = dataclasses.replace(world.config, n_train_images=self.config.clip_images, n_test_images=1,
+                                     slice_mix=(0,))
+        folder = self.out / "clip_corpus"
+        if self.force and folder.exists():
+            shutil.rmtree(folder)
+        return generate_world(folder, config, overwrite=True)
 
     # --- 4. stage 1 and stage 2 per budget ----------------------------------------------------------------------
     def train_budget(self, world: WorldManifest, clip: Path, language_model: Path, k: int | None) -> Path:

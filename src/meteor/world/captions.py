@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 
 from .config import PLURALS
@@ -86,3 +87,59 @@ def _upper_first(text: str) -> str:
 
 def _centre(bbox: tuple[int, int, int, int]) -> tuple[float, float]:
     return (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
+
+
+# --- foils: hard negatives for contrastive training ---------------------------------------------------
+
+def _foil_kinds() -> dict[str, tuple[str, ...]]:
+    from .config import COLOURS, SHAPES, SIZES
+    return {"shape": SHAPES, "plural": tuple(PLURALS[s] for s in SHAPES), "colour": tuple(COLOURS),
+            "size": tuple(SIZES), "count": NUMBER_WORDS[2:7]}
+
+
+_FOIL_PATTERN = re.compile(r'"[^"]+"|[A-Za-z]+')
+
+
+def foil_caption(text: str, rng: random.Random) -> str | None:
+    """``text`` with one detail made false: a shape, colour, size, count word or written text
+    swapped for another value of its kind (a word for another word, a number for another number of
+    as many digits). A hard negative for contrastive training (NegCLIP-style), so a caption cannot
+    be matched by its colours alone. None when the caption names nothing swappable."""
+    kinds = _foil_kinds()
+    candidates = []
+    for match in _FOIL_PATTERN.finditer(text):
+        token = match.group()
+        if token.startswith('"'):
+            candidates.append((match, "text"))
+            continue
+        for kind, values in kinds.items():
+            if token.lower() in values:
+                candidates.append((match, kind))
+                break
+    if not candidates:
+        return None
+    kind = rng.choice(sorted({kind for _, kind in candidates}))     # each kind as likely, then a mention
+    match, kind = rng.choice([c for c in candidates if c[1] == kind])
+    token = match.group()
+    if kind == "text":
+        inner = token[1:-1]
+        if inner.isdigit():
+            while (new := "".join(rng.choice("0123456789") for _ in inner)) == inner or \
+                    (len(new) > 1 and new[0] == "0"):
+                pass
+        else:
+            from .config import WORDS
+            new = rng.choice([w for w in WORDS if w != inner])
+        replacement = f'"{new}"'
+    else:
+        replacement = rng.choice([v for v in kinds[kind] if v != token.lower()])
+        if token[0].isupper():
+            replacement = _upper_first(replacement)
+    result = text[:match.start()] + replacement + text[match.end():]
+    return _fix_articles(result)
+
+
+def _fix_articles(text: str) -> str:
+    """'a orange' → 'an orange' and 'an large' → 'a large' after a swap."""
+    return re.sub(r"\b([Aa])(n?) ([a-z]+)",
+                  lambda m: f"{m.group(1)}{'n' if m.group(3)[0] in 'aeiou' else ''} {m.group(3)}", text)
