@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller version that takes about a minute")
     demo.add_argument("--force", action="store_true", help="rebuild every step instead of reusing OUT")
     demo.add_argument("--pretrain-language-model", action="store_true",
-                      help="pretrain the tiny LLaMA on text here (~30 min) instead of using the shipped one")
+                      help="pretrain the tiny LLaMA on text here (~90 min) instead of using the shipped one")
     demo.set_defaults(run=_demo)
 
     ablate = commands.add_parser("ablate", help="the paper's Tables 1-4 in the demo's world",

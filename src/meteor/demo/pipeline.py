@@ -137,7 +137,7 @@ class Pipeline:
                 if item.name != KEY_FILE:
                     shutil.copy2(item, step.folder / item.name)
             self.log("    the shipped text-pretrained tiny LLaMA (meteor/demo/assets/language_model) fits "
-                     "this configuration: using it (--pretrain-language-model rebuilds it, ~30 min)")
+                     "this configuration: using it (--pretrain-language-model rebuilds it, ~90 min)")
         else:
             texts = world_texts(world if recipe is None else recipe.world())
             tokenizer = tiny_tokenizer(texts, self.config.vocab_size)
