@@ -36,7 +36,9 @@ def run_demo(out: str | Path = "meteor-demo", seed: int = 0, quick: bool = False
         f"questions, slices per image {world.slice_histogram['train']}{' (reused)' if world.reused else ''}")
     log(f"[2/{total}] tokenizer (BPE, {config.vocab_size}) and tiny LLaMA {config.llama} ...")
     language_model = pipe.base_language_model(world)
-    log(f"[3/{total}] tiny CLIP, contrastive on {world.counts['stage1_records']} captions ...")
+    images = config.clip_images or world.counts["stage1_records"]
+    log(f"[3/{total}] tiny CLIP, contrastive on the captions of {images} "
+        f"{'further unsliced train-split' if config.clip_images else 'train'} images ...")
     clip = pipe.clip(world, language_model)
     patches = (config.world.base_size // config.world.patch_size) ** 2
     budgets = []

@@ -138,8 +138,9 @@ def write_markdown(path: Path, results: dict[str, Any], baselines: dict[str, Any
     head = ["question type", "n", "chance", "majority", "blind prior"] + [budget_label(b["k"], patches) for b in budgets]
     lines = ["# meteor demo: LLaVA-Meteor trained end to end in the synthetic world", "",
              "Everything here was built by this run (or reused from an earlier run with the same "
-             "configuration): the world, the tokenizer, a tiny CLIP trained contrastively on the captions, "
-             "a tiny LLaMA, stage 1 and stage 2 of training once per token budget, and exact-match "
+             "configuration): the world, the tokenizer, a tiny CLIP trained contrastively on captions "
+             "(with hard-negative captions), a tiny LLaMA (in the full demo, the one shipped with the "
+             "package, pretrained on the world's scenes written as text), stage 1 and stage 2 of training once per token budget, and exact-match "
              "evaluation on the held-out test split.", "",
              "## Accuracy per question type and token budget", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
