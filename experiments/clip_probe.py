@@ -1,6 +1,6 @@
 """Research script: linear probes of the tiny demo CLIP's patch tokens (not part of the package).
 
-    cd /work/main && python3 experiments/clip_probe.py --root /tmp/fulldemo [--train 400 --test 150]
+    cd /work/main && python3 experiments/clip_probe.py --root /tmp/fulldemo [--train 400 --test 150] [--radius 1]
 
 What it measures: every image of the demo world is cut into the views the Meteor model really
 encodes (the processor's UHD slices plus the global view, `slice_image` with the same arguments as
@@ -57,7 +57,16 @@ def to_view(point, box, size):
     return (x - l) * w / (r - l), (y - t) * h / (b - t)
 
 
-def collect(root: Path, metas: list[dict], towers: dict, max_slices: int):
+def neighbourhood(tokens: torch.Tensor, rows: int, cols: int, patch: int, radius: int) -> torch.Tensor:
+    """The (2·radius+1)² patch tokens around ``patch``, concatenated (zeros beyond the grid)."""
+    grid = tokens.reshape(rows, cols, -1)
+    i, j = divmod(patch, cols)
+    parts = [grid[i + di, j + dj] if 0 <= i + di < rows and 0 <= j + dj < cols else torch.zeros(grid.shape[-1])
+             for di in range(-radius, radius + 1) for dj in range(-radius, radius + 1)]
+    return torch.cat(parts)
+
+
+def collect(root: Path, metas: list[dict], towers: dict, max_slices: int, radius: int = 0):
     """Features per layer and (task, label) lists: {layer: {task: [feature rows]}}, {task: [labels]}."""
     feats = {name: {task: [] for task in TASKS} for name in towers}
     labels = {task: [] for task in TASKS}
@@ -99,7 +108,9 @@ def collect(root: Path, metas: list[dict], towers: dict, max_slices: int):
             for task, label, patch in picks:
                 labels[task].append(label)
                 for name in towers:
-                    feats[name][task].append(outs[name][v].patch_tokens[0, patch].float())
+                    tokens = outs[name][v].patch_tokens[0].float()
+                    feats[name][task].append(tokens[patch] if radius == 0 or task == "patch kind" else
+                                             neighbourhood(tokens, rows, cols, patch, radius))
     return feats, labels
 
 
@@ -128,6 +139,9 @@ def main():
     ap.add_argument("--test", type=int, default=150)
     ap.add_argument("--weight-decay", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--radius", type=int, default=0,
+                    help="probe the (2r+1)² patches around the item's centre patch, concatenated "
+                         "(the per-patch kind task keeps one patch)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
@@ -137,7 +151,7 @@ def main():
     tower = VisionTower.from_pretrained(root / "clip", feature_layer=config.feature_layer)
     towers = {f"layer {tower.feature_layer} (model's)": tower,
               "layer 1": VisionTower.from_model(tower.clip, feature_layer=1)}
-    data = {split: collect(root, scenes(root, split, n), towers, config.max_slices)
+    data = {split: collect(root, scenes(root, split, n), towers, config.max_slices, args.radius)
             for split, n in (("train", args.train), ("test", args.test))}
     print(f"tiny CLIP: {tower.config.num_hidden_layers} layers, width {tower.hidden_size}; "
           f"{args.train} train / {args.test} test images; features extracted in "
