@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from meteor.config import ConfigError
 from meteor.demo import full_config
 from meteor.demo.language import (ASSET, FIRST_INDEX, LanguagePretraining, describe_scene, focus_conversations,
                                   pretrain_language_model, text_conversations)
@@ -67,6 +68,14 @@ def test_the_second_phase_asks_one_balanced_question_per_scene_after_the_first_p
     assert 70 <= kinds["exist"] <= 110                  # the types are balanced: about 600 / 6
     exist = [c[1]["value"] for c in conversations if c[1]["value"] in ("yes", "no")]
     assert abs(exist.count("yes") - exist.count("no")) <= 1
+
+
+@pytest.mark.parametrize("fields", [dict(scenes=0), dict(steps=0), dict(focus_scenes=10),
+                                    dict(focus_steps=10, focus_scenes=0), dict(focus_scenes=-1, focus_steps=-1)])
+def test_impossible_recipes_are_refused_with_the_fix(fields):
+    base = dict(focus_scenes=0, focus_steps=0)
+    with pytest.raises(ConfigError, match="LanguagePretraining"):
+        LanguagePretraining(**{**base, **fields})
 
 
 def test_pretraining_lowers_the_loss():

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..clip_pretrain import ClipPretrainConfig
+from ..config import ConfigError
 from ..world import WorldConfig
 from .language import LanguagePretraining
 
@@ -62,6 +63,11 @@ class DemoConfig:
     """torch threads. On a shared 2-core machine one thread was 5-50× faster than two for these
     tiny matrices (thread contention dominates); raise it on a quiet machine."""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.clip_images < 0 or self.clip_images == 1:
+            raise ConfigError(f"DemoConfig.clip_images must be 0 (the world's own train images) or ≥ 2 "
+                              f"(contrastive batches need two captions), got {self.clip_images}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..config import ConfigError
 from ..conversation import IGNORE_INDEX
 from ..world import WorldConfig
 from ..world.captions import caption, caption_request, region_phrase
@@ -62,6 +63,16 @@ class LanguagePretraining:
     world_seed: int = 0
     """The text world (and the tokenizer's corpus): the full demo's world at this seed, whatever
     seed the demo itself runs with, so one pretrained LLaMA serves every demo seed."""
+
+    def __post_init__(self) -> None:
+        if self.scenes < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ConfigError(f"LanguagePretraining needs scenes, steps and batch_size ≥ 1, got {self.scenes}, "
+                              f"{self.steps}, {self.batch_size}")
+        if self.focus_scenes < 0 or self.focus_steps < 0 or self.focus_batch_size < 1 \
+                or (self.focus_scenes == 0) != (self.focus_steps == 0):
+            raise ConfigError(f"LanguagePretraining's second phase needs focus_scenes and focus_steps both 0 "
+                              f"(no second phase) or both ≥ 1, and focus_batch_size ≥ 1; got "
+                              f"{self.focus_scenes}, {self.focus_steps}, {self.focus_batch_size}")
 
     def world(self) -> WorldConfig:
         return WorldConfig(seed=self.world_seed, n_train_images=1000, n_test_images=150, base_size=112)
@@ -123,6 +134,8 @@ def pretrain_language_model(model: torch.nn.Module, samples: Sequence[tuple[list
     """Train ``model`` (a causal LM) on encoded ``samples`` (input ids, labels): AdamW, cosine decay
     after a 2 % warm-up, gradient clipping at 1, shuffled epochs; the recipe's first phase, or its
     second with ``focus``. ``on_step(step)`` runs after every step. Returns a summary."""
+    if not samples:
+        raise ValueError("pretrain_language_model got no samples: give the recipe at least one scene")
     started = time.perf_counter()
     steps, learning_rate, batch_size = ((recipe.focus_steps, recipe.focus_learning_rate, recipe.focus_batch_size)
                                         if focus else (recipe.steps, recipe.learning_rate, recipe.batch_size))
