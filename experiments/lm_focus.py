@@ -7,17 +7,13 @@ scenes written as text every --every steps (package code: ``meteor.demo.language
 Not part of the package or the tests.
 """
 import argparse, dataclasses, time
-from collections import defaultdict
-
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from meteor.config import MeteorConfig
-from meteor.demo.language import (ASSET, LanguagePretraining, describe_scene, focus_conversations, pad_batch,
-                                  pretrain_language_model)
+from meteor.demo.language import ASSET, LanguagePretraining, focus_conversations, pretrain_language_model
 from meteor.processor import MeteorProcessor
-from meteor.world.questions import SplitState, ask_questions
-from meteor.world.scene import make_scene
+from text_eval import exact_match, text_test_set
 
 p = argparse.ArgumentParser()
 p.add_argument("--scenes", type=int, default=200000)
@@ -38,13 +34,7 @@ lm = LlamaForCausalLM.from_pretrained(a.init)
 proc = MeteorProcessor(tok, MeteorConfig(), patch_size=14, base_size=112)
 t0 = time.time()
 samples = [proc.encode(c, [], "vicuna_v1") for c in focus_conversations(recipe.world(), recipe)]
-test_world = dataclasses.replace(recipe.world(), questions_per_image=4)
-state, test = SplitState(), []
-for i in range(150):
-    s = make_scene(test_world, "test", i)
-    for q in ask_questions(s, test_world, state):
-        conv = [{"from": "human", "value": describe_scene(s) + "\n" + q.question}, {"from": "gpt", "value": q.answer}]
-        test.append((proc.encode(conv, [], "vicuna_v1"), q.question_type))
+test = text_test_set(proc)
 print(f"data {time.time() - t0:.0f}s: {len(samples)} samples, mean length "
       f"{sum(len(x[0]) for x in samples) / len(samples):.0f}", flush=True)
 
@@ -52,17 +42,8 @@ print(f"data {time.time() - t0:.0f}s: {len(samples)} samples, mean length "
 def evaluate(step):
     if step % a.every and step != a.steps:
         return
-    lm.eval(); hit = defaultdict(list)
-    with torch.no_grad():
-        for s in range(0, len(test), 64):
-            chunk = test[s:s + 64]
-            ids, am, lab = pad_batch([c[0] for c in chunk], tok.pad_token_id)
-            pred = lm(input_ids=ids, attention_mask=am).logits[:, :-1].argmax(-1); l = lab[:, 1:]
-            ok = ((pred == l) | (l == -100)).all(-1)
-            for j, c in enumerate(chunk):
-                hit[c[1]].append(bool(ok[j])); hit["all"].append(bool(ok[j]))
-    lm.train()
-    print(f"step {step} t {time.time() - t0:.0f}s " + " ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in sorted(hit.items())),
+    accuracy = exact_match(lm, test, tok.pad_token_id)
+    print(f"step {step} t {time.time() - t0:.0f}s " + " ".join(f"{k} {v:.2f}" for k, v in accuracy.items()),
           flush=True)
     lm.save_pretrained(a.out); tok.save_pretrained(a.out)
 

@@ -7,18 +7,18 @@ scenes written as text?  Uses the package's own text corpus code (``meteor.demo.
 Prints teacher-forced exact match per question type (and exist subtype) on the demo world's test
 scenes written as text, every --every steps. Not part of the package or the tests.
 """
-import argparse, dataclasses, math, random, time
-from collections import defaultdict
+import argparse, dataclasses, time
 
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from meteor.config import MeteorConfig
-from meteor.demo.language import ASSET, LanguagePretraining, describe_scene, pad_batch, text_conversations
+from meteor.demo.language import ASSET, LanguagePretraining, describe_scene, pretrain_language_model, text_conversations
 from meteor.processor import MeteorProcessor
 from meteor.tiny import tiny_llama_config
 from meteor.world.questions import SplitState, ask_questions
 from meteor.world.scene import make_scene
+from text_eval import exact_match, text_test_set
 
 p = argparse.ArgumentParser()
 p.add_argument("--types", default="colour,count,exist,read,position,choice")
@@ -57,14 +57,7 @@ if a.no_caption:  # rebuild each conversation from its scene and questions only
                      {"from": "gpt", "value": q.answer}]
         convs.append(conv)
 train = [proc.encode(c, [], "vicuna_v1") for c in convs]
-test_world = dataclasses.replace(recipe.world(), questions_per_image=4)
-state, test = SplitState(), []
-for i in range(150):
-    s = make_scene(test_world, "test", i)
-    for q in ask_questions(s, test_world, state):
-        conv = [{"from": "human", "value": describe_scene(s) + "\n" + q.question}, {"from": "gpt", "value": q.answer}]
-        key = q.question_type + ("/" + q.subtype if q.question_type == "exist" else "")
-        test.append((proc.encode(conv, [], "vicuna_v1"), key))
+test = text_test_set(proc, key=lambda q: q.question_type + ("/" + q.subtype if q.question_type == "exist" else ""))
 print(f"data {time.time() - t0:.0f}s, mean train length {sum(len(x[0]) for x in train) / len(train):.0f}", flush=True)
 torch.manual_seed(0)
 if a.init:
@@ -75,34 +68,13 @@ else:
                                             num_key_value_heads=a.kv))
 
 
-def evaluate():
-    lm.eval(); hit = defaultdict(list)
-    with torch.no_grad():
-        for s in range(0, len(test), 64):
-            chunk = test[s:s + 64]
-            ids, am, lab = pad_batch([c[0] for c in chunk], tok.pad_token_id)
-            pred = lm(input_ids=ids, attention_mask=am).logits[:, :-1].argmax(-1); l = lab[:, 1:]
-            ok = ((pred == l) | (l == -100)).all(-1)
-            for j, c in enumerate(chunk):
-                hit[c[1]].append(bool(ok[j])); hit[c[1].split("/")[0]].append(bool(ok[j]))
-    lm.train()
-    return {k: sum(v) / len(v) for k, v in sorted(hit.items())}
+def evaluate(step):
+    if step % a.every == 0 or step == a.steps:
+        print(f"step {step} t {time.time() - t0:.0f}s "
+              + " ".join(f"{k} {v:.2f}" for k, v in exact_match(lm, test, tok.pad_token_id).items()), flush=True)
+        lm.save_pretrained(a.out); tok.save_pretrained(a.out)
 
 
-opt = torch.optim.AdamW(lm.parameters(), lr=a.lr, weight_decay=0.0)
-warm = max(1, a.steps // 50)
-sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1, s / a.steps))))
-rng = random.Random(0); step = 0; t0 = time.time(); losses = []
-while step < a.steps:
-    order = list(range(len(train))); rng.shuffle(order)
-    for s in range(0, len(order), a.bs):
-        if step >= a.steps: break
-        ids, am, lab = pad_batch([train[i] for i in order[s:s + a.bs]], tok.pad_token_id)
-        loss = lm(input_ids=ids, attention_mask=am, labels=lab).loss
-        loss.backward(); torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0); opt.step(); sch.step(); opt.zero_grad()
-        step += 1; losses.append(loss.item())
-        if step % a.every == 0 or step == a.steps:
-            r = evaluate()
-            print(f"step {step} t {time.time() - t0:.0f}s loss {sum(losses[-50:]) / len(losses[-50:]):.3f} "
-                  + " ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
-            lm.save_pretrained(a.out); tok.save_pretrained(a.out)
+t0 = time.time()
+recipe = dataclasses.replace(recipe, steps=a.steps, learning_rate=a.lr, batch_size=a.bs)
+print(pretrain_language_model(lm, train, tok.pad_token_id, recipe, on_step=evaluate), flush=True)

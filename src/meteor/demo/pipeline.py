@@ -20,7 +20,7 @@ import torch
 from ..clip_pretrain import pretrain_clip
 from ..config import CompressorConfig, MeteorConfig
 from ..features import FeatureCache
-from ..world import WorldManifest, generate_world, world_texts
+from ..world import WorldConfig, WorldManifest, generate_world, world_texts
 from .config import DemoConfig
 
 KEY_FILE = "key.json"
@@ -167,15 +167,15 @@ class Pipeline:
     # --- 3. tiny CLIP ---------------------------------------------------------------------------------------
     def clip(self, world: WorldManifest, language_model: Path) -> Path:
         """The tiny CLIP, trained contrastively on captions: of ``config.clip_images`` further
-        unsliced train-split scenes (in ``clip/corpus``, never the test split), or of the world's
+        unsliced train-split scenes (in ``clip_corpus/``, never the test split), or of the world's
         train images; with hard-negative captions when ``config.clip_foils``."""
         from transformers import AutoTokenizer
 
         from ..world.captions import foil_caption
 
-        corpus = self.clip_corpus(world)
+        corpus_config = self.clip_corpus_config(world)
         step = Step(self.out / "clip", {"world": world.config.to_dict(), "vocab": self.config.vocab_size,
-                                        "clip": asdict(self.config.clip), "corpus": corpus.config.to_dict(),
+                                        "clip": asdict(self.config.clip), "corpus": corpus_config.to_dict(),
                                         "foils": self.config.clip_foils}, self.force)
         if step.done:
             self.reused.append("clip")
@@ -183,6 +183,7 @@ class Pipeline:
         started = time.perf_counter()
         step.start()
         tokenizer = AutoTokenizer.from_pretrained(language_model)
+        corpus = self.clip_corpus(world, corpus_config)
         records = json.loads(corpus.stage1_path.read_text())
         self.log(f"    {len(records)} images, {'with' if self.config.clip_foils else 'without'} hard-negative captions")
         summary = pretrain_clip(records, corpus.image_folder, tokenizer, step.folder, self.config.clip,
@@ -193,13 +194,18 @@ class Pipeline:
         self._timed("clip", started)
         return step.folder
 
-    def clip_corpus(self, world: WorldManifest) -> WorldManifest:
+    def clip_corpus_config(self, world: WorldManifest) -> WorldConfig:
         """The CLIP's images: the world itself, or its unsliced companion (same seed and scene
-        distribution, one view per image, train split only is used)."""
+        distribution, one view per image; only its train split is used)."""
         if not self.config.clip_images:
+            return world.config
+        return dataclasses.replace(world.config, n_train_images=self.config.clip_images, n_test_images=1,
+                                   slice_mix=(0,))
+
+    def clip_corpus(self, world: WorldManifest, config: WorldConfig) -> WorldManifest:
+        """The corpus of ``clip_corpus_config``, generated (or reused) only when the CLIP is trained."""
+        if config == world.config:
             return world
-        config = dataclasses.replace(world.config, n_train_images=self.config.clip_images, n_test_images=1,
-                                     slice_mix=(0,))
         folder = self.out / "clip_corpus"
         if self.force and folder.exists():
             shutil.rmtree(folder)
