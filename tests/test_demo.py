@@ -60,7 +60,9 @@ def test_quick_demo_writes_the_report_with_numbers_and_pictures(tmp_path):
     corpus = json.loads((tmp_path / "out" / "clip_corpus" / "manifest.json").read_text())
     assert corpus["slice_histogram"]["train"] == {"0": quick_config().clip_images}
     clip_key = json.loads((tmp_path / "out" / "clip" / "key.json").read_text())
-    assert clip_key["foils"] is True and clip_key["corpus"]["slice_mix"] == [0]
+    assert clip_key["foils"] is True and clip_key["regions"] is True and clip_key["corpus"]["slice_mix"] == [0]
+    clip_run = json.loads((tmp_path / "out" / "clip" / "clip_pretrain.json").read_text())
+    assert 0.0 <= clip_run["final_region_accuracy"] <= 1.0       # the region–phrase loss ran
 
     again = _meteor("demo", "--quick", "--out", "out", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

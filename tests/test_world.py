@@ -391,3 +391,61 @@ def test_clip_training_puts_each_captions_foil_beside_it(tmp_path):
                             progress=lambda line: None, foil=counting_foil)
     captions = {r["conversations"][1]["value"] for r in records}
     assert summary["steps"] == 4 and len(calls) == 4 * 4 and set(calls) <= captions
+
+
+def test_patch_weights_average_each_box_over_the_patches_it_covers():
+    import torch
+
+    from meteor.clip_pretrain import patch_weights
+    # a 56×28 image resized to a 28-px square of 14-px patches (2×2): x is halved, y kept
+    weights = patch_weights([(0, 0, 28, 14), (14, 7, 42, 21), (30, 20, 30, 20)], (56, 28), 28, 14)
+    assert weights.shape == (3, 4)
+    assert torch.allclose(weights.sum(1), torch.ones(3))
+    assert torch.allclose(weights[0], torch.tensor([1.0, 0, 0, 0]))                 # exactly patch (0, 0)
+    assert torch.allclose(weights[1], torch.full((4,), 0.25))                      # the middle of all four
+    assert torch.allclose(weights[2], torch.tensor([0, 0, 0, 1.0]))                # empty box: its centre's patch
+
+
+def test_item_phrases_name_each_shape_and_text_alone():
+    from meteor.world.captions import item_phrases
+    meta = {"objects": [{"shape": "cross", "colour": "orange", "size": "large", "bbox": [62, 40, 89, 67]}],
+            "texts": [{"text": "SUN", "kind": "word", "bbox": [14, 3, 53, 17]}]}
+    assert item_phrases(meta) == [((62, 40, 89, 67), "a large orange cross"), ((14, 3, 53, 17), 'the word "SUN"')]
+
+
+def test_clip_region_loss_trains_the_patch_tokens_of_its_layer(tmp_path):
+    import dataclasses
+
+    from meteor.clip_pretrain import ClipPretrainConfig, pretrain_clip
+    from meteor.tiny import tiny_tokenizer
+    from meteor.world import generate_world, world_texts
+    from meteor.world.captions import foil_caption, item_phrases
+    world = generate_world(tmp_path / "w", WorldConfig(n_train_images=8, n_test_images=1, slice_mix=(0,)))
+    tokenizer = tiny_tokenizer(world_texts(world.config), 256)
+    records = json.loads(world.stage1_path.read_text())
+    asked = []
+
+    def regions(record):
+        asked.append(record["id"])
+        return item_phrases(record["meta"])
+
+    config = ClipPretrainConfig(epochs=3, batch_size=4, vision_width=16, text_width=16, projection_dim=16,
+                                learning_rate=3e-3)
+    summary = pretrain_clip(records, world.image_folder, tokenizer, tmp_path / "clip", config,
+                            progress=lambda line: None, foil=foil_caption, regions=regions)
+    assert sorted(asked) == sorted(r["id"] for r in records)          # each record's regions, once
+    assert 0 <= summary["final_region_accuracy"] <= 1
+    log = [json.loads(line) for line in (tmp_path / "clip" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 6 and all(entry["region_loss"] > 0 for entry in log)
+    assert log[-1]["region_loss"] < log[0]["region_loss"]
+    # without regions, or with weight 0, there is no region loss
+    plain = pretrain_clip(records, world.image_folder, tokenizer, tmp_path / "plain",
+                          dataclasses.replace(config, region_weight=0.0), progress=lambda line: None, regions=regions)
+    assert plain["final_region_accuracy"] is None
+    broken = [dict(records[0], meta={"objects": []})] + records[1:]
+    with pytest.raises(ValueError, match="meta.size"):
+        pretrain_clip(broken, world.image_folder, tokenizer, tmp_path / "broken", config,
+                      progress=lambda line: None, regions=regions)
+    for bad in (dict(region_weight=-1.0), dict(region_layer=0), dict(region_layer=9)):
+        with pytest.raises(ValueError, match="region"):
+            ClipPretrainConfig(**bad)

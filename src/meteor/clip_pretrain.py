@@ -52,6 +52,11 @@ class ClipPretrainConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     weight_decay: float = 0.1
+    region_weight: float = 1.0
+    """Weight of the region–phrase loss when ``pretrain_clip`` is given ``regions`` (see there)."""
+    region_layer: int = -2
+    """``hidden_states`` index whose patch tokens the region–phrase loss trains: the penultimate
+    layer, the one LLaVA-style models (and ``MeteorConfig.feature_layer``) read."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -60,6 +65,12 @@ class ClipPretrainConfig:
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError(f"need epochs ≥ 1 and batch_size ≥ 2 (contrastive), got {self.epochs}, "
                              f"{self.batch_size}")
+        if self.region_weight < 0:
+            raise ValueError(f"region_weight must be ≥ 0 (0 turns the region–phrase loss off), got "
+                             f"{self.region_weight}")
+        if not -self.vision_layers <= self.region_layer <= self.vision_layers or self.region_layer == 0:
+            raise ValueError(f"region_layer must index one of the {self.vision_layers} encoder layers' "
+                             f"outputs (1..{self.vision_layers} or -1..-{self.vision_layers}), got {self.region_layer}")
 
 
 def tiny_clip_model(config: ClipPretrainConfig, tokenizer) -> Any:
@@ -116,10 +127,33 @@ def square_pixels(path: str | Path, size: int) -> torch.Tensor:
     return (pixels - mean) / std
 
 
+Box = tuple[int, int, int, int]
+
+
+def patch_weights(boxes: Sequence[Box], image_size: tuple[int, int], side: int, patch: int) -> torch.Tensor:
+    """(R, G²) weights that average a square view's G×G patch tokens over each box: the image
+    (``image_size`` = (w, h)) is resized to ``side``², and a patch's weight is the area of the
+    box it covers, normalised per box. Every box gets at least its centre patch, however small."""
+    (width, height), grid = image_size, side // patch
+    edges = torch.arange(grid + 1, dtype=torch.float64) * patch
+    rows = []
+    for left, top, right, bottom in boxes:
+        sx, sy = side / width, side / height
+        l, r, t, b = left * sx, right * sx, top * sy, bottom * sy
+        across = (torch.minimum(edges[1:], torch.tensor(r)) - torch.maximum(edges[:-1], torch.tensor(l))).clamp(min=0)
+        down = (torch.minimum(edges[1:], torch.tensor(b)) - torch.maximum(edges[:-1], torch.tensor(t))).clamp(min=0)
+        weight = down[:, None] * across[None, :]
+        if weight.sum() <= 0:                               # a degenerate box: its centre's patch
+            weight[min(grid - 1, int((t + b) / 2 // patch)), min(grid - 1, int((l + r) / 2 // patch))] = 1
+        rows.append((weight / weight.sum()).flatten())
+    return torch.stack(rows).float() if rows else torch.zeros(0, grid * grid)
+
+
 def pretrain_clip(records: Sequence[dict], image_folder: str | Path, tokenizer, out_dir: str | Path,
                   config: ClipPretrainConfig = ClipPretrainConfig(),
                   progress: Callable[[str], None] = print,
-                  foil: Callable[[str, random.Random], str | None] | None = None) -> dict[str, Any]:
+                  foil: Callable[[str, random.Random], str | None] | None = None,
+                  regions: Callable[[dict], Sequence[tuple[Box, str]]] | None = None) -> dict[str, Any]:
     """Train a tiny CLIP with the symmetric InfoNCE loss on LLaVA caption records (``image`` and
     the first ``gpt`` turn) and save it as a ``CLIPModel`` folder (loadable by
     ``VisionTower.from_pretrained``). Returns the run summary (also in ``clip_pretrain.json``),
@@ -129,7 +163,15 @@ def pretrain_clip(records: Sequence[dict], image_folder: str | Path, tokenizer, 
     false. Each batch's foils join its captions on the text side, so every image must also tell its
     caption from its own foil (the image→text loss runs over captions and foils; the text→image
     loss over real captions only). Without foils, a tiny CLIP matches captions by colour alone and
-    its patch tokens do not encode shape (docs/demo-learning.md)."""
+    its patch tokens do not encode shape (docs/demo-learning.md).
+
+    ``regions(record)`` (optional, with ``config.region_weight`` > 0) lists the record's items as
+    (box in image pixels, phrase), e.g. ``meteor.world.captions.item_phrases`` of its ``meta``. It
+    adds a region–phrase contrastive loss (RegionCLIP-style) on the patch tokens of
+    ``config.region_layer``: each item's tokens, averaged over its box (``patch_weights``) and put
+    through a small training-only head, must pick the item's phrase among the batch's phrases and
+    their foils. The image-level loss alone teaches the pooled output what a caption says, not
+    which patches hold it; the compressor and the LLM read the patch tokens."""
     from transformers import CLIPModel
 
     out = Path(out_dir)
@@ -141,9 +183,15 @@ def pretrain_clip(records: Sequence[dict], image_folder: str | Path, tokenizer, 
     texts, attention = _encode_captions(tokenizer, captions, config.max_text_tokens)
     foil_rng = random.Random(config.seed)
     n = len(records)
+    use_regions = regions is not None and config.region_weight > 0
+    if use_regions:
+        items, weights = _record_regions(records, regions, config)
+        head = torch.nn.Sequential(torch.nn.LayerNorm(config.vision_width),
+                                   torch.nn.Linear(config.vision_width, config.projection_dim, bias=False))
+    parameters = list(model.parameters()) + (list(head.parameters()) if use_regions else [])
     steps_per_epoch = max(1, n // config.batch_size)
     total = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = max(1, total // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / total))))
@@ -152,7 +200,7 @@ def pretrain_clip(records: Sequence[dict], image_folder: str | Path, tokenizer, 
     model.train()
     for epoch in range(config.epochs):
         order = torch.randperm(n, generator=generator)
-        hits = seen = 0
+        hits = seen = region_hits = region_seen = 0
         for b in range(steps_per_epoch):
             index = order[b * config.batch_size:(b + 1) * config.batch_size]
             batch_texts, batch_attention = texts[index], attention[index]
@@ -162,28 +210,79 @@ def pretrain_clip(records: Sequence[dict], image_folder: str | Path, tokenizer, 
                 batch_texts, batch_attention = _join_texts(
                     (batch_texts, batch_attention), _encode_captions(tokenizer, foils, config.max_text_tokens),
                     tokenizer.pad_token_id)
-            out_ = model(input_ids=batch_texts, attention_mask=batch_attention.long(), pixel_values=images[index])
+            out_ = model(input_ids=batch_texts, attention_mask=batch_attention.long(), pixel_values=images[index],
+                         output_hidden_states=use_regions)
             logits = out_.logits_per_image                                      # (B, B + foils)
             target = torch.arange(len(index))
             loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :len(index)].T, target)) / 2
             logits = logits[:, :len(index)]
+            entry = {}
+            if use_regions:
+                patches = out_.vision_model_output.hidden_states[config.region_layer][:, 1:]
+                region_loss, correct, count = _region_loss(
+                    model, head, tokenizer, config, patches, [items[i] for i in index.tolist()],
+                    [weights[i] for i in index.tolist()], foil, foil_rng)
+                loss = loss + config.region_weight * region_loss
+                region_hits, region_seen = region_hits + correct, region_seen + count
+                entry = {"region_loss": region_loss.item()}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
             scheduler.step()
             step += 1
             hits += int((logits.argmax(-1) == target).sum())
             seen += len(index)
-            log.append({"step": step, "epoch": epoch + 1, "loss": loss.item()})
+            log.append({"step": step, "epoch": epoch + 1, "loss": loss.item(), **entry})
+        regions_note = (f", region→phrase accuracy {region_hits / max(region_seen, 1):.2f}"
+                        if use_regions else "")
         progress(f"    CLIP epoch {epoch + 1}/{config.epochs}: loss {log[-1]['loss']:.3f}, "
-                 f"image→caption accuracy in batch {hits / max(seen, 1):.2f}")
+                 f"image→caption accuracy in batch {hits / max(seen, 1):.2f}{regions_note}")
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     summary = {"config": asdict(config), "records": n, "steps": total, "final_loss": log[-1]["loss"],
-               "final_batch_retrieval": hits / max(seen, 1), "seconds": round(time.perf_counter() - started, 1),
+               "final_batch_retrieval": hits / max(seen, 1),
+               "final_region_accuracy": region_hits / region_seen if use_regions and region_seen else None,
+               "seconds": round(time.perf_counter() - started, 1),
                "text_end_token_id": len(tokenizer)}
     (out / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
     (out / DONE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _record_regions(records: Sequence[dict], regions: Callable[[dict], Sequence[tuple[Box, str]]],
+                    config: ClipPretrainConfig) -> tuple[list[list[str]], list[torch.Tensor]]:
+    """Per record: its region phrases and their (R, G²) patch weights."""
+    phrases, weights = [], []
+    for k, record in enumerate(records):
+        meta = record.get("meta")
+        size = meta.get("size") if isinstance(meta, dict) else None
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and min(size) > 0):
+            raise ValueError(f"record {k} ({record.get('id', '?')}) has no meta.size [width, height]: the "
+                             "region–phrase loss needs each image's size and item boxes (meteor.world "
+                             "records carry them); pass regions=None to train without it")
+        listed = list(regions(record))
+        phrases.append([phrase for _, phrase in listed])
+        weights.append(patch_weights([box for box, _ in listed], tuple(size), config.image_size, config.patch_size))
+    return phrases, weights
+
+
+def _region_loss(model, head, tokenizer, config: ClipPretrainConfig, patches: torch.Tensor,
+                 phrases: list[list[str]], weights: list[torch.Tensor], foil, rng: random.Random
+                 ) -> tuple[torch.Tensor, int, int]:
+    """The region–phrase InfoNCE of one batch (regions → the batch's distinct phrases and foils),
+    with the number of regions whose own phrase scored highest and the number of regions."""
+    pooled = torch.cat([w @ tokens for w, tokens in zip(weights, patches)])            # (R, D)
+    wanted = [phrase for row in phrases for phrase in row]
+    if not wanted:
+        return patches.sum() * 0, 0, 0
+    negatives = [foil(phrase, rng) for phrase in wanted] if foil is not None else []
+    vocabulary = list(dict.fromkeys(wanted + [f for f in negatives if f is not None]))
+    index = {phrase: k for k, phrase in enumerate(vocabulary)}
+    ids, mask = _encode_captions(tokenizer, vocabulary, config.max_text_tokens)
+    text = model.text_projection(model.text_model(input_ids=ids, attention_mask=mask.long()).pooler_output)
+    logits = model.logit_scale.exp() * F.normalize(head(pooled), dim=-1) @ F.normalize(text, dim=-1).T
+    target = torch.tensor([index[phrase] for phrase in wanted])
+    correct = int((logits.argmax(-1) == target).sum())
+    return F.cross_entropy(logits, target), correct, len(wanted)

@@ -36,6 +36,11 @@ class DemoConfig:
     clip_foils: bool = True
     """Train the CLIP with hard-negative captions (one shape, colour, size, count or text swapped;
     ``meteor.world.captions.foil_caption``), so it cannot match captions by colour alone."""
+    clip_regions: bool = True
+    """Train the CLIP with the region–phrase loss too (``pretrain_clip``'s ``regions``): each shape's
+    and text's patch tokens, averaged over its box, must pick its own phrase ("a small red star",
+    'the word "CAT"') among the batch's phrases and their foils. The caption loss alone taught the
+    pooled output about shape but left the patch tokens, which the compressor reads, without it."""
     vocab_size: int = 1024
     """Byte-level BPE vocabulary trained on the world's texts."""
     llama: dict[str, int] = field(default_factory=lambda: dict(

@@ -168,15 +168,17 @@ class Pipeline:
     def clip(self, world: WorldManifest, language_model: Path) -> Path:
         """The tiny CLIP, trained contrastively on captions: of ``config.clip_images`` further
         unsliced train-split scenes (in ``clip_corpus/``, never the test split), or of the world's
-        train images; with hard-negative captions when ``config.clip_foils``."""
+        train images; with hard-negative captions when ``config.clip_foils`` and the region–phrase
+        loss when ``config.clip_regions``."""
         from transformers import AutoTokenizer
 
-        from ..world.captions import foil_caption
+        from ..world.captions import foil_caption, item_phrases
 
         corpus_config = self.clip_corpus_config(world)
         step = Step(self.out / "clip", {"world": world.config.to_dict(), "vocab": self.config.vocab_size,
                                         "clip": asdict(self.config.clip), "corpus": corpus_config.to_dict(),
-                                        "foils": self.config.clip_foils}, self.force)
+                                        "foils": self.config.clip_foils, "regions": self.config.clip_regions},
+                    self.force)
         if step.done:
             self.reused.append("clip")
             return step.folder
@@ -185,9 +187,12 @@ class Pipeline:
         tokenizer = AutoTokenizer.from_pretrained(language_model)
         corpus = self.clip_corpus(world, corpus_config)
         records = json.loads(corpus.stage1_path.read_text())
-        self.log(f"    {len(records)} images, {'with' if self.config.clip_foils else 'without'} hard-negative captions")
+        self.log(f"    {len(records)} images, {'with' if self.config.clip_foils else 'without'} hard-negative "
+                 f"captions, {'with' if self.config.clip_regions else 'without'} the region–phrase loss")
         summary = pretrain_clip(records, corpus.image_folder, tokenizer, step.folder, self.config.clip,
-                                progress=self.log, foil=foil_caption if self.config.clip_foils else None)
+                                progress=self.log, foil=foil_caption if self.config.clip_foils else None,
+                                regions=(lambda record: item_phrases(record["meta"])) if self.config.clip_regions
+                                else None)
         self.log(f"    CLIP trained in {summary['seconds']} s: in-batch image→caption accuracy "
                  f"{summary['final_batch_retrieval']:.2f} (chance {1 / self.config.clip.batch_size:.2f})")
         step.finish()

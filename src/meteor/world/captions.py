@@ -57,6 +57,15 @@ def text_name(text: SceneText) -> str:
     return f'the {text.kind} "{text.text}"'
 
 
+def item_phrases(meta: dict) -> list[tuple[tuple[int, int, int, int], str]]:
+    """Each shape and text of a record's ``meta`` with its box and the phrase that names it alone,
+    e.g. ((62, 40, 89, 67), "a large orange cross") or ((14, 3, 53, 17), 'the word "SUN"'): the
+    regions of the CLIP's region–phrase loss (``meteor.clip_pretrain``)."""
+    items = [(tuple(o["bbox"]), f"{article(o['size'])} {o['size']} {o['colour']} {o['shape']}")
+             for o in meta["objects"]]
+    return items + [(tuple(t["bbox"]), f'the {t["kind"]} "{t["text"]}"') for t in meta["texts"]]
+
+
 def region_phrase(bbox: tuple[int, int, int, int], width: int, height: int) -> str:
     """Where a box's centre falls in the image's 3×3 grid, e.g. "near the top left", "in the centre"."""
     cx, cy = _centre(bbox)
