@@ -24,11 +24,14 @@ p.add_argument("--every", type=int, default=500)
 p.add_argument("--init", default=str(ASSET))
 p.add_argument("--types", default=None)
 p.add_argument("--out", required=True)
+p.add_argument("--phase", type=int, default=2, help="3: the third phase (refine_steps / refine_learning_rate "
+               "take --steps / --lr), from --init")
 a = p.parse_args()
 torch.set_num_threads(1)
-recipe = dataclasses.replace(LanguagePretraining(), focus_scenes=a.scenes, focus_steps=a.steps,
-                             focus_learning_rate=a.lr, focus_batch_size=a.bs,
+recipe = dataclasses.replace(LanguagePretraining(), focus_scenes=a.scenes, focus_batch_size=a.bs,
                              focus_types=tuple(a.types.split(",")) if a.types else None)
+recipe = (dataclasses.replace(recipe, focus_steps=a.steps, focus_learning_rate=a.lr) if a.phase == 2 else
+          dataclasses.replace(recipe, refine_steps=a.steps, refine_learning_rate=a.lr))
 tok = AutoTokenizer.from_pretrained(a.init)
 lm = LlamaForCausalLM.from_pretrained(a.init)
 proc = MeteorProcessor(tok, MeteorConfig(), patch_size=14, base_size=112)
@@ -49,4 +52,4 @@ def evaluate(step):
 
 
 evaluate(0)
-print(pretrain_language_model(lm, samples, tok.pad_token_id, recipe, focus=True, on_step=evaluate), flush=True)
+print(pretrain_language_model(lm, samples, tok.pad_token_id, recipe, phase=a.phase, on_step=evaluate), flush=True)

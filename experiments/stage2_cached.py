@@ -33,6 +33,12 @@ p.add_argument('--threads', type=int, default=1)
 p.add_argument('--seed', type=int, default=0)
 p.add_argument('--evalevery', type=float, default=1.0)
 p.add_argument('--lm', default=None)
+p.add_argument('--stage1-epochs', type=float, default=0,
+               help='first train the compressor alone on the captions (stage 1, LLM frozen), lr --stage1-lr')
+p.add_argument('--stage1-lr', type=float, default=1e-3)
+p.add_argument('--stage1-data', default=None, help='stage-1 records (default: the world\'s stage1.json)')
+p.add_argument('--oracle', action='store_true',
+               help='replace the CLIP features by exact per-patch labels (an upper bound on what a tower can give)')
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
@@ -46,6 +52,64 @@ cfg = MeteorConfig(compressor=CompressorConfig(tokens_per_slice=None if a.k == 0
 model, proc = LlavaMeteor.build(str(root / 'clip'), lm, tok, cfg)
 
 model.feature_cache = FeatureCache()   # CLIP runs once per view, then its outputs are reused
+
+
+class OracleFeatures:
+    """Per-patch one-hot labels of the item covering most of each patch (shape, colour, size, text,
+    the text's first character, background) in place of the tower's outputs; CLS attention favours
+    item patches. Diagnostic only: what stage 2 learns when the vision side is perfect."""
+
+    CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+    def __init__(self, width):
+        from meteor.world import COLOURS, SHAPES, SIZES
+        self.width, self.table = width, {}
+        self.slots = {**{('shape', v): k for k, v in enumerate(SHAPES)},
+                      **{('colour', v): 6 + k for k, v in enumerate(COLOURS)},
+                      **{('size', v): 12 + k for k, v in enumerate(SIZES)},
+                      ('text', None): 15, ('background', None): 16,
+                      **{('char', c): 17 + k for k, c in enumerate(self.CHARS)}}
+
+    def add(self, sliced, meta, patch):
+        from meteor.features import view_key
+        plan = sliced.plan
+        boxes = list(plan.crop_boxes) + [(0, 0, *plan.image_size)]
+        for view, box, (w, h), (rows, cols) in zip(sliced.views(), boxes, plan.view_sizes, plan.view_patches):
+            sx, sy = (box[2] - box[0]) / w, (box[3] - box[1]) / h
+            tokens = torch.zeros(rows * cols, self.width)
+            cls = torch.full((rows * cols,), 0.1)
+            items = [('object', o) for o in meta['objects']] + [('text', t) for t in meta['texts']]
+            for i in range(rows):
+                for j in range(cols):
+                    l, t = box[0] + j * patch * sx, box[1] + i * patch * sy
+                    r, b = l + patch * sx, t + patch * sy
+                    best, best_area = None, 0.15 * (r - l) * (b - t)
+                    for kind, item in items:
+                        L, T, R, B = item['bbox']
+                        area = max(0, min(r, R) - max(l, L)) * max(0, min(b, B) - max(t, T))
+                        if area > best_area:
+                            best, best_area = (kind, item), area
+                    n = i * cols + j
+                    if best is None:
+                        tokens[n, self.slots[('background', None)]] = 1
+                        continue
+                    kind, item = best
+                    cls[n] = 1.0
+                    if kind == 'object':
+                        for key in ('shape', 'colour', 'size'):
+                            tokens[n, self.slots[(key, item[key])]] = 1
+                    else:
+                        tokens[n, self.slots[('text', None)]] = 1
+                        tokens[n, self.slots[('char', item['text'][0])]] = 1
+            self.table[view_key(view)] = (3 * tokens, cls / cls.sum())
+
+    def encode(self, tower, pixels):
+        from meteor.vision import VisionOutput
+        from meteor.features import view_key
+        found = [self.table[view_key(v)] for v in pixels]
+        return VisionOutput(patch_tokens=torch.stack([f[0] for f in found]).to(pixels.dtype),
+                            cls_attention=torch.stack([f[1] for f in found]),
+                            grid=(pixels.shape[-2] // tower.patch_size, pixels.shape[-1] // tower.patch_size))
 
 records = json.loads((root / 'world/stage2.json').read_text())
 if a.single:
@@ -62,6 +126,14 @@ tests = [json.loads(l) for l in (root / 'world/test.jsonl').read_text().splitlin
 test_recs = [{'id': t['question_id'], 'image': t['image'], 'conversations': [
     {'from': 'human', 'value': '<image>\n' + t['question']}, {'from': 'gpt', 'value': t['answer']}]} for t in tests]
 tds = LlavaDataset(test_recs, root / 'world/images', proc, 'vicuna_v1', 2048)
+if a.oracle:
+    oracle = OracleFeatures(model.vision_tower.hidden_size)
+    metas = {r['image']: r['meta'] for r in records}
+    metas.update({t['image']: t['meta'] for t in tests})
+    for image, meta in metas.items():
+        oracle.add(proc.prepare_image(root / 'world/images' / image), meta, model.vision_tower.patch_size)
+    model.feature_cache = oracle
+    print(f'oracle features for {len(oracle.table)} views', flush=True)
 t0 = time.time()
 ex_cache = {}
 def get(dset, i, tag):
@@ -88,6 +160,37 @@ def evaluate():
     res = {t: sum(v) / len(v) for t, v in hit.items()}
     res['all'] = sum(sum(v) for v in hit.values()) / sum(len(v) for v in hit.values())
     return res
+
+def stage1():
+    path = Path(a.stage1_data) if a.stage1_data else root / 'world/stage1.json'
+    caps = json.loads(path.read_text())
+    ds1 = LlavaDataset(caps, path.parent / 'images', proc, 'vicuna_v1', 2048)
+    if a.oracle:
+        for r in caps:
+            if path.parent != root / 'world' or r['image'] not in metas:
+                oracle.add(proc.prepare_image(path.parent / 'images' / r['image']), r['meta'], model.vision_tower.patch_size)
+    ps = [p for n, p in model.named_parameters() if n.startswith('compressor')]
+    o = torch.optim.AdamW(ps, lr=a.stage1_lr)
+    n_steps = int(math.ceil(len(ds1) / a.bs) * a.stage1_epochs)
+    sch = torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1, (s + 1) / max(1, int(0.03 * n_steps))) * 0.5 * (1 + math.cos(math.pi * min(1, s / n_steps))))
+    r1 = random.Random(a.seed + 1); k = 0; ls = []
+    model.train()
+    while k < n_steps:
+        order = list(range(len(ds1))); r1.shuffle(order)
+        for s_ in range(0, len(order), a.bs):
+            if k >= n_steps: break
+            model.training_progress = k / n_steps
+            b = collate(proc, [ds1.encode(i) for i in order[s_:s_ + a.bs]])
+            out = model(**b.to_model_kwargs())
+            out.loss.backward(); torch.nn.utils.clip_grad_norm_(ps, 1.0)
+            o.step(); sch.step(); o.zero_grad(); ls.append(float(out.loss)); k += 1
+            if k % 50 == 0 or k == n_steps:
+                print(f'stage1 step {k}/{n_steps} t {time.time() - t0:.0f}s loss {sum(ls[-50:]) / len(ls[-50:]):.3f}', flush=True)
+
+
+if a.stage1_epochs > 0:
+    stage1()
+    print('after stage 1: ' + ' '.join(f'{k} {v:.2f}' for k, v in evaluate().items()), flush=True)
 
 params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith('vision_tower')]
 opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.wd)

@@ -71,7 +71,9 @@ def test_the_second_phase_asks_one_balanced_question_per_scene_after_the_first_p
 
 
 @pytest.mark.parametrize("fields", [dict(scenes=0), dict(steps=0), dict(focus_scenes=10),
-                                    dict(focus_steps=10, focus_scenes=0), dict(focus_scenes=-1, focus_steps=-1)])
+                                    dict(focus_steps=10, focus_scenes=0), dict(focus_scenes=-1, focus_steps=-1),
+                                    dict(refine_steps=5), dict(refine_steps=-1),
+                                    dict(focus_scenes=10, focus_steps=10, refine_steps=5, refine_learning_rate=0)])
 def test_impossible_recipes_are_refused_with_the_fix(fields):
     base = dict(focus_scenes=0, focus_steps=0)
     with pytest.raises(ConfigError, match="LanguagePretraining"):
@@ -90,6 +92,8 @@ def test_pretraining_lowers_the_loss():
     first = [float(line.rsplit(" ", 1)[1]) for line in lines]
     assert summary["steps"] == 40 and len(lines) == 10
     assert first[-1] < 0.8 * first[0]
+    with pytest.raises(ValueError, match="phase 3"):     # this recipe has no third phase
+        pretrain_language_model(model, samples, tokenizer.pad_token_id, recipe, lines.append, phase=3)
 
 
 def test_the_shipped_model_fits_the_full_demo_and_its_tokenizer_is_the_recipes():
@@ -111,7 +115,7 @@ def test_the_pipeline_uses_the_shipped_model_unless_told_to_pretrain(tmp_path, p
     config = full_config()
     if pretrain:   # a tiny recipe, so the test pretrains in seconds (its key no longer fits the asset)
         config = dataclasses.replace(config, language_pretraining=LanguagePretraining(
-                                         scenes=20, steps=4, focus_scenes=20, focus_steps=3),
+                                         scenes=20, steps=4, focus_scenes=20, focus_steps=3, refine_steps=2),
                                      llama=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                 num_attention_heads=2, num_key_value_heads=1))
     lines = []
@@ -121,5 +125,6 @@ def test_the_pipeline_uses_the_shipped_model_unless_told_to_pretrain(tmp_path, p
     assert shipped != pretrain
     assert any("shipped" in line for line in lines) != pretrain
     assert any("second phase in" in line for line in lines) == pretrain
+    assert any("third phase in" in line for line in lines) == pretrain
     assert json.loads((folder / "key.json").read_text())["pretraining"] == asdict(config.language_pretraining)
     assert LlamaForCausalLM.from_pretrained(folder).config.hidden_size == config.llama["hidden_size"]

@@ -8,7 +8,8 @@ the test split), each written as ``Scene: large red star near the top left; …;
 right.`` followed by its caption and questions in the vicuna_v1 template. No image is involved.
 
 Pretraining takes about 90 minutes on one CPU core (two phases: 6000 steps of whole scenes with six
-questions and a caption each, then 12000 steps of one question per scene), so the package ships the
+questions and a caption each, then 12000 steps of one question per scene; plus an optional third
+phase, more steps of the second's corpus), so the package ships the
 result (``assets/language_model``, 1.8 MB) with the key it was made with; the demo uses
 it when its configuration matches and pretrains otherwise (``meteor demo --pretrain-language-model``
 forces a rebuild).
@@ -59,6 +60,11 @@ class LanguagePretraining:
     focus_steps: int = 12_000
     focus_learning_rate: float = 2e-3
     focus_batch_size: int = 32
+    refine_steps: int = 0
+    """Third phase (0: none): more steps on the second phase's corpus, from the second phase's
+    model, with a fresh warm-up and cosine decay at ``refine_learning_rate`` (batch
+    ``focus_batch_size``). The second phase's accuracy was still rising when its schedule ended."""
+    refine_learning_rate: float = 1e-3
     seed: int = 0
     world_seed: int = 0
     """The text world (and the tokenizer's corpus): the full demo's world at this seed, whatever
@@ -73,6 +79,11 @@ class LanguagePretraining:
             raise ConfigError(f"LanguagePretraining's second phase needs focus_scenes and focus_steps both 0 "
                               f"(no second phase) or both ≥ 1, and focus_batch_size ≥ 1; got "
                               f"{self.focus_scenes}, {self.focus_steps}, {self.focus_batch_size}")
+        if self.refine_steps < 0 or (self.refine_steps and not self.focus_steps) or self.refine_learning_rate <= 0:
+            raise ConfigError(f"LanguagePretraining's third phase needs refine_steps ≥ 0 (0: none), a second "
+                              f"phase to continue (focus_steps ≥ 1) and refine_learning_rate > 0; got "
+                              f"refine_steps={self.refine_steps}, focus_steps={self.focus_steps}, "
+                              f"refine_learning_rate={self.refine_learning_rate}")
 
     def world(self) -> WorldConfig:
         return WorldConfig(seed=self.world_seed, n_train_images=1000, n_test_images=150, base_size=112)
@@ -129,21 +140,27 @@ def focus_conversations(world: WorldConfig, recipe: LanguagePretraining) -> list
 
 def pretrain_language_model(model: torch.nn.Module, samples: Sequence[tuple[list[int], list[int]]],
                             pad_id: int, recipe: LanguagePretraining,
-                            progress: Callable[[str], None] = print, *, focus: bool = False,
+                            progress: Callable[[str], None] = print, *, phase: int = 1,
                             on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train ``model`` (a causal LM) on encoded ``samples`` (input ids, labels): AdamW, cosine decay
-    after a 2 % warm-up, gradient clipping at 1, shuffled epochs; the recipe's first phase, or its
-    second with ``focus``. ``on_step(step)`` runs after every step. Returns a summary."""
+    after a 2 % warm-up, gradient clipping at 1, shuffled epochs; the recipe's ``phase`` 1 (whole
+    scenes), 2 (one question per scene) or 3 (more of phase 2's corpus, see ``refine_steps``).
+    ``on_step(step)`` runs after every step. Returns a summary."""
     if not samples:
         raise ValueError("pretrain_language_model got no samples: give the recipe at least one scene")
+    phases = {1: (recipe.steps, recipe.learning_rate, recipe.batch_size),
+              2: (recipe.focus_steps, recipe.focus_learning_rate, recipe.focus_batch_size),
+              3: (recipe.refine_steps, recipe.refine_learning_rate, recipe.focus_batch_size)}
+    if phase not in phases or phases[phase][0] < 1:
+        raise ValueError(f"phase {phase} is not one of this recipe's phases (1, and 2 and 3 when "
+                         f"focus_steps / refine_steps are set)")
     started = time.perf_counter()
-    steps, learning_rate, batch_size = ((recipe.focus_steps, recipe.focus_learning_rate, recipe.focus_batch_size)
-                                        if focus else (recipe.steps, recipe.learning_rate, recipe.batch_size))
+    steps, learning_rate, batch_size = phases[phase]
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     total, warmup = steps, max(1, steps // 50)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup)
                                                   * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
-    shuffle, step, losses = random.Random(recipe.seed + focus), 0, []
+    shuffle, step, losses = random.Random(recipe.seed + phase - 1), 0, []
     model.train()
     while step < total:
         order = list(range(len(samples)))

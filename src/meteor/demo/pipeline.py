@@ -137,7 +137,7 @@ class Pipeline:
                 if item.name != KEY_FILE:
                     shutil.copy2(item, step.folder / item.name)
             self.log("    the shipped text-pretrained tiny LLaMA (meteor/demo/assets/language_model) fits "
-                     "this configuration: using it (--pretrain-language-model rebuilds it, ~90 min)")
+                     "this configuration: using it (--pretrain-language-model rebuilds it)")
         else:
             texts = world_texts(world if recipe is None else recipe.world())
             tokenizer = tiny_tokenizer(texts, self.config.vocab_size)
@@ -156,8 +156,13 @@ class Pipeline:
                     samples = [processor.encode(c, [], "vicuna_v1")
                                for c in focus_conversations(recipe.world(), recipe)]
                     summary = pretrain_language_model(model, samples, tokenizer.pad_token_id, recipe, self.log,
-                                                      focus=True)
+                                                      phase=2)
                     self.log(f"    second phase in {summary['seconds']} s, final loss {summary['final_loss']:.3f}")
+                    if recipe.refine_steps:
+                        self.log(f"    third phase: {recipe.refine_steps} more steps on the same corpus ...")
+                        summary = pretrain_language_model(model, samples, tokenizer.pad_token_id, recipe,
+                                                          self.log, phase=3)
+                        self.log(f"    third phase in {summary['seconds']} s, final loss {summary['final_loss']:.3f}")
             model.save_pretrained(step.folder)
             tokenizer.save_pretrained(step.folder)
         step.finish()
