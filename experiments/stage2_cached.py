@@ -36,6 +36,7 @@ p.add_argument('--lm', default=None)
 p.add_argument('--stage1-epochs', type=float, default=0,
                help='first train the compressor alone on the captions (stage 1, LLM frozen), lr --stage1-lr')
 p.add_argument('--stage1-lr', type=float, default=1e-3)
+p.add_argument('--lm-lr', type=float, default=None, help='learning rate of the LLM in stage 2 (default --lr; 0 freezes it)')
 p.add_argument('--stage1-data', default=None, help='stage-1 records (default: the world\'s stage1.json)')
 p.add_argument('--oracle', action='store_true',
                help='replace the CLIP features by exact per-patch labels (an upper bound on what a tower can give)')
@@ -193,7 +194,13 @@ if a.stage1_epochs > 0:
     print('after stage 1: ' + ' '.join(f'{k} {v:.2f}' for k, v in evaluate().items()), flush=True)
 
 params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith('vision_tower')]
-opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.wd)
+lm_lr = a.lr if a.lm_lr is None else a.lm_lr
+if lm_lr == 0:
+    params = [p for n, p in model.named_parameters() if n.startswith('compressor')]
+groups = [{'params': [p for n, p in model.named_parameters() if n.startswith('compressor')], 'lr': a.lr}]
+if lm_lr:
+    groups.append({'params': [p for n, p in model.named_parameters() if n.startswith('language_model')], 'lr': lm_lr})
+opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=a.wd)
 steps_per_epoch = math.ceil(len(ds) / a.bs)
 total = int(steps_per_epoch * a.epochs)
 warm = max(1, int(a.warm * total))

@@ -68,4 +68,22 @@ def test_quick_demo_writes_the_report_with_numbers_and_pictures(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     reused = json.loads((report / "results.json").read_text())["reused"]
     assert {"world", "clip", "language_model", "k16/stage2", "eval/k16"} <= set(reused)
-    assert "stage 1, K=16: training" not in again.stdout
+    assert "k16, stage 1: training" not in again.stdout and "k16, stage 1: training" in done.stdout
+
+    # the budgets ran two at a time in worker processes; one after another in this process gives
+    # the same models and scores, bit for bit (world, CLIP and LLaMA reused from a copy)
+    import dataclasses
+    import shutil
+
+    from meteor.demo import run_demo
+    serial = tmp_path / "serial"
+    for part in ("world", "clip", "clip_corpus", "language_model"):
+        shutil.copytree(tmp_path / "out" / part, serial / part)
+    results = run_demo(serial, config=dataclasses.replace(quick_config(), workers=1))
+    assert quick_config().workers == 2 and set(results["reused"]) >= {"world", "clip", "language_model"}
+    parallel = json.loads((report / "results.json").read_text())
+    for one, other in zip(results["budgets"], parallel["budgets"]):
+        assert one["name"] == other["name"] and one["scores"]["accuracy"] == other["scores"]["accuracy"]
+    for part in ("compressor.safetensors", "language_model/model.safetensors"):
+        weights = lambda root: (root / "runs" / "k16" / "stage2" / "model" / part).read_bytes()
+        assert weights(serial) == weights(tmp_path / "out"), part

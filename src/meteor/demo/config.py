@@ -67,9 +67,15 @@ class DemoConfig:
     threads: int = 1
     """torch threads. On a shared 2-core machine one thread was 5-50× faster than two for these
     tiny matrices (thread contention dominates); raise it on a quiet machine."""
+    workers: int = 2
+    """Budgets trained and evaluated at once, each in its own process with ``threads`` threads
+    (their stages are independent; the frozen-feature cache on disk is shared). 2 fills this
+    machine's 2 cores; 1 runs them one after another in this process."""
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.workers < 1 or self.threads < 1:
+            raise ConfigError(f"DemoConfig.workers and threads must be ≥ 1, got {self.workers} and {self.threads}")
         if self.clip_images < 0 or self.clip_images == 1:
             raise ConfigError(f"DemoConfig.clip_images must be 0 (the world's own train images) or ≥ 2 "
                               f"(contrastive batches need two captions), got {self.clip_images}")

@@ -62,9 +62,11 @@ def budget_name(k: int | None) -> str:
 
 
 def open_pipeline(out: str | Path, config: DemoConfig, force: bool,
-                  pretrain_language_model: bool = False) -> "Pipeline":
-    """A Pipeline in ``out`` (created) whose log prints lines stamped with the seconds since now;
-    Hugging Face's own progress bars and warnings are silenced and torch uses ``config.threads``."""
+                  pretrain_language_model: bool = False, started_at: float | None = None) -> "Pipeline":
+    """A Pipeline in ``out`` (created) whose log prints lines stamped with the seconds since now
+    (or since the wall-clock time ``started_at``, for a worker process logging on its parent's
+    clock); Hugging Face's own progress bars and warnings are silenced and torch uses
+    ``config.threads``."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -72,7 +74,7 @@ def open_pipeline(out: str | Path, config: DemoConfig, force: bool,
     torch.set_num_threads(config.threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started = time.perf_counter() - (0.0 if started_at is None else time.time() - started_at)
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
@@ -93,6 +95,10 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         self.reused: list[str] = []
         self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since the pipeline (or its parent's) started."""
+        return time.perf_counter() - self.started
 
     def _timed(self, name: str, started: float) -> None:
         self.timings[name] = round(time.perf_counter() - started, 1)
