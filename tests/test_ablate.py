@@ -128,9 +128,9 @@ def test_cli_refuses_unknown_names_listing_the_valid_ones(tmp_path):
 # --- every variant, end to end -------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_every_variant_trains_and_evaluates(tmp_path, capsys):
+def test_every_variant_trains_and_evaluates(tmp_path, capfd):
     results = run_ablation(tmp_path / "out", config=tiny_config())
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out       # the variants run in worker processes: their output too
     assert set(results["variants"]) == set(VARIANTS)
     assert printed.count(f"{DEFAULT_VARIANT}, stage 1: training") == 1      # shared by four tables
     written = json.loads((tmp_path / "out" / "ablation" / "results.json").read_text())

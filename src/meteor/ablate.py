@@ -261,20 +261,19 @@ def run_ablation(out: str | Path = "meteor-ablate", tables: Sequence[str] | None
     log(f"[3/{total}] tiny CLIP ...")
     clip = pipe.clip(world, language_model)
     sizes = _test_image_sizes(world)
-    rows = {}
     for index, variant in enumerate(selected):
         in_tables = [t.name for t in chosen if variant.name in t.variants]
         log(f"[{4 + index}/{total}] {variant.name} ({', '.join(in_tables)}): {variant.description} ...")
-        model_dir = pipe.train_variant(world, clip, language_model, variant.name, configs[variant.name])
-        scores = pipe.evaluate(world, model_dir, variant.name)
-        row = {"name": variant.name, "description": variant.description, "overrides": variant.overrides,
-               "tables": in_tables, "model": str(model_dir), "accuracy": scores["accuracy"],
-               "questions": scores.get("questions"),
-               **measure(variant, model_dir, scores, sizes, world.config),
-               "wall_seconds": {key: pipe.timings[key] for key in (f"{variant.name}/stage1",
-                                f"{variant.name}/stage2", f"eval/{variant.name}") if key in pipe.timings}}
-        rows[variant.name] = row
-        log("    accuracy: " + ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in scores["accuracy"].items()))
+    finished = pipe.run_variants(world, clip, language_model, [(v.name, configs[v.name]) for v in selected])
+    rows = {}
+    for variant, (model_dir, scores) in zip(selected, finished):
+        in_tables = [t.name for t in chosen if variant.name in t.variants]
+        rows[variant.name] = {
+            "name": variant.name, "description": variant.description, "overrides": variant.overrides,
+            "tables": in_tables, "model": str(model_dir), "accuracy": scores["accuracy"],
+            "questions": scores.get("questions"), **measure(variant, model_dir, scores, sizes, world.config),
+            "wall_seconds": {key: pipe.timings[key] for key in (f"{variant.name}/stage1", f"{variant.name}/stage2",
+                                                                f"eval/{variant.name}") if key in pipe.timings}}
     log(f"[{total}/{total}] tables ...")
     folder = out / "ablation"
     folder.mkdir(exist_ok=True)

@@ -13,9 +13,7 @@ contrastively on the captions (``meteor.clip_pretrain``), stage 1 and stage 2 wi
 from __future__ import annotations
 
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -86,46 +84,19 @@ def run_demo(out: str | Path = "meteor-demo", seed: int = 0, quick: bool = False
 
 def run_budgets(pipe: Pipeline, world, clip: Path, language_model: Path, patches: int, total: int
                 ) -> list[dict[str, Any]]:
-    """Stage 1, stage 2 and evaluation of every budget, ``config.workers`` at a time (each in a
-    spawned process of its own, logging through ``pipe``'s clock); results in budget order."""
+    """Stage 1, stage 2 and evaluation of every budget (``config.workers`` at a time); results in
+    budget order."""
     from . import report
 
     config = pipe.config
-    jobs = list(enumerate(config.budgets))
-    for index, k in jobs:
+    parallel = config.workers > 1 and len(config.budgets) > 1
+    for index, k in enumerate(config.budgets):
         pipe.log(f"[{4 + index}/{total}] budget {report.budget_label(k, patches)}: stage 1, stage 2, "
-                 f"evaluation{' (in parallel)' if config.workers > 1 and len(jobs) > 1 else ''} ...")
-    arguments = [(pipe.out, config, pipe.force, pipe.pretrain_language_model, time.time() - pipe.elapsed(),
-                  world, clip, language_model, k) for _, k in jobs]
-    if config.workers == 1 or len(jobs) == 1:
-        finished = [_budget(pipe, *a[5:]) for a in arguments]
-    else:
-        context = multiprocessing.get_context("spawn")     # no fork of a process that has run torch
-        with ProcessPoolExecutor(max_workers=min(config.workers, len(jobs)), mp_context=context) as pool:
-            finished = list(pool.map(_budget_in_worker, arguments))
-    budgets = []
-    for budget, timings, reused in finished:
-        pipe.timings.update(timings)
-        pipe.reused.extend(reused)
-        budgets.append(budget)
-    return budgets
-
-
-def _budget(pipe: Pipeline, world, clip: Path, language_model: Path, k: int | None
-            ) -> tuple[dict[str, Any], dict[str, float], list[str]]:
-    name = budget_name(k)
-    timings, reused = len(pipe.timings), len(pipe.reused)
-    model_dir = pipe.train_budget(world, clip, language_model, k)
-    scores = pipe.evaluate(world, model_dir, name)
-    pipe.log(f"    {name}: accuracy " + ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in scores["accuracy"].items()))
-    return ({"k": k, "name": name, "model": str(model_dir), "scores": scores},
-            dict(list(pipe.timings.items())[timings:]), pipe.reused[reused:])
-
-
-def _budget_in_worker(arguments: tuple) -> tuple[dict[str, Any], dict[str, float], list[str]]:
-    out, config, force, pretrain, started_at, world, clip, language_model, k = arguments
-    pipe = open_pipeline(out, config, force, pretrain, started_at=started_at)
-    return _budget(pipe, world, clip, language_model, k)
+                 f"evaluation{' (in parallel)' if parallel else ''} ...")
+    variants = [(budget_name(k), pipe.budget_config(world, k)) for k in config.budgets]
+    finished = pipe.run_variants(world, clip, language_model, variants)
+    return [{"k": k, "name": budget_name(k), "model": str(model_dir), "scores": scores}
+            for k, (model_dir, scores) in zip(config.budgets, finished)]
 
 
 __all__ = ["DemoConfig", "StageRun", "full_config", "quick_config", "run_demo"]

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -228,10 +230,41 @@ class Pipeline:
         return generate_world(folder, config, overwrite=True)
 
     # --- 4. stage 1 and stage 2 per budget ----------------------------------------------------------------------
+    def budget_config(self, world: WorldManifest, k: int | None) -> MeteorConfig:
+        return MeteorConfig(compressor=CompressorConfig(tokens_per_slice=k, **self.config.compressor),
+                            max_slices=world.config.max_slices)
+
     def train_budget(self, world: WorldManifest, clip: Path, language_model: Path, k: int | None) -> Path:
-        meteor_config = MeteorConfig(compressor=CompressorConfig(tokens_per_slice=k, **self.config.compressor),
-                                     max_slices=world.config.max_slices)
-        return self.train_variant(world, clip, language_model, budget_name(k), meteor_config)
+        return self.train_variant(world, clip, language_model, budget_name(k), self.budget_config(world, k))
+
+    def run_variants(self, world: WorldManifest, clip: Path, language_model: Path,
+                     variants: Sequence[tuple[str, MeteorConfig]]) -> list[tuple[Path, dict[str, Any]]]:
+        """``train_variant`` then ``evaluate`` for each (name, config), ``config.workers`` at a time,
+        each in a spawned process of its own logging on this pipeline's clock (their stages are
+        independent and the frozen-feature cache on disk is shared); (model folder, scores) in
+        the order given. Timings and reuse are merged into this pipeline's."""
+        jobs = [(self.out, self.config, self.force, self.pretrain_language_model, time.time() - self.elapsed(),
+                 world, clip, language_model, name, meteor_config) for name, meteor_config in variants]
+        if self.config.workers == 1 or len(jobs) <= 1:
+            finished = [self._variant(*job[5:]) for job in jobs]
+        else:
+            context = multiprocessing.get_context("spawn")     # never fork a process that has run torch
+            with ProcessPoolExecutor(max_workers=min(self.config.workers, len(jobs)), mp_context=context) as pool:
+                finished = list(pool.map(_variant_in_worker, jobs))
+        results = []
+        for model_dir, scores, timings, reused in finished:
+            self.timings.update(timings)
+            self.reused.extend(reused)
+            results.append((model_dir, scores))
+        return results
+
+    def _variant(self, world: WorldManifest, clip: Path, language_model: Path, name: str,
+                 meteor_config: MeteorConfig) -> tuple[Path, dict[str, Any], dict[str, float], list[str]]:
+        timings, reused = len(self.timings), len(self.reused)
+        model_dir = self.train_variant(world, clip, language_model, name, meteor_config)
+        scores = self.evaluate(world, model_dir, name)
+        self.log(f"    {name}: accuracy " + ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in scores["accuracy"].items()))
+        return model_dir, scores, dict(list(self.timings.items())[timings:]), self.reused[reused:]
 
     def train_variant(self, world: WorldManifest, clip: Path, language_model: Path, name: str,
                       meteor_config: MeteorConfig) -> Path:
@@ -295,3 +328,10 @@ class Pipeline:
         scores = runner.run(model, processor, world.test_path, world.image_folder, step.folder)
         self._timed(f"eval/{name}", started)
         return scores
+
+
+def _variant_in_worker(job: tuple) -> tuple[Path, dict[str, Any], dict[str, float], list[str]]:
+    """``Pipeline._variant`` in a worker process (see ``Pipeline.run_variants``)."""
+    out, config, force, pretrain, started_at, world, clip, language_model, name, meteor_config = job
+    pipe = open_pipeline(out, config, force, pretrain, started_at=started_at)
+    return pipe._variant(world, clip, language_model, name, meteor_config)
