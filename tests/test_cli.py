@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _meteor(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "meteor", *args], capture_output=True, text=True,
@@ -26,6 +28,13 @@ def test_params_refuses_impossible_widths_clearly():
 def test_demo_help_lists_its_options():
     done = _meteor("demo", "--help")
     assert done.returncode == 0 and all(flag in done.stdout for flag in ("--quick", "--out", "--force"))
+
+
+@pytest.mark.parametrize("command", ["demo", "ablate"])
+def test_workers_must_be_at_least_one(tmp_path, command):
+    done = _meteor(command, "--workers", "0", "--out", "x", cwd=tmp_path)
+    assert done.returncode == 2 and "--workers: must be a whole number ≥ 1, got '0'" in done.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_data_synth_then_eval_reach_each_stage_alone(tmp_path):

@@ -32,10 +32,20 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_config(args: argparse.Namespace):
+    """The demo's configuration for ``--quick`` / ``--seed``, with ``--workers`` when given."""
+    import dataclasses
+
+    from .demo import full_config, quick_config
+
+    config = quick_config(args.seed) if args.quick else full_config(args.seed)
+    return config if args.workers is None else dataclasses.replace(config, workers=args.workers)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out=args.out, seed=args.seed, quick=args.quick, force=args.force,
+    run_demo(out=args.out, seed=args.seed, force=args.force, config=_demo_config(args),
              pretrain_language_model=args.pretrain_language_model)
     return 0
 
@@ -49,7 +59,7 @@ def _ablate(args: argparse.Namespace) -> int:
         print(describe_variants(args.table, args.variant, config))
         return 0
     run_ablation(out=args.out, tables=args.table, variants=args.variant, quick=args.quick, seed=args.seed,
-                 force=args.force)
+                 force=args.force, config=_demo_config(args))
     return 0
 
 
@@ -125,6 +135,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meteor", description="LLaVA-Meteor: Top-Down Compression "
                                      "of visual tokens for LLaVA-style vision-language models.")
@@ -139,6 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="rebuild every step instead of reusing OUT")
     demo.add_argument("--pretrain-language-model", action="store_true",
                       help="pretrain the tiny LLaMA on text here (~90 min) instead of using the shipped one")
+    demo.add_argument("--workers", type=_at_least_one, default=None,
+                      help="budgets trained at once, one process each (default 2: this machine's cores)")
     demo.set_defaults(run=_demo)
 
     ablate = commands.add_parser("ablate", help="the paper's Tables 1-4 in the demo's world",
@@ -155,6 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     ablate.add_argument("--quick", action="store_true", help="the demo's --quick world and recipe")
     ablate.add_argument("--force", action="store_true", help="rebuild every step instead of reusing OUT")
     ablate.add_argument("--list", action="store_true", help="print the variants per table with their overrides")
+    ablate.add_argument("--workers", type=_at_least_one, default=None,
+                        help="variants trained at once, one process each (default 2)")
     ablate.set_defaults(run=_ablate)
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
