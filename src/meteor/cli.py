@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller version that takes about a minute")
     demo.add_argument("--force", action="store_true", help="rebuild every step instead of reusing OUT")
     demo.add_argument("--pretrain-language-model", action="store_true",
-                      help="pretrain the tiny LLaMA on text here (~90 min) instead of using the shipped one")
+                      help="pretrain the tiny LLaMA on text here (~3 h) instead of using the shipped one")
     demo.add_argument("--workers", type=_at_least_one, default=None,
                       help="budgets trained at once, one process each (default 2: this machine's cores)")
     demo.set_defaults(run=_demo)

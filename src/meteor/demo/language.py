@@ -7,9 +7,9 @@ only: scenes of the generator's train split at indices from ``FIRST_INDEX`` up (
 the test split), each written as ``Scene: large red star near the top left; …; word "CAT" on the
 right.`` followed by its caption and questions in the vicuna_v1 template. No image is involved.
 
-Pretraining takes about 90 minutes on one CPU core (two phases: 6000 steps of whole scenes with six
-questions and a caption each, then 12000 steps of one question per scene; plus an optional third
-phase, more steps of the second's corpus), so the package ships the
+Pretraining takes about 3 hours on one CPU core (three phases: 6000 steps of whole scenes with six
+questions and a caption each, 12000 steps of one question per scene, then 15000 more steps of
+that corpus with a fresh schedule), so the package ships the
 result (``assets/language_model``, 1.8 MB) with the key it was made with; the demo uses
 it when its configuration matches and pretrains otherwise (``meteor demo --pretrain-language-model``
 forces a rebuild).
@@ -60,10 +60,11 @@ class LanguagePretraining:
     focus_steps: int = 12_000
     focus_learning_rate: float = 2e-3
     focus_batch_size: int = 32
-    refine_steps: int = 0
+    refine_steps: int = 15_000
     """Third phase (0: none): more steps on the second phase's corpus, from the second phase's
     model, with a fresh warm-up and cosine decay at ``refine_learning_rate`` (batch
-    ``focus_batch_size``). The second phase's accuracy was still rising when its schedule ended."""
+    ``focus_batch_size``). The second phase's accuracy was still rising when its schedule ended;
+    in this phase exist (0.58 → 1.00), count (0.67 → 0.88) and choice (0.39 → 0.67) were learnt."""
     refine_learning_rate: float = 1e-3
     seed: int = 0
     world_seed: int = 0
