@@ -151,7 +151,7 @@ def compressed_budgets(config: DemoConfig) -> tuple[int, ...]:
 
 
 def variant_config(variant: Variant, config: DemoConfig) -> MeteorConfig:
-    """The demo's model configuration with the variant's overrides (as ``Pipeline.train_budget``)."""
+    """The demo's model configuration with the variant's overrides (as ``Pipeline.budget_config``)."""
     options = {**config.compressor, **variant.compressor_options(compressed_budgets(config))}
     return MeteorConfig(compressor=CompressorConfig(**options), max_slices=config.world.max_slices)
 

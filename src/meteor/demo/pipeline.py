@@ -234,9 +234,6 @@ class Pipeline:
         return MeteorConfig(compressor=CompressorConfig(tokens_per_slice=k, **self.config.compressor),
                             max_slices=world.config.max_slices)
 
-    def train_budget(self, world: WorldManifest, clip: Path, language_model: Path, k: int | None) -> Path:
-        return self.train_variant(world, clip, language_model, budget_name(k), self.budget_config(world, k))
-
     def run_variants(self, world: WorldManifest, clip: Path, language_model: Path,
                      variants: Sequence[tuple[str, MeteorConfig]]) -> list[tuple[Path, dict[str, Any]]]:
         """``train_variant`` then ``evaluate`` for each (name, config), ``config.workers`` at a time,
