@@ -28,7 +28,7 @@ from meteor.images import load_image
 from meteor.slicing import slice_image
 from meteor.vision import VisionTower
 
-TASKS = ("shape", "colour", "size", "patch kind", "first char")
+TASKS = ("shape", "colour", "size", "patch kind", "first char", "word")
 
 
 def scenes(root: Path, split: str, n: int) -> list[dict]:
@@ -91,6 +91,8 @@ def collect(root: Path, metas: list[dict], towers: dict, max_slices: int, radius
                     picks += [(task, item[task], patch) for task in ("shape", "colour", "size")]
                 else:
                     picks.append(("first char", item["text"][0], patch))
+                    if item["kind"] == "word":
+                        picks.append(("word", item["text"], patch))
             # Patch kind: every patch centre, against the item boxes mapped into this view.
             sx, sy = size[0] / (box[2] - box[0]), size[1] / (box[3] - box[1])
             mapped = [(kind, ((item["bbox"][0] - box[0]) * sx, (item["bbox"][1] - box[1]) * sy,

@@ -38,6 +38,9 @@ p.add_argument('--stage1-epochs', type=float, default=0,
 p.add_argument('--stage1-lr', type=float, default=1e-3)
 p.add_argument('--lm-lr', type=float, default=None, help='learning rate of the LLM in stage 2 (default --lr; 0 freezes it)')
 p.add_argument('--stage1-data', default=None, help='stage-1 records (default: the world\'s stage1.json)')
+p.add_argument('--text-mix', type=int, default=0,
+               help="add this many text-only records (scenes written as text, the LLaMA's second-phase corpus) to "
+                    "stage 2, as LLaVA-1.5 mixes language-only conversations into its instruction data")
 p.add_argument('--oracle', action='store_true',
                help='replace the CLIP features by exact per-patch labels (an upper bound on what a tower can give)')
 a = p.parse_args()
@@ -122,6 +125,13 @@ if a.single:
             out.append({'id': f"{r['id']}-{i}", 'image': r['image'], 'conversations': [
                 {'from': 'human', 'value': '<image>\n' + q}, conv[i + 1]]})
     records = out
+if a.text_mix:
+    import dataclasses
+    from meteor.demo.config import full_config
+    from meteor.demo.language import focus_conversations
+    recipe = dataclasses.replace(full_config().language_pretraining, focus_scenes=a.text_mix)
+    records = records + [{'id': f'text-{i}', 'conversations': conv}
+                         for i, conv in enumerate(focus_conversations(recipe.world(), recipe))]
 ds = LlavaDataset(records, root / 'world/images', proc, 'vicuna_v1', 2048)
 tests = [json.loads(l) for l in (root / 'world/test.jsonl').read_text().splitlines() if l.strip()]
 test_recs = [{'id': t['question_id'], 'image': t['image'], 'conversations': [

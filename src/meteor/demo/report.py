@@ -9,6 +9,7 @@ visual expert alone, the native expert alone and their aggregate would keep).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,23 @@ import torch
 
 PAPER_DROP = (62.4, 59.3)
 """The paper's 12-benchmark average for Meteor at 144 and 32 tokens per slice (25 % → 5.6 %)."""
+
+
+MIN_MARGIN = 0.05
+"""The smallest gap, in accuracy, that the findings call "clearly above" a baseline."""
+
+
+def margin(accuracy: float, questions: int) -> float:
+    """How far above a baseline an accuracy measured on ``questions`` questions must be to count as
+    clearly above it: two binomial standard errors of the accuracy (about a 95 % one-sided bound),
+    and never less than ``MIN_MARGIN``."""
+    if questions < 1:
+        return float("inf")
+    return max(MIN_MARGIN, 2 * math.sqrt(accuracy * (1 - accuracy) / questions))
+
+
+def _clearly_above(cell: dict[str, Any], baseline: float) -> bool:
+    return cell["accuracy"] > baseline + margin(cell["accuracy"], cell["questions"])
 
 
 def _plt():
@@ -135,7 +153,7 @@ def write_markdown(path: Path, results: dict[str, Any], baselines: dict[str, Any
                    figures: list[str], timings: dict[str, float], notes: list[str]) -> None:
     budgets = results["budgets"]
     types = list(budgets[0]["scores"]["accuracy"])
-    head = ["question type", "n", "chance", "majority", "blind prior"] + [budget_label(b["k"], patches) for b in budgets]
+    head = ["question type", "n", "± 95%", "chance", "majority", "blind prior"] + [budget_label(b["k"], patches) for b in budgets]
     lines = ["# meteor demo: LLaVA-Meteor trained end to end in the synthetic world", "",
              "Everything here was built by this run (or reused from an earlier run with the same "
              "configuration): the world, the tokenizer, a tiny CLIP trained contrastively on captions "
@@ -146,12 +164,15 @@ def write_markdown(path: Path, results: dict[str, Any], baselines: dict[str, Any
              "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for name in types:
         base = baselines.get(name, {})
-        row = [name, str(budgets[0]["scores"]["accuracy"][name]["questions"]),
+        questions = budgets[0]["scores"]["accuracy"][name]["questions"]
+        row = [name, str(questions), f"{2 * math.sqrt(0.25 / max(questions, 1)):.3f}",
                f"{base.get('chance_accuracy', float('nan')):.3f}", f"{base.get('majority_accuracy', float('nan')):.3f}",
                f"{base.get('form_majority_accuracy', float('nan')):.3f}"]
         row += [f"{b['scores']['accuracy'][name]['accuracy']:.3f}" for b in budgets]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "chance: guessing among the answers a question admits; majority: always the most frequent "
+    lines += ["", "± 95%: the widest 95 % interval of an accuracy measured on n questions (two binomial "
+              "standard errors at 0.5); differences between budgets smaller than this are within noise. "
+              "chance: guessing among the answers a question admits; majority: always the most frequent "
               "answer of the type; blind prior: the most frequent answer per question wording (a model "
               "that never looks at the image). Each budget is a separate training (stage 1 + stage 2), "
               "as the paper trains one model per K.", "", "## Findings", ""]
@@ -172,33 +193,33 @@ def findings(results: dict[str, Any], baselines: dict[str, Any], patches: int) -
     notes = []
     for b in budgets:
         acc = b["scores"]["accuracy"]
-        below = [t for t in acc if t != "all" and acc[t]["accuracy"] <= baselines.get(t, {}).get(
-            "majority_accuracy", 0.0) + 0.05]
+        below = [t for t in acc if t != "all"
+                 and not _clearly_above(acc[t], baselines.get(t, {}).get("majority_accuracy", 0.0))]
         label = budget_label(b["k"], patches)
         if below:
             notes.append(f"{label}: overall {acc['all']['accuracy']:.3f}; NOT clearly above the majority "
-                         f"baseline (within 5 points or below) on: {', '.join(below)}.")
+                         f"baseline (by less than two standard errors, or 5 points) on: {', '.join(below)}.")
         else:
-            notes.append(f"{label}: overall {acc['all']['accuracy']:.3f}; above the majority baseline by "
-                         f"more than 5 points on every question type.")
+            notes.append(f"{label}: overall {acc['all']['accuracy']:.3f}; clearly above the majority baseline "
+                         f"(by more than two standard errors and 5 points) on every question type.")
     by_k = {b["k"]: b["scores"]["accuracy"]["all"]["accuracy"] for b in budgets}
     ks = sorted(k for k in by_k if k is not None)
     # Which question types a model answers better than the best image-blind guess (the most frequent
     # answer per question wording): only there does it use the image, and only there can budgets differ.
     types = [t for t in budgets[0]["scores"]["accuracy"] if t != "all"]
     seeing = {t for b in budgets for t in types
-              if b["scores"]["accuracy"][t]["accuracy"] > baselines.get(t, {}).get("form_majority_accuracy", 1.0) + 0.05}
+              if _clearly_above(b["scores"]["accuracy"][t], baselines.get(t, {}).get("form_majority_accuracy", 1.0))}
     if not seeing:
         prior = baselines.get("all", {}).get("form_majority_accuracy", 0.0)
         notes.append(f"No budget beats the blind prior (overall {prior:.3f}, the best a model that ignores the "
-                     "image can do) on any question type by more than 5 points: the models have not learnt to "
+                     "image can do) on any question type by more than two standard errors: the models have not learnt to "
                      "use the image, so the accuracy differences between budgets are noise and say nothing "
                      "about compression. docs/demo-learning.md in the llava-meteor repository records what "
                      "was measured and what to try next.")
         return notes
     blind = sorted(set(types) - seeing)
     notes.append(f"The models use the image on: {', '.join(t for t in types if t in seeing)} (above the blind "
-                 f"prior by more than 5 points at some budget)"
+                 f"prior by more than two standard errors at some budget)"
                  + (f"; not on: {', '.join(blind)}, where the accuracy is what the question alone gives, so "
                     "budgets cannot be compared there." if blind else "."))
     if len(ks) >= 2:
