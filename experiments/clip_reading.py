@@ -33,7 +33,7 @@ ap.add_argument("--region-weight", type=float, default=None)
 ap.add_argument("--images", type=int, default=0,
                 help="a CLIP corpus of this many unsliced scenes (generated into OUT_corpus) instead of ROOT's")
 a = ap.parse_args()
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 root, out = Path(a.root), Path(a.out)
 config = full_config().clip
 if a.epochs:

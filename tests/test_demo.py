@@ -34,6 +34,19 @@ def test_quick_config_covers_the_four_budgets():
     assert config.world.base_size // config.world.patch_size == 8   # 64 patches per view
 
 
+def test_the_clip_step_takes_the_cores_the_budgets_share_later(monkeypatch):
+    import dataclasses
+    import os
+
+    from meteor.demo.pipeline import clip_threads
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert clip_threads(quick_config()) == 2                                  # 2 workers × 1 thread
+    assert clip_threads(dataclasses.replace(quick_config(), workers=1)) == 1
+    assert clip_threads(dataclasses.replace(quick_config(), workers=4, threads=2)) == 2   # capped by the cores
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert clip_threads(quick_config()) == 1
+
+
 @pytest.mark.slow
 def test_quick_demo_writes_the_report_with_numbers_and_pictures(tmp_path):
     done = _meteor("demo", "--quick", "--out", "out", cwd=tmp_path)
@@ -43,7 +56,9 @@ def test_quick_demo_writes_the_report_with_numbers_and_pictures(tmp_path):
     for name in (*QUESTION_TYPES, "all"):
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
         numbers = re.findall(r"\d\.\d{3}", row)
-        assert len(numbers) == 3 + 4, row           # chance, majority, blind prior + four budgets
+        assert len(numbers) == 4 + 4, row           # ± 95%, chance, majority, blind prior + four budgets
+        questions = int(row.split("|")[2])
+        assert float(numbers[0]) == pytest.approx((0.25 / questions) ** 0.5 * 2, abs=5e-4), row
     results = json.loads((report / "results.json").read_text())
     assert [b["k"] for b in results["budgets"]] == [None, 16, 7, 3]
     for budget in results["budgets"]:
@@ -61,6 +76,7 @@ def test_quick_demo_writes_the_report_with_numbers_and_pictures(tmp_path):
     assert corpus["slice_histogram"]["train"] == {"0": quick_config().clip_images}
     clip_key = json.loads((tmp_path / "out" / "clip" / "key.json").read_text())
     assert clip_key["foils"] is True and clip_key["regions"] is True and clip_key["corpus"]["slice_mix"] == [0]
+    assert re.search(r"CLIP trained in [0-9.]+ s \(\d threads\)", done.stdout)
     clip_run = json.loads((tmp_path / "out" / "clip" / "clip_pretrain.json").read_text())
     assert 0.0 <= clip_run["final_region_accuracy"] <= 1.0       # the region–phrase loss ran
 

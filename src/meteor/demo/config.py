@@ -89,7 +89,7 @@ class DemoConfig:
 
 def full_config(seed: int = 0) -> DemoConfig:
     return DemoConfig(
-        world=WorldConfig(seed=seed, n_train_images=1000, n_test_images=150, base_size=112),
+        world=WorldConfig(seed=seed, n_train_images=1000, n_test_images=300, base_size=112),
         clip=ClipPretrainConfig(image_size=112, epochs=10, learning_rate=2e-3, region_weight=2.0, seed=seed),
         seed=seed)
 
