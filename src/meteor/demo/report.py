@@ -57,9 +57,14 @@ def accuracy_plot(results: dict[str, Any], baselines: dict[str, Any], patches: i
     types = list(budgets[0]["scores"]["accuracy"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in types:
-        ys = [b["scores"]["accuracy"][name]["accuracy"] for b in budgets]
-        ax.plot(xs, ys, marker="o", lw=2.5 if name == "all" else 1.2, label=name,
-                color="black" if name == "all" else None)
+        cells = [b["scores"]["accuracy"][name] for b in budgets]
+        ys = [cell["accuracy"] for cell in cells]
+        if name == "all":   # with two binomial standard errors: what the noise alone could move
+            errors = [2 * math.sqrt(cell["accuracy"] * (1 - cell["accuracy"]) / max(cell["questions"], 1))
+                      for cell in cells]
+            ax.errorbar(xs, ys, yerr=errors, marker="o", lw=2.5, capsize=4, color="black", label="all (± 2 s.e.)")
+        else:
+            ax.plot(xs, ys, marker="o", lw=1.2, label=name)
     ax.axhline(baselines["all"]["majority_accuracy"], ls="--", color="grey", label="majority (all)")
     ax.axhline(baselines["all"]["chance_accuracy"], ls=":", color="grey", label="chance (all)")
     ax.set_xscale("log", base=2)
