@@ -23,13 +23,16 @@ MIN_MARGIN = 0.05
 """The smallest gap, in accuracy, that the findings call "clearly above" a baseline."""
 
 
+def two_standard_errors(accuracy: float, questions: int) -> float:
+    """Two binomial standard errors of an accuracy measured on ``questions`` questions (about the
+    half-width of its 95 % interval)."""
+    return 2 * math.sqrt(accuracy * (1 - accuracy) / questions) if questions >= 1 else float("inf")
+
+
 def margin(accuracy: float, questions: int) -> float:
     """How far above a baseline an accuracy measured on ``questions`` questions must be to count as
-    clearly above it: two binomial standard errors of the accuracy (about a 95 % one-sided bound),
-    and never less than ``MIN_MARGIN``."""
-    if questions < 1:
-        return float("inf")
-    return max(MIN_MARGIN, 2 * math.sqrt(accuracy * (1 - accuracy) / questions))
+    clearly above it: two standard errors of the accuracy, and never less than ``MIN_MARGIN``."""
+    return max(MIN_MARGIN, two_standard_errors(accuracy, questions))
 
 
 def _clearly_above(cell: dict[str, Any], baseline: float) -> bool:
@@ -60,8 +63,7 @@ def accuracy_plot(results: dict[str, Any], baselines: dict[str, Any], patches: i
         cells = [b["scores"]["accuracy"][name] for b in budgets]
         ys = [cell["accuracy"] for cell in cells]
         if name == "all":   # with two binomial standard errors: what the noise alone could move
-            errors = [2 * math.sqrt(cell["accuracy"] * (1 - cell["accuracy"]) / max(cell["questions"], 1))
-                      for cell in cells]
+            errors = [two_standard_errors(cell["accuracy"], cell["questions"]) for cell in cells]
             ax.errorbar(xs, ys, yerr=errors, marker="o", lw=2.5, capsize=4, color="black", label="all (± 2 s.e.)")
         else:
             ax.plot(xs, ys, marker="o", lw=1.2, label=name)
@@ -170,13 +172,14 @@ def write_markdown(path: Path, results: dict[str, Any], baselines: dict[str, Any
     for name in types:
         base = baselines.get(name, {})
         questions = budgets[0]["scores"]["accuracy"][name]["questions"]
-        row = [name, str(questions), f"{2 * math.sqrt(0.25 / max(questions, 1)):.3f}",
+        row = [name, str(questions), f"{two_standard_errors(0.5, questions):.3f}",
                f"{base.get('chance_accuracy', float('nan')):.3f}", f"{base.get('majority_accuracy', float('nan')):.3f}",
                f"{base.get('form_majority_accuracy', float('nan')):.3f}"]
         row += [f"{b['scores']['accuracy'][name]['accuracy']:.3f}" for b in budgets]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "± 95%: the widest 95 % interval of an accuracy measured on n questions (two binomial "
-              "standard errors at 0.5); differences between budgets smaller than this are within noise. "
+    lines += ["", "± 95%: the half-width of the 95 % interval of an accuracy measured on n questions, at its "
+              "widest (two binomial standard errors at 0.5); differences between budgets smaller than "
+              "this are within noise. "
               "chance: guessing among the answers a question admits; majority: always the most frequent "
               "answer of the type; blind prior: the most frequent answer per question wording (a model "
               "that never looks at the image). Each budget is a separate training (stage 1 + stage 2), "
