@@ -43,6 +43,10 @@ p.add_argument('--text-mix', type=int, default=0,
                     "stage 2, as LLaVA-1.5 mixes language-only conversations into its instruction data")
 p.add_argument('--oracle', action='store_true',
                help='replace the CLIP features by exact per-patch labels (an upper bound on what a tower can give)')
+p.add_argument('--distill', type=float, default=0.0,
+               help='weight of a scene-distillation loss: the LLM\'s hidden states on the conversation after the '
+                    'image are pulled towards those of the frozen text-pretrained LLaMA reading the scene as text')
+p.add_argument('--distill-layers', default='1,2,3', help='hidden-state layers matched by --distill (0: embeddings)')
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
@@ -153,6 +157,56 @@ def get(dset, i, tag):
         ex_cache[k] = dset.encode(i)
     return ex_cache[k]
 
+teacher = None
+if a.distill:
+    import copy, types
+    from meteor.demo.language import describe_scene
+    teacher = copy.deepcopy(model.language_model).eval()
+    for q in teacher.parameters():
+        q.requires_grad_(False)
+    layers = [int(x) for x in a.distill_layers.split(',')]
+    by_id = {r['id']: r for r in records}
+    teacher_cache = {}
+
+    def scene_of(meta):
+        ns = types.SimpleNamespace
+        return ns(width=meta['size'][0], height=meta['size'][1],
+                  objects=[ns(**o) for o in meta['objects']], texts=[ns(**t) for t in meta['texts']])
+
+    def teacher_ids(i):
+        if i not in teacher_cache:
+            r = records[i]
+            conv = [dict(c) for c in r['conversations']]
+            conv[0]['value'] = conv[0]['value'].replace('<image>', describe_scene(scene_of(r['meta'])))
+            teacher_cache[i] = proc.encode(conv, [], 'vicuna_v1')[0]
+        return teacher_cache[i]
+
+    def distill_loss(idx, batch, hidden):
+        """Mean over matched layers of the relative squared error on the shared suffix (the
+        conversation after the image / scene)."""
+        ids_t = [teacher_ids(i) for i in idx]
+        width = max(len(x) for x in ids_t)
+        tin = torch.full((len(idx), width), tok.pad_token_id); tmask = torch.zeros_like(tin)
+        for row, x in enumerate(ids_t):
+            tin[row, :len(x)] = torch.tensor(x); tmask[row, :len(x)] = 1
+        with torch.no_grad():
+            th = teacher(input_ids=tin, attention_mask=tmask, output_hidden_states=True).hidden_states
+        total, count = 0.0, 0
+        for row, x in enumerate(ids_t):
+            sid = batch.input_ids[row]; n_s = int(batch.attention_mask[row].sum())
+            img = (sid[:n_s] == model.image_token_id).nonzero()
+            start = int(img[-1]) + 1
+            suffix = sid[start:n_s].tolist()
+            n = len(suffix)
+            if x[-n:] != suffix:
+                continue
+            for l in layers:
+                s_h = hidden[l][row, start:n_s]; t_h = th[l][row, len(x) - n:len(x)]
+                total = total + ((s_h - t_h) ** 2).mean() / (t_h ** 2).mean().clamp_min(1e-6)
+                count += 1
+        return total / max(1, count), count
+
+
 def evaluate():
     model.eval()
     from collections import defaultdict
@@ -217,7 +271,7 @@ warm = max(1, int(a.warm * total))
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1, s / total))))
 rng = random.Random(a.seed)
 model.train()
-step = 0; losses = []
+step = 0; losses = []; dl = [0.0]; dm = [0.0]
 print(f'records {len(ds)} steps {total}', flush=True)
 next_eval = a.evalevery * steps_per_epoch
 while step < total:
@@ -225,13 +279,19 @@ while step < total:
     for s in range(0, len(order), a.bs):
         if step >= total: break
         model.training_progress = step / total
-        b = collate(proc, [get(ds, i, 'd') for i in order[s:s + a.bs]])
-        out = model(**b.to_model_kwargs())
-        out.loss.backward()
+        idx = order[s:s + a.bs]
+        b = collate(proc, [get(ds, i, 'd') for i in idx])
+        out = model(**b.to_model_kwargs(), output_hidden_states=teacher is not None)
+        loss = out.loss
+        if teacher is not None:
+            d, matched = distill_loss(idx, b, out.hidden_states)
+            loss = loss + a.distill * d
+            dl.append(float(d)); dm.append(matched / (len(idx) * len(layers)))
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(); sched.step(); opt.zero_grad()
         losses.append(float(out.loss)); step += 1
         if step >= next_eval or step == total:
             next_eval += a.evalevery * steps_per_epoch
             r = evaluate()
-            print(f'step {step} ep {step / steps_per_epoch:.1f} t {time.time() - t0:.0f}s loss {sum(losses[-50:]) / len(losses[-50:]):.3f} ' + ' '.join(f'{k} {v:.2f}' for k, v in r.items()), flush=True)
+            print(f'step {step} ep {step / steps_per_epoch:.1f} t {time.time() - t0:.0f}s loss {sum(losses[-50:]) / len(losses[-50:]):.3f} distill {sum(dl[-50:]) / len(dl[-50:]):.3f} matched {dm[-1]:.2f} ' + ' '.join(f'{k} {v:.2f}' for k, v in r.items()), flush=True)

@@ -86,10 +86,12 @@ def tiny_model(config: MeteorConfig | None = None, seed: int = 0, texts: Iterabl
 _COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 40)}
 
 
-def tiny_llava_data(folder, count: int = 24, seed: int = 0, caption: bool = False):
+def tiny_llava_data(folder, count: int = 24, seed: int = 0, caption: bool = False, meta: bool = False):
     """A small LLaVA-format dataset of drawn images (sizes from 1 view to 6 slices + global at the
     tiny tower's 56-px base): "What colour is the square?" → the square's colour, or, with
-    `caption`, LLaVA-Pretrain-style caption records. Returns the JSON file's path."""
+    `caption`, LLaVA-Pretrain-style caption records. With `meta`, each record also carries its scene
+    as the synthetic world writes it (``Scene.to_meta``'s fields), as scene distillation needs.
+    Returns the JSON file's path."""
     import json
     import random
     from pathlib import Path
@@ -116,7 +118,12 @@ def tiny_llava_data(folder, count: int = 24, seed: int = 0, caption: bool = Fals
         else:
             turns = [{"from": "human", "value": "<image>\nWhat colour is the square?"},
                      {"from": "gpt", "value": colour}]
-        records.append({"id": f"tiny-{index}", "image": name, "conversations": turns})
-    path = folder / ("captions.json" if caption else "instruct.json")
+        record = {"id": f"tiny-{index}", "image": name, "conversations": turns}
+        if meta:
+            record["meta"] = {"size": [width, height], "texts": [], "objects": [
+                {"shape": "square", "colour": colour, "size": "medium",
+                 "bbox": [left, top, left + side, top + side]}]}
+        records.append(record)
+    path = folder / (("captions" if caption else "instruct") + ("_meta" if meta else "") + ".json")
     path.write_text(json.dumps(records, indent=1))
     return path

@@ -20,6 +20,8 @@ class StageRun:
     global_batch_size: int
     learning_rate: float
     per_device_batch_size: int = 16
+    scene_distillation: float = 0.0
+    """Weight of the scene-distillation loss (``meteor.train.distill``; 0: off)."""
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch
 from ..config import ConfigError
 from ..conversation import IGNORE_INDEX
 from ..world import WorldConfig
-from ..world.captions import caption, caption_request, region_phrase
+from ..world.captions import caption, caption_request, scene_line
 from ..world.questions import SplitState, ask_questions
 from ..world.scene import Scene, make_scene
 
@@ -92,10 +92,7 @@ class LanguagePretraining:
 
 def describe_scene(scene: Scene) -> str:
     """The scene as text: shapes in reading order, then texts, each with where it is."""
-    objects = sorted(scene.objects, key=lambda o: ((o.bbox[1] + o.bbox[3]) / 2, (o.bbox[0] + o.bbox[2]) / 2))
-    parts = [f"{o.size} {o.colour} {o.shape} {region_phrase(o.bbox, scene.width, scene.height)}" for o in objects]
-    parts += [f'{t.kind} "{t.text}" {region_phrase(t.bbox, scene.width, scene.height)}' for t in scene.texts]
-    return "Scene: " + "; ".join(parts) + "."
+    return scene_line(scene.to_meta())
 
 
 def text_conversations(world: WorldConfig, recipe: LanguagePretraining) -> list[list[dict[str, str]]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
@@ -111,6 +112,11 @@ class TrainConfig:
     strict: bool = False
     """Stop at the first bad record instead of skipping and counting it."""
 
+    scene_distillation: float = 0.0
+    """Synthetic-world records only (they carry their scene in 'meta'): weight of a loss pulling the
+    LLM's hidden states after the image towards those of a frozen copy of the starting LLM reading
+    the scene as text (meteor.train.distill). Not in the paper; 0 turns it off."""
+
     def __post_init__(self) -> None:
         presets = STAGE_PRESETS.get(self.stage)
         if presets is None:
@@ -136,6 +142,9 @@ class TrainConfig:
             raise TrainConfigError(f"precision must be one of {get_args(Precision)}, got {self.precision!r}")
         if self.distributed not in get_args(Distributed):
             raise TrainConfigError(f"distributed must be one of {get_args(Distributed)}, got {self.distributed!r}")
+        if not (math.isfinite(self.scene_distillation) and self.scene_distillation >= 0):
+            raise TrainConfigError(f"scene_distillation must be a finite weight ≥ 0 (0: off), got "
+                                   f"{self.scene_distillation}")
         if self.template not in ("plain", "vicuna_v1"):
             raise TrainConfigError(f"template must be plain or vicuna_v1, got {self.template!r}")
 

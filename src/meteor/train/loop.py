@@ -27,6 +27,7 @@ from ..data import Example, LlavaDataset, RecordError, SkipReport, collate
 from ..modeling import COMPRESSOR_FILE, LlavaMeteor, load_compressor
 from .args import TrainConfig, TrainConfigError
 from .checkpoint import latest_loadable, rng_state, save_checkpoint, set_rng_state
+from .distill import SceneDistiller
 from .distributed import Distributed
 from .logger import RunLogger
 
@@ -158,6 +159,8 @@ def train(config: TrainConfig) -> TrainResult:
         lm = model.language_model   # transformers ≥ 5 renamed it; older releases have the old name
         (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
     dataset = LlavaDataset(config.data, config.image_folder, processor, config.template, config.max_length)
+    distiller = (SceneDistiller(model.language_model, processor, config.template, dataset.records)
+                 if config.scene_distillation > 0 else None)   # before wrapping: FSDP shards the LLM
     order = DataOrder(len(dataset), config.global_batch_size, config.seed)
     total_steps = config.max_steps or math.ceil(order.steps_per_epoch * config.epochs)
     per_rank = math.ceil(config.global_batch_size / dist.world_size)
@@ -192,9 +195,14 @@ def train(config: TrainConfig) -> TrainResult:
             started = time.perf_counter()
             records = order.step_records(step)[dist.rank::dist.world_size]
             examples: list[Example | None] = []
+            positions: list[int] = []
             for index in records:
                 try:
-                    examples.append(dataset.encode(index))
+                    example = dataset.encode(index)
+                    if distiller is not None:
+                        distiller.teacher_ids(index)
+                    examples.append(example)
+                    positions.append(index)
                 except RecordError as err:
                     if config.strict:
                         raise
@@ -202,8 +210,9 @@ def train(config: TrainConfig) -> TrainResult:
                     logger.message(f"skipping {err}")
             counters["truncated"] += sum(e.truncated for e in examples)
             local_tokens = sum(_supervised(e) for e in examples)
-            global_tokens = dist.all_reduce_sum(float(local_tokens))
+            global_tokens, global_samples = dist.all_reduce_sum_many([float(local_tokens), float(len(examples))])
             loss_sum_local, tokens_local, visual_tokens, samples = 0.0, 0, 0, 0
+            distill_local, distill_matched = 0.0, 0
             for micro in range(micro_steps):
                 chunk = examples[micro * config.per_device_batch_size:(micro + 1) * config.per_device_batch_size]
                 if chunk:
@@ -212,10 +221,18 @@ def train(config: TrainConfig) -> TrainResult:
                     batch, weight = processor.collate([filler], []), 0.0
                 sync = micro == micro_steps - 1
                 with dist.maybe_no_sync(wrapped, sync), dist.autocast(config.precision):
-                    out = wrapped(**batch.to_model_kwargs())
+                    out = wrapped(**batch.to_model_kwargs(), output_hidden_states=distiller is not None)
                     loss_sum, count = token_loss_sum(out.logits, batch.labels.to(out.logits.device))
-                scale = weight * dist.world_size / max(global_tokens, 1.0)
-                (loss_sum * scale).backward()
+                    total = loss_sum * (weight * dist.world_size / max(global_tokens, 1.0))
+                    if distiller is not None and chunk:
+                        chunk_positions = positions[micro * config.per_device_batch_size:
+                                                    (micro + 1) * config.per_device_batch_size]
+                        distill_sum, matched = distiller.loss(chunk_positions, batch, out.hidden_states)
+                        total = total + distill_sum * (config.scene_distillation * dist.world_size
+                                                       / max(global_samples, 1.0))
+                        distill_local += float(distill_sum.detach())
+                        distill_matched += matched
+                total.backward()
                 if weight:
                     loss_sum_local += float(loss_sum.detach())
                     tokens_local += count
@@ -228,7 +245,7 @@ def train(config: TrainConfig) -> TrainResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             totals = dist.all_reduce_sum_many([loss_sum_local, float(samples), float(visual_tokens),
-                                               float(tokens_local)])
+                                               float(tokens_local), distill_local, float(distill_matched)])
             step += 1
             loss_value = totals[0] / max(global_tokens, 1.0)
             elapsed = time.perf_counter() - started
@@ -243,6 +260,8 @@ def train(config: TrainConfig) -> TrainResult:
                 "native_weight_progress": model.training_progress,
                 "skipped": skipped.total,
                 "truncated": counters["truncated"],
+                **({"distill": totals[4] / max(totals[5], 1.0), "distill_matched": int(totals[5])}
+                   if distiller is not None else {}),
             }, every=config.log_every)
             progress.update(1, loss_value)
             stopping = dist.any_flag(stop.signal_name is not None)

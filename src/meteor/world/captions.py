@@ -66,6 +66,18 @@ def item_phrases(meta: dict) -> list[tuple[tuple[int, int, int, int], str]]:
     return items + [(tuple(t["bbox"]), f'the {t["kind"]} "{t["text"]}"') for t in meta["texts"]]
 
 
+def scene_line(meta: dict) -> str:
+    """A record's ``meta`` (``Scene.to_meta``) as one line of text: shapes in reading order, then
+    texts, each with where it is ("Scene: large red star near the top left; …; word "CAT" on the
+    right."). The demo's LLaMA is pretrained on scenes written this way; scene distillation puts it
+    where the image was."""
+    width, height = meta["size"]
+    objects = sorted(meta["objects"], key=lambda o: (_centre(o["bbox"])[1], _centre(o["bbox"])[0]))
+    parts = [f'{o["size"]} {o["colour"]} {o["shape"]} {region_phrase(o["bbox"], width, height)}' for o in objects]
+    parts += [f'{t["kind"]} "{t["text"]}" {region_phrase(t["bbox"], width, height)}' for t in meta["texts"]]
+    return "Scene: " + "; ".join(parts) + "."
+
+
 def region_phrase(bbox: tuple[int, int, int, int], width: int, height: int) -> str:
     """Where a box's centre falls in the image's 3×3 grid, e.g. "near the top left", "in the centre"."""
     cx, cy = _centre(bbox)

@@ -1,0 +1,111 @@
+"""Scene distillation: a training aid for the synthetic world, where each record knows its scene.
+
+The demo's tiny LLaMA was pretrained to answer questions about scenes written as text ("Scene:
+large red star near the top left; …"). Stage 2 must carry that skill over to visual tokens, and
+with next-token loss alone it gets one answer token per question to learn from. Scene distillation
+adds a dense signal: a frozen copy of the starting LLM (the teacher) reads the same conversation
+with the scene line (``meteor.world.captions.scene_line`` of the record's ``meta``) where the image
+was, and the trained model's hidden states on the conversation after the image are pulled towards
+the teacher's on the same tokens:
+
+    loss_i = mean over layers l of  mean((h_l - t_l)²) / mean(t_l²)
+
+over the positions of the shared suffix (every token after the image placeholder), for each
+decoder layer's output. The total loss adds ``weight × mean_i loss_i`` to the token loss.
+
+It is not part of the paper's recipe: it needs the scene of every record (the world's ``meta``),
+which real datasets do not have, and it holds a second copy of the LLM. docs/demo-learning.md
+measures what it changes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..data import RecordError, record_id
+from ..processor import Batch, MeteorProcessor
+from ..world.captions import scene_line
+from .args import TrainConfigError
+
+
+class SceneDistiller:
+    """A frozen teacher LLM and the teacher inputs of a dataset's records (built once each)."""
+
+    def __init__(self, language_model: nn.Module, processor: MeteorProcessor, template: str,
+                 records: Sequence[dict]):
+        missing = [record_id(r, k) for k, r in enumerate(records)
+                   if not (isinstance(r, dict) and isinstance(r.get("meta"), dict))]
+        if missing:
+            raise TrainConfigError(
+                f"scene distillation needs the scene of every record ('meta', as the synthetic world "
+                f"writes it); {len(missing)} of {len(records)} records have none (first: {missing[0]}). "
+                f"Set scene_distillation to 0 for data from outside the world")
+        self.teacher = copy.deepcopy(language_model).eval()
+        for parameter in self.teacher.parameters():
+            parameter.requires_grad_(False)
+        self.processor = processor
+        self.template = template
+        self.records = records
+        self._ids: dict[int, list[int]] = {}
+
+    def teacher_ids(self, position: int) -> list[int]:
+        """Record ``position``'s conversation with the scene line in place of ``<image>``, tokenised."""
+        if position not in self._ids:
+            record = self.records[position]
+            rid = record_id(record, position)
+            meta = record.get("meta")
+            if not isinstance(meta, dict) or not {"size", "objects", "texts"} <= meta.keys():
+                raise RecordError(rid, "scene distillation needs each record's 'meta' (the synthetic "
+                                       "world's scene: size, objects, texts); this record has none. "
+                                       "Set scene_distillation to 0 for data from outside the world")
+            token = self.processor.config.image_token
+            conversation = [dict(turn) for turn in record["conversations"]]
+            first = next((turn for turn in conversation if token in str(turn.get("value", ""))), None)
+            if first is None:
+                raise RecordError(rid, f"scene distillation needs an {token} in the conversation")
+            first["value"] = first["value"].replace(token, scene_line(meta), 1)
+            self._ids[position] = self.processor.encode(conversation, [], self.template)[0]
+        return self._ids[position]
+
+    def loss(self, positions: Sequence[int], batch: Batch, hidden_states: Sequence[torch.Tensor]
+             ) -> tuple[torch.Tensor, int]:
+        """(Σ over samples of loss_i, number of samples matched). A sample whose suffix does not
+        match the teacher's tokens (e.g. it was truncated) adds nothing."""
+        sequences = [self.teacher_ids(p) for p in positions]
+        device = hidden_states[0].device
+        width = max(len(ids) for ids in sequences)
+        pad = self.processor.tokenizer.pad_token_id
+        ids = torch.full((len(sequences), width), pad if pad is not None else 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, sequence in enumerate(sequences):
+            ids[row, :len(sequence)] = torch.tensor(sequence)
+            mask[row, :len(sequence)] = 1
+        with torch.no_grad():
+            teacher = self.teacher(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   output_hidden_states=True).hidden_states
+        image_id = self.processor.image_token_id
+        total = hidden_states[0].new_zeros(())
+        matched = 0
+        for row, sequence in enumerate(sequences):
+            length = int(batch.attention_mask[row].sum())
+            student_ids = batch.input_ids[row, :length]
+            images = (student_ids == image_id).nonzero()
+            if len(images) == 0:
+                continue
+            start = int(images[-1]) + 1
+            n = length - start
+            if n <= 0 or n > len(sequence) or sequence[len(sequence) - n:] != student_ids[start:].tolist():
+                continue
+            offset = len(sequence) - n
+            per_layer = []
+            for student_h, teacher_h in zip(hidden_states[1:], teacher[1:]):   # each decoder layer's output
+                target = teacher_h[row, offset:offset + n].float()
+                error = (student_h[row, start:length].float() - target).pow(2).mean()
+                per_layer.append(error / target.pow(2).mean().clamp_min(1e-6))
+            total = total + torch.stack(per_layer).mean()
+            matched += 1
+        return total, matched

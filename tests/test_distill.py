@@ -1,0 +1,96 @@
+"""Scene distillation (meteor.train.distill) on tiny configs of the real classes."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from meteor.data import LlavaDataset, collate
+from meteor.modeling import LlavaMeteor
+from meteor.tiny import tiny_llava_data, tiny_model
+from meteor.train import TrainConfig, TrainConfigError, train
+from meteor.train.distill import SceneDistiller
+from meteor.world import WorldConfig, make_scene
+from meteor.world.captions import region_phrase, scene_line
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    model, processor = tiny_model(seed=0)
+    model.save_pretrained(root / "base", processor)
+    return {"base": root / "base", "images": root / "data",
+            "plain": tiny_llava_data(root / "data", 16, seed=3),
+            "meta": tiny_llava_data(root / "data", 16, seed=3, meta=True)}
+
+
+def _config(assets, out, **overrides):
+    values = dict(stage=2, data=str(assets["meta"]), image_folder=str(assets["images"]),
+                  model=str(assets["base"]), output_dir=str(out), global_batch_size=8,
+                  per_device_batch_size=4, max_steps=4, save_every=100, learning_rate=1e-3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_scene_line_lists_shapes_in_reading_order_then_texts():
+    meta = {"size": [300, 300], "texts": [{"kind": "word", "text": "CAT", "bbox": [10, 250, 40, 262]}],
+            "objects": [{"shape": "star", "colour": "red", "size": "large", "bbox": [200, 200, 280, 280]},
+                        {"shape": "circle", "colour": "blue", "size": "small", "bbox": [10, 10, 40, 40]}]}
+    assert scene_line(meta) == ('Scene: small blue circle near the top left; large red star near the bottom '
+                                'right; word "CAT" near the bottom left.')
+    scene = make_scene(WorldConfig(), "train", 5)
+    line = scene_line(scene.to_meta())
+    for obj in scene.objects:
+        assert f"{obj.size} {obj.colour} {obj.shape} {region_phrase(obj.bbox, scene.width, scene.height)}" in line
+
+
+def test_the_teacher_reads_the_scene_where_the_image_was(assets):
+    model, processor = LlavaMeteor.from_pretrained(assets["base"])
+    records = json.loads(Path(assets["meta"]).read_text())
+    distiller = SceneDistiller(model.language_model, processor, "vicuna_v1", records)
+    ids = distiller.teacher_ids(0)
+    assert processor.image_token_id not in ids
+    text = processor.tokenizer.decode(ids)
+    assert scene_line(records[0]["meta"]) in text and "What colour is the square?" in text
+    assert all(not p.requires_grad for p in distiller.teacher.parameters())
+
+    dataset = LlavaDataset(records, assets["images"], processor, "vicuna_v1")
+    examples = [dataset.encode(k) for k in range(4)]
+    batch = collate(processor, examples)
+    out = model(**batch.to_model_kwargs(), output_hidden_states=True)
+    total, matched = distiller.loss(range(4), batch, out.hidden_states)
+    assert matched == 4 and total.item() > 0 and total.requires_grad
+    # A sample whose suffix differs from the teacher's (another record's teacher) is not matched.
+    shifted, matched_shifted = distiller.loss([1, 0, 3, 2], batch, out.hidden_states)
+    assert matched_shifted == 0 and shifted.item() == 0
+
+
+def test_training_pulls_the_hidden_states_towards_the_teacher(assets, tmp_path):
+    result = train(_config(assets, tmp_path / "on", scene_distillation=5.0, max_steps=16,
+                           learning_rate=3e-3, warmup_ratio=0.1))
+    assert result.steps_done == 16
+    log = _log(tmp_path / "on")
+    assert all(entry["distill_matched"] == 8 for entry in log)
+    first, last = sum(e["distill"] for e in log[:3]) / 3, sum(e["distill"] for e in log[-3:]) / 3
+    assert last < 0.8 * first, [e["distill"] for e in log]
+    # The frozen teacher is a copy: the saved LLM moved away from the starting one.
+    before, _ = LlavaMeteor.from_pretrained(assets["base"])
+    after, _ = LlavaMeteor.from_pretrained(result.model_dir)
+    assert not torch.equal(before.language_model.lm_head.weight, after.language_model.lm_head.weight)
+
+    train(_config(assets, tmp_path / "off", max_steps=2))
+    assert all("distill" not in entry for entry in _log(tmp_path / "off"))
+
+
+def test_records_without_a_scene_and_bad_weights_are_refused(assets, tmp_path):
+    with pytest.raises(TrainConfigError, match=r"16 of 16 records have none \(first: tiny-0\).*scene_distillation to 0"):
+        train(_config(assets, tmp_path / "plain", data=str(assets["plain"]), scene_distillation=1.0))
+    assert not (tmp_path / "plain" / "log.jsonl").exists()
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(TrainConfigError, match="scene_distillation must be a finite weight"):
+            TrainConfig(stage=2, scene_distillation=bad)
