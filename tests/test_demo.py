@@ -70,6 +70,12 @@ def test_quick_demo_writes_the_report_with_numbers_and_pictures(tmp_path):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"({name})" in text
     assert "[9/9]" in done.stdout
+    # both stages ran with scene distillation, matched every sample, and the report says so
+    assert "stage 1 (weight 2) and stage 2 (weight 2) add scene distillation" in text
+    for stage in ("stage1", "stage2"):
+        log = [json.loads(line) for line in
+               (tmp_path / "out" / "runs" / "k16" / stage / "log.jsonl").read_text().splitlines()]
+        assert all(entry["distill_matched"] == entry["samples"] and entry["distill"] > 0 for entry in log)
     # the CLIP's own corpus: further train-split scenes of the same seed, unsliced, and no test image
     # shared with the world the model is evaluated on
     corpus = json.loads((tmp_path / "out" / "clip_corpus" / "manifest.json").read_text())

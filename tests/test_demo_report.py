@@ -53,3 +53,14 @@ def test_compression_cost_is_compared_with_the_paper():
     cost = next(note for note in notes if note.startswith("Compression from K=16"))
     assert "costs 10.0 accuracy points here, more than the 3.1 points" in cost
     assert any(note.endswith("colour 0.70 → 0.50.") for note in notes)
+
+
+def test_the_report_names_the_stages_trained_with_scene_distillation():
+    from meteor.demo.report import distillation_note
+
+    assert distillation_note({}) == ""
+    assert distillation_note({"stage1": {"scene_distillation": 0.0}, "stage2": {"scene_distillation": 0.0}}) == ""
+    note = distillation_note({"stage1": {"scene_distillation": 0.0}, "stage2": {"scene_distillation": 2.0}})
+    assert "Not in the paper: stage 2 (weight 2) adds scene distillation" in note and "stage 1" not in note
+    both = distillation_note({"stage1": {"scene_distillation": 1.0}, "stage2": {"scene_distillation": 2.0}})
+    assert "stage 1 (weight 1) and stage 2 (weight 2) add scene distillation" in both

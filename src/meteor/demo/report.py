@@ -156,6 +156,18 @@ def selection_figure(model, processor, image_path: Path, question: str, path: Pa
     plt.close(fig)
 
 
+def distillation_note(config: dict[str, Any]) -> str:
+    """A sentence naming the stages trained with scene distillation (none: "")."""
+    weights = {stage: config.get(f"stage{stage}", {}).get("scene_distillation", 0.0) for stage in (1, 2)}
+    used = [f"stage {stage} (weight {weight:g})" for stage, weight in weights.items() if weight]
+    if not used:
+        return ""
+    return (f" Not in the paper: {' and '.join(used)} add{'s' if len(used) == 1 else ''} scene distillation, "
+            "which pulls the LLM's hidden states on the conversation after the image towards those of a "
+            "frozen copy of the starting LLaMA reading the scene written as text. It needs each record's "
+            "scene, which only this world has (`meteor.train.distill`; docs/demo-learning.md measures it).")
+
+
 def write_markdown(path: Path, results: dict[str, Any], baselines: dict[str, Any], patches: int,
                    figures: list[str], timings: dict[str, float], notes: list[str]) -> None:
     budgets = results["budgets"]
@@ -165,8 +177,9 @@ def write_markdown(path: Path, results: dict[str, Any], baselines: dict[str, Any
              "Everything here was built by this run (or reused from an earlier run with the same "
              "configuration): the world, the tokenizer, a tiny CLIP trained contrastively on captions "
              "(with hard-negative captions), a tiny LLaMA (in the full demo, the one shipped with the "
-             "package, pretrained on the world's scenes written as text), stage 1 and stage 2 of training once per token budget, and exact-match "
-             "evaluation on the held-out test split.", "",
+             "package, pretrained on the world's scenes written as text), stage 1 and stage 2 of training "
+             "once per token budget, and exact-match evaluation on the held-out test split."
+             + distillation_note(results.get("config", {})), "",
              "## Accuracy per question type and token budget", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for name in types:
