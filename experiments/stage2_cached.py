@@ -159,52 +159,15 @@ def get(dset, i, tag):
 
 teacher = None
 if a.distill:
-    import copy, types
-    from meteor.demo.language import describe_scene
-    teacher = copy.deepcopy(model.language_model).eval()
-    for q in teacher.parameters():
-        q.requires_grad_(False)
+    from meteor.train.distill import SceneDistiller
+    teacher = SceneDistiller(model.language_model, proc, 'vicuna_v1', records)
     layers = [int(x) for x in a.distill_layers.split(',')]
-    by_id = {r['id']: r for r in records}
-    teacher_cache = {}
-
-    def scene_of(meta):
-        ns = types.SimpleNamespace
-        return ns(width=meta['size'][0], height=meta['size'][1],
-                  objects=[ns(**o) for o in meta['objects']], texts=[ns(**t) for t in meta['texts']])
-
-    def teacher_ids(i):
-        if i not in teacher_cache:
-            r = records[i]
-            conv = [dict(c) for c in r['conversations']]
-            conv[0]['value'] = conv[0]['value'].replace('<image>', describe_scene(scene_of(r['meta'])))
-            teacher_cache[i] = proc.encode(conv, [], 'vicuna_v1')[0]
-        return teacher_cache[i]
+    if layers != [1, 2, 3]:
+        raise SystemExit('--distill-layers: the package matches every decoder layer (1,2,3)')
 
     def distill_loss(idx, batch, hidden):
-        """Mean over matched layers of the relative squared error on the shared suffix (the
-        conversation after the image / scene)."""
-        ids_t = [teacher_ids(i) for i in idx]
-        width = max(len(x) for x in ids_t)
-        tin = torch.full((len(idx), width), tok.pad_token_id); tmask = torch.zeros_like(tin)
-        for row, x in enumerate(ids_t):
-            tin[row, :len(x)] = torch.tensor(x); tmask[row, :len(x)] = 1
-        with torch.no_grad():
-            th = teacher(input_ids=tin, attention_mask=tmask, output_hidden_states=True).hidden_states
-        total, count = 0.0, 0
-        for row, x in enumerate(ids_t):
-            sid = batch.input_ids[row]; n_s = int(batch.attention_mask[row].sum())
-            img = (sid[:n_s] == model.image_token_id).nonzero()
-            start = int(img[-1]) + 1
-            suffix = sid[start:n_s].tolist()
-            n = len(suffix)
-            if x[-n:] != suffix:
-                continue
-            for l in layers:
-                s_h = hidden[l][row, start:n_s]; t_h = th[l][row, len(x) - n:len(x)]
-                total = total + ((s_h - t_h) ** 2).mean() / (t_h ** 2).mean().clamp_min(1e-6)
-                count += 1
-        return total / max(1, count), count
+        total, matched = teacher.loss(idx, batch, hidden)
+        return total / max(1, matched), matched * len(layers)
 
 
 def evaluate():
