@@ -87,8 +87,25 @@ def test_training_pulls_the_hidden_states_towards_the_teacher(assets, tmp_path):
     assert all("distill" not in entry for entry in _log(tmp_path / "off"))
 
 
+def test_text_only_records_train_on_their_tokens_alone(assets, tmp_path):
+    records = json.loads(Path(assets["meta"]).read_text())
+    for record in records[::2]:             # half the records lose their image (and scene)
+        del record["image"], record["meta"]
+        record["conversations"][0]["value"] = "What colour is the square?"
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(records))
+    train(_config(assets, tmp_path / "mixed", data=str(path), scene_distillation=1.0, max_steps=2))
+    log = _log(tmp_path / "mixed")
+    assert [e["samples"] for e in log] == [8, 8] and all(e["skipped"] == 0 for e in log)
+    assert sum(e["distill_matched"] for e in log) == 8      # the 8 records with an image
+    model, processor = LlavaMeteor.from_pretrained(assets["base"])
+    distiller = SceneDistiller(model.language_model, processor, "vicuna_v1", records)
+    assert distiller.teacher_ids(0) is None and distiller.teacher_ids(1) is not None
+
+
 def test_records_without_a_scene_and_bad_weights_are_refused(assets, tmp_path):
-    with pytest.raises(TrainConfigError, match=r"16 of 16 records have none \(first: tiny-0\).*scene_distillation to 0"):
+    refused = r"16 of 16 records have none \(first: tiny-0\).*scene_distillation to 0"
+    with pytest.raises(TrainConfigError, match=refused):
         train(_config(assets, tmp_path / "plain", data=str(assets["plain"]), scene_distillation=1.0))
     assert not (tmp_path / "plain" / "log.jsonl").exists()
     for bad in (-1.0, float("nan"), float("inf")):

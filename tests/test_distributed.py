@@ -190,6 +190,23 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def distill_data(data):
+    """The same records and images, each record with an image carrying its scene (for
+    --scene-distillation); the text-only records stay text-only."""
+    from meteor.tiny import tiny_llava_data
+
+    records = json.loads(data["json"].read_text())
+    scenes = json.loads(tiny_llava_data(data["folder"], count=9, seed=0, meta=True).read_text())
+    for record, scene in zip(records, scenes):
+        if "image" in record:
+            assert record["image"] == scene["image"]
+            record["meta"] = scene["meta"]
+    path = data["root"] / "distill.json"
+    path.write_text(json.dumps(records, indent=1))
+    return {**data, "json": path}
+
+
+@pytest.fixture(scope="module")
 def reference(data):
     output_dir = data["root"] / "single"
     _run(_command(data, output_dir, 1, "none"), data["root"] / "single.log")
@@ -243,6 +260,20 @@ def test_ddp_two_processes_match_one_process(data, reference):
     _run(_command(data, output_dir, 2, "auto"), data["root"] / "ddp.log")
     assert "2 process(es)" in (data["root"] / "ddp.log").read_text()
     _assert_same_training(reference, output_dir)
+
+
+@pytest.mark.slow
+def test_ddp_with_scene_distillation_matches_one_process(distill_data):
+    root = distill_data["root"]
+    single, ddp = root / "distill-single", root / "distill-ddp"
+    _run(_command(distill_data, single, 1, "none", "--scene-distillation", "2"), root / "distill-single.log")
+    _run(_command(distill_data, ddp, 2, "auto", "--scene-distillation", "2"), root / "distill-ddp.log")
+    _assert_same_training(single, ddp)
+    logs = [[json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for run in (single, ddp)]
+    assert sum(entry["distill_matched"] for entry in logs[0]) > 0
+    for one, two in zip(*logs):
+        assert two["distill_matched"] == one["distill_matched"]
+        assert two["distill"] == pytest.approx(one["distill"], rel=LOSS_RTOL)
 
 
 @pytest.mark.slow

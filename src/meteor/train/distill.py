@@ -38,25 +38,29 @@ class SceneDistiller:
     def __init__(self, language_model: nn.Module, processor: MeteorProcessor, template: str,
                  records: Sequence[dict]):
         missing = [record_id(r, k) for k, r in enumerate(records)
-                   if not (isinstance(r, dict) and isinstance(r.get("meta"), dict))]
+                   if isinstance(r, dict) and r.get("image") is not None and not isinstance(r.get("meta"), dict)]
         if missing:
             raise TrainConfigError(
-                f"scene distillation needs the scene of every record ('meta', as the synthetic world "
-                f"writes it); {len(missing)} of {len(records)} records have none (first: {missing[0]}). "
-                f"Set scene_distillation to 0 for data from outside the world")
+                f"scene distillation needs the scene of every record with an image ('meta', as the "
+                f"synthetic world writes it); {len(missing)} of {len(records)} records have none (first: "
+                f"{missing[0]}). Set scene_distillation to 0 for data from outside the world")
         self.teacher = copy.deepcopy(language_model).eval()
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
         self.processor = processor
         self.template = template
         self.records = records
-        self._ids: dict[int, list[int]] = {}
+        self._ids: dict[int, list[int] | None] = {}
 
-    def teacher_ids(self, position: int) -> list[int]:
-        """Record ``position``'s conversation with the scene line in place of ``<image>``, tokenised."""
+    def teacher_ids(self, position: int) -> list[int] | None:
+        """Record ``position``'s conversation with the scene line in place of ``<image>``, tokenised;
+        None for a text-only record (it has nothing to distil and trains on its tokens alone)."""
         if position not in self._ids:
             record = self.records[position]
             rid = record_id(record, position)
+            if record.get("image") is None:
+                self._ids[position] = None
+                return None
             meta = record.get("meta")
             if not isinstance(meta, dict) or not {"size", "objects", "texts"} <= meta.keys():
                 raise RecordError(rid, "scene distillation needs each record's 'meta' (the synthetic "
@@ -65,32 +69,40 @@ class SceneDistiller:
             token = self.processor.config.image_token
             conversation = [dict(turn) for turn in record["conversations"]]
             first = next((turn for turn in conversation if token in str(turn.get("value", ""))), None)
-            if first is None:
-                raise RecordError(rid, f"scene distillation needs an {token} in the conversation")
+            if first is None:   # an image without its tag: it goes first, as the processor puts it
+                first = conversation[0]
+                first["value"] = f"{token}\n{first.get('value', '')}"
             first["value"] = first["value"].replace(token, scene_line(meta), 1)
             self._ids[position] = self.processor.encode(conversation, [], self.template)[0]
         return self._ids[position]
 
     def loss(self, positions: Sequence[int], batch: Batch, hidden_states: Sequence[torch.Tensor]
              ) -> tuple[torch.Tensor, int]:
-        """(Σ over samples of loss_i, number of samples matched). A sample whose suffix does not
-        match the teacher's tokens (e.g. it was truncated) adds nothing."""
+        """(Σ over samples of loss_i, number of samples matched). A text-only sample, or one whose
+        suffix does not match the teacher's tokens (e.g. it was truncated), adds nothing."""
         sequences = [self.teacher_ids(p) for p in positions]
+        total = hidden_states[0].new_zeros(())
+        if all(sequence is None for sequence in sequences):
+            return total, 0
         device = hidden_states[0].device
-        width = max(len(ids) for ids in sequences)
+        width = max(len(ids) for ids in sequences if ids is not None)
         pad = self.processor.tokenizer.pad_token_id
         ids = torch.full((len(sequences), width), pad if pad is not None else 0, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, sequence in enumerate(sequences):
-            ids[row, :len(sequence)] = torch.tensor(sequence)
-            mask[row, :len(sequence)] = 1
+            if sequence is not None:
+                ids[row, :len(sequence)] = torch.tensor(sequence)
+                mask[row, :len(sequence)] = 1
+            else:
+                mask[row, 0] = 1      # a text-only row: a stub the teacher reads and nobody uses
         with torch.no_grad():
             teacher = self.teacher(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    output_hidden_states=True).hidden_states
         image_id = self.processor.image_token_id
-        total = hidden_states[0].new_zeros(())
         matched = 0
         for row, sequence in enumerate(sequences):
+            if sequence is None:
+                continue
             length = int(batch.attention_mask[row].sum())
             student_ids = batch.input_ids[row, :length]
             images = (student_ids == image_id).nonzero()
