@@ -36,6 +36,7 @@ p.add_argument('--lm', default=None)
 p.add_argument('--stage1-epochs', type=float, default=0,
                help='first train the compressor alone on the captions (stage 1, LLM frozen), lr --stage1-lr')
 p.add_argument('--stage1-lr', type=float, default=1e-3)
+p.add_argument('--stage1-distill', type=float, default=0.0, help='scene-distillation weight in stage 1')
 p.add_argument('--lm-lr', type=float, default=None, help='learning rate of the LLM in stage 2 (default --lr; 0 freezes it)')
 p.add_argument('--stage1-data', default=None, help='stage-1 records (default: the world\'s stage1.json)')
 p.add_argument('--text-mix', type=int, default=0,
@@ -199,6 +200,10 @@ def stage1():
                 oracle.add(proc.prepare_image(path.parent / 'images' / r['image']), r['meta'], model.vision_tower.patch_size)
     ps = [p for n, p in model.named_parameters() if n.startswith('compressor')]
     o = torch.optim.AdamW(ps, lr=a.stage1_lr)
+    teacher1 = None
+    if a.stage1_distill:
+        from meteor.train.distill import SceneDistiller
+        teacher1 = SceneDistiller(model.language_model, proc, 'vicuna_v1', caps)
     n_steps = int(math.ceil(len(ds1) / a.bs) * a.stage1_epochs)
     sch = torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1, (s + 1) / max(1, int(0.03 * n_steps))) * 0.5 * (1 + math.cos(math.pi * min(1, s / n_steps))))
     r1 = random.Random(a.seed + 1); k = 0; ls = []
@@ -208,9 +213,14 @@ def stage1():
         for s_ in range(0, len(order), a.bs):
             if k >= n_steps: break
             model.training_progress = k / n_steps
-            b = collate(proc, [ds1.encode(i) for i in order[s_:s_ + a.bs]])
-            out = model(**b.to_model_kwargs())
-            out.loss.backward(); torch.nn.utils.clip_grad_norm_(ps, 1.0)
+            idx1 = order[s_:s_ + a.bs]
+            b = collate(proc, [ds1.encode(i) for i in idx1])
+            out = model(**b.to_model_kwargs(), output_hidden_states=teacher1 is not None)
+            loss1 = out.loss
+            if teacher1 is not None:
+                d1, m1 = teacher1.loss(idx1, b, out.hidden_states)
+                loss1 = loss1 + a.stage1_distill * d1 / max(1, m1)
+            loss1.backward(); torch.nn.utils.clip_grad_norm_(ps, 1.0)
             o.step(); sch.step(); o.zero_grad(); ls.append(float(out.loss)); k += 1
             if k % 50 == 0 or k == n_steps:
                 print(f'stage1 step {k}/{n_steps} t {time.time() - t0:.0f}s loss {sum(ls[-50:]) / len(ls[-50:]):.3f}', flush=True)
