@@ -82,27 +82,24 @@ class SceneDistiller:
         suffix does not match the teacher's tokens (e.g. it was truncated), adds nothing."""
         sequences = [self.teacher_ids(p) for p in positions]
         total = hidden_states[0].new_zeros(())
-        if all(sequence is None for sequence in sequences):
+        rows = [row for row, sequence in enumerate(sequences) if sequence is not None]
+        if not rows:
             return total, 0
-        device = hidden_states[0].device
-        width = max(len(ids) for ids in sequences if ids is not None)
+        width = max(len(sequences[row]) for row in rows)
         pad = self.processor.tokenizer.pad_token_id
-        ids = torch.full((len(sequences), width), pad if pad is not None else 0, dtype=torch.long)
+        ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for row, sequence in enumerate(sequences):
-            if sequence is not None:
-                ids[row, :len(sequence)] = torch.tensor(sequence)
-                mask[row, :len(sequence)] = 1
-            else:
-                mask[row, 0] = 1      # a text-only row: a stub the teacher reads and nobody uses
+        for slot, row in enumerate(rows):
+            ids[slot, :len(sequences[row])] = torch.tensor(sequences[row])
+            mask[slot, :len(sequences[row])] = 1
+        device = hidden_states[0].device
         with torch.no_grad():
             teacher = self.teacher(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    output_hidden_states=True).hidden_states
         image_id = self.processor.image_token_id
         matched = 0
-        for row, sequence in enumerate(sequences):
-            if sequence is None:
-                continue
+        for slot, row in enumerate(rows):
+            sequence = sequences[row]
             length = int(batch.attention_mask[row].sum())
             student_ids = batch.input_ids[row, :length]
             images = (student_ids == image_id).nonzero()
@@ -115,7 +112,7 @@ class SceneDistiller:
             offset = len(sequence) - n
             per_layer = []
             for student_h, teacher_h in zip(hidden_states[1:], teacher[1:]):   # each decoder layer's output
-                target = teacher_h[row, offset:offset + n].float()
+                target = teacher_h[slot, offset:offset + n].float()
                 error = (student_h[row, start:length].float() - target).pow(2).mean()
                 per_layer.append(error / target.pow(2).mean().clamp_min(1e-6))
             total = total + torch.stack(per_layer).mean()
