@@ -37,6 +37,18 @@ def test_workers_must_be_at_least_one(tmp_path, command):
     assert not (tmp_path / "x").exists()
 
 
+def test_data_synth_text_options_reach_the_world_and_bad_ones_are_named(tmp_path):
+    done = _meteor("data", "synth", "--out", "world", "--train-images", "3", "--test-images", "1",
+                   "--number-digits", "1", "--text-height", "1.5", "2", "--text-stroke", "0.05", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "world" / "manifest.json").read_text())["config"]
+    assert config["number_digits"] == 1 and config["text_height_patches"] == [1.5, 2.0]
+    assert config["text_stroke"] == 0.05
+    done = _meteor("data", "synth", "--out", "other", "--number-digits", "7", cwd=tmp_path)
+    assert done.returncode != 0 and "number_digits must lie in 1..4" in done.stderr
+    assert not (tmp_path / "other").exists()
+
+
 def test_data_synth_then_eval_reach_each_stage_alone(tmp_path):
     import torch
 

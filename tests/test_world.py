@@ -68,6 +68,8 @@ def matching(meta: dict, query: dict) -> list[dict]:
     (dict(question_types=("colour", "colour")), "question_types"),
     (dict(question_types=("ocr",)), "question_types"),
     (dict(seed=-1), "seed"),
+    (dict(number_digits=0), "number_digits"),
+    (dict(number_digits=5), "number_digits"),
     (dict(n_train_images=2.5), "integer"),
 ])
 def test_bad_configs_are_refused_with_the_field_named(options, words):
@@ -81,6 +83,17 @@ def test_config_round_trips_through_its_dict():
     assert WorldConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ConfigError, match="unknown WorldConfig"):
         WorldConfig.from_dict({"sed": 1})
+
+
+@pytest.mark.parametrize("digits", [1, 2])
+def test_numbers_have_at_most_number_digits_digits(digits):
+    config = WorldConfig(seed=5, n_train_images=200, n_test_images=1, number_digits=digits)
+    numbers = [t.text for i in range(200) for t in make_scene(config, "train", i).texts if t.kind == "number"]
+    lengths = Counter(len(n) for n in numbers)
+    assert set(lengths) == set(range(1, digits + 1)), lengths
+    assert all(n.isdigit() and (len(n) == 1 or n[0] != "0") for n in numbers)
+    if digits == 1:
+        assert set(numbers) == set("0123456789")
 
 
 # --- determinism and splits -----------------------------------------------------------------------------
@@ -264,8 +277,9 @@ def test_text_is_at_least_one_patch_tall_in_its_slice(world):
     assert min(global_heights) < patch  # slicing is what makes some text legible
 
 
-def test_drawn_pixels_stay_inside_the_recorded_boxes():
-    config = WorldConfig(seed=1, n_train_images=24, n_test_images=1)
+@pytest.mark.parametrize("options", [{}, dict(text_stroke=0.05, text_height_patches=(1.5, 2.0))])
+def test_drawn_pixels_stay_inside_the_recorded_boxes(options):
+    config = WorldConfig(seed=1, n_train_images=24, n_test_images=1, **options)
     checked = 0
     for index in range(config.n_train_images):
         scene = make_scene(config, "train", index)
@@ -282,6 +296,23 @@ def test_drawn_pixels_stay_inside_the_recorded_boxes():
             assert drawn[top, left:right].any() and drawn[bottom - 1, left:right].any()
         checked += 1
     assert checked >= 3
+
+
+def test_text_stroke_thickens_the_glyphs_inside_their_box():
+    """The same scene with a stroke: each text keeps its string and place, is drawn with more ink
+    (about one more pixel on every side of each stroke) and its box still holds all of it."""
+    thin, bold = WorldConfig(seed=2, number_digits=1), WorldConfig(seed=2, number_digits=1, text_stroke=0.1)
+    for index in range(6):
+        a, b = make_scene(thin, "train", index), make_scene(bold, "train", index)
+        assert all(t.stroke == 0 for t in a.texts) and all(t.stroke >= 1 for t in b.texts)
+        assert [t.text for t in a.texts] == [t.text for t in b.texts]
+        for text in b.texts:
+            assert text.to_dict()["stroke"] == text.stroke
+        ink = [(np.asarray(render_scene(s)) != np.array(s.background_rgb, dtype=np.uint8)).any(-1) for s in (a, b)]
+        if a.background == "plain":
+            area = [sum(m[t.bbox[1]:t.bbox[3], t.bbox[0]:t.bbox[2]].sum() for t in s.texts)
+                    for m, s in zip(ink, (a, b))]
+            assert area[1] > 1.3 * area[0]
 
 
 # --- the folder ---------------------------------------------------------------------------------------------

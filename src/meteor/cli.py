@@ -68,7 +68,8 @@ def _synth(args: argparse.Namespace) -> int:
 
     config = WorldConfig(seed=args.seed, n_train_images=args.train_images, n_test_images=args.test_images,
                          base_size=args.base_size, max_slices=args.max_slices,
-                         questions_per_image=args.questions_per_image)
+                         questions_per_image=args.questions_per_image, number_digits=args.number_digits,
+                         text_height_patches=tuple(args.text_height), text_stroke=args.text_stroke)
     world = generate_world(args.out, config, overwrite=args.overwrite)
     print(f"{'reused' if world.reused else 'wrote'} world in {world.out_dir}: {world.counts}")
     print(f"stage 1: {world.stage1_path}\nstage 2: {world.stage2_path}\ntest: {world.test_path}\n"
@@ -190,6 +191,11 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--base-size", type=int, default=112, help="vision tower input side in pixels")
     synth.add_argument("--max-slices", type=int, default=6)
     synth.add_argument("--questions-per-image", type=int, default=4)
+    synth.add_argument("--number-digits", type=int, default=3, help="numbers drawn as text have 1 to this many digits")
+    synth.add_argument("--text-height", type=float, nargs=2, default=(1.0, 1.5), metavar=("LOW", "HIGH"),
+                       help="text ink height range, in patches of the view that holds it")
+    synth.add_argument("--text-stroke", type=float, default=0.0,
+                       help="outline around each glyph as a fraction of its cap height (0.05: about bold)")
     synth.add_argument("--overwrite", action="store_true", help="replace a different world in --out")
     synth.set_defaults(run=_synth)
 

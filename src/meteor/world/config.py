@@ -13,7 +13,7 @@ from typing import Any
 
 from meteor.config import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever the generator's output changes for the same config; part of the reuse check."""
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
@@ -36,9 +36,6 @@ WORDS = ("CAT", "DOG", "SUN", "MAP", "KEY", "BOX", "CUP", "HAT", "PEN", "BUS", "
          "INK", "ZOO", "LAMP", "BIRD", "FISH", "MOON", "TREE", "BOOK", "STOP", "EXIT", "WAVE", "NEST")
 """The words drawn as text: upper case, no descenders, so every string's ink height is the font's
 cap height and the legibility check is exact. None is a colour, shape or answer word."""
-
-MAX_NUMBER_DIGITS = 3
-"""Numbers drawn as text have 1 to 3 digits (0-999)."""
 
 QUESTION_TYPES = ("colour", "count", "exist", "read", "position", "choice")
 
@@ -84,10 +81,18 @@ class WorldConfig:
     max_texts: int = 2
     """Most text items per image."""
 
+    number_digits: int = 3
+    """Numbers drawn as text have 1 to this many digits, as many of each length (3: 0-999)."""
+
     text_height_patches: tuple[float, float] = (1.0, 1.5)
     """Range of the text's ink height, in patches at the resolution of the view that holds it (its
     slice, or the global view of an unsliced image). ≥ 1 keeps it legible there; in the global view
     of a sliced image it shrinks below a patch, which is the point of slicing."""
+
+    text_stroke: float = 0.0
+    """Outline drawn around each glyph in the text's colour, as a fraction of its cap height and
+    rounded to whole pixels (0: the font's regular weight; 0.05: about one pixel at 1.5-2 patches,
+    a bold weight). Thin grey strokes are what a tiny CLIP reads worst (docs/demo-learning.md)."""
 
     questions_per_image: int = 4
     """Questions per image, in both splits (train: turns of one record; test: one line each)."""
@@ -98,7 +103,7 @@ class WorldConfig:
     def __post_init__(self) -> None:
         for name in ("seed", "n_train_images", "n_test_images", "base_size", "patch_size",
                      "max_slices", "min_objects", "max_objects", "min_texts", "max_texts",
-                     "questions_per_image"):
+                     "number_digits", "questions_per_image"):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool),
                    f"WorldConfig.{name} must be an integer, got {value!r}")
@@ -124,6 +129,8 @@ class WorldConfig:
                f"need 1 ≤ min_objects ≤ max_objects ≤ 12, got {self.min_objects}..{self.max_objects}")
         _check(0 <= self.min_texts <= self.max_texts <= 4,
                f"need 0 ≤ min_texts ≤ max_texts ≤ 4, got {self.min_texts}..{self.max_texts}")
+        _check(1 <= self.number_digits <= 4,
+               f"number_digits must lie in 1..4 (numbers of up to that many digits), got {self.number_digits}")
         heights = tuple(self.text_height_patches)
         _check(len(heights) == 2 and all(isinstance(v, (int, float)) for v in heights),
                f"text_height_patches must be two numbers (low, high), got {self.text_height_patches!r}")
@@ -132,6 +139,9 @@ class WorldConfig:
         _check(math.isfinite(low) and math.isfinite(high) and 0.5 <= low <= high <= 4.0,
                f"text_height_patches must be (low, high) with 0.5 ≤ low ≤ high ≤ 4, got {(low, high)}; "
                "(1.0, 1.5) keeps text legible in its slice without making it salient")
+        _check(isinstance(self.text_stroke, (int, float)) and 0.0 <= self.text_stroke <= 0.2,
+               f"text_stroke must be a fraction of the cap height in 0..0.2, got {self.text_stroke!r}")
+        object.__setattr__(self, "text_stroke", float(self.text_stroke))
         object.__setattr__(self, "question_types", tuple(self.question_types))
         unknown = [t for t in self.question_types if t not in QUESTION_TYPES]
         _check(not unknown and len(self.question_types) > 0

@@ -36,7 +36,7 @@ def font_size_for_cap_height(height: float) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def text_ink_box(text: str, size: int) -> Box:
+def text_ink_box(text: str, size: int, stroke: int = 0) -> Box:
     """(left, top, right, bottom) of ``text``'s ink relative to its "la" anchor (right/bottom
-    exclusive), as drawn by ``render_scene``."""
-    return text_font(size).getbbox(text, anchor="la")  # type: ignore[return-value]
+    exclusive), as drawn by ``render_scene`` with an outline of ``stroke`` pixels."""
+    return text_font(size).getbbox(text, anchor="la", stroke_width=stroke)  # type: ignore[return-value]

@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .captions import article
-from .config import COLOURS, MAX_NUMBER_DIGITS, PLURALS, SHAPES, WORDS, WorldConfig
+from .config import COLOURS, PLURALS, SHAPES, WORDS, WorldConfig
 from .scene import Scene, SceneObject
 
 LETTERS = "ABCD"
 CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
-NUMBER_SPACE = 10 ** MAX_NUMBER_DIGITS
 ABSENT_COUNT_RATE = 0.15
 """Share of count questions about something absent (answer "0"), so "0" is a real answer."""
 EXIST_COLOUR_RATE = 0.6
@@ -208,7 +207,8 @@ def ask_read(scene: Scene, config: WorldConfig, state: SplitState, rng: random.R
     if not candidates:
         return None
     question, text, subtype, query = rng.choice(candidates)
-    space = {"word": len(WORDS), "number": NUMBER_SPACE}.get(subtype, len(WORDS) + NUMBER_SPACE)
+    numbers = 10 ** config.number_digits
+    space = {"word": len(WORDS), "number": numbers}.get(subtype, len(WORDS) + numbers)
     return Question("read", question, text.text, subtype, query, space)
 
 

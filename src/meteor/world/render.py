@@ -19,9 +19,10 @@ def render_scene(scene: Scene) -> Image.Image:
     for obj in scene.objects:
         _draw_object(draw, obj)
     for text in scene.texts:
-        left, top, _, _ = text_ink_box(text.text, text.font_size)
+        left, top, _, _ = text_ink_box(text.text, text.font_size, text.stroke)
         draw.text((text.bbox[0] - left, text.bbox[1] - top), text.text, fill=scene.text_rgb,
-                  font=text_font(text.font_size), anchor="la")
+                  font=text_font(text.font_size), anchor="la", stroke_width=text.stroke,
+                  stroke_fill=scene.text_rgb)
     return image
 
 

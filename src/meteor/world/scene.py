@@ -14,7 +14,7 @@ from typing import Any
 
 from meteor.slicing import SlicePlan, plan_slices
 
-from .config import COLOURS, MAX_NUMBER_DIGITS, SHAPES, SIZE_JITTER, SIZES, WORDS, WorldConfig
+from .config import COLOURS, SHAPES, SIZE_JITTER, SIZES, WORDS, WorldConfig
 from .fonts import Box, cap_height, font_size_for_cap_height, text_ink_box
 
 SPLITS = ("train", "test")
@@ -59,10 +59,12 @@ class SceneText:
     image, whose only view is the global one."""
     view_height: float
     """Ink height in pixels once that view is resized for the encoder (≥ patch_size)."""
+    stroke: int = 0
+    """Outline width in pixels around the glyphs (``WorldConfig.text_stroke``); inside ``bbox``."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "kind": self.kind, "bbox": list(self.bbox), "font_size": self.font_size,
-                "view": self.view, "view_height": round(self.view_height, 3)}
+                "stroke": self.stroke, "view": self.view, "view_height": round(self.view_height, 3)}
 
 
 @dataclass(frozen=True)
@@ -174,9 +176,9 @@ def _place_texts(rng: random.Random, config: WorldConfig, plan: SlicePlan) -> li
         if kind == "word":
             string = rng.choice([w for w in WORDS if w not in drawn])
         else:
-            string = _number(rng)
+            string = _number(rng, config.number_digits)
             while string in drawn:
-                string = _number(rng)
+                string = _number(rng, config.number_digits)
         view = rng.randrange(len(regions)) if plan.is_sliced else -1
         left, top, right, bottom = regions[max(view, 0)]
         view_h = plan.slice_size[1] if plan.is_sliced else plan.global_size[1]  # type: ignore[index]
@@ -186,7 +188,8 @@ def _place_texts(rng: random.Random, config: WorldConfig, plan: SlicePlan) -> li
             if attempt == PLACEMENT_TRIES // 2:  # crowded or narrow: fall back to the smallest size
                 patches = config.text_height_patches[0]
             size = font_size_for_cap_height(patches * config.patch_size / scale)
-            ink = text_ink_box(string, size)
+            stroke = round(config.text_stroke * cap_height(size))
+            ink = text_ink_box(string, size, stroke)
             ink_w, ink_h = ink[2] - ink[0], ink[3] - ink[1]
             if ink_w > right - left - 2 * GAP or ink_h > bottom - top - 2 * GAP:
                 continue
@@ -195,15 +198,17 @@ def _place_texts(rng: random.Random, config: WorldConfig, plan: SlicePlan) -> li
             box = (x, y, x + ink_w, y + ink_h)
             if any(_overlaps(box, t.bbox, GAP) for t in texts):
                 continue
-            assert ink_h == cap_height(size), f"{string!r} has ink outside the cap height"
+            # Round digits overshoot the cap height by a pixel or two from font size 36 up: the
+            # box is the ink's, so it stays exact and the text is at least the height asked for.
+            assert ink_h >= cap_height(size), f"{string!r} is shorter than the cap height"
             texts.append(SceneText(text=string, kind=kind, bbox=box, font_size=size, view=view,
-                                   view_height=ink_h * scale))
+                                   view_height=ink_h * scale, stroke=stroke))
             break
     return texts
 
 
-def _number(rng: random.Random) -> str:
-    digits = rng.randint(1, MAX_NUMBER_DIGITS)  # as many 1-digit as 3-digit numbers
+def _number(rng: random.Random, max_digits: int) -> str:
+    digits = rng.randint(1, max_digits)  # as many 1-digit as 3-digit numbers
     return str(rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1))
 
 
