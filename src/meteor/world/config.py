@@ -34,8 +34,9 @@ SIZE_JITTER = 0.08
 
 WORDS = ("CAT", "DOG", "SUN", "MAP", "KEY", "BOX", "CUP", "HAT", "PEN", "BUS", "OWL", "FOX",
          "INK", "ZOO", "LAMP", "BIRD", "FISH", "MOON", "TREE", "BOOK", "STOP", "EXIT", "WAVE", "NEST")
-"""The words drawn as text: upper case, no descenders, so every string's ink height is the font's
-cap height and the legibility check is exact. None is a colour, shape or answer word."""
+"""The words drawn as text: upper case, no descenders, so a word's ink height is the font's cap
+height (round digits overshoot it by a pixel or two from font size 36 up) and the legibility check
+holds. None is a colour, shape or answer word."""
 
 QUESTION_TYPES = ("colour", "count", "exist", "read", "position", "choice")
 
