@@ -5,6 +5,10 @@
 Trains compressor + LLM (a fresh tiny LLaMA, or --lm, e.g. one from text_lm_pretrain.py) and prints
 teacher-forced exact match per question type on the test split after each epoch. Not part of the
 package or the tests.
+
+--align / --stage1-align add the glyph-alignment loss in its first form (eighth session), computed
+here with hooks on the feature cache and the fusion; the package's version is
+meteor.train.glyphs (TrainConfig.glyph_alignment), with the same targets and the 'ce' loss.
 """
 import argparse, json, math, random, time
 import torch
@@ -48,6 +52,15 @@ p.add_argument('--distill', type=float, default=0.0,
                help='weight of a scene-distillation loss: the LLM\'s hidden states on the conversation after the '
                     'image are pulled towards those of the frozen text-pretrained LLaMA reading the scene as text')
 p.add_argument('--distill-layers', default='1,2,3', help='hidden-state layers matched by --distill (0: embeddings)')
+p.add_argument('--align', type=float, default=0.0,
+               help='weight of a glyph-alignment loss in stage 2: the projector applied to the fused tokens of the '
+                    'patches a text covers is pulled towards the LLM\'s input embedding of that text\'s tokens '
+                    '(as written in the scene line)')
+p.add_argument('--stage1-align', type=float, default=0.0, help='the same loss in stage 1')
+p.add_argument('--align-loss', choices=['mse', 'cos', 'ce'], default='ce',
+               help='mse: relative squared error; cos: 1 - cosine; ce: cross-entropy of the cosine similarities '
+                    '(temperature 0.1) to every input embedding, the text\'s first token the label')
+p.add_argument('--align-cover', type=float, default=0.3, help='least fraction of a patch a text must cover')
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
@@ -171,6 +184,77 @@ if a.distill:
         return total / max(1, matched), matched * len(layers)
 
 
+class GlyphAlignment:
+    """Where each text lies in each view's patch grid, and the loss that pulls the projector's output
+    on those patches towards the LLM's input embedding of the text's tokens."""
+
+    def __init__(self):
+        from meteor.features import view_key
+        self.view_key, self.table, self.captured = view_key, {}, []
+        encode = model.feature_cache.encode
+
+        def recording_encode(tower, pixels):
+            self.captured.append([self.view_key(v) for v in pixels])
+            return encode(tower, pixels)
+        model.feature_cache.encode = recording_encode
+        model.compressor.fusion.register_forward_hook(lambda m, i, o: self.captured[-1].append(o.fused))
+
+    def add(self, sliced, meta, patch, cover):
+        plan = sliced.plan
+        boxes = list(plan.crop_boxes) + [(0, 0, *plan.image_size)]
+        for view, box, (w, h), (rows, cols) in zip(sliced.views(), boxes, plan.view_sizes, plan.view_patches):
+            key = self.view_key(view)
+            if key in self.table:
+                continue
+            sx, sy = (box[2] - box[0]) / w, (box[3] - box[1]) / h
+            where, ids = [], []
+            for text in meta['texts']:
+                L, T, R, B = text['bbox']
+                target = tok(f' "{text["text"]}"', add_special_tokens=False).input_ids[1:-1]
+                for i in range(rows):
+                    for j in range(cols):
+                        l, t = box[0] + j * patch * sx, box[1] + i * patch * sy
+                        r, b = l + patch * sx, t + patch * sy
+                        area = max(0, min(r, R) - max(l, L)) * max(0, min(b, B) - max(t, T))
+                        if area >= cover * (r - l) * (b - t):
+                            where.append(i * cols + j); ids.append(target)
+            self.table[key] = (where, ids)
+
+    def loss(self):
+        embed = model.language_model.get_input_embeddings().weight
+        preds, targets = [], []
+        for group in self.captured:
+            keys, fused = group[:-1], group[-1]
+            for row, key in enumerate(keys):
+                where, ids = self.table.get(key, ((), ()))
+                for n, target in zip(where, ids):
+                    preds.append(fused[row, n]); targets.append(target[0])
+        self.captured.clear()
+        if not preds:
+            return None, 0
+        pred = model.compressor.projector(torch.stack(preds))
+        labels = torch.tensor(targets)
+        table = embed.detach()
+        if a.align_loss == 'ce':
+            logits = torch.nn.functional.normalize(pred, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+            return torch.nn.functional.cross_entropy(logits / 0.1, labels), len(preds)
+        target = table[labels]
+        if a.align_loss == 'cos':
+            return 1 - torch.nn.functional.cosine_similarity(pred, target, dim=-1).mean(), len(preds)
+        return ((pred - target) ** 2).mean() / (target ** 2).mean(), len(preds)
+
+
+aligner = None
+if a.align or a.stage1_align:
+    aligner = GlyphAlignment()
+    metas = {r['image']: r['meta'] for r in records}
+    for image, meta in metas.items():
+        aligner.add(proc.prepare_image(root / 'world/images' / image), meta, model.vision_tower.patch_size,
+                    a.align_cover)
+    print(f'glyph alignment: {sum(len(w) for w, _ in aligner.table.values())} text patches in '
+          f'{len(aligner.table)} views', flush=True)
+
+
 def evaluate():
     model.eval()
     from collections import defaultdict
@@ -186,9 +270,14 @@ def evaluate():
             for j, i in enumerate(range(s, s + len(exs))):
                 hit[tests[i]['question_type']].append(bool(ok[j]))
     model.train()
+    if aligner is not None:
+        aligner.captured.clear()
     res = {t: sum(v) / len(v) for t, v in hit.items()}
     res['all'] = sum(sum(v) for v in hit.values()) / sum(len(v) for v in hit.values())
     return res
+
+al = []
+
 
 def stage1():
     path = Path(a.stage1_data) if a.stage1_data else root / 'world/stage1.json'
@@ -207,6 +296,10 @@ def stage1():
     n_steps = int(math.ceil(len(ds1) / a.bs) * a.stage1_epochs)
     sch = torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1, (s + 1) / max(1, int(0.03 * n_steps))) * 0.5 * (1 + math.cos(math.pi * min(1, s / n_steps))))
     r1 = random.Random(a.seed + 1); k = 0; ls = []
+    if aligner is not None:
+        for r in caps:
+            aligner.add(proc.prepare_image(path.parent / 'images' / r['image']), r['meta'],
+                        model.vision_tower.patch_size, a.align_cover)
     model.train()
     while k < n_steps:
         order = list(range(len(ds1))); r1.shuffle(order)
@@ -220,10 +313,15 @@ def stage1():
             if teacher1 is not None:
                 d1, m1 = teacher1.loss(idx1, b, out.hidden_states)
                 loss1 = loss1 + a.stage1_distill * d1 / max(1, m1)
+            if aligner is not None:
+                g1, _ = aligner.loss()
+                if a.stage1_align and g1 is not None:
+                    loss1 = loss1 + a.stage1_align * g1
+                    al.append(float(g1.detach()))
             loss1.backward(); torch.nn.utils.clip_grad_norm_(ps, 1.0)
             o.step(); sch.step(); o.zero_grad(); ls.append(float(out.loss)); k += 1
             if k % 50 == 0 or k == n_steps:
-                print(f'stage1 step {k}/{n_steps} t {time.time() - t0:.0f}s loss {sum(ls[-50:]) / len(ls[-50:]):.3f}', flush=True)
+                print(f'stage1 step {k}/{n_steps} t {time.time() - t0:.0f}s loss {sum(ls[-50:]) / len(ls[-50:]):.3f} align {sum(al[-50:]) / max(1, len(al[-50:])):.3f}', flush=True)
 
 
 if a.stage1_epochs > 0:
@@ -256,6 +354,11 @@ while step < total:
         b = collate(proc, [get(ds, i, 'd') for i in idx])
         out = model(**b.to_model_kwargs(), output_hidden_states=teacher is not None)
         loss = out.loss
+        if aligner is not None:
+            g, _ = aligner.loss()
+            if a.align and g is not None:
+                loss = loss + a.align * g
+                al.append(float(g.detach()))
         if teacher is not None:
             d, matched = distill_loss(idx, b, out.hidden_states)
             loss = loss + a.distill * d
@@ -267,4 +370,4 @@ while step < total:
         if step >= next_eval or step == total:
             next_eval += a.evalevery * steps_per_epoch
             r = evaluate()
-            print(f'step {step} ep {step / steps_per_epoch:.1f} t {time.time() - t0:.0f}s loss {sum(losses[-50:]) / len(losses[-50:]):.3f} distill {sum(dl[-50:]) / len(dl[-50:]):.3f} matched {dm[-1]:.2f} ' + ' '.join(f'{k} {v:.2f}' for k, v in r.items()), flush=True)
+            print(f'step {step} ep {step / steps_per_epoch:.1f} t {time.time() - t0:.0f}s loss {sum(losses[-50:]) / len(losses[-50:]):.3f} align {sum(al[-50:]) / max(1, len(al[-50:])):.3f} distill {sum(dl[-50:]) / len(dl[-50:]):.3f} matched {dm[-1]:.2f} ' + ' '.join(f'{k} {v:.2f}' for k, v in r.items()), flush=True)

@@ -76,6 +76,9 @@ def test_quick_demo_writes_the_report_with_numbers_and_pictures(tmp_path):
         log = [json.loads(line) for line in
                (tmp_path / "out" / "runs" / "k16" / stage / "log.jsonl").read_text().splitlines()]
         assert all(entry["distill_matched"] == entry["samples"] and entry["distill"] > 0 for entry in log)
+        # and with glyph alignment, which found text patches in every step
+        assert all(entry["glyph_patches"] > 0 and entry["glyph"] > 0 for entry in log)
+    assert "stage 1 (weight 1) and stage 2 (weight 1) add glyph alignment" in text
     # the CLIP's own corpus: further train-split scenes of the same seed, unsliced, and no test image
     # shared with the world the model is evaluated on
     corpus = json.loads((tmp_path / "out" / "clip_corpus" / "manifest.json").read_text())

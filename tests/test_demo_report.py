@@ -55,6 +55,26 @@ def test_compression_cost_is_compared_with_the_paper():
     assert any(note.endswith("colour 0.70 → 0.50.") for note in notes)
 
 
+def test_the_report_says_how_the_texts_are_drawn():
+    from meteor.demo.config import full_config
+    from meteor.demo.report import text_note
+
+    assert text_note({}) == ""
+    note = text_note(full_config().to_dict())
+    assert "words and single digits, 2-2.5 patches tall, with a bold outline (0.05 of their height)" in note
+    plain = text_note({"world": {"text_height_patches": [1.0, 1.5], "number_digits": 3, "text_stroke": 0.0}})
+    assert "numbers of 1-3 digits, 1-1.5 patches tall, in grey" in plain
+
+
+def test_the_report_names_the_stages_trained_with_glyph_alignment():
+    from meteor.demo.report import glyph_note
+
+    assert glyph_note({}) == "" and glyph_note({"stage1": {"glyph_alignment": 0.0}}) == ""
+    note = glyph_note({"stage1": {"glyph_alignment": 1.0}, "stage2": {"glyph_alignment": 0.0}})
+    assert "Also not in the paper: stage 1 (weight 1) adds glyph alignment" in note and "stage 2" not in note
+    assert "`meteor.train.glyphs`" in note
+
+
 def test_the_report_names_the_stages_trained_with_scene_distillation():
     from meteor.demo.report import distillation_note
 

@@ -207,6 +207,20 @@ def distill_data(data):
 
 
 @pytest.fixture(scope="module")
+def glyph_data(distill_data):
+    """The scene records with the square's colour written over it as a text (for --glyph-alignment,
+    which reads only where each text is and what it says)."""
+    records = json.loads(distill_data["json"].read_text())
+    for record in records:
+        if "meta" in record:
+            square = record["meta"]["objects"][0]
+            record["meta"]["texts"] = [{"kind": "word", "text": square["colour"].upper(), "bbox": square["bbox"]}]
+    path = distill_data["root"] / "glyphs.json"
+    path.write_text(json.dumps(records, indent=1))
+    return {**distill_data, "json": path}
+
+
+@pytest.fixture(scope="module")
 def reference(data):
     output_dir = data["root"] / "single"
     _run(_command(data, output_dir, 1, "none"), data["root"] / "single.log")
@@ -274,6 +288,22 @@ def test_ddp_with_scene_distillation_matches_one_process(distill_data):
     for one, two in zip(*logs):
         assert two["distill_matched"] == one["distill_matched"]
         assert two["distill"] == pytest.approx(one["distill"], rel=LOSS_RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_glyph_alignment_on_two_processes_matches_one_process(glyph_data, mode):
+    root = glyph_data["root"]
+    single, two = root / "glyph-single", root / f"glyph-{mode}"
+    if not (single / "DONE.json").exists():
+        _run(_command(glyph_data, single, 1, "none", "--glyph-alignment", "1"), root / "glyph-single.log")
+    _run(_command(glyph_data, two, 2, mode, "--glyph-alignment", "1"), root / f"glyph-{mode}.log")
+    _assert_same_training(single, two)
+    logs = [[json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for run in (single, two)]
+    assert sum(entry["glyph_patches"] for entry in logs[0]) > 0
+    for one, other in zip(*logs):
+        assert other["glyph_patches"] == one["glyph_patches"]
+        assert other["glyph"] == pytest.approx(one["glyph"], rel=LOSS_RTOL)
 
 
 @pytest.mark.slow

@@ -41,6 +41,9 @@ class CompressionOutput:
     native_scores: torch.Tensor | None
     aggregate_scores: torch.Tensor | None
     grid: tuple[int, int]
+    fused: torch.Tensor | None = None
+    """(B, H·W, C): Flash Global Fusion's output before selection (Top-Down Compression only); the
+    glyph-alignment loss projects the tokens of text patches from it."""
 
 
 class TopDownCompression(nn.Module):
@@ -70,6 +73,7 @@ class TopDownCompression(nn.Module):
             native_scores=selected.native,
             aggregate_scores=selected.aggregate,
             grid=grid,
+            fused=fused.fused,
         )
 
 

@@ -9,6 +9,7 @@ positions of the LLM's input embeddings.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import tempfile
@@ -43,6 +44,14 @@ class ViewSelection:
     visual_scores: torch.Tensor | None   # (rows·cols,)
     native_scores: torch.Tensor | None
     aggregate_scores: torch.Tensor | None
+
+
+@dataclass
+class GlyphScore:
+    """The glyph-alignment loss of a batch's text patches (`meteor.train.glyphs`)."""
+    loss_sum: torch.Tensor   # Σ cross-entropy over the patches
+    count: int               # text patches scored
+    hits: int                # of which the nearest embedding is the text's token
 
 
 class LlavaMeteor(nn.Module):
@@ -95,6 +104,14 @@ class LlavaMeteor(nn.Module):
                       ) -> tuple[list[torch.Tensor], list[ViewSelection]]:
         """Each image → (its visual tokens in LLM order, D); views of one size run as one batch
         through the vision tower and the compressor."""
+        tokens, selections, _ = self._encode_images(images, return_selection)
+        return tokens, selections
+
+    def _encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False,
+                       glyph_targets: Sequence[Sequence[Any] | None] | None = None
+                       ) -> tuple[list[torch.Tensor], list[ViewSelection], GlyphScore | None]:
+        """`encode_images`, and with `glyph_targets` (per image: None, or one `ViewGlyphs` per view)
+        the glyph-alignment loss of those views (`meteor.train.glyphs`)."""
         views, owners = [], []
         for image_index, image in enumerate(images):
             for view_index, view in enumerate(image.views()):
@@ -106,6 +123,7 @@ class LlavaMeteor(nn.Module):
             groups.setdefault(tuple(view.shape[-2:]), []).append(position)
         per_view: list[torch.Tensor | None] = [None] * len(views)
         selections: list[ViewSelection] = []
+        glyphs: list[tuple[torch.Tensor, torch.Tensor]] = []
         progress = self.training_progress if self.training else None
         for positions in groups.values():
             pixels = torch.stack([views[p] for p in positions]).to(device, self.vision_tower.dtype)
@@ -117,20 +135,45 @@ class LlavaMeteor(nn.Module):
                                                      encoded.grid, progress)
             for row, position in enumerate(positions):
                 per_view[position] = out.tokens[row]                  # (K, D)
+                image_index, view_index, is_global = owners[position]
                 if return_selection:
-                    image_index, view_index, is_global = owners[position]
                     selections.append(ViewSelection(
                         image_index, view_index, is_global, encoded.grid, _row(out.indices, row),
                         _row(out.visual_scores, row), _row(out.native_scores, row),
                         _row(out.aggregate_scores, row)))
+                targets = glyph_targets[image_index] if glyph_targets is not None else None
+                if targets is not None and len(targets[view_index].patches):
+                    if out.fused is None:
+                        raise ValueError(f"glyph alignment needs the Top-Down Compression projector "
+                                         f"('meteor'); this model's is {self.config.compressor.projector!r}")
+                    patches = targets[view_index].patches.to(out.fused.device)
+                    glyphs.append((out.fused[row, patches], targets[view_index].tokens))
         per_image: list[list[torch.Tensor]] = [[] for _ in images]
         for (image_index, _, _), tokens in zip(owners, per_view):
             per_image[image_index].append(tokens)
         selections.sort(key=lambda s: (s.image_index, s.view_index))
-        return [torch.cat(parts) for parts in per_image], selections
+        score = None
+        if glyph_targets is not None:
+            score = self._glyph_score(glyphs)
+        return [torch.cat(parts) for parts in per_image], selections, score
+
+    def _glyph_score(self, glyphs: list[tuple[torch.Tensor, torch.Tensor]]) -> GlyphScore:
+        from .train.glyphs import glyph_loss
+
+        if not glyphs:
+            return GlyphScore(self.compressor.projector.fc1.weight.new_zeros(()), 0, 0)
+        projected = self.compressor.projector(torch.cat([fused for fused, _ in glyphs]))
+        labels = torch.cat([tokens for _, tokens in glyphs])
+        loss, hits = glyph_loss(projected, labels, self.language_model.get_input_embeddings().weight)
+        return GlyphScore(loss, len(labels), hits)
 
     def embed(self, input_ids: torch.Tensor, images: Sequence[SlicedImage] = ()) -> torch.Tensor:
         """Token ids with `<image>` placeholders → the LLM's input embeddings (B, T, D)."""
+        return self._embed(input_ids, images)[0]
+
+    def _embed(self, input_ids: torch.Tensor, images: Sequence[SlicedImage] = (),
+               glyph_targets: Sequence[Sequence[Any] | None] | None = None
+               ) -> tuple[torch.Tensor, GlyphScore | None]:
         image_mask = input_ids == self.image_token_id                 # (B, T)
         embedder = self.language_model.get_input_embeddings()
         # The placeholder id may lie outside the LLM's vocabulary: look up a harmless id instead.
@@ -139,28 +182,37 @@ class LlavaMeteor(nn.Module):
         if not images:
             if expected:
                 raise ValueError(f"the input has {expected} image tokens but no images were given")
-            return embeds
-        visual = torch.cat(self.encode_images(images)[0])             # (Σ tokens, D)
+            return embeds, None if glyph_targets is None else GlyphScore(embeds.new_zeros(()), 0, 0)
+        if glyph_targets is not None and len(glyph_targets) != len(images):
+            raise ValueError(f"glyph_targets must give one entry per image: {len(glyph_targets)} for "
+                             f"{len(images)} images")
+        parts, _, score = self._encode_images(images, glyph_targets=glyph_targets)
+        visual = torch.cat(parts)                                      # (Σ tokens, D)
         if visual.shape[0] != expected:
             raise ValueError(
                 f"image features and image tokens disagree: the images give {visual.shape[0]} visual "
                 f"tokens but the input has {expected} {self.config.image_token} tokens; build the "
                 f"input with the MeteorProcessor of this model (same tokens_per_slice and max_slices)")
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype))
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype)), score
 
     # --- LLM ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                images: Sequence[SlicedImage] = (), labels: torch.Tensor | None = None, **kwargs):
-        """The causal LM's output; with `labels` (IGNORE_INDEX where unsupervised) its `loss`."""
+                images: Sequence[SlicedImage] = (), labels: torch.Tensor | None = None,
+                glyph_targets: Sequence[Sequence[Any] | None] | None = None, **kwargs):
+        """The causal LM's output; with `labels` (IGNORE_INDEX where unsupervised) its `loss`; with
+        `glyph_targets` (training only, `meteor.train.glyphs`) also its `glyph` (a `GlyphScore`)."""
         device = self._device()
         input_ids = input_ids.to(device)
-        embeds = self.embed(input_ids, images)
-        return self.language_model(
+        embeds, glyph = self._embed(input_ids, images, glyph_targets)
+        out = self.language_model(
             inputs_embeds=embeds,
             attention_mask=None if attention_mask is None else attention_mask.to(device),
             labels=None if labels is None else labels.to(device),
             **kwargs,
         )
+        if glyph is not None:
+            out = _with_glyph(type(out))(**out, glyph=glyph)
+        return out
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -256,6 +308,14 @@ def _replace_folder(staging: Path, folder: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(folder)
+
+
+@functools.cache
+def _with_glyph(output_type: type) -> type:
+    """The LLM's output class with a `glyph` field: a real dataclass field, since DDP rebuilds the
+    forward's output from its fields."""
+    return dataclasses.make_dataclass(f"{output_type.__name__}WithGlyph", [("glyph", Any, None)],
+                                      bases=(output_type,))
 
 
 def _row(scores: torch.Tensor | None, row: int) -> torch.Tensor | None:

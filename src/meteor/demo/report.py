@@ -168,6 +168,32 @@ def distillation_note(config: dict[str, Any]) -> str:
             "scene, which only this world has (`meteor.train.distill`; docs/demo-learning.md measures it).")
 
 
+def glyph_note(config: dict[str, Any]) -> str:
+    """A sentence naming the stages trained with glyph alignment (none: "")."""
+    weights = {stage: config.get(f"stage{stage}", {}).get("glyph_alignment", 0.0) for stage in (1, 2)}
+    used = [f"stage {stage} (weight {weight:g})" for stage, weight in weights.items() if weight]
+    if not used:
+        return ""
+    return (f" Also not in the paper: {' and '.join(used)} add{'s' if len(used) == 1 else ''} glyph alignment, "
+            "which teaches the projector the world's texts: its output on each patch a text covers must "
+            "be nearest, among the LLM's input embeddings, to the text's token. It needs where each text "
+            "is, which only this world records (`meteor.train.glyphs`; docs/demo-learning.md measures it).")
+
+
+def text_note(config: dict[str, Any]) -> str:
+    """A sentence on how the world's texts are drawn (they decide whether reading can be learnt)."""
+    world = config.get("world", {})
+    if "text_height_patches" not in world:
+        return ""
+    low, high = world["text_height_patches"]
+    digits = world.get("number_digits", 3)
+    stroke = world.get("text_stroke", 0.0)
+    numbers = "single digits" if digits == 1 else f"numbers of 1-{digits} digits"
+    return (f" The texts are words and {numbers}, "
+            f"{low:g}-{high:g} patches tall{f', with a bold outline ({stroke:g} of their height)' if stroke else ''}, "
+            "in grey on a grey background: the reading questions are about them.")
+
+
 def write_markdown(path: Path, results: dict[str, Any], baselines: dict[str, Any], patches: int,
                    figures: list[str], timings: dict[str, float], notes: list[str]) -> None:
     budgets = results["budgets"]
@@ -179,7 +205,8 @@ def write_markdown(path: Path, results: dict[str, Any], baselines: dict[str, Any
              "(with hard-negative captions), a tiny LLaMA (in the full demo, the one shipped with the "
              "package, pretrained on the world's scenes written as text), stage 1 and stage 2 of training "
              "once per token budget, and exact-match evaluation on the held-out test split."
-             + distillation_note(results.get("config", {})), "",
+             + text_note(results.get("config", {})) + distillation_note(results.get("config", {}))
+             + glyph_note(results.get("config", {})), "",
              "## Accuracy per question type and token budget", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for name in types:

@@ -117,6 +117,12 @@ class TrainConfig:
     LLM's hidden states after the image towards those of a frozen copy of the starting LLM reading
     the scene as text (meteor.train.distill). Not in the paper; 0 turns it off."""
 
+    glyph_alignment: float = 0.0
+    """Synthetic-world records only (they say where each text is in 'meta'): weight of a loss
+    teaching the projector the world's texts: its output on each patch a text covers is classified,
+    by cosine similarity to the LLM's input embeddings, as the text's token (meteor.train.glyphs).
+    Needs the 'meteor' projector. Not in the paper; 0 turns it off."""
+
     def __post_init__(self) -> None:
         presets = STAGE_PRESETS.get(self.stage)
         if presets is None:
@@ -145,6 +151,9 @@ class TrainConfig:
         if not (math.isfinite(self.scene_distillation) and self.scene_distillation >= 0):
             raise TrainConfigError(f"scene_distillation must be a finite weight ≥ 0 (0: off), got "
                                    f"{self.scene_distillation}")
+        if not (math.isfinite(self.glyph_alignment) and self.glyph_alignment >= 0):
+            raise TrainConfigError(f"glyph_alignment must be a finite weight ≥ 0 (0: off), got "
+                                   f"{self.glyph_alignment}")
         if self.template not in ("plain", "vicuna_v1"):
             raise TrainConfigError(f"template must be plain or vicuna_v1, got {self.template!r}")
 

@@ -28,6 +28,7 @@ from ..modeling import COMPRESSOR_FILE, LlavaMeteor, load_compressor
 from .args import TrainConfig, TrainConfigError
 from .checkpoint import latest_loadable, rng_state, save_checkpoint, set_rng_state
 from .distill import SceneDistiller
+from .glyphs import GlyphAligner
 from .distributed import Distributed
 from .logger import RunLogger
 
@@ -161,6 +162,13 @@ def train(config: TrainConfig) -> TrainResult:
     dataset = LlavaDataset(config.data, config.image_folder, processor, config.template, config.max_length)
     distiller = (SceneDistiller(model.language_model, processor, config.template, dataset.records)
                  if config.scene_distillation > 0 else None)   # before wrapping: FSDP shards the LLM
+    aligner = None
+    if config.glyph_alignment > 0:
+        if model.config.compressor.projector != "meteor":
+            raise TrainConfigError(f"glyph_alignment needs the Top-Down Compression projector ('meteor'); "
+                                   f"this model's is {model.config.compressor.projector!r}. Set "
+                                   f"glyph_alignment to 0")
+        aligner = GlyphAligner(processor, dataset.records)
     order = DataOrder(len(dataset), config.global_batch_size, config.seed)
     total_steps = config.max_steps or math.ceil(order.steps_per_epoch * config.epochs)
     per_rank = math.ceil(config.global_batch_size / dist.world_size)
@@ -196,11 +204,14 @@ def train(config: TrainConfig) -> TrainResult:
             records = order.step_records(step)[dist.rank::dist.world_size]
             examples: list[Example | None] = []
             positions: list[int] = []
+            glyph_targets: list = []
             for index in records:
                 try:
                     example = dataset.encode(index)
                     if distiller is not None:
                         distiller.teacher_ids(index)
+                    if aligner is not None:
+                        glyph_targets.append(aligner.targets(index, example))
                     examples.append(example)
                     positions.append(index)
                 except RecordError as err:
@@ -210,9 +221,12 @@ def train(config: TrainConfig) -> TrainResult:
                     logger.message(f"skipping {err}")
             counters["truncated"] += sum(e.truncated for e in examples)
             local_tokens = sum(_supervised(e) for e in examples)
-            global_tokens, global_samples = dist.all_reduce_sum_many([float(local_tokens), float(len(examples))])
+            local_glyphs = sum(len(view.patches) for views in glyph_targets if views for view in views)
+            global_tokens, global_samples, global_glyphs = dist.all_reduce_sum_many(
+                [float(local_tokens), float(len(examples)), float(local_glyphs)])
             loss_sum_local, tokens_local, visual_tokens, samples = 0.0, 0, 0, 0
             distill_local, distill_matched = 0.0, 0
+            glyph_local, glyph_hits = 0.0, 0
             for micro in range(micro_steps):
                 chunk = examples[micro * config.per_device_batch_size:(micro + 1) * config.per_device_batch_size]
                 if chunk:
@@ -220,8 +234,13 @@ def train(config: TrainConfig) -> TrainResult:
                 else:   # keep every rank in step with the others: a zero-weight filler batch
                     batch, weight = processor.collate([filler], []), 0.0
                 sync = micro == micro_steps - 1
+                extra = {}
+                if aligner is not None:   # one entry per image of the batch, in the batch's order
+                    chunk_targets = glyph_targets[micro * config.per_device_batch_size:
+                                                  (micro + 1) * config.per_device_batch_size]
+                    extra["glyph_targets"] = [t for t, e in zip(chunk_targets, chunk) if e.image is not None]
                 with dist.maybe_no_sync(wrapped, sync), dist.autocast(config.precision):
-                    out = wrapped(**batch.to_model_kwargs(), output_hidden_states=distiller is not None)
+                    out = wrapped(**batch.to_model_kwargs(), output_hidden_states=distiller is not None, **extra)
                     loss_sum, count = token_loss_sum(out.logits, batch.labels.to(out.logits.device))
                     total = loss_sum * (weight * dist.world_size / max(global_tokens, 1.0))
                     if distiller is not None and chunk:
@@ -232,6 +251,11 @@ def train(config: TrainConfig) -> TrainResult:
                                                        / max(global_samples, 1.0))
                         distill_local += float(distill_sum.detach())
                         distill_matched += matched
+                    if aligner is not None and chunk:
+                        total = total + out["glyph"].loss_sum * (config.glyph_alignment * dist.world_size
+                                                                 / max(global_glyphs, 1.0))
+                        glyph_local += float(out["glyph"].loss_sum.detach())
+                        glyph_hits += out["glyph"].hits
                 total.backward()
                 if weight:
                     loss_sum_local += float(loss_sum.detach())
@@ -245,7 +269,8 @@ def train(config: TrainConfig) -> TrainResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             totals = dist.all_reduce_sum_many([loss_sum_local, float(samples), float(visual_tokens),
-                                               float(tokens_local), distill_local, float(distill_matched)])
+                                               float(tokens_local), distill_local, float(distill_matched),
+                                               glyph_local, float(glyph_hits)])
             step += 1
             loss_value = totals[0] / max(global_tokens, 1.0)
             elapsed = time.perf_counter() - started
@@ -262,6 +287,8 @@ def train(config: TrainConfig) -> TrainResult:
                 "truncated": counters["truncated"],
                 **({"distill": totals[4] / max(totals[5], 1.0), "distill_matched": int(totals[5])}
                    if distiller is not None else {}),
+                **({"glyph": totals[6] / max(global_glyphs, 1.0), "glyph_accuracy": totals[7] / max(global_glyphs, 1.0),
+                    "glyph_patches": int(global_glyphs)} if aligner is not None else {}),
             }, every=config.log_every)
             progress.update(1, loss_value)
             stopping = dist.any_flag(stop.signal_name is not None)

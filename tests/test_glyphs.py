@@ -1,0 +1,175 @@
+"""Glyph alignment (meteor.train.glyphs) on tiny configs of the real classes and a small world."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meteor.data import LlavaDataset, collate
+from meteor.modeling import LlavaMeteor
+from meteor.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
+from meteor.train import TrainConfig, TrainConfigError, train
+from meteor.train.glyphs import GlyphAligner, glyph_loss, text_token, view_glyphs
+from meteor.world import WorldConfig, generate_world, world_texts
+
+WORLD = WorldConfig(seed=5, n_train_images=24, n_test_images=2, base_size=112, number_digits=1,
+                    text_height_patches=(2.0, 2.5), text_stroke=0.05, questions_per_image=2)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glyphs")
+    world = generate_world(root / "world", WORLD)
+    model, processor = tiny_model(seed=0, texts=world_texts(WORLD))
+    model.save_pretrained(root / "base", processor)
+    mlp, mlp_processor = tiny_model(tiny_meteor_config(projector="mlp", tokens_per_slice=None), seed=0, texts=world_texts(WORLD))
+    mlp.save_pretrained(root / "mlp", mlp_processor)
+    return {"root": root, "world": world, "base": root / "base", "mlp": root / "mlp",
+            "plain": tiny_llava_data(root / "plain", 8, seed=1, meta=True)}
+
+
+def _records(assets, stage: int = 2) -> list[dict]:
+    world = assets["world"]
+    return json.loads((world.stage1_path if stage == 1 else world.stage2_path).read_text())
+
+
+def _config(assets, out, **overrides):
+    world = assets["world"]
+    values = dict(stage=2, data=str(world.stage2_path), image_folder=str(world.image_folder),
+                  model=str(assets["base"]), output_dir=str(out), global_batch_size=8,
+                  per_device_batch_size=4, max_steps=2, save_every=100, learning_rate=1e-3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_texts_token_is_the_one_the_scene_line_gives_it(assets):
+    _, processor = LlavaMeteor.from_pretrained(assets["base"])
+    tokenizer = processor.tokenizer
+    for text in ("CAT", "MAP", "7", "0"):
+        token = text_token(tokenizer, text)
+        line = tokenizer(f'word "{text}" near the top', add_special_tokens=False).input_ids
+        assert token in line
+        assert text.startswith(tokenizer.decode([token]))
+
+
+def _coverage(meta: dict, box, step_x: float, step_y: float, row: int, col: int, samples: int = 16):
+    """The fraction of patch (row, col) inside each text's box, by sampling points (the reference)."""
+    fractions = []
+    for text in meta["texts"]:
+        left, top, right, bottom = text["bbox"]
+        inside = 0
+        for i in range(samples):
+            for j in range(samples):
+                x = box[0] + (col + (j + 0.5) / samples) * step_x
+                y = box[1] + (row + (i + 0.5) / samples) * step_y
+                inside += left <= x < right and top <= y < bottom
+        fractions.append(inside / samples ** 2)
+    return fractions
+
+
+def test_the_targets_are_the_patches_each_text_covers_in_every_view(assets):
+    _, processor = LlavaMeteor.from_pretrained(assets["base"])
+    world = assets["world"]
+    cover, checked, sliced_seen = 0.3, 0, False
+    for record in _records(assets)[:12]:
+        meta = record["meta"]
+        plan = processor.prepare_image(world.image_folder / record["image"]).plan
+        views = view_glyphs(meta, plan, processor.tokenizer, cover)
+        assert len(views) == plan.num_views
+        sliced_seen |= plan.is_sliced
+        boxes = list(plan.crop_boxes) + [(0, 0, *plan.image_size)]
+        tokens = [text_token(processor.tokenizer, t["text"]) for t in meta["texts"]]
+        for glyphs, box, (w, h), (rows, cols) in zip(views, boxes, plan.view_sizes, plan.view_patches):
+            step_x = (box[2] - box[0]) / w * plan.patch_size
+            step_y = (box[3] - box[1]) / h * plan.patch_size
+            marked = set(zip(glyphs.patches.tolist(), glyphs.tokens.tolist()))
+            assert len(marked) == len(glyphs.patches)
+            for row in range(rows):
+                for col in range(cols):
+                    for fraction, token in zip(_coverage(meta, box, step_x, step_y, row, col), tokens):
+                        if fraction >= cover + 0.07:
+                            assert (row * cols + col, token) in marked
+                            checked += 1
+                        elif fraction <= cover - 0.07:
+                            assert (row * cols + col, token) not in marked
+        # at this text size every text covers enough of at least one patch of some view
+        assert set(tokens) <= {token for glyphs in views for token in glyphs.tokens.tolist()}
+    assert checked > 50 and sliced_seen
+
+
+def test_the_loss_is_the_cross_entropy_of_cosine_similarities():
+    torch.manual_seed(0)
+    projected, table = torch.randn(5, 8), torch.randn(11, 8)
+    labels = torch.tensor([3, 0, 10, 3, 7])
+    projected[1] = 4 * table[0]               # exactly the direction of its label: a hit
+    loss, hits = glyph_loss(projected, labels, table, temperature=0.1)
+    expected = 0.0
+    for row, label in enumerate(labels.tolist()):
+        sims = torch.tensor([F.cosine_similarity(projected[row], table[v], dim=0) for v in range(11)])
+        expected += -torch.log_softmax(sims / 0.1, dim=0)[label]
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+    nearest = (F.normalize(projected, dim=-1) @ F.normalize(table, dim=-1).T).argmax(-1)
+    assert hits == int((nearest == labels).sum()) and hits >= 1
+
+
+def test_the_forward_scores_the_text_patches_and_trains_only_the_compressor(assets):
+    model, processor = LlavaMeteor.from_pretrained(assets["base"])
+    records = _records(assets)
+    dataset = LlavaDataset(records, assets["world"].image_folder, processor, "vicuna_v1")
+    aligner = GlyphAligner(processor, records)
+    examples = [dataset.encode(k) for k in range(4)]
+    targets = [aligner.targets(k, e) for k, e in enumerate(examples)]
+    batch = collate(processor, examples)
+    out = model(**batch.to_model_kwargs(), glyph_targets=targets)
+    expected = sum(len(v.patches) for views in targets for v in views)
+    assert out["glyph"].count == expected > 0
+    assert out["glyph"].loss_sum.item() / expected == pytest.approx(
+        math.log(len(processor.tokenizer)), rel=0.5)      # an untrained projector: near uniform
+    out["glyph"].loss_sum.backward()
+    compressor = model.compressor
+    assert compressor.projector.fc1.weight.grad.abs().sum() > 0
+    assert compressor.fusion.instruction_token.grad is not None
+    assert all(p.grad is None for p in model.language_model.parameters())
+    assert "glyph" not in model(**batch.to_model_kwargs())
+    with pytest.raises(ValueError, match="one entry per image: 3 for 4 images"):
+        model(**batch.to_model_kwargs(), glyph_targets=targets[:3])
+
+
+def test_training_teaches_the_projector_the_glyphs(assets, tmp_path):
+    result = train(_config(assets, tmp_path / "on", stage=1, data=str(assets["world"].stage1_path),
+                           glyph_alignment=1.0, max_steps=30, learning_rate=1e-2, warmup_ratio=0.1))
+    assert result.steps_done == 30
+    log = _log(tmp_path / "on")
+    assert all(entry["glyph_patches"] > 0 for entry in log)
+    first, last = sum(e["glyph"] for e in log[:3]) / 3, sum(e["glyph"] for e in log[-3:]) / 3
+    assert last < 0.7 * first, [round(e["glyph"], 2) for e in log]
+    assert max(e["glyph_accuracy"] for e in log[-5:]) > 0.2
+    train(_config(assets, tmp_path / "off"))
+    assert all("glyph" not in entry for entry in _log(tmp_path / "off"))
+
+
+def test_records_without_texts_meta_other_projectors_and_bad_weights_are_refused(assets, tmp_path):
+    records = _records(assets)
+    del records[2]["meta"]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(records))
+    with pytest.raises(TrainConfigError, match=r"1 of \d+ records have none .*glyph_alignment to 0"):
+        train(_config(assets, tmp_path / "broken", data=str(broken), glyph_alignment=1.0))
+    assert not (tmp_path / "broken" / "log.jsonl").exists()
+    with pytest.raises(TrainConfigError, match="needs the Top-Down Compression projector .*'mlp'"):
+        train(_config(assets, tmp_path / "mlp", model=str(assets["mlp"]), glyph_alignment=1.0))
+    assert not (tmp_path / "mlp" / "log.jsonl").exists()
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(TrainConfigError, match="glyph_alignment must be a finite weight"):
+            TrainConfig(stage=2, glyph_alignment=bad)
+    # records with a scene but no texts train, with nothing to align
+    train(_config(assets, tmp_path / "notext", data=str(assets["plain"]),
+                  image_folder=str(assets["plain"].parent), glyph_alignment=1.0))
+    assert all(e["glyph_patches"] == 0 and e["glyph"] == 0 for e in _log(tmp_path / "notext"))
