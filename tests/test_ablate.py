@@ -27,7 +27,7 @@ def tiny_config():
     return dataclasses.replace(
         quick, world=dataclasses.replace(quick.world, n_train_images=24, n_test_images=6),
         clip=dataclasses.replace(quick.clip, epochs=1),
-        stage1=StageRun(epochs=1, global_batch_size=24, learning_rate=1e-3),
+        stage1=StageRun(epochs=1, global_batch_size=24, learning_rate=1e-3, glyph_alignment=1.0),
         stage2=StageRun(epochs=1, global_batch_size=48, learning_rate=1e-3))
 
 
@@ -133,6 +133,11 @@ def test_every_variant_trains_and_evaluates(tmp_path, capfd):
     printed = capfd.readouterr().out       # the variants run in worker processes: their output too
     assert set(results["variants"]) == set(VARIANTS)
     assert printed.count(f"{DEFAULT_VARIANT}, stage 1: training") == 1      # shared by four tables
+    # glyph alignment trains every token-wise projector; the resampler, which has none, goes without
+    assert "resampler: no glyph alignment (the 'resampler' projector has no token-wise MLP)" in printed
+    for name in VARIANTS:
+        log = (tmp_path / "out" / "runs" / name / "stage1" / "log.jsonl").read_text()
+        assert ('"glyph"' in log) == (name != "resampler"), name
     written = json.loads((tmp_path / "out" / "ablation" / "results.json").read_text())
     assert set(written["variants"]) == set(VARIANTS)
     for name, row in written["variants"].items():

@@ -25,9 +25,11 @@ def assets(tmp_path_factory):
     world = generate_world(root / "world", WORLD)
     model, processor = tiny_model(seed=0, texts=world_texts(WORLD))
     model.save_pretrained(root / "base", processor)
-    mlp, mlp_processor = tiny_model(tiny_meteor_config(projector="mlp", tokens_per_slice=None), seed=0, texts=world_texts(WORLD))
-    mlp.save_pretrained(root / "mlp", mlp_processor)
-    return {"root": root, "world": world, "base": root / "base", "mlp": root / "mlp",
+    for projector, k in (("mlp", None), ("resampler", 4)):
+        other, other_processor = tiny_model(tiny_meteor_config(projector=projector, tokens_per_slice=k), seed=0,
+                                            texts=world_texts(WORLD))
+        other.save_pretrained(root / projector, other_processor)
+    return {"root": root, "world": world, "base": root / "base", "mlp": root / "mlp", "resampler": root / "resampler",
             "plain": tiny_llava_data(root / "plain", 8, seed=1, meta=True)}
 
 
@@ -142,6 +144,11 @@ def test_the_forward_scores_the_text_patches_and_trains_only_the_compressor(asse
         model(**batch.to_model_kwargs(), glyph_targets=targets[:3])
 
 
+def test_the_mlp_baseline_aligns_its_raw_patch_tokens(assets, tmp_path):
+    train(_config(assets, tmp_path / "mlp", model=str(assets["mlp"]), glyph_alignment=1.0))
+    assert all(entry["glyph_patches"] > 0 and entry["glyph"] > 0 for entry in _log(tmp_path / "mlp"))
+
+
 def test_training_teaches_the_projector_the_glyphs(assets, tmp_path):
     result = train(_config(assets, tmp_path / "on", stage=1, data=str(assets["world"].stage1_path),
                            glyph_alignment=1.0, max_steps=30, learning_rate=1e-2, warmup_ratio=0.1))
@@ -163,9 +170,9 @@ def test_records_without_texts_meta_other_projectors_and_bad_weights_are_refused
     with pytest.raises(TrainConfigError, match=r"1 of \d+ records have none .*glyph_alignment to 0"):
         train(_config(assets, tmp_path / "broken", data=str(broken), glyph_alignment=1.0))
     assert not (tmp_path / "broken" / "log.jsonl").exists()
-    with pytest.raises(TrainConfigError, match="needs the Top-Down Compression projector .*'mlp'"):
-        train(_config(assets, tmp_path / "mlp", model=str(assets["mlp"]), glyph_alignment=1.0))
-    assert not (tmp_path / "mlp" / "log.jsonl").exists()
+    with pytest.raises(TrainConfigError, match="needs a projector that maps each patch token .*'resampler'"):
+        train(_config(assets, tmp_path / "resampler", model=str(assets["resampler"]), glyph_alignment=1.0))
+    assert not (tmp_path / "resampler" / "log.jsonl").exists()
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(TrainConfigError, match="glyph_alignment must be a finite weight"):
             TrainConfig(stage=2, glyph_alignment=bad)

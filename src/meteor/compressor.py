@@ -42,8 +42,10 @@ class CompressionOutput:
     aggregate_scores: torch.Tensor | None
     grid: tuple[int, int]
     fused: torch.Tensor | None = None
-    """(B, H·W, C): Flash Global Fusion's output before selection (Top-Down Compression only); the
-    glyph-alignment loss projects the tokens of text patches from it."""
+    """(B, H·W, C): per patch, the token the compressor's token-wise projector would map: Flash
+    Global Fusion's output for Top-Down Compression, the patch token itself for the MLP, Top-K
+    and pooling baselines; None for the resampler, which has no token-wise projector. The
+    glyph-alignment loss (``meteor.train.glyphs``) projects the tokens of text patches from it."""
 
 
 class TopDownCompression(nn.Module):

@@ -144,8 +144,9 @@ class LlavaMeteor(nn.Module):
                 targets = glyph_targets[image_index] if glyph_targets is not None else None
                 if targets is not None and len(targets[view_index].patches):
                     if out.fused is None:
-                        raise ValueError(f"glyph alignment needs the Top-Down Compression projector "
-                                         f"('meteor'); this model's is {self.config.compressor.projector!r}")
+                        raise ValueError(f"glyph alignment needs a projector that maps each patch token "
+                                         f"on its own; this model's {self.config.compressor.projector!r} "
+                                         f"has none")
                     patches = targets[view_index].patches.to(out.fused.device)
                     glyphs.append((out.fused[row, patches], targets[view_index].tokens))
         per_image: list[list[torch.Tensor]] = [[] for _ in images]
@@ -162,7 +163,8 @@ class LlavaMeteor(nn.Module):
 
         if not glyphs:
             return GlyphScore(self.compressor.projector.fc1.weight.new_zeros(()), 0, 0)
-        projected = self.compressor.projector(torch.cat([fused for fused, _ in glyphs]))
+        projector = self.compressor.projector
+        projected = projector(torch.cat([fused for fused, _ in glyphs]).to(projector.fc1.weight.dtype))
         labels = torch.cat([tokens for _, tokens in glyphs])
         loss, hits = glyph_loss(projected, labels, self.language_model.get_input_embeddings().weight)
         return GlyphScore(loss, len(labels), hits)

@@ -30,7 +30,7 @@ class MlpProjection(nn.Module):
         batch, length, _ = patch_tokens.shape
         indices = torch.arange(length, device=patch_tokens.device).expand(batch, length)
         return CompressionOutput(self.projector(patch_tokens.to(self.projector.fc1.weight.dtype)),
-                                 indices, visual_scores(cls_attention), None, None, grid)
+                                 indices, visual_scores(cls_attention), None, None, grid, fused=patch_tokens)
 
 
 class ClsTopK(nn.Module):
@@ -47,7 +47,7 @@ class ClsTopK(nn.Module):
         indices = select_top_k(scores, self.k)                                # (B, K)
         kept = torch.gather(patch_tokens, 1, indices[..., None].expand(-1, -1, patch_tokens.shape[-1]))
         return CompressionOutput(self.projector(kept.to(self.projector.fc1.weight.dtype)), indices,
-                                 scores, None, scores, grid)
+                                 scores, None, scores, grid, fused=patch_tokens)
 
 
 class RandomTopK(nn.Module):
@@ -67,7 +67,7 @@ class RandomTopK(nn.Module):
         indices = select_top_k(scores, self.k)
         kept = torch.gather(patch_tokens, 1, indices[..., None].expand(-1, -1, width))
         return CompressionOutput(self.projector(kept.to(self.projector.fc1.weight.dtype)), indices,
-                                 None, None, scores, grid)
+                                 None, None, scores, grid, fused=patch_tokens)
 
 
 def pooled_grid(grid: tuple[int, int], k: int) -> tuple[int, int]:
@@ -95,7 +95,7 @@ class AvgPoolProjection(nn.Module):
         pooled = F.adaptive_avg_pool2d(fmap, pooled_grid(grid, self.k))        # (B, C, r, c)
         tokens = pooled.flatten(2).transpose(1, 2)                             # (B, K, C)
         return CompressionOutput(self.projector(tokens.to(self.projector.fc1.weight.dtype)), None,
-                                 None, None, None, grid)
+                                 None, None, None, grid, fused=patch_tokens)
 
 
 def sincos_2d(grid: tuple[int, int], width: int) -> torch.Tensor:

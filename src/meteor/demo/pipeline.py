@@ -284,14 +284,21 @@ class Pipeline:
         Both stages use the demo's recipe (``config.stage1`` / ``config.stage2``) and seed, so
         variants differ only by ``meteor_config``; each stage is reused when its key matches."""
         from ..train import TrainConfig, train
+        from ..train.glyphs import PROJECTORS as GLYPH_PROJECTORS
 
+        stage_runs = {1: self.config.stage1, 2: self.config.stage2}
+        projector = meteor_config.compressor.projector
+        if projector not in GLYPH_PROJECTORS and any(run.glyph_alignment for run in stage_runs.values()):
+            self.log(f"    {name}: no glyph alignment (the {projector!r} projector has no token-wise MLP)")
+            stage_runs = {stage: dataclasses.replace(run, glyph_alignment=0.0) for stage, run in stage_runs.items()}
         base_key = {"world": world.config.to_dict(), "clip": _read_key(clip),
-                    "language_model": _read_key(language_model), "meteor": meteor_config.to_dict()}
+                    "language_model": _read_key(language_model), "meteor": meteor_config.to_dict(),
+                    "seed": self.config.seed}
         root = self.out / "runs" / name
-        stage1 = Step(root / "stage1", {**base_key, "stage1": asdict(self.config.stage1)}, self.force)
-        stage2 = Step(root / "stage2", {**stage1.key, "stage2": asdict(self.config.stage2)},
+        stage1 = Step(root / "stage1", {**base_key, "stage1": asdict(stage_runs[1])}, self.force)
+        stage2 = Step(root / "stage2", {**stage1.key, "stage2": asdict(stage_runs[2])},
                       self.force or not stage1.done)
-        for stage, step, run in ((1, stage1, self.config.stage1), (2, stage2, self.config.stage2)):
+        for stage, step, run in ((1, stage1, stage_runs[1]), (2, stage2, stage_runs[2])):
             step_name = f"{name}/stage{stage}"
             if step.done:
                 self.reused.append(step_name)

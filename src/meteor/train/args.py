@@ -121,7 +121,7 @@ class TrainConfig:
     """Synthetic-world records only (they say where each text is in 'meta'): weight of a loss
     teaching the projector the world's texts: its output on each patch a text covers is classified,
     by cosine similarity to the LLM's input embeddings, as the text's token (meteor.train.glyphs).
-    Needs the 'meteor' projector. Not in the paper; 0 turns it off."""
+    Needs a token-wise projector (not the resampler). Not in the paper; 0 turns it off."""
 
     def __post_init__(self) -> None:
         presets = STAGE_PRESETS.get(self.stage)

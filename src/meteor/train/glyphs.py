@@ -10,7 +10,9 @@ those scores (divided by a temperature) with the text's token as the label, the 
 when the scene is written as text (``word "MAP"`` → ``MAP``).
 
 The loss is computed on the fused tokens before Visual-Native Selection, so the selection is not
-told which tokens to keep: a text whose patches are dropped still cannot be read.
+told which tokens to keep: a text whose patches are dropped still cannot be read. The MLP, Top-K
+and pooling baselines train the same way, on their raw patch tokens; LLaVA-UHD's resampler has no
+token-wise projector and cannot.
 Like scene distillation it needs each record's ``meta`` (where each text is), which only the
 synthetic world writes.
 """
@@ -27,6 +29,9 @@ from ..data import Example, RecordError, record_id
 from ..processor import MeteorProcessor
 from ..slicing import SlicePlan
 from .args import TrainConfigError
+
+PROJECTORS = ("meteor", "mlp", "cls_topk", "random_topk", "avgpool")
+"""The projectors with a token-wise MLP that glyph alignment can train (not the resampler)."""
 
 TEMPERATURE = 0.1
 """Divides the cosine similarities before the softmax (CLIP's learnt value is near 0.01; 0.1 keeps

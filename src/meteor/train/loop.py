@@ -28,7 +28,7 @@ from ..modeling import COMPRESSOR_FILE, LlavaMeteor, load_compressor
 from .args import TrainConfig, TrainConfigError
 from .checkpoint import latest_loadable, rng_state, save_checkpoint, set_rng_state
 from .distill import SceneDistiller
-from .glyphs import GlyphAligner
+from .glyphs import PROJECTORS as GLYPH_PROJECTORS, GlyphAligner
 from .distributed import Distributed
 from .logger import RunLogger
 
@@ -164,10 +164,10 @@ def train(config: TrainConfig) -> TrainResult:
                  if config.scene_distillation > 0 else None)   # before wrapping: FSDP shards the LLM
     aligner = None
     if config.glyph_alignment > 0:
-        if model.config.compressor.projector != "meteor":
-            raise TrainConfigError(f"glyph_alignment needs the Top-Down Compression projector ('meteor'); "
-                                   f"this model's is {model.config.compressor.projector!r}. Set "
-                                   f"glyph_alignment to 0")
+        if model.config.compressor.projector not in GLYPH_PROJECTORS:
+            raise TrainConfigError(f"glyph_alignment needs a projector that maps each patch token on its own "
+                                   f"({', '.join(GLYPH_PROJECTORS)}); this model's is "
+                                   f"{model.config.compressor.projector!r}. Set glyph_alignment to 0")
         aligner = GlyphAligner(processor, dataset.records)
     order = DataOrder(len(dataset), config.global_batch_size, config.seed)
     total_steps = config.max_steps or math.ceil(order.steps_per_epoch * config.epochs)
