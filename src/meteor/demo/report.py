@@ -156,13 +156,20 @@ def selection_figure(model, processor, image_path: Path, question: str, path: Pa
     plt.close(fig)
 
 
+def _stages_using(config: dict[str, Any], field: str) -> str:
+    """"stage 1 (weight 2) and stage 2 (weight 1) add" for the stages whose run sets ``field``;
+    "" when none does."""
+    weights = {stage: config.get(f"stage{stage}", {}).get(field, 0.0) for stage in (1, 2)}
+    used = [f"stage {stage} (weight {weight:g})" for stage, weight in weights.items() if weight]
+    return f"{' and '.join(used)} add{'s' if len(used) == 1 else ''}" if used else ""
+
+
 def distillation_note(config: dict[str, Any]) -> str:
     """A sentence naming the stages trained with scene distillation (none: "")."""
-    weights = {stage: config.get(f"stage{stage}", {}).get("scene_distillation", 0.0) for stage in (1, 2)}
-    used = [f"stage {stage} (weight {weight:g})" for stage, weight in weights.items() if weight]
-    if not used:
+    stages = _stages_using(config, "scene_distillation")
+    if not stages:
         return ""
-    return (f" Not in the paper: {' and '.join(used)} add{'s' if len(used) == 1 else ''} scene distillation, "
+    return (f" Not in the paper: {stages} scene distillation, "
             "which pulls the LLM's hidden states on the conversation after the image towards those of a "
             "frozen copy of the starting LLaMA reading the scene written as text. It needs each record's "
             "scene, which only this world has (`meteor.train.distill`; docs/demo-learning.md measures it).")
@@ -170,11 +177,10 @@ def distillation_note(config: dict[str, Any]) -> str:
 
 def glyph_note(config: dict[str, Any]) -> str:
     """A sentence naming the stages trained with glyph alignment (none: "")."""
-    weights = {stage: config.get(f"stage{stage}", {}).get("glyph_alignment", 0.0) for stage in (1, 2)}
-    used = [f"stage {stage} (weight {weight:g})" for stage, weight in weights.items() if weight]
-    if not used:
+    stages = _stages_using(config, "glyph_alignment")
+    if not stages:
         return ""
-    return (f" Also not in the paper: {' and '.join(used)} add{'s' if len(used) == 1 else ''} glyph alignment, "
+    return (f" Also not in the paper: {stages} glyph alignment, "
             "which teaches the projector the world's texts: its output on each patch a text covers must "
             "be nearest, among the LLM's input embeddings, to the text's token. It needs where each text "
             "is, which only this world records (`meteor.train.glyphs`; docs/demo-learning.md measures it).")

@@ -32,13 +32,19 @@ from ..world.captions import scene_line
 from .args import TrainConfigError
 
 
+def records_without_meta(records: Sequence[dict]) -> list[str]:
+    """The ids of the records with an image but no scene ('meta'), which the synthetic world's
+    training aids (scene distillation, glyph alignment) cannot use."""
+    return [record_id(r, k) for k, r in enumerate(records)
+            if isinstance(r, dict) and r.get("image") is not None and not isinstance(r.get("meta"), dict)]
+
+
 class SceneDistiller:
     """A frozen teacher LLM and the teacher inputs of a dataset's records (built once each)."""
 
     def __init__(self, language_model: nn.Module, processor: MeteorProcessor, template: str,
                  records: Sequence[dict]):
-        missing = [record_id(r, k) for k, r in enumerate(records)
-                   if isinstance(r, dict) and r.get("image") is not None and not isinstance(r.get("meta"), dict)]
+        missing = records_without_meta(records)
         if missing:
             raise TrainConfigError(
                 f"scene distillation needs the scene of every record with an image ('meta', as the "

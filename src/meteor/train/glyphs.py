@@ -29,6 +29,7 @@ from ..data import Example, RecordError, record_id
 from ..processor import MeteorProcessor
 from ..slicing import SlicePlan
 from .args import TrainConfigError
+from .distill import records_without_meta
 
 PROJECTORS = ("meteor", "mlp", "cls_topk", "random_topk", "avgpool")
 """The projectors with a token-wise MLP that glyph alignment can train (not the resampler)."""
@@ -90,8 +91,7 @@ class GlyphAligner:
     """The glyph targets of a dataset's records, built once each."""
 
     def __init__(self, processor: MeteorProcessor, records: Sequence[dict], cover: float = 0.3):
-        missing = [record_id(r, k) for k, r in enumerate(records)
-                   if isinstance(r, dict) and r.get("image") is not None and not isinstance(r.get("meta"), dict)]
+        missing = records_without_meta(records)
         if missing:
             raise TrainConfigError(
                 f"glyph alignment needs where the texts of every record with an image are ('meta', as "
