@@ -314,7 +314,8 @@ class Pipeline:
                 meteor_config=str(config_file), compressor_from=str(stage1.folder) if stage == 2 else None,
                 output_dir=str(step.folder), epochs=run.epochs, global_batch_size=run.global_batch_size,
                 per_device_batch_size=run.per_device_batch_size, learning_rate=run.learning_rate,
-                scene_distillation=run.scene_distillation, glyph_alignment=run.glyph_alignment, save_every=10 ** 6, keep_checkpoints=1,
+                scene_distillation=run.scene_distillation, glyph_alignment=run.glyph_alignment,
+                save_every=10 ** 6, keep_checkpoints=1,
                 seed=self.config.seed, feature_cache=str(self.out / "features")))
             if result.interrupted:
                 raise RuntimeError(f"{step_name} was interrupted; re-run meteor demo to start it again")

@@ -287,7 +287,8 @@ def train(config: TrainConfig) -> TrainResult:
                 "truncated": counters["truncated"],
                 **({"distill": totals[4] / max(totals[5], 1.0), "distill_matched": int(totals[5])}
                    if distiller is not None else {}),
-                **({"glyph": totals[6] / max(global_glyphs, 1.0), "glyph_accuracy": totals[7] / max(global_glyphs, 1.0),
+                **({"glyph": totals[6] / max(global_glyphs, 1.0),
+                    "glyph_accuracy": totals[7] / max(global_glyphs, 1.0),
                     "glyph_patches": int(global_glyphs)} if aligner is not None else {}),
             }, every=config.log_every)
             progress.update(1, loss_value)
