@@ -61,7 +61,7 @@ def test_the_report_says_how_the_texts_are_drawn():
 
     assert text_note({}) == ""
     note = text_note(full_config().to_dict())
-    assert "words and single digits, 2-2.5 patches tall, with a bold outline (0.05 of their height)" in note
+    assert "words and single digits, 1-1.5 patches tall, with a bold outline (0.05 of their height)" in note
     plain = text_note({"world": {"text_height_patches": [1.0, 1.5], "number_digits": 3, "text_stroke": 0.0}})
     assert "numbers of 1-3 digits, 1-1.5 patches tall, in grey" in plain
 
