@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from meteor.ablate import (DEFAULT_VARIANT, PAPER_BUDGETS, PAPER_WIDTHS, TABLES, VARIANTS, markdown,
+from meteor.demo.ablate import (DEFAULT_VARIANT, PAPER_BUDGETS, PAPER_WIDTHS, TABLES, VARIANTS, markdown,
                            paper_width_config, run_ablation, select, variant_config, visual_tokens)
-from meteor.compressor import count_parameters
+from meteor.projectors import count_parameters
 from meteor.config import CompressorConfig
 from meteor.demo import StageRun, full_config, quick_config
-from meteor.world import WorldConfig
+from meteor.demo.world import WorldConfig
 
 
 def _meteor(*args, cwd=None):

@@ -52,7 +52,7 @@ def test_data_synth_text_options_reach_the_world_and_bad_ones_are_named(tmp_path
 def test_data_synth_then_eval_reach_each_stage_alone(tmp_path):
     import torch
 
-    from meteor.tiny import tiny_model
+    from meteor.demo.tiny import tiny_model
 
     done = _meteor("data", "synth", "--out", "world", "--train-images", "2", "--test-images", "2",
                    "--base-size", "56", cwd=tmp_path)

@@ -9,7 +9,7 @@ import pytest
 
 from meteor.demo import quick_config
 from meteor.demo.pipeline import Step
-from meteor.world import QUESTION_TYPES
+from meteor.demo.world import QUESTION_TYPES
 
 
 def _meteor(*args, cwd):

@@ -15,9 +15,9 @@ from meteor.demo import full_config
 from meteor.demo.language import (ASSET, FIRST_INDEX, LanguagePretraining, describe_scene, focus_conversations,
                                   pretrain_language_model, text_conversations)
 from meteor.demo.pipeline import Pipeline, _text_processor
-from meteor.tiny import tiny_llama_config, tiny_tokenizer
-from meteor.world import WorldConfig, world_texts
-from meteor.world.scene import make_scene
+from meteor.demo.tiny import tiny_llama_config, tiny_tokenizer
+from meteor.demo.world import WorldConfig, world_texts
+from meteor.demo.world.scene import make_scene
 
 
 def test_a_scene_written_as_text_names_every_shape_and_text_with_its_place():

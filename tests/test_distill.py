@@ -8,11 +8,11 @@ import torch
 
 from meteor.data import LlavaDataset, collate
 from meteor.modeling import LlavaMeteor
-from meteor.tiny import tiny_llava_data, tiny_model
+from meteor.demo.tiny import tiny_llava_data, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
 from meteor.train.distill import SceneDistiller
-from meteor.world import WorldConfig, make_scene
-from meteor.world.captions import region_phrase, scene_line
+from meteor.demo.world import WorldConfig, make_scene
+from meteor.demo.world.captions import region_phrase, scene_line
 
 
 @pytest.fixture(scope="module")

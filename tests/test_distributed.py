@@ -172,7 +172,7 @@ def _text_only(size: int, seed: int) -> set[int] | None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from meteor.tiny import tiny_llava_data, tiny_model
+    from meteor.demo.tiny import tiny_llava_data, tiny_model
 
     root = tmp_path_factory.mktemp("distributed")
     model, processor = tiny_model(seed=0)
@@ -193,7 +193,7 @@ def data(tmp_path_factory):
 def distill_data(data):
     """The same records and images, each record with an image carrying its scene (for
     --scene-distillation); the text-only records stay text-only."""
-    from meteor.tiny import tiny_llava_data
+    from meteor.demo.tiny import tiny_llava_data
 
     records = json.loads(data["json"].read_text())
     scenes = json.loads(tiny_llava_data(data["folder"], count=9, seed=0, meta=True).read_text())
@@ -245,7 +245,7 @@ def test_torch_moves_sliced_images_through_wrapper_input_handling():
 
 
 def test_fsdp_units_are_the_decoder_layers():
-    from meteor.tiny import tiny_model
+    from meteor.demo.tiny import tiny_model
     from meteor.train.fsdp import decoder_layers
 
     model, _ = tiny_model(seed=0)
@@ -255,14 +255,14 @@ def test_fsdp_units_are_the_decoder_layers():
 
 def test_distributed_mode_without_a_launcher_is_refused(monkeypatch):
     from meteor.train.args import TrainConfig, TrainConfigError
-    from meteor.train.distributed import Distributed
+    from meteor.train.distributed import DistributedRun
 
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     for mode in ("ddp", "fsdp"):
         with pytest.raises(TrainConfigError, match="torchrun"):
-            Distributed.setup(TrainConfig(stage=2, distributed=mode))
-    assert Distributed.setup(TrainConfig(stage=2, distributed="auto")).mode == "none"
+            DistributedRun.setup(TrainConfig(stage=2, distributed=mode))
+    assert DistributedRun.setup(TrainConfig(stage=2, distributed="auto")).mode == "none"
 
 
 # --- 2-process runs ----------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from PIL import Image
 from meteor.evaluation import EvalConfig, WorldRunner, read_jsonl
 from meteor.evaluation.base import describe_sources
 from meteor.evaluation.official import OFFICIAL_RUNNERS, build_runner
-from meteor.tiny import tiny_model
-from meteor.world import WorldConfig, generate_world
+from meteor.demo.tiny import tiny_model
+from meteor.demo.world import WorldConfig, generate_world
 
 SHORT = "Answer the question using a single word or phrase."
 

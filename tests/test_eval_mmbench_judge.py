@@ -14,7 +14,7 @@ from meteor.evaluation import EvalConfig, read_jsonl
 from meteor.evaluation.official import OpenAIGrader, build_runner
 from meteor.evaluation.official.mmbench_judge import (JUDGE_ATTEMPTS, ask_judge, judge_prompt, read_judge_reply)
 from meteor.metrics import mmbench_can_infer
-from meteor.tiny import tiny_model
+from meteor.demo.tiny import tiny_model
 
 from chat_endpoint import chat_endpoint
 

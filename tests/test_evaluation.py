@@ -7,8 +7,8 @@ import torch
 
 from meteor.evaluation import EvalConfig, WorldRunner, normalize_answer, read_jsonl, world_exact_match
 from meteor.evaluation.base import PREDICTIONS_FILE
-from meteor.tiny import tiny_model
-from meteor.world import WorldConfig, generate_world
+from meteor.demo.tiny import tiny_model
+from meteor.demo.world import WorldConfig, generate_world
 
 
 def test_normalisation_is_light_and_symmetric():

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-from meteor.features import FeatureCache, tower_fingerprint
-from meteor.tiny import tiny_clip_vision_config, tiny_model
+from meteor.feature_cache import FeatureCache, tower_fingerprint
+from meteor.demo.tiny import tiny_clip_vision_config, tiny_model
 from meteor.vision import VisionTower
 
 

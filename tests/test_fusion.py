@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from meteor.compressor import TopDownCompression, count_parameters
+from meteor.projectors import TopDownCompression, count_parameters
 from meteor.config import CompressorConfig
 from meteor.fusion import FlashGlobalFusion, insert_at_centre, interleave, local_to_single
 

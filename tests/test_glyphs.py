@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from meteor.data import LlavaDataset, collate
 from meteor.modeling import LlavaMeteor
-from meteor.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
+from meteor.demo.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
 from meteor.train.glyphs import GlyphAligner, glyph_loss, text_token, view_glyphs
-from meteor.world import WorldConfig, generate_world, world_texts
+from meteor.demo.world import WorldConfig, generate_world, world_texts
 
 WORLD = WorldConfig(seed=5, n_train_images=24, n_test_images=2, base_size=112, number_digits=1,
                     text_height_patches=(2.0, 2.5), text_stroke=0.05, questions_per_image=2)
@@ -136,7 +136,7 @@ def test_the_forward_scores_the_text_patches_and_trains_only_the_compressor(asse
         math.log(len(processor.tokenizer)), rel=0.5)      # an untrained projector: near uniform
     out["glyph"].loss_sum.backward()
     compressor = model.compressor
-    assert compressor.projector.fc1.weight.grad.abs().sum() > 0
+    assert compressor.mlp.fc1.weight.grad.abs().sum() > 0
     assert compressor.fusion.instruction_token.grad is not None
     assert all(p.grad is None for p in model.language_model.parameters())
     assert "glyph" not in model(**batch.to_model_kwargs())

@@ -11,7 +11,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms  # noqa: E402
 
 from meteor.integrations.lmms_eval import MODEL_NAME, LlavaMeteorLMMS, lmms_eval_manifest, register  # noqa: E402
-from meteor.tiny import tiny_model  # noqa: E402
+from meteor.demo.tiny import tiny_model  # noqa: E402
 
 TASK, SPLIT = "tiny_shapes", "test"
 

@@ -6,7 +6,7 @@ from PIL import Image
 
 from meteor.conversation import IGNORE_INDEX
 from meteor.modeling import LlavaMeteor
-from meteor.tiny import tiny_meteor_config, tiny_model
+from meteor.demo.tiny import tiny_meteor_config, tiny_model
 
 
 def _image(width, height, seed=0):

@@ -20,7 +20,7 @@ from meteor.evaluation.official import (OFFICIAL_RUNNERS, BenchmarkFileError, MM
 from meteor.evaluation.official.mmmu_open import eval_open, parse_open_response
 from meteor.evaluation.official.mmvet import GRADING_PROMPT, grading_prompt, read_grade
 from meteor.evaluation.official.summary import TABLE1_COLUMNS, collect_headlines, write_table1
-from meteor.tiny import tiny_model
+from meteor.demo.tiny import tiny_model
 
 from chat_endpoint import chat_endpoint
 

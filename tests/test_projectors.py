@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from meteor.compressor import build_compressor, count_parameters
+from meteor.projectors import build_projector, count_parameters
 from meteor.config import CompressorConfig
-from meteor.projectors import pooled_grid, sincos_2d
-from meteor.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
+from meteor.projectors.baselines import pooled_grid, sincos_2d
+from meteor.demo.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
 from meteor.train import TrainConfig, train
 
 VARIANTS = [("meteor", 4), ("mlp", None), ("resampler", 4), ("avgpool", 4), ("cls_topk", 4), ("random_topk", 4)]
@@ -20,7 +20,7 @@ def _config(projector, k, **kw):
 @pytest.mark.parametrize("projector, k", VARIANTS)
 def test_every_projector_maps_views_to_k_tokens_of_width_d(projector, k):
     torch.manual_seed(0)
-    module = build_compressor(_config(projector, k))
+    module = build_projector(_config(projector, k))
     tokens, attention = torch.randn(3, 12, 16), torch.softmax(torch.randn(3, 12), -1)
     out = module(tokens, attention, (3, 4))
     assert out.tokens.shape == (3, k or 12, 32)
@@ -29,14 +29,14 @@ def test_every_projector_maps_views_to_k_tokens_of_width_d(projector, k):
 
 
 def test_cls_topk_keeps_the_most_attended_raw_tokens():
-    module = build_compressor(_config("cls_topk", 2))
+    module = build_projector(_config("cls_topk", 2))
     attention = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05, 0.0]])
     out = module(torch.randn(1, 6, 16), attention, (2, 3))
     assert out.indices.tolist() == [[1, 3]]
 
 
 def test_random_topk_is_repeatable_at_inference_only():
-    module = build_compressor(_config("random_topk", 3)).eval()
+    module = build_projector(_config("random_topk", 3)).eval()
     tokens, attention = torch.randn(1, 12, 16), torch.rand(1, 12)
     assert torch.equal(module(tokens, attention, (3, 4)).indices, module(tokens, attention, (3, 4)).indices)
 

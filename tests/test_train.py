@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from meteor.modeling import LlavaMeteor
-from meteor.tiny import tiny_llava_data, tiny_model
+from meteor.demo.tiny import tiny_llava_data, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
 from meteor.train.checkpoint import latest_loadable, list_checkpoints, save_checkpoint
 

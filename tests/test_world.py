@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from PIL import Image
 
 from meteor.config import ConfigError
 from meteor.slicing import plan_slices
-from meteor.world import (
+from meteor.demo.world import (
     COLOURS,
     QUESTION_TYPES,
     SHAPES,
@@ -379,7 +378,7 @@ def test_world_texts_match_the_files_and_cover_the_vocabulary(world):
 def test_foil_captions_change_exactly_one_detail_and_cover_every_kind():
     import random as _random
 
-    from meteor.world.captions import foil_caption
+    from meteor.demo.world.captions import foil_caption
     text = ('A large yellow diamond, an orange circle and three medium purple diamonds on a plain light '
             'background. The number "370" is written in small grey letters near the top. The word "CAT" '
             'is written in small grey letters in the centre.')
@@ -404,10 +403,10 @@ def test_foil_captions_change_exactly_one_detail_and_cover_every_kind():
 
 
 def test_clip_training_puts_each_captions_foil_beside_it(tmp_path):
-    from meteor.clip_pretrain import ClipPretrainConfig, pretrain_clip
-    from meteor.tiny import tiny_tokenizer
-    from meteor.world import generate_world, world_texts
-    from meteor.world.captions import foil_caption
+    from meteor.demo.clip import ClipPretrainConfig, pretrain_clip
+    from meteor.demo.tiny import tiny_tokenizer
+    from meteor.demo.world import generate_world, world_texts
+    from meteor.demo.world.captions import foil_caption
     world = generate_world(tmp_path / "w", WorldConfig(n_train_images=8, n_test_images=1, slice_mix=(0,)))
     tokenizer = tiny_tokenizer(world_texts(world.config), 256)
     records = json.loads(world.stage1_path.read_text())
@@ -427,7 +426,7 @@ def test_clip_training_puts_each_captions_foil_beside_it(tmp_path):
 def test_patch_weights_average_each_box_over_the_patches_it_covers():
     import torch
 
-    from meteor.clip_pretrain import patch_weights
+    from meteor.demo.clip import patch_weights
     # a 56×28 image resized to a 28-px square of 14-px patches (2×2): x is halved, y kept
     weights = patch_weights([(0, 0, 28, 14), (14, 7, 42, 21), (30, 20, 30, 20)], (56, 28), 28, 14)
     assert weights.shape == (3, 4)
@@ -438,7 +437,7 @@ def test_patch_weights_average_each_box_over_the_patches_it_covers():
 
 
 def test_item_phrases_name_each_shape_and_text_alone():
-    from meteor.world.captions import item_phrases
+    from meteor.demo.world.captions import item_phrases
     meta = {"objects": [{"shape": "cross", "colour": "orange", "size": "large", "bbox": [62, 40, 89, 67]}],
             "texts": [{"text": "SUN", "kind": "word", "bbox": [14, 3, 53, 17]}]}
     assert item_phrases(meta) == [((62, 40, 89, 67), "a large orange cross"), ((14, 3, 53, 17), 'the word "SUN"')]
@@ -447,10 +446,10 @@ def test_item_phrases_name_each_shape_and_text_alone():
 def test_clip_region_loss_trains_the_patch_tokens_of_its_layer(tmp_path):
     import dataclasses
 
-    from meteor.clip_pretrain import ClipPretrainConfig, pretrain_clip
-    from meteor.tiny import tiny_tokenizer
-    from meteor.world import generate_world, world_texts
-    from meteor.world.captions import foil_caption, item_phrases
+    from meteor.demo.clip import ClipPretrainConfig, pretrain_clip
+    from meteor.demo.tiny import tiny_tokenizer
+    from meteor.demo.world import generate_world, world_texts
+    from meteor.demo.world.captions import foil_caption, item_phrases
     world = generate_world(tmp_path / "w", WorldConfig(n_train_images=8, n_test_images=1, slice_mix=(0,)))
     tokenizer = tiny_tokenizer(world_texts(world.config), 256)
     records = json.loads(world.stage1_path.read_text())

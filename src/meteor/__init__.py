@@ -22,6 +22,6 @@ def __getattr__(name):
         from .processor import MeteorProcessor
         return MeteorProcessor
     if name == "TopDownCompression":
-        from .compressor import TopDownCompression
+        from .projectors import TopDownCompression
         return TopDownCompression
     raise AttributeError(f"module 'meteor' has no attribute {name!r}")

@@ -4,29 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
-
-PAPER_PARAMETERS = {"LLaVA-Meteor (Top-Down Compression)": 37.08e6, "LLaVA-UHD projector": 137.84e6}
-
-
-def parameter_report(vision_width: int = 1024, text_width: int = 5120, **compressor_options) -> str:
-    """A markdown table of the compressor's parameters at the given widths, beside the paper's."""
-    from .compressor import count_parameters
-    from .config import CompressorConfig
-
-    config = CompressorConfig(vision_width=vision_width, text_width=text_width, **compressor_options)
-    counts = count_parameters(config)
-    lines = [f"Top-Down Compression at C={vision_width}, D={text_width} "
-             f"(scan={config.scan_mode}, fgf_layers={config.fgf_layers}, d_state={config.d_state}, "
-             f"expand={config.expand}, direction_merge={config.direction_merge}); counted on the meta device",
-             "", "| part | parameters |", "|---|---:|"]
-    lines += [f"| {name} | {count:,} ({count / 1e6:.2f}M) |" for name, count in counts.items()]
-    lines += ["", "| paper (Table 4) | parameters |", "|---|---:|"]
-    lines += [f"| {name} | {count / 1e6:.2f}M |" for name, count in PAPER_PARAMETERS.items()]
-    return "\n".join(lines)
-
+from typing import Callable, Sequence, get_args
 
 def _params(args: argparse.Namespace) -> int:
+    from .projectors import parameter_report
+
     print(parameter_report(args.vision_width, args.text_width, scan_mode=args.scan_mode,
                            fgf_layers=args.fgf_layers, direction_merge=args.direction_merge))
     return 0
@@ -51,8 +33,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from .ablate import describe_variants, run_ablation
     from .demo import full_config, quick_config
+    from .demo.ablate import describe_variants, run_ablation
 
     if args.list:
         config = quick_config(args.seed) if args.quick else full_config(args.seed)
@@ -64,47 +46,37 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .world import WorldConfig, generate_world
+    from .demo.world import WorldConfig, generate_world
+    from .options import dataclass_from_namespace
 
-    config = WorldConfig(seed=args.seed, n_train_images=args.train_images, n_test_images=args.test_images,
-                         base_size=args.base_size, max_slices=args.max_slices,
-                         questions_per_image=args.questions_per_image, number_digits=args.number_digits,
-                         text_height_patches=tuple(args.text_height), text_stroke=args.text_stroke)
-    world = generate_world(args.out, config, overwrite=args.overwrite)
+    world = generate_world(args.out, dataclass_from_namespace(WorldConfig, args, skip=SYNTH_SKIP),
+                           overwrite=args.overwrite)
     print(f"{'reused' if world.reused else 'wrote'} world in {world.out_dir}: {world.counts}")
     print(f"stage 1: {world.stage1_path}\nstage 2: {world.stage2_path}\ntest: {world.test_path}\n"
           f"images: {world.image_folder}")
     return 0
 
 
-OFFICIAL_BENCHMARKS = ("textvqa", "docvqa", "chartqa", "infovqa", "gqa", "vqav2", "vizwiz", "mmbench",
-                       "mmvet", "mmmu", "pope", "seed")
+SYNTH_SKIP = ("question_types",)
+"""WorldConfig fields ``meteor data synth`` leaves at their defaults."""
 
 
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluation import EvalConfig, evaluate
-    from .evaluation.official import OpenAIGrader, build_runner
+    from .evaluation import EvalConfig, OpenAIGrader, evaluate
 
     def progress(done: int, total: int) -> None:
         print(f"\r{done}/{total} questions", end="", file=sys.stderr, flush=True)
 
-    if args.benchmark == "world":
-        config = EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit)
-        scores = evaluate("world", args.model, args.data, args.image_folder, args.out, config, progress)
-    else:
-        from .modeling import LlavaMeteor
-
-        grader = None
-        if args.grader_base_url or args.grader_model:
-            if not (args.grader_base_url and args.grader_model):
-                raise ValueError("an MM-Vet grader / MMBench judge needs both --grader-base-url and --grader-model")
-            grader = OpenAIGrader(args.grader_base_url, args.grader_model, args.grader_key_env)
-        config = EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit)
-        runner = build_runner(args.benchmark, config, args.annotations, grader)
-        model, processor = LlavaMeteor.from_pretrained(args.model)
-        scores = runner.run(model, processor, args.data, args.image_folder, args.out, progress)
+    grader = None
+    if args.grader_base_url or args.grader_model:
+        if not (args.grader_base_url and args.grader_model):
+            raise ValueError("an MM-Vet grader / MMBench judge needs both --grader-base-url and --grader-model")
+        grader = OpenAIGrader(args.grader_base_url, args.grader_model, args.grader_key_env)
+    config = EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    scores = evaluate(args.benchmark, args.model, args.data, args.image_folder, args.out, config, progress,
+                      args.annotations, grader)
     print(file=sys.stderr)
     print(json.dumps(scores, indent=2))
     return 0
@@ -126,10 +98,12 @@ def _table(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import signal
 
+    from .demo.aids import TrainingAids
+    from .options import dataclass_from_namespace
     from .train import train
     from .train.args import from_namespace
 
-    result = train(from_namespace(args))
+    result = train(from_namespace(args), auxiliary=dataclass_from_namespace(TrainingAids, args).factories())
     if result.interrupted:
         # The conventional exit status of a process ended by a signal, so schedulers requeue it.
         return 128 + getattr(signal, result.signal_name or "SIGTERM")
@@ -147,6 +121,13 @@ def _at_least_one(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .config import CompressorConfig, DirectionMerge, ScanMode
+    from .demo.aids import TrainingAids
+    from .demo.world import WorldConfig
+    from .evaluation import BENCHMARKS
+    from .options import add_dataclass_arguments
+    from .train.args import TrainConfig
+
     parser = argparse.ArgumentParser(prog="meteor", description="LLaVA-Meteor: Top-Down Compression "
                                      "of visual tokens for LLaVA-style vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -183,24 +164,16 @@ def _parser() -> argparse.ArgumentParser:
     ablate.set_defaults(run=_ablate)
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", help="generate the synthetic visual-instruction world")
+    synth = data.add_parser("synth", help="generate the synthetic visual-instruction world",
+                            description="Write a synthetic world: images, stage-1 captions, stage-2 "
+                            "questions and the test split. Every option is a WorldConfig field.")
     synth.add_argument("--out", required=True, help="world folder (new, empty, or the same world to reuse)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--train-images", type=int, default=1000)
-    synth.add_argument("--test-images", type=int, default=200)
-    synth.add_argument("--base-size", type=int, default=112, help="vision tower input side in pixels")
-    synth.add_argument("--max-slices", type=int, default=6)
-    synth.add_argument("--questions-per-image", type=int, default=4)
-    synth.add_argument("--number-digits", type=int, default=3, help="numbers drawn as text have 1 to this many digits")
-    synth.add_argument("--text-height", type=float, nargs=2, default=(1.0, 1.5), metavar=("LOW", "HIGH"),
-                       help="text ink height range, in patches of the view that holds it")
-    synth.add_argument("--text-stroke", type=float, default=0.0,
-                       help="outline around each glyph as a fraction of its cap height (0.05: about bold)")
     synth.add_argument("--overwrite", action="store_true", help="replace a different world in --out")
+    add_dataclass_arguments(synth, WorldConfig, skip=SYNTH_SKIP)
     synth.set_defaults(run=_synth)
 
     evaluate = commands.add_parser("eval", help="answer a benchmark's questions and score them (resumable)")
-    evaluate.add_argument("--benchmark", default="world", choices=["world", *OFFICIAL_BENCHMARKS])
+    evaluate.add_argument("--benchmark", default="world", choices=list(BENCHMARKS))
     evaluate.add_argument("--model", required=True, help="a LLaVA-Meteor folder (save_pretrained)")
     evaluate.add_argument("--data", required=True, help="the questions (world: test.jsonl; LLaVA's question "
                           "files for the others, e.g. llava_textvqa_val_v051_ocr.jsonl, mmbench_dev_20230712.tsv)")
@@ -223,20 +196,21 @@ def _parser() -> argparse.ArgumentParser:
     table.add_argument("--out", default="table1.md")
     table.set_defaults(run=_table)
 
-    from .train.args import add_arguments
-
     train = commands.add_parser("train", help="train stage 1 or 2 on LLaVA-format data",
                                 description="Train LLaVA-Meteor (stage presets: 1 = pre-training, "
                                 "2 = instruction tuning; every value can be overridden).")
-    add_arguments(train)
+    add_dataclass_arguments(train, TrainConfig)
+    aids = train.add_argument_group("training aids of the synthetic world (meteor.demo.aids; not in the paper)")
+    add_dataclass_arguments(aids, TrainingAids)
     train.set_defaults(run=_train)
 
     params = commands.add_parser("params", help="count the compressor's parameters (meta device)")
     params.add_argument("--vision-width", type=int, default=1024, help="C (CLIP ViT-L/14: 1024)")
     params.add_argument("--text-width", type=int, default=5120, help="D (Vicuna-13B: 5120)")
-    params.add_argument("--scan-mode", default="l2s", choices=["single", "l2s", "both"])
-    params.add_argument("--fgf-layers", type=int, default=1)
-    params.add_argument("--direction-merge", default="mean", choices=["mean", "concat"])
+    params.add_argument("--scan-mode", default=CompressorConfig.scan_mode, choices=get_args(ScanMode))
+    params.add_argument("--fgf-layers", type=int, default=CompressorConfig.fgf_layers)
+    params.add_argument("--direction-merge", default=CompressorConfig.direction_merge,
+                        choices=get_args(DirectionMerge))
     params.set_defaults(run=_params)
     return parser
 

@@ -12,19 +12,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+# Each set of choices is declared once, as a Literal; validation and the command line read it.
 ScanMode = Literal["single", "l2s", "both"]
 ExpertMode = Literal["visual", "native", "both"]
 DirectionMerge = Literal["mean", "concat"]
 NativeGradient = Literal["none", "straight_through"]
-Projector = Literal["meteor", "mlp", "resampler", "avgpool", "cls_topk", "random_topk"]
-
-SCAN_MODES = ("single", "l2s", "both")
-EXPERT_MODES = ("visual", "native", "both")
-DIRECTION_MERGES = ("mean", "concat")
-NATIVE_GRADIENTS = ("none", "straight_through")
-PROJECTORS = ("meteor", "mlp", "resampler", "avgpool", "cls_topk", "random_topk")
+ProjectorName = Literal["meteor", "mlp", "resampler", "avgpool", "cls_topk", "random_topk"]
+"""The vision-to-language projectors (``meteor.projectors.PROJECTORS`` holds their classes)."""
 
 CONFIG_NAME = "meteor_config.json"
 
@@ -42,7 +38,7 @@ def _check(condition: bool, message: str) -> None:
 class CompressorConfig:
     """The Top-Down Compression module: Flash Global Fusion, Visual-Native Selection, projector."""
 
-    projector: Projector = "meteor"
+    projector: ProjectorName = "meteor"
     """Which vision-to-language projector: "meteor" (Top-Down Compression, the paper's), or a
     baseline on the same interface: "mlp" (LLaVA-1.5: every token, tokens_per_slice None),
     "resampler" (LLaVA-UHD's compression layer: K learned queries, one cross-attention),
@@ -134,8 +130,8 @@ class CompressorConfig:
             self.native_temperature > 0 and math.isfinite(self.native_temperature),
             f"native_temperature must be a positive finite number, got {self.native_temperature}",
         )
-        _choice("native_gradient", self.native_gradient, NATIVE_GRADIENTS)
-        _choice("projector", self.projector, PROJECTORS)
+        _choice("native_gradient", self.native_gradient, get_args(NativeGradient))
+        _choice("projector", self.projector, get_args(ProjectorName))
         if self.projector == "mlp":
             _check(self.tokens_per_slice is None,
                    f"the LLaVA-1.5 'mlp' projector keeps every token: set tokens_per_slice to None, "
@@ -150,9 +146,9 @@ class CompressorConfig:
             f"the resampler's width D={self.text_width} must be divisible by resampler_heads="
             f"{self.resolved_resampler_heads}",
         )
-        _choice("expert_mode", self.expert_mode, EXPERT_MODES)
-        _choice("scan_mode", self.scan_mode, SCAN_MODES)
-        _choice("direction_merge", self.direction_merge, DIRECTION_MERGES)
+        _choice("expert_mode", self.expert_mode, get_args(ExpertMode))
+        _choice("scan_mode", self.scan_mode, get_args(ScanMode))
+        _choice("direction_merge", self.direction_merge, get_args(DirectionMerge))
         _check(
             self.window_size >= 1 and self.window_size % 2 == 1,
             f"window_size must be an odd number ≥ 1 so the window is centred on its token, got "

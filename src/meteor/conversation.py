@@ -9,12 +9,13 @@ so training and inference see the same token boundaries.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 IGNORE_INDEX = -100
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-TEMPLATES = ("plain", "vicuna_v1")
+Template = Literal["plain", "vicuna_v1"]
+TEMPLATES: tuple[str, ...] = get_args(Template)
 
 
 class ConversationError(ValueError):

@@ -9,7 +9,6 @@ positions of the LLM's input embeddings.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import shutil
 import tempfile
@@ -20,10 +19,11 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .compressor import CompressionOutput, build_compressor
 from .config import CONFIG_NAME, MeteorConfig
-from .features import FeatureCache
+from .feature_cache import FeatureCache
+from .projectors import CompressionOutput, build_projector
 from .processor import MeteorProcessor
 from .slicing import SlicedImage
 from .vision import VisionTower
@@ -47,11 +47,20 @@ class ViewSelection:
 
 
 @dataclass
-class GlyphScore:
-    """The glyph-alignment loss of a batch's text patches (`meteor.train.glyphs`)."""
-    loss_sum: torch.Tensor   # Σ cross-entropy over the patches
-    count: int               # text patches scored
-    hits: int                # of which the nearest embedding is the text's token
+class ViewGroup:
+    """Views of one size that went through the vision tower and the projector as one batch."""
+    owners: list[tuple[int, int]]
+    """(image index, view index) of each row of ``output``, in row order (view index in LLM order)."""
+    output: CompressionOutput
+    """The projector's output for these views (with gradients, in training)."""
+
+
+@dataclass
+class MeteorCausalLMOutput(CausalLMOutputWithPast):
+    """The language model's output with the projector's per-view outputs (``return_views=True``):
+    what a training aid needs to add a loss on the compressed views (``meteor.train.auxiliary``)."""
+    views: list[ViewGroup] | None = None
+    """The batch's view groups in the order they ran."""
 
 
 class LlavaMeteor(nn.Module):
@@ -65,13 +74,13 @@ class LlavaMeteor(nn.Module):
         )
         self.config = dataclasses.replace(config, compressor=compressor_config)
         self.vision_tower = vision_tower
-        self.compressor = build_compressor(compressor_config)
+        self.compressor = build_projector(compressor_config)
         self.language_model = language_model
         self.image_token_id = image_token_id
         self.training_progress: float | None = None
         """Fraction of training done, set by the trainer; drives the native expert's warm-up."""
         self.feature_cache: FeatureCache | None = None
-        """Where the frozen tower's outputs are kept between calls (``meteor.features``); None:
+        """Where the frozen tower's outputs are kept between calls (``meteor.feature_cache``); None:
         every view is encoded every time."""
 
     # --- construction ---------------------------------------------------------------------------
@@ -103,15 +112,13 @@ class LlavaMeteor(nn.Module):
     def encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False
                       ) -> tuple[list[torch.Tensor], list[ViewSelection]]:
         """Each image → (its visual tokens in LLM order, D); views of one size run as one batch
-        through the vision tower and the compressor."""
+        through the vision tower and the projector."""
         tokens, selections, _ = self._encode_images(images, return_selection)
         return tokens, selections
 
-    def _encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False,
-                       glyph_targets: Sequence[Sequence[Any] | None] | None = None
-                       ) -> tuple[list[torch.Tensor], list[ViewSelection], GlyphScore | None]:
-        """`encode_images`, and with `glyph_targets` (per image: None, or one `ViewGlyphs` per view)
-        the glyph-alignment loss of those views (`meteor.train.glyphs`)."""
+    def _encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False
+                       ) -> tuple[list[torch.Tensor], list[ViewSelection], list[ViewGroup]]:
+        """`encode_images`, and the view groups as they ran."""
         views, owners = [], []
         for image_index, image in enumerate(images):
             for view_index, view in enumerate(image.views()):
@@ -123,7 +130,7 @@ class LlavaMeteor(nn.Module):
             groups.setdefault(tuple(view.shape[-2:]), []).append(position)
         per_view: list[torch.Tensor | None] = [None] * len(views)
         selections: list[ViewSelection] = []
-        glyphs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        ran: list[ViewGroup] = []
         progress = self.training_progress if self.training else None
         for positions in groups.values():
             pixels = torch.stack([views[p] for p in positions]).to(device, self.vision_tower.dtype)
@@ -133,49 +140,27 @@ class LlavaMeteor(nn.Module):
                 encoded = self.feature_cache.encode(self.vision_tower, pixels)
             out: CompressionOutput = self.compressor(encoded.patch_tokens, encoded.cls_attention,
                                                      encoded.grid, progress)
+            ran.append(ViewGroup([owners[p][:2] for p in positions], out))
             for row, position in enumerate(positions):
                 per_view[position] = out.tokens[row]                  # (K, D)
-                image_index, view_index, is_global = owners[position]
                 if return_selection:
+                    image_index, view_index, is_global = owners[position]
                     selections.append(ViewSelection(
                         image_index, view_index, is_global, encoded.grid, _row(out.indices, row),
                         _row(out.visual_scores, row), _row(out.native_scores, row),
                         _row(out.aggregate_scores, row)))
-                targets = glyph_targets[image_index] if glyph_targets is not None else None
-                if targets is not None and len(targets[view_index].patches):
-                    if out.fused is None:
-                        raise ValueError(f"glyph alignment needs a projector that maps each patch token "
-                                         f"on its own; this model's {self.config.compressor.projector!r} "
-                                         f"has none")
-                    patches = targets[view_index].patches.to(out.fused.device)
-                    glyphs.append((out.fused[row, patches], targets[view_index].tokens))
         per_image: list[list[torch.Tensor]] = [[] for _ in images]
         for (image_index, _, _), tokens in zip(owners, per_view):
             per_image[image_index].append(tokens)
         selections.sort(key=lambda s: (s.image_index, s.view_index))
-        score = None
-        if glyph_targets is not None:
-            score = self._glyph_score(glyphs)
-        return [torch.cat(parts) for parts in per_image], selections, score
-
-    def _glyph_score(self, glyphs: list[tuple[torch.Tensor, torch.Tensor]]) -> GlyphScore:
-        from .train.glyphs import glyph_loss
-
-        if not glyphs:
-            return GlyphScore(self.compressor.projector.fc1.weight.new_zeros(()), 0, 0)
-        projector = self.compressor.projector
-        projected = projector(torch.cat([fused for fused, _ in glyphs]).to(projector.fc1.weight.dtype))
-        labels = torch.cat([tokens for _, tokens in glyphs])
-        loss, hits = glyph_loss(projected, labels, self.language_model.get_input_embeddings().weight)
-        return GlyphScore(loss, len(labels), hits)
+        return [torch.cat(parts) for parts in per_image], selections, ran
 
     def embed(self, input_ids: torch.Tensor, images: Sequence[SlicedImage] = ()) -> torch.Tensor:
         """Token ids with `<image>` placeholders → the LLM's input embeddings (B, T, D)."""
         return self._embed(input_ids, images)[0]
 
-    def _embed(self, input_ids: torch.Tensor, images: Sequence[SlicedImage] = (),
-               glyph_targets: Sequence[Sequence[Any] | None] | None = None
-               ) -> tuple[torch.Tensor, GlyphScore | None]:
+    def _embed(self, input_ids: torch.Tensor, images: Sequence[SlicedImage] = ()
+               ) -> tuple[torch.Tensor, list[ViewGroup]]:
         image_mask = input_ids == self.image_token_id                 # (B, T)
         embedder = self.language_model.get_input_embeddings()
         # The placeholder id may lie outside the LLM's vocabulary: look up a harmless id instead.
@@ -184,37 +169,38 @@ class LlavaMeteor(nn.Module):
         if not images:
             if expected:
                 raise ValueError(f"the input has {expected} image tokens but no images were given")
-            return embeds, None if glyph_targets is None else GlyphScore(embeds.new_zeros(()), 0, 0)
-        if glyph_targets is not None and len(glyph_targets) != len(images):
-            raise ValueError(f"glyph_targets must give one entry per image: {len(glyph_targets)} for "
-                             f"{len(images)} images")
-        parts, _, score = self._encode_images(images, glyph_targets=glyph_targets)
+            return embeds, []
+        parts, _, groups = self._encode_images(images)
         visual = torch.cat(parts)                                      # (Σ tokens, D)
         if visual.shape[0] != expected:
             raise ValueError(
                 f"image features and image tokens disagree: the images give {visual.shape[0]} visual "
                 f"tokens but the input has {expected} {self.config.image_token} tokens; build the "
                 f"input with the MeteorProcessor of this model (same tokens_per_slice and max_slices)")
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype)), score
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype)), groups
 
     # --- LLM ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 images: Sequence[SlicedImage] = (), labels: torch.Tensor | None = None,
-                glyph_targets: Sequence[Sequence[Any] | None] | None = None, **kwargs):
-        """The causal LM's output; with `labels` (IGNORE_INDEX where unsupervised) its `loss`; with
-        `glyph_targets` (training only, `meteor.train.glyphs`) also its `glyph` (a `GlyphScore`)."""
+                return_views: bool = False, **kwargs):
+        """The causal LM's output; with `labels` (IGNORE_INDEX where unsupervised) its `loss`. With
+        `return_views`, a `MeteorCausalLMOutput` that also holds the projector's per-view outputs."""
         device = self._device()
         input_ids = input_ids.to(device)
-        embeds, glyph = self._embed(input_ids, images, glyph_targets)
+        embeds, groups = self._embed(input_ids, images)
         out = self.language_model(
             inputs_embeds=embeds,
             attention_mask=None if attention_mask is None else attention_mask.to(device),
             labels=None if labels is None else labels.to(device),
             **kwargs,
         )
-        if glyph is not None:
-            out = _with_glyph(type(out))(**out, glyph=glyph)
-        return out
+        if not return_views:
+            return out
+        unknown = set(out.keys()) - {f.name for f in dataclasses.fields(MeteorCausalLMOutput)}
+        if unknown:
+            raise ValueError(f"return_views=True cannot carry the language model's output field(s) "
+                             f"{sorted(unknown)}: ask for them without return_views")
+        return MeteorCausalLMOutput(**out, views=groups)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -310,14 +296,6 @@ def _replace_folder(staging: Path, folder: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(folder)
-
-
-@functools.cache
-def _with_glyph(output_type: type) -> type:
-    """The LLM's output class with a `glyph` field: a real dataclass field, since DDP rebuilds the
-    forward's output from its fields."""
-    return dataclasses.make_dataclass(f"{output_type.__name__}WithGlyph", [("glyph", Any, None)],
-                                      bases=(output_type,))
 
 
 def _row(scores: torch.Tensor | None, row: int) -> torch.Tensor | None:

@@ -104,18 +104,7 @@ class MeteorProcessor:
     def collate(self, samples: Sequence[tuple[list[int], list[int]]], images: Sequence[SlicedImage],
                 padding_side: str = "right") -> Batch:
         """Pad encoded samples into a batch (right padding for training, left for generation)."""
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        length = max(len(ids) for ids, _ in samples)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(samples), length), pad, dtype=torch.long)
-        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(samples), length), dtype=torch.long)
-        for row, (ids, labs) in enumerate(samples):
-            span = slice(0, len(ids)) if padding_side == "right" else slice(length - len(ids), length)
-            input_ids[row, span] = torch.tensor(ids)
-            labels[row, span] = torch.tensor(labs)
-            mask[row, span] = 1
+        input_ids, mask, labels = pad_batch(samples, self.tokenizer.pad_token_id, padding_side)
         return Batch(input_ids, mask, list(images), labels)
 
     def __call__(self, questions: Sequence[str] | str, images: Sequence[Any] | None = None,
@@ -139,6 +128,25 @@ class MeteorProcessor:
             samples.append(self.encode(question, [sliced], template))
             prepared.append(sliced)
         return self.collate(samples, prepared, padding_side="left")
+
+
+def pad_batch(samples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+              padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) pairs → (input_ids, attention_mask, labels), each (B, T) int64, padded to
+    the longest with ``pad_id`` (labels with IGNORE_INDEX) on the right (training) or the left
+    (generation)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    length = max(len(ids) for ids, _ in samples)
+    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, (ids, labs) in enumerate(samples):
+        span = slice(0, len(ids)) if padding_side == "right" else slice(length - len(ids), length)
+        input_ids[row, span] = torch.tensor(ids)
+        labels[row, span] = torch.tensor(labs)
+        mask[row, span] = 1
+    return input_ids, mask, labels
 
 
 def ensure_image_token(tokenizer, image_token: str) -> int:

@@ -99,8 +99,54 @@ class SlicePlan:
         """(rows, cols) of patches of every view in the LLM's order: slices, then global."""
         return [self.slice_patches] * self.num_slices + [self.global_patches]  # type: ignore[list-item]
 
+    @property
+    def view_regions(self) -> list[Box]:
+        """The part of the original image every view shows, in the LLM's order: each slice's crop
+        box, then the whole image for the global view."""
+        return list(self.crop_boxes) + [(0, 0, *self.image_size)]
+
 
 # --- geometry ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PatchOverlap:
+    """How much of each patch of one view a box of the original image covers (``patch_overlap``)."""
+
+    areas: torch.Tensor
+    """(rows, cols) float64: the area of the box inside each patch, in original-image pixels²."""
+    patch_step: tuple[float, float]
+    """(x, y) side of one patch in original-image pixels (its area is their product)."""
+
+    def covered(self, fraction: float) -> torch.Tensor:
+        """(rows, cols) bool: the patches of which at least ``fraction`` of the area is inside."""
+        step_x, step_y = self.patch_step
+        return (self.areas > 0) & (self.areas >= fraction * step_x * step_y)
+
+    def weights(self) -> torch.Tensor:
+        """(rows, cols) float64: each patch's share of the box's area (summing to 1; all zeros
+        when the box misses the view)."""
+        total = self.areas.sum()
+        return self.areas / total if total > 0 else self.areas
+
+
+def patch_overlap(box: Box, region: Box, view_size: tuple[int, int], patch_size: int) -> PatchOverlap:
+    """Which patches of a view a box covers: the view shows ``region`` of the original image
+    (a slice's crop box, or the whole image for the global view) resized to ``view_size`` = (width,
+    height) pixels and cut into ``patch_size`` patches; ``box`` = (left, top, right, bottom) is in
+    original-image pixels."""
+    left, top, right, bottom = box
+    width, height = view_size
+    step_x = (region[2] - region[0]) / width * patch_size
+    step_y = (region[3] - region[1]) / height * patch_size
+
+    def overlaps(start: float, count: int, step: float, low: float, high: float) -> torch.Tensor:
+        starts = start + torch.arange(count, dtype=torch.float64) * step      # patch edges, original px
+        return (torch.clamp(starts + step, max=high) - torch.clamp(starts, min=low)).clamp(min=0)
+
+    across = overlaps(region[0], width // patch_size, step_x, left, right)    # (cols,)
+    down = overlaps(region[1], height // patch_size, step_y, top, bottom)     # (rows,)
+    return PatchOverlap(down[:, None] * across[None, :], (step_x, step_y))
+
+
 
 def view_size(width: float, height: float, patch_size: int = 14, base_size: int = 336) -> tuple[int, int]:
     """(width, height) in pixels that a view of ``width × height`` (a cell may be fractional) is

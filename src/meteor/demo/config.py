@@ -6,9 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..clip_pretrain import ClipPretrainConfig
+from .clip import ClipPretrainConfig
 from ..config import ConfigError
-from ..world import WorldConfig
+from .world import WorldConfig
 from .language import LanguagePretraining
 
 

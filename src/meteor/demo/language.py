@@ -18,7 +18,6 @@ forces a rebuild).
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -28,11 +27,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..config import ConfigError
-from ..conversation import IGNORE_INDEX
-from ..world import WorldConfig
-from ..world.captions import caption, caption_request, scene_line
-from ..world.questions import SplitState, ask_questions
-from ..world.scene import Scene, make_scene
+from ..processor import pad_batch
+from ..train.schedule import warmup_cosine
+from .world import WorldConfig
+from .world.captions import caption, caption_request, scene_line
+from .world.questions import SplitState, ask_questions
+from .world.scene import Scene, make_scene
 
 ASSET = Path(__file__).parent / "assets" / "language_model"
 FIRST_INDEX = 100_000
@@ -156,8 +156,7 @@ def pretrain_language_model(model: torch.nn.Module, samples: Sequence[tuple[list
     steps, learning_rate, batch_size = phases[phase]
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     total, warmup = steps, max(1, steps // 50)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup)
-                                                  * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup, decay_during_warmup=True))
     shuffle, step, losses = random.Random(recipe.seed + phase - 1), 0, []
     model.train()
     while step < total:
@@ -182,17 +181,3 @@ def pretrain_language_model(model: torch.nn.Module, samples: Sequence[tuple[list
     model.eval()
     return {"steps": step, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
             "seconds": round(time.perf_counter() - started, 1)}
-
-
-def pad_batch(samples: Sequence[tuple[list[int], list[int]]], pad_id: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (ids, attention mask, labels) for a text-only batch."""
-    length = max(len(ids) for ids, _ in samples)
-    ids = torch.full((len(samples), length), pad_id)
-    labels = torch.full((len(samples), length), IGNORE_INDEX)
-    mask = torch.zeros((len(samples), length), dtype=torch.long)
-    for row, (sample_ids, sample_labels) in enumerate(samples):
-        ids[row, :len(sample_ids)] = torch.tensor(sample_ids)
-        labels[row, :len(sample_labels)] = torch.tensor(sample_labels)
-        mask[row, :len(sample_ids)] = 1
-    return ids, mask, labels

@@ -20,16 +20,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..clip_pretrain import pretrain_clip
+from .clip import pretrain_clip
 from ..config import CompressorConfig, MeteorConfig
-from ..features import FeatureCache
-from ..world import WorldConfig, WorldManifest, generate_world, world_texts
+from ..feature_cache import FeatureCache
+from .world import WorldConfig, WorldManifest, generate_world, world_texts
 from .config import DemoConfig
 
 KEY_FILE = "key.json"
 
 
-class Step:
+class CachedFolder:
     """A cached folder: ``done`` when its key matches; ``start`` clears it for a rebuild."""
 
     def __init__(self, folder: Path, key: dict[str, Any], force: bool):
@@ -131,7 +131,7 @@ class Pipeline:
         matches, else pretrained here; without it (``--quick``), it starts from random weights."""
         from transformers import LlamaForCausalLM
 
-        from ..tiny import tiny_llama_config, tiny_tokenizer
+        from .tiny import tiny_llama_config, tiny_tokenizer
         from .language import ASSET, focus_conversations, pretrain_language_model, text_conversations
 
         recipe = self.config.language_pretraining
@@ -141,7 +141,7 @@ class Pipeline:
         else:   # independent of the demo's world: the text world and its tokenizer are fixed
             key = {"text_world": recipe.world().to_dict(), "vocab": self.config.vocab_size,
                    "llama": self.config.llama, "pretraining": asdict(recipe)}
-        step = Step(self.out / "language_model", key, self.force)
+        step = CachedFolder(self.out / "language_model", key, self.force)
         if step.done:
             self.reused.append("language_model")
             return step.folder
@@ -192,10 +192,10 @@ class Pipeline:
         loss when ``config.clip_regions``."""
         from transformers import AutoTokenizer
 
-        from ..world.captions import foil_caption, item_phrases
+        from .world.captions import foil_caption, item_phrases
 
         corpus_config = self.clip_corpus_config(world)
-        step = Step(self.out / "clip", {"world": world.config.to_dict(), "vocab": self.config.vocab_size,
+        step = CachedFolder(self.out / "clip", {"world": world.config.to_dict(), "vocab": self.config.vocab_size,
                                         "clip": asdict(self.config.clip), "corpus": corpus_config.to_dict(),
                                         "foils": self.config.clip_foils, "regions": self.config.clip_regions},
                     self.force)
@@ -283,20 +283,21 @@ class Pipeline:
 
         Both stages use the demo's recipe (``config.stage1`` / ``config.stage2``) and seed, so
         variants differ only by ``meteor_config``; each stage is reused when its key matches."""
+        from ..projectors import is_tokenwise
         from ..train import TrainConfig, train
-        from ..train.glyphs import PROJECTORS as GLYPH_PROJECTORS
+        from .aids import TrainingAids
 
         stage_runs = {1: self.config.stage1, 2: self.config.stage2}
         projector = meteor_config.compressor.projector
-        if projector not in GLYPH_PROJECTORS and any(run.glyph_alignment for run in stage_runs.values()):
+        if not is_tokenwise(projector) and any(run.glyph_alignment for run in stage_runs.values()):
             self.log(f"    {name}: no glyph alignment (the {projector!r} projector has no token-wise MLP)")
             stage_runs = {stage: dataclasses.replace(run, glyph_alignment=0.0) for stage, run in stage_runs.items()}
         base_key = {"world": world.config.to_dict(), "clip": _read_key(clip),
                     "language_model": _read_key(language_model), "meteor": meteor_config.to_dict(),
                     "seed": self.config.seed}
         root = self.out / "runs" / name
-        stage1 = Step(root / "stage1", {**base_key, "stage1": asdict(stage_runs[1])}, self.force)
-        stage2 = Step(root / "stage2", {**stage1.key, "stage2": asdict(stage_runs[2])},
+        stage1 = CachedFolder(root / "stage1", {**base_key, "stage1": asdict(stage_runs[1])}, self.force)
+        stage2 = CachedFolder(root / "stage2", {**stage1.key, "stage2": asdict(stage_runs[2])},
                       self.force or not stage1.done)
         for stage, step, run in ((1, stage1, stage_runs[1]), (2, stage2, stage_runs[2])):
             step_name = f"{name}/stage{stage}"
@@ -314,9 +315,9 @@ class Pipeline:
                 meteor_config=str(config_file), compressor_from=str(stage1.folder) if stage == 2 else None,
                 output_dir=str(step.folder), epochs=run.epochs, global_batch_size=run.global_batch_size,
                 per_device_batch_size=run.per_device_batch_size, learning_rate=run.learning_rate,
-                scene_distillation=run.scene_distillation, glyph_alignment=run.glyph_alignment,
                 save_every=10 ** 6, keep_checkpoints=1,
-                seed=self.config.seed, feature_cache=str(self.out / "features")))
+                seed=self.config.seed, feature_cache=str(self.out / "features")),
+                auxiliary=TrainingAids(run.scene_distillation, run.glyph_alignment).factories())
             if result.interrupted:
                 raise RuntimeError(f"{step_name} was interrupted; re-run meteor demo to start it again")
             self.log(f"    {name}, stage {stage}: {result.steps_done} steps, "
@@ -331,7 +332,7 @@ class Pipeline:
         from ..evaluation import EvalConfig, WorldRunner
         from ..modeling import LlavaMeteor
 
-        step = Step(self.out / "eval" / name, {"model": _read_key(model_dir.parent),
+        step = CachedFolder(self.out / "eval" / name, {"model": _read_key(model_dir.parent),
                                                          "batch": self.config.eval_batch_size}, self.force)
         scores_file = step.folder / "scores.json"
         if step.done and scores_file.is_file():

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal, get_args
+
+from ..conversation import TEMPLATES
+from ..options import add_dataclass_arguments, dataclass_from_namespace
 
 Stage = Literal[1, 2]
-Distributed = Literal["auto", "none", "ddp", "fsdp"]
+DistributedMode = Literal["auto", "none", "ddp", "fsdp"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
@@ -21,7 +23,7 @@ class TrainConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    stage: int = 1
+    stage: Stage = 1
     """1: pre-training (only Top-Down Compression trains, template plain); 2: instruction tuning
     (compressor and LLM train, template vicuna_v1). Sets the defaults marked 'stage preset'."""
 
@@ -94,10 +96,10 @@ class TrainConfig:
     stage 1 and stage 2 and every budget), or "memory" (this run only, up to 1 GiB). Exact: the
     cached outputs are the tower's own. Default: encode every view at every step."""
 
-    precision: str = "auto"
+    precision: Precision = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16."""
 
-    distributed: str = "auto"
+    distributed: DistributedMode = "auto"
     """auto: DDP when launched by torchrun with more than one process; ddp; fsdp (sharded, for a
     13B LLM); none."""
 
@@ -111,17 +113,6 @@ class TrainConfig:
 
     strict: bool = False
     """Stop at the first bad record instead of skipping and counting it."""
-
-    scene_distillation: float = 0.0
-    """Synthetic-world records only (they carry their scene in 'meta'): weight of a loss pulling the
-    LLM's hidden states after the image towards those of a frozen copy of the starting LLM reading
-    the scene as text (meteor.train.distill). Not in the paper; 0 turns it off."""
-
-    glyph_alignment: float = 0.0
-    """Synthetic-world records only (they say where each text is in 'meta'): weight of a loss
-    teaching the projector the world's texts: its output on each patch a text covers is classified,
-    by cosine similarity to the LLM's input embeddings, as the text's token (meteor.train.glyphs).
-    Needs a token-wise projector (not the resampler). Not in the paper; 0 turns it off."""
 
     def __post_init__(self) -> None:
         presets = STAGE_PRESETS.get(self.stage)
@@ -146,16 +137,10 @@ class TrainConfig:
             raise TrainConfigError(f"max_steps must be ≥ 1, got {self.max_steps}")
         if self.precision not in get_args(Precision):
             raise TrainConfigError(f"precision must be one of {get_args(Precision)}, got {self.precision!r}")
-        if self.distributed not in get_args(Distributed):
-            raise TrainConfigError(f"distributed must be one of {get_args(Distributed)}, got {self.distributed!r}")
-        if not (math.isfinite(self.scene_distillation) and self.scene_distillation >= 0):
-            raise TrainConfigError(f"scene_distillation must be a finite weight ≥ 0 (0: off), got "
-                                   f"{self.scene_distillation}")
-        if not (math.isfinite(self.glyph_alignment) and self.glyph_alignment >= 0):
-            raise TrainConfigError(f"glyph_alignment must be a finite weight ≥ 0 (0: off), got "
-                                   f"{self.glyph_alignment}")
-        if self.template not in ("plain", "vicuna_v1"):
-            raise TrainConfigError(f"template must be plain or vicuna_v1, got {self.template!r}")
+        if self.distributed not in get_args(DistributedMode):
+            raise TrainConfigError(f"distributed must be one of {get_args(DistributedMode)}, got {self.distributed!r}")
+        if self.template not in TEMPLATES:
+            raise TrainConfigError(f"template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
 
     def validate_sources(self) -> None:
         """Checks that need the file system; called when a run starts."""
@@ -179,35 +164,10 @@ STAGE_PRESETS: dict[int, dict[str, Any]] = {
 }
 
 
-def field_docs() -> dict[str, str]:
-    """Each field's docstring (the string literal under it), read from this file's source."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(TrainConfig))
-    docs, body = {}, tree.body[0].body
-    for node, following in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) \
-                and isinstance(getattr(following, "value", None), ast.Constant):
-            docs[node.target.id] = " ".join(str(following.value.value).split())
-    return docs
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One --flag per TrainConfig field, with the field's docstring as help."""
-    docs = field_docs()
-    hints = get_type_hints(TrainConfig)
-    for item in dataclasses.fields(TrainConfig):
-        flag = "--" + item.name.replace("_", "-")
-        hint = hints[item.name]
-        help_text = docs.get(item.name, "")
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default, help=help_text)
-            continue
-        kind = next((t for t in (int, float, str) if t in (hint, *get_args(hint))), str)
-        parser.add_argument(flag, type=kind, default=item.default, help=help_text)
+    add_dataclass_arguments(parser, TrainConfig)
 
 
 def from_namespace(args: argparse.Namespace) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**values)
+    return dataclass_from_namespace(TrainConfig, args)

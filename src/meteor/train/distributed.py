@@ -26,7 +26,9 @@ from .args import TrainConfig, TrainConfigError
 
 
 @dataclass
-class Distributed:
+class DistributedRun:
+    """How this process takes part in the run: its rank, the world size, its device, the engine."""
+
     mode: str             # "none", "ddp" or "fsdp"
     rank: int
     world_size: int
@@ -38,7 +40,7 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def setup(cls, config: TrainConfig) -> "Distributed":
+    def setup(cls, config: TrainConfig) -> "DistributedRun":
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         mode = config.distributed
         if mode == "auto":
@@ -126,6 +128,10 @@ class Distributed:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch_dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def all_reduce_sum_dict(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value summed over the ranks, in one collective (every rank passes the same keys)."""
+        return dict(zip(values, self.all_reduce_sum_many(list(values.values()))))
 
     def any_flag(self, flag: bool) -> bool:
         return self.all_reduce_sum(1.0 if flag else 0.0) > 0

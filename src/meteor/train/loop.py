@@ -17,7 +17,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +26,11 @@ from ..conversation import IGNORE_INDEX
 from ..data import Example, LlavaDataset, RecordError, SkipReport, collate
 from ..modeling import COMPRESSOR_FILE, LlavaMeteor, load_compressor
 from .args import TrainConfig, TrainConfigError
+from .auxiliary import AuxiliaryFactory, AuxiliaryLoss, log_entries
 from .checkpoint import latest_loadable, rng_state, save_checkpoint, set_rng_state
-from .distill import SceneDistiller
-from .glyphs import PROJECTORS as GLYPH_PROJECTORS, GlyphAligner
-from .distributed import Distributed
+from .distributed import DistributedRun
 from .logger import RunLogger
+from .schedule import warmup_cosine
 
 
 @dataclass
@@ -64,7 +64,7 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def load_model(config: TrainConfig, dist: Distributed) -> tuple[LlavaMeteor, Any]:
+def load_model(config: TrainConfig, dist: DistributedRun) -> tuple[LlavaMeteor, Any]:
     from ..config import MeteorConfig
 
     if config.model is not None:
@@ -83,7 +83,7 @@ def load_model(config: TrainConfig, dist: Distributed) -> tuple[LlavaMeteor, Any
             raise TrainConfigError(f"--compressor-from {source} does not fit this model's compressor "
                                    f"(different widths or options?): {err}") from err
     if config.feature_cache is not None:
-        from ..features import FeatureCache
+        from ..feature_cache import FeatureCache
 
         model.feature_cache = FeatureCache(None if config.feature_cache == "memory" else config.feature_cache)
     if dist.mode == "fsdp":   # fully_shard moves each unit to the device as it shards it
@@ -105,18 +105,6 @@ def set_trainable(model: LlavaMeteor, config: TrainConfig) -> list[dict[str, Any
             model.language_model.requires_grad_(True)
             groups.append({"params": list(model.language_model.parameters()), "lr": config.learning_rate})
     return groups
-
-
-def cosine_with_warmup(total_steps: int, warmup_ratio: float):
-    warmup = math.ceil(total_steps * warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 class DataOrder:
@@ -149,10 +137,12 @@ def _supervised(example: Example) -> int:
     return sum(label != IGNORE_INDEX for label in example.labels[1:])
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> TrainResult:
+    """Run one training stage as ``config`` says; ``auxiliary`` adds loss terms to the LM loss
+    (``meteor.train.auxiliary``), each built once the model and the data exist."""
     config.validate_sources()
     output_dir = Path(config.output_dir)
-    dist = Distributed.setup(config)
+    dist = DistributedRun.setup(config)
     torch.manual_seed(config.seed)
     model, processor = load_model(config, dist)
     groups = set_trainable(model, config)
@@ -160,22 +150,19 @@ def train(config: TrainConfig) -> TrainResult:
         lm = model.language_model   # transformers ≥ 5 renamed it; older releases have the old name
         (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
     dataset = LlavaDataset(config.data, config.image_folder, processor, config.template, config.max_length)
-    distiller = (SceneDistiller(model.language_model, processor, config.template, dataset.records)
-                 if config.scene_distillation > 0 else None)   # before wrapping: FSDP shards the LLM
-    aligner = None
-    if config.glyph_alignment > 0:
-        if model.config.compressor.projector not in GLYPH_PROJECTORS:
-            raise TrainConfigError(f"glyph_alignment needs a projector that maps each patch token on its own "
-                                   f"({', '.join(GLYPH_PROJECTORS)}); this model's is "
-                                   f"{model.config.compressor.projector!r}. Set glyph_alignment to 0")
-        aligner = GlyphAligner(processor, dataset.records)
+    terms: list[AuxiliaryLoss] = [build(model, dataset, config.template) for build in auxiliary]  # before wrapping
+    needs_hidden = any(term.needs_hidden_states for term in terms)
+    forward_options = {"output_hidden_states": needs_hidden}
+    if any(term.needs_views for term in terms):
+        forward_options["return_views"] = True
     order = DataOrder(len(dataset), config.global_batch_size, config.seed)
     total_steps = config.max_steps or math.ceil(order.steps_per_epoch * config.epochs)
     per_rank = math.ceil(config.global_batch_size / dist.world_size)
     micro_steps = math.ceil(per_rank / config.per_device_batch_size)
     wrapped, groups = dist.wrap(model, groups)   # before the optimizer: FSDP replaces the parameters
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, config.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, math.ceil(total_steps * config.warmup_ratio)))
     skipped = SkipReport()
     counters = {"truncated": 0}
     filler = dataset.processor.encode([{"from": "human", "value": "."}, {"from": "gpt", "value": "."}],
@@ -186,7 +173,8 @@ def train(config: TrainConfig) -> TrainResult:
     logger = RunLogger(output_dir, dist.is_main, resume_step=start_step if config.resume else None)
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "train_config.json").write_text(config.to_json() + "\n")
+        (output_dir / "train_config.json").write_text(json.dumps(
+            {**dataclasses.asdict(config), "auxiliary": {term.name: term.weight for term in terms}}, indent=2) + "\n")
         logger.message(f"stage {config.stage}: {len(dataset)} records, {total_steps} steps of "
                        f"{config.global_batch_size} samples ({dist.world_size} process(es) × "
                        f"{micro_steps} micro-batches of ≤ {config.per_device_batch_size}); "
@@ -202,16 +190,13 @@ def train(config: TrainConfig) -> TrainResult:
             model.training_progress = step / total_steps
             started = time.perf_counter()
             records = order.step_records(step)[dist.rank::dist.world_size]
-            examples: list[Example | None] = []
+            examples: list[Example] = []
             positions: list[int] = []
-            glyph_targets: list = []
             for index in records:
                 try:
                     example = dataset.encode(index)
-                    if distiller is not None:
-                        distiller.teacher_ids(index)
-                    if aligner is not None:
-                        glyph_targets.append(aligner.targets(index, example))
+                    for term in terms:
+                        term.prepare(index, example)
                     examples.append(example)
                     positions.append(index)
                 except RecordError as err:
@@ -221,41 +206,31 @@ def train(config: TrainConfig) -> TrainResult:
                     logger.message(f"skipping {err}")
             counters["truncated"] += sum(e.truncated for e in examples)
             local_tokens = sum(_supervised(e) for e in examples)
-            local_glyphs = sum(len(view.patches) for views in glyph_targets if views for view in views)
-            global_tokens, global_samples, global_glyphs = dist.all_reduce_sum_many(
-                [float(local_tokens), float(len(examples)), float(local_glyphs)])
+            local_units = [sum(term.units(p, e) for p, e in zip(positions, examples)) for term in terms]
+            global_tokens, *global_units = dist.all_reduce_sum_many([float(local_tokens), *map(float, local_units)])
             loss_sum_local, tokens_local, visual_tokens, samples = 0.0, 0, 0, 0
-            distill_local, distill_matched = 0.0, 0
-            glyph_local, glyph_hits = 0.0, 0
+            term_sums = {term.name: {"loss": 0.0, "count": 0.0} for term in terms}
             for micro in range(micro_steps):
-                chunk = examples[micro * config.per_device_batch_size:(micro + 1) * config.per_device_batch_size]
+                span = slice(micro * config.per_device_batch_size, (micro + 1) * config.per_device_batch_size)
+                chunk = examples[span]
                 if chunk:
                     batch, weight = collate(processor, chunk), 1.0
                 else:   # keep every rank in step with the others: a zero-weight filler batch
                     batch, weight = processor.collate([filler], []), 0.0
                 sync = micro == micro_steps - 1
-                extra = {}
-                if aligner is not None:   # one entry per image of the batch, in the batch's order
-                    chunk_targets = glyph_targets[micro * config.per_device_batch_size:
-                                                  (micro + 1) * config.per_device_batch_size]
-                    extra["glyph_targets"] = [t for t, e in zip(chunk_targets, chunk) if e.image is not None]
                 with dist.maybe_no_sync(wrapped, sync), dist.autocast(config.precision):
-                    out = wrapped(**batch.to_model_kwargs(), output_hidden_states=distiller is not None, **extra)
+                    out = wrapped(**batch.to_model_kwargs(), **forward_options)
                     loss_sum, count = token_loss_sum(out.logits, batch.labels.to(out.logits.device))
                     total = loss_sum * (weight * dist.world_size / max(global_tokens, 1.0))
-                    if distiller is not None and chunk:
-                        chunk_positions = positions[micro * config.per_device_batch_size:
-                                                    (micro + 1) * config.per_device_batch_size]
-                        distill_sum, matched = distiller.loss(chunk_positions, batch, out.hidden_states)
-                        total = total + distill_sum * (config.scene_distillation * dist.world_size
-                                                       / max(global_samples, 1.0))
-                        distill_local += float(distill_sum.detach())
-                        distill_matched += matched
-                    if aligner is not None and chunk:
-                        total = total + out["glyph"].loss_sum * (config.glyph_alignment * dist.world_size
-                                                                 / max(global_glyphs, 1.0))
-                        glyph_local += float(out["glyph"].loss_sum.detach())
-                        glyph_hits += out["glyph"].hits
+                    if chunk:
+                        for term, units in zip(terms, global_units):
+                            part = term.loss(positions[span], batch, out)
+                            total = total + part.loss * (term.weight * dist.world_size / max(units, 1.0))
+                            sums = term_sums[term.name]
+                            sums["loss"] += float(part.loss.detach())
+                            sums["count"] += part.count
+                            for key, value in part.sums.items():
+                                sums[key] = sums.get(key, 0.0) + value
                 total.backward()
                 if weight:
                     loss_sum_local += float(loss_sum.detach())
@@ -268,29 +243,28 @@ def train(config: TrainConfig) -> TrainResult:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            totals = dist.all_reduce_sum_many([loss_sum_local, float(samples), float(visual_tokens),
-                                               float(tokens_local), distill_local, float(distill_matched),
-                                               glyph_local, float(glyph_hits)])
+            figures = {"loss": loss_sum_local, "samples": float(samples), "visual_tokens": float(visual_tokens),
+                       "tokens": float(tokens_local), "input_tokens": float(sum(len(e.input_ids) for e in examples))}
+            figures.update({f"{name}/{key}": value for name, sums in term_sums.items() for key, value in sums.items()})
+            totals = dist.all_reduce_sum_dict(figures)
             step += 1
-            loss_value = totals[0] / max(global_tokens, 1.0)
+            loss_value = totals["loss"] / max(global_tokens, 1.0)
             elapsed = time.perf_counter() - started
-            logger.step(step, {
+            entries = {
                 "loss": loss_value,
                 "lr": scheduler.get_last_lr()[0],
-                "samples": int(totals[1]),
-                "visual_tokens_per_sample": totals[2] / max(totals[1], 1.0),
+                "samples": int(totals["samples"]),
+                "visual_tokens_per_sample": totals["visual_tokens"] / max(totals["samples"], 1.0),
                 "supervised_tokens": int(global_tokens),
-                "tokens_per_s": dist.all_reduce_sum(float(sum(
-                    len(e.input_ids) for e in examples))) / elapsed,
+                "tokens_per_s": totals["input_tokens"] / elapsed,
                 "native_weight_progress": model.training_progress,
                 "skipped": skipped.total,
                 "truncated": counters["truncated"],
-                **({"distill": totals[4] / max(totals[5], 1.0), "distill_matched": int(totals[5])}
-                   if distiller is not None else {}),
-                **({"glyph": totals[6] / max(global_glyphs, 1.0),
-                    "glyph_accuracy": totals[7] / max(global_glyphs, 1.0),
-                    "glyph_patches": int(global_glyphs)} if aligner is not None else {}),
-            }, every=config.log_every)
+            }
+            for name, sums in term_sums.items():
+                extra = {key: totals[f"{name}/{key}"] for key in sums if key not in ("loss", "count")}
+                entries.update(log_entries(name, totals[f"{name}/loss"], totals[f"{name}/count"], extra))
+            logger.step(step, entries, every=config.log_every)
             progress.update(1, loss_value)
             stopping = dist.any_flag(stop.signal_name is not None)
             if stopping or step % config.save_every == 0 or step == total_steps:
@@ -316,7 +290,7 @@ def train(config: TrainConfig) -> TrainResult:
     # Free the DDP wrapper (its reducer's buckets), the model and the optimizer while the process
     # group lives: otherwise gloo's worker thread may free their tensors (which needs the GIL) while
     # destroy_process_group joins that thread holding the GIL, a deadlock seen under load.
-    del wrapped, model, optimizer, scheduler, groups, progress
+    del wrapped, model, optimizer, scheduler, groups, progress, terms
     gc.collect()
     dist.barrier()
     dist.shutdown()

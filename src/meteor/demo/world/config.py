@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from meteor.config import ConfigError
+from ...config import ConfigError
+from ...evaluation.world import QUESTION_TYPES   # the world benchmark's types, defined with its runner
 
 FORMAT_VERSION = 2
 """Bumped whenever the generator's output changes for the same config; part of the reuse check."""
@@ -38,7 +39,6 @@ WORDS = ("CAT", "DOG", "SUN", "MAP", "KEY", "BOX", "CUP", "HAT", "PEN", "BUS", "
 height (round digits overshoot it by a pixel or two from font size 36 up) and the legibility check
 holds. None is a colour, shape or answer word."""
 
-QUESTION_TYPES = ("colour", "count", "exist", "read", "position", "choice")
 
 
 @dataclass(frozen=True)

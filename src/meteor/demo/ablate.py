@@ -6,7 +6,7 @@ table differ only by what the variant names. The demo's pipeline caches each run
 ``out/runs/<name>/`` by name and configuration, so a variant listed in several tables (the
 default ``meteor``) is trained once, and a re-run reuses everything that did not change.
 
-    from meteor.ablate import run_ablation
+    from meteor.demo.ablate import run_ablation
     results = run_ablation("meteor-ablate", tables=["table2"], quick=True)
 
 Writes ``out/ablation/results.json`` and ``out/ablation/tables.md``.
@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .compressor import count_parameters
-from .config import CompressorConfig, MeteorConfig
-from .demo import DemoConfig, full_config, quick_config
+from ..projectors import count_parameters
+from ..config import CompressorConfig, MeteorConfig
+from .config import DemoConfig, full_config, quick_config
 
 PAPER_WIDTHS = {"vision_width": 1024, "text_width": 5120}
 """C and D of the paper's model: CLIP ViT-L/14 and Vicuna-13B."""
@@ -184,7 +184,7 @@ def describe_variants(tables: Sequence[str] | None = None, variants: Sequence[st
 def visual_tokens(sizes: Sequence[tuple[int, int]], k: int | None, world_config: Any) -> dict[str, float]:
     """Mean visual tokens per view and per image over images of ``sizes`` (width, height), as the
     processor lays them out: K per view, or every patch of each view when K is None."""
-    from .slicing import plan_slices, view_token_counts
+    from ..slicing import plan_slices, view_token_counts
 
     views = tokens = 0
     for width, height in sizes:
@@ -246,7 +246,7 @@ def run_ablation(out: str | Path = "meteor-ablate", tables: Sequence[str] | None
                  force: bool = False, config: DemoConfig | None = None) -> dict[str, Any]:
     """Train and evaluate the variants of ``tables`` (all four by default; only ``variants`` if
     given) on the demo's world with the demo's recipe; write ``out/ablation/``."""
-    from .demo.pipeline import open_pipeline
+    from .pipeline import open_pipeline
 
     chosen, selected = select(tables, variants)
     config = config or (quick_config(seed) if quick else full_config(seed))

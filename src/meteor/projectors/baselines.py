@@ -1,9 +1,9 @@
-"""Baseline projectors on the compressor's interface, for the paper's comparisons (Tables 1 and 4).
+"""The compressing baselines of the paper's comparisons (Tables 1 and 4), on the projectors' interface.
 
-Each takes a batch of views sharing one patch grid — patch tokens (B, H·W, C) and the CLS
-attention row (B, H·W) — and returns a `CompressionOutput` with K tokens of width D per view
-(every token for "mlp"). Indices are the kept patch positions where tokens are patches
-(selection baselines), and None where tokens are mixtures (pooling, resampler).
+Each takes a batch of views sharing one patch grid (patch tokens (B, H·W, C) and the CLS attention
+row (B, H·W)) and returns a ``CompressionOutput`` with K tokens of width D per view. Indices are
+the kept patch positions where tokens are patches (the Top-K baselines), and None where tokens are
+mixtures (pooling, resampler). LLaVA-1.5's uncompressed MLP is ``mlp.AllTokensMLP``.
 """
 
 from __future__ import annotations
@@ -14,51 +14,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compressor import CompressionOutput, Projector
-from .config import CompressorConfig
-from .selection import select_top_k, visual_scores
-
-
-class MlpProjection(nn.Module):
-    """LLaVA-1.5: the 2-layer MLP on every patch token, no compression."""
-
-    def __init__(self, config: CompressorConfig):
-        super().__init__()
-        self.projector = Projector(config)
-
-    def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
-        batch, length, _ = patch_tokens.shape
-        indices = torch.arange(length, device=patch_tokens.device).expand(batch, length)
-        return CompressionOutput(self.projector(patch_tokens.to(self.projector.fc1.weight.dtype)),
-                                 indices, visual_scores(cls_attention), None, None, grid, fused=patch_tokens)
+from ..config import CompressorConfig
+from ..selection import select_top_k, visual_scores
+from .mlp import CompressionOutput, Mlp2xGelu
 
 
 class ClsTopK(nn.Module):
     """Training-free selection by the visual expert alone (FasterVLM; VisionZip's dominant tokens):
     the raw CLIP tokens with the K highest CLS attention, then the MLP."""
 
+    tokenwise = True
+
     def __init__(self, config: CompressorConfig):
         super().__init__()
         self.k = config.tokens_per_slice
-        self.projector = Projector(config)
+        self.mlp = Mlp2xGelu(config)
 
     def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
         scores = visual_scores(cls_attention)                                 # (B, H·W)
         indices = select_top_k(scores, self.k)                                # (B, K)
         kept = torch.gather(patch_tokens, 1, indices[..., None].expand(-1, -1, patch_tokens.shape[-1]))
-        return CompressionOutput(self.projector(kept.to(self.projector.fc1.weight.dtype)), indices,
-                                 scores, None, scores, grid, fused=patch_tokens)
+        return CompressionOutput(self.mlp(kept), indices,
+                                 scores, None, scores, grid, mlp_inputs=patch_tokens)
 
 
 class RandomTopK(nn.Module):
     """K tokens drawn uniformly at random (raster order kept): the floor any selection must beat.
     Random in training; a fixed seed at inference so evaluations are repeatable."""
 
+    tokenwise = True
+
     def __init__(self, config: CompressorConfig, eval_seed: int = 0):
         super().__init__()
         self.k = config.tokens_per_slice
         self.eval_seed = eval_seed
-        self.projector = Projector(config)
+        self.mlp = Mlp2xGelu(config)
 
     def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
         batch, length, width = patch_tokens.shape
@@ -66,8 +56,8 @@ class RandomTopK(nn.Module):
         scores = torch.rand(batch, length, generator=generator).to(patch_tokens.device)
         indices = select_top_k(scores, self.k)
         kept = torch.gather(patch_tokens, 1, indices[..., None].expand(-1, -1, width))
-        return CompressionOutput(self.projector(kept.to(self.projector.fc1.weight.dtype)), indices,
-                                 None, None, scores, grid, fused=patch_tokens)
+        return CompressionOutput(self.mlp(kept), indices,
+                                 None, None, scores, grid, mlp_inputs=patch_tokens)
 
 
 def pooled_grid(grid: tuple[int, int], k: int) -> tuple[int, int]:
@@ -81,21 +71,23 @@ def pooled_grid(grid: tuple[int, int], k: int) -> tuple[int, int]:
     return min(fits, key=lambda rc: (abs(math.log(rc[0] / rc[1]) - aspect), rc[0]))
 
 
-class AvgPoolProjection(nn.Module):
+class AvgPool(nn.Module):
     """Adaptive average pooling of the patch grid to K cells (a fixed merging rule), then the MLP."""
+
+    tokenwise = True
 
     def __init__(self, config: CompressorConfig):
         super().__init__()
         self.k = config.tokens_per_slice
-        self.projector = Projector(config)
+        self.mlp = Mlp2xGelu(config)
 
     def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
         batch, _, width = patch_tokens.shape
         fmap = patch_tokens.transpose(1, 2).reshape(batch, width, *grid)       # (B, C, H, W)
         pooled = F.adaptive_avg_pool2d(fmap, pooled_grid(grid, self.k))        # (B, C, r, c)
         tokens = pooled.flatten(2).transpose(1, 2)                             # (B, K, C)
-        return CompressionOutput(self.projector(tokens.to(self.projector.fc1.weight.dtype)), None,
-                                 None, None, None, grid, fused=patch_tokens)
+        return CompressionOutput(self.mlp(tokens), None,
+                                 None, None, None, grid, mlp_inputs=patch_tokens)
 
 
 def sincos_2d(grid: tuple[int, int], width: int) -> torch.Tensor:
@@ -118,6 +110,8 @@ class Resampler(nn.Module):
     """LLaVA-UHD's compression layer: K learned queries attend once to the view's tokens (keys carry
     2-D sine-cosine positions of the view's own grid), then a linear map; all at the LLM width D."""
 
+    tokenwise = False   # K queries mix the view's tokens: no per-patch MLP
+
     def __init__(self, config: CompressorConfig):
         super().__init__()
         width = config.text_width
@@ -137,6 +131,3 @@ class Resampler(nn.Module):
         attended, _ = self.attention(queries, keys, values, need_weights=False)  # (B, K, D)
         return CompressionOutput(self.ln_post(attended) @ self.proj, None, None, None, None, grid)
 
-
-BASELINES = {"mlp": MlpProjection, "cls_topk": ClsTopK, "random_topk": RandomTopK,
-             "avgpool": AvgPoolProjection, "resampler": Resampler}

@@ -1,4 +1,5 @@
-"""Scene distillation: a training aid for the synthetic world, where each record knows its scene.
+"""Scene distillation: a training aid (an auxiliary loss) for the synthetic world, where each record
+knows its scene.
 
 The demo's tiny LLaMA was pretrained to answer questions about scenes written as text ("Scene:
 large red star near the top left; …"). Stage 2 must carry that skill over to visual tokens, and
@@ -14,8 +15,8 @@ over the positions of the shared suffix (every token after the image placeholder
 decoder layer's output. The total loss adds ``weight × mean_i loss_i`` to the token loss.
 
 It is not part of the paper's recipe: it needs the scene of every record (the world's ``meta``),
-which real datasets do not have, and it holds a second copy of the LLM. docs/demo-learning.md
-measures what it changes.
+which real datasets do not have, and it holds a second copy of the LLM. ``docs/demo-findings.md``
+gives what it changed in the demo.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..data import RecordError, record_id
-from ..processor import Batch, MeteorProcessor
-from ..world.captions import scene_line
-from .args import TrainConfigError
+from ..data import Example, LlavaDataset, RecordError, record_id
+from ..processor import Batch, MeteorProcessor, pad_batch
+from ..train.args import TrainConfigError
+from ..train.auxiliary import AuxiliaryTerm
+from .world.captions import scene_line
 
 
 def records_without_meta(records: Sequence[dict]) -> list[str]:
@@ -39,11 +41,16 @@ def records_without_meta(records: Sequence[dict]) -> list[str]:
             if isinstance(r, dict) and r.get("image") is not None and not isinstance(r.get("meta"), dict)]
 
 
-class SceneDistiller:
-    """A frozen teacher LLM and the teacher inputs of a dataset's records (built once each)."""
+class SceneDistillation:
+    """The auxiliary loss (``meteor.train.auxiliary``): a frozen teacher LLM and the teacher inputs
+    of a dataset's records (built once each)."""
+
+    name = "distill"
+    needs_hidden_states = True
+    needs_views = False
 
     def __init__(self, language_model: nn.Module, processor: MeteorProcessor, template: str,
-                 records: Sequence[dict]):
+                 records: Sequence[dict], weight: float = 1.0):
         missing = records_without_meta(records)
         if missing:
             raise TrainConfigError(
@@ -56,7 +63,22 @@ class SceneDistiller:
         self.processor = processor
         self.template = template
         self.records = records
+        self.weight = weight
         self._ids: dict[int, list[int] | None] = {}
+
+    @classmethod
+    def factory(cls, weight: float):
+        """What ``meteor.train.train`` takes in ``auxiliary``: builds the term for the run's model and
+        data (the teacher is copied from the LLM before the model is wrapped)."""
+        def build(model, dataset: LlavaDataset, template: str) -> "SceneDistillation":
+            return cls(model.language_model, dataset.processor, template, dataset.records, weight)
+        return build
+
+    def prepare(self, position: int, example: Example) -> None:
+        self.teacher_ids(position)
+
+    def units(self, position: int, example: Example) -> float:
+        return 1.0   # the term is a mean over the global batch's samples
 
     def teacher_ids(self, position: int) -> list[int] | None:
         """Record ``position``'s conversation with the scene line in place of ``<image>``, tokenised;
@@ -82,22 +104,22 @@ class SceneDistiller:
             self._ids[position] = self.processor.encode(conversation, [], self.template)[0]
         return self._ids[position]
 
-    def loss(self, positions: Sequence[int], batch: Batch, hidden_states: Sequence[torch.Tensor]
-             ) -> tuple[torch.Tensor, int]:
-        """(Σ over samples of loss_i, number of samples matched). A text-only sample, or one whose
-        suffix does not match the teacher's tokens (e.g. it was truncated), adds nothing."""
+    def loss(self, positions: Sequence[int], batch: Batch, output) -> AuxiliaryTerm:
+        """Σ over the samples of loss_i, counted over the samples matched. A text-only sample, or one
+        whose suffix does not match the teacher's tokens (e.g. it was truncated), adds nothing."""
+        total, matched = self.distance(positions, batch, output.hidden_states)
+        return AuxiliaryTerm(total, float(matched))
+
+    def distance(self, positions: Sequence[int], batch: Batch, hidden_states: Sequence[torch.Tensor]
+                 ) -> tuple[torch.Tensor, int]:
+        """(Σ over samples of loss_i, number of samples matched)."""
         sequences = [self.teacher_ids(p) for p in positions]
         total = hidden_states[0].new_zeros(())
         rows = [row for row, sequence in enumerate(sequences) if sequence is not None]
         if not rows:
             return total, 0
-        width = max(len(sequences[row]) for row in rows)
-        pad = self.processor.tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for slot, row in enumerate(rows):
-            ids[slot, :len(sequences[row])] = torch.tensor(sequences[row])
-            mask[slot, :len(sequences[row])] = 1
+        ids, mask, _ = pad_batch([(sequences[row], sequences[row]) for row in rows],
+                                 self.processor.tokenizer.pad_token_id)
         device = hidden_states[0].device
         with torch.no_grad():
             teacher = self.teacher(input_ids=ids.to(device), attention_mask=mask.to(device),

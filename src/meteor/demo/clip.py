@@ -16,7 +16,6 @@ caption, and ``text_config.eos_token_id`` is set to it: pooling then takes exact
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from .images import load_image
+from ..images import load_image
+from ..train.schedule import warmup_cosine
 
 DONE_FILE = "clip_pretrain.json"
 
@@ -193,8 +193,7 @@ def pretrain_clip(records: Sequence[dict], image_folder: str | Path, tokenizer, 
     total = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = max(1, total // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / total))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup, decay_during_warmup=True))
     generator = torch.Generator().manual_seed(config.seed)
     log, step = [], 0
     model.train()
