@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from meteor.evaluation import EvalConfig, WorldRunner, read_jsonl
+from meteor.evaluation import BENCHMARKS, EvalConfig, WorldRunner, build_runner, read_jsonl
 from meteor.evaluation.base import describe_sources
-from meteor.evaluation.official import OFFICIAL_RUNNERS, build_runner
 from meteor.demo.tiny import tiny_model
 from meteor.demo.world import WorldConfig, generate_world
 
@@ -66,8 +65,8 @@ def test_each_runner_has_its_own_default_answer_length_and_the_config_overrides_
     assert build_runner("mmvet", EvalConfig(max_new_tokens=7)).max_new_tokens == 7
     assert WorldRunner(EvalConfig(max_new_tokens=3)).max_new_tokens == 3
     # The class attributes hold the defaults LLaVA's scripts use.
-    assert OFFICIAL_RUNNERS["mmvet"].default_max_new_tokens == 1024
-    assert OFFICIAL_RUNNERS["pope"].default_max_new_tokens == 128
+    assert BENCHMARKS["mmvet"].default_max_new_tokens == 1024
+    assert BENCHMARKS["pope"].default_max_new_tokens == 128
     with pytest.raises(ValueError, match="max_new_tokens must be ≥ 1 or None"):
         EvalConfig(max_new_tokens=0)
 

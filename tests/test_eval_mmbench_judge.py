@@ -10,8 +10,8 @@ import json
 import pytest
 from PIL import Image
 
-from meteor.evaluation import EvalConfig, read_jsonl
-from meteor.evaluation.official import OpenAIGrader, build_runner
+from meteor.evaluation import EvalConfig, build_runner, read_jsonl
+from meteor.evaluation.official import OpenAIGrader
 from meteor.evaluation.official.mmbench_judge import (JUDGE_ATTEMPTS, ask_judge, judge_prompt, read_judge_reply)
 from meteor.metrics import mmbench_can_infer
 from meteor.demo.tiny import tiny_model

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from meteor.evaluation import EvalConfig, read_jsonl
-from meteor.evaluation.official import (OFFICIAL_RUNNERS, BenchmarkFileError, MMVetRunner, OpenAIGrader,
-                                        build_runner)
+from meteor.evaluation import PAPER_BENCHMARKS, EvalConfig, build_runner, read_jsonl
+from meteor.evaluation.official import BenchmarkFileError, MMVetRunner, OpenAIGrader
 from meteor.evaluation.official.mmmu_open import eval_open, parse_open_response
 from meteor.evaluation.official.mmvet import GRADING_PROMPT, grading_prompt, read_grade
 from meteor.evaluation.official.summary import TABLE1_COLUMNS, collect_headlines, write_table1
@@ -197,7 +196,7 @@ def _stable(scores):
 
 # --- end to end ------------------------------------------------------------------------------------
 def test_every_benchmark_has_a_runner_and_a_table1_column():
-    assert list(OFFICIAL_RUNNERS) == [benchmark for _, benchmark in TABLE1_COLUMNS]
+    assert list(PAPER_BENCHMARKS) == [benchmark for _, benchmark in TABLE1_COLUMNS]
 
 
 @pytest.mark.parametrize("name", list(MAKERS))
@@ -484,7 +483,7 @@ def test_table1_layout_from_several_scores_files(tmp_path):
         folder.mkdir(parents=True)
         (folder / "scores.json").write_text(json.dumps({"benchmark": benchmark, "headline": headline}))
 
-    for benchmark in OFFICIAL_RUNNERS:
+    for benchmark in PAPER_BENCHMARKS:
         scores("full", benchmark, 50.0)
     scores("part", "gqa", 60.0)
     scores("part", "mmvet", None)        # needs grading
