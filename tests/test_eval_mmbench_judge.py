@@ -61,14 +61,24 @@ def write_tsv(path):
     return path
 
 
-def write_predictions(runner, tsv, out):
-    """The predictions file a finished run would have left (so ``run`` only scores)."""
-    out.mkdir(parents=True, exist_ok=True)
+def prediction_rows(runner, tsv):
+    """The prediction rows a finished run would have written: ANSWERS, per rotation."""
     rows = []
     for question in runner.load_questions(tsv):
         row = {k: v for k, v in question.items() if k != "meta"}
         rows.append({**row, "prediction": ANSWERS[row["group"]][row["round"]]})
-    (out / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows
+
+
+def write_predictions(runner, tsv, out):
+    """The predictions file a finished run would have left (so ``run`` only scores)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in prediction_rows(runner, tsv)))
+
+
+def files_under(root):
+    """Every file under ``root`` with its bytes: equal before and after means nothing was written."""
+    return {path: path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 # --- the endpoint ------------------------------------------------------------------------------------
@@ -191,6 +201,50 @@ def test_without_a_judge_the_judge_stage_is_counted_wrong_and_reported(tiny, tmp
     verdicts = {v["index"]: v for v in read_jsonl(tmp_path / "out" / "mmbench_verdicts.jsonl")}
     assert [v["stage"] for v in verdicts[7]["variants"]] == ["rule", "unjudged", "rule", "unjudged"]
     assert (verdicts[13]["stage"], verdicts[17]["stage"]) == ("rule", "rule")
+
+
+def test_score_is_pure_the_judge_is_asked_only_by_grade_and_write_outputs_writes_the_verdicts(tmp_path, monkeypatch):
+    tsv = write_tsv(tmp_path / "mmbench_dev.tsv")
+    asked = []
+
+    def judge(prompt, temperature):
+        quoted = prompt.rsplit("\nAnswer: ", 1)[1].split("\nYour output: ")[0]
+        asked.append(quoted)
+        return REPLIES.get(quoted, "no idea")
+
+    runner = build_runner("mmbench", grader=judge)
+    rows = prediction_rows(runner, tsv)
+    out = tmp_path / "out"
+    out.mkdir()
+    graded = runner.grade(rows, out)
+    assert len(asked) == 7 and len(read_jsonl(out / "mmbench_judge.jsonl")) == 5   # "unclear thing" thrice
+    assert {r["question_id"]: r["judge_letter"] for r in graded if "judge_letter" in r} == {
+        1_000_007: "A", 3_000_007: "C", 1_000_009: "A", 11: None, 15: "Z"}
+
+    monkeypatch.chdir(tmp_path / "out")                 # a relative write would land here
+    before = files_under(tmp_path)
+    first, second = runner.score(graded), runner.score(graded)
+    assert first == second and files_under(tmp_path) == before and len(asked) == 7
+    assert first["stages"] == {"rule": 2, "judge": 3, "failed": 1, "unjudged": 0}
+    with pytest.raises(ValueError, match="carries no judge verdict .*runner.grade\\(rows, out_dir\\)"):
+        runner.score(rows)                               # the raw predictions: the judge's part is missing
+
+    again = build_runner("mmbench", grader=judge).grade(rows, out)
+    assert again == graded and len(asked) == 7          # every reply came from the cache
+    written = runner.write_outputs(graded, out)
+    verdicts = {v["index"]: v["stage"] for v in read_jsonl(written["mmbench_verdicts"])}
+    assert verdicts == {7: "judge", 9: "judge", 11: "failed", 13: "rule", 15: "judge", 17: "rule"}
+
+
+def test_without_a_judge_score_is_pure_too_and_grade_changes_nothing(tmp_path, monkeypatch):
+    tsv = write_tsv(tmp_path / "mmbench_dev.tsv")
+    runner = build_runner("mmbench")
+    rows = prediction_rows(runner, tsv)
+    assert runner.grade(rows, tmp_path) == rows
+    monkeypatch.chdir(tmp_path)
+    before = files_under(tmp_path)
+    assert runner.score(rows) == runner.score(rows) and files_under(tmp_path) == before
+    assert runner.score(rows)["stages"]["unjudged"] == 4
 
 
 def test_a_grader_is_refused_by_benchmarks_that_do_not_use_one():

@@ -362,11 +362,42 @@ def test_mmvet_grading_with_a_pluggable_grader_and_the_official_prompt(tmp_path)
     runner = MMVetRunner(EvalConfig(), annotations, grader)
     questions = runner.load_questions(data)
     rows = [{**{k: v for k, v in q.items() if k != "meta"}, "prediction": "a square"} for q in questions]
-    scores = runner.score(rows)
+    with pytest.raises(ValueError, match=r"carry no grades: score the rows that runner.grade\(rows, out_dir\)"):
+        runner.score(rows)                               # the grader is asked in grade, never in score
+    assert prompts == []
+    scores = runner.score(runner.grade(rows, None))
     assert scores["headline"] == 50.0 and scores["capabilities"] == {"rec": 50.0, "spat": 50.0}
     assert [t for _, t in prompts[:2]] == [0.0, 0.2]
     assert prompts[0][0] == GRADING_PROMPT + "\nDescribe shape 0. | a square <OR> a box | a square | "
     assert read_grade("0.7 because") == 0.7 and read_grade("1.5") is None and read_grade("n/a") is None
+
+
+def test_mmvet_grade_caches_the_grades_and_score_writes_nothing(tmp_path, monkeypatch):
+    data, _, annotations = make_mmvet(tmp_path)
+    calls = []
+
+    def grader(prompt, temperature):
+        calls.append(prompt)
+        return "0.7"
+
+    runner = MMVetRunner(EvalConfig(), annotations, grader)
+    rows = [{**{k: v for k, v in q.items() if k != "meta"}, "prediction": "a box"} for q in runner.load_questions(data)]
+    out = tmp_path / "out"
+    out.mkdir()
+    graded = runner.grade(rows, out)
+    assert len(calls) == 3 and [r["grade"] for r in graded] == [0.7] * 3
+    assert [r["capability"] for r in graded] == [["rec"], ["rec", "spat"], ["rec"]]
+    assert len(read_jsonl(out / "mmvet_grades.jsonl")) == 3
+
+    monkeypatch.chdir(out)                              # a relative write would land here
+    before = {path: path.read_bytes() for path in sorted(tmp_path.rglob("*")) if path.is_file()}
+    first, second = runner.score(graded), runner.score(graded)
+    assert first == second == {"headline": 70.0, "total": pytest.approx(70.0),
+                               "capabilities": {"rec": 70.0, "spat": 70.0}}
+    assert {path: path.read_bytes() for path in sorted(tmp_path.rglob("*")) if path.is_file()} == before
+    assert MMVetRunner(EvalConfig(), annotations, grader).grade(rows, out) == graded and len(calls) == 3
+    with pytest.raises(ValueError, match=r"1 of 3 MM-Vet rows carry no grade \(the first: question 2\)"):
+        runner.score([*graded[:2], rows[2]])
 
 
 def test_openai_grader_calls_a_chat_completions_endpoint(monkeypatch):

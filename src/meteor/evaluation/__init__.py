@@ -63,5 +63,6 @@ def evaluate(benchmark: str, model_dir: str, data: str, image_folder: str | None
     return runner.run(model, processor, data, image_folder, out_dir, progress)
 
 
-__all__ = ["BENCHMARKS", "PAPER_BENCHMARKS", "PREDICTIONS_FILE", "SCORES_FILE", "EvalConfig", "OpenAIGrader", "Runner", "WorldRunner",
-           "build_runner", "evaluate", "group_accuracy", "normalize_answer", "read_jsonl", "world_exact_match"]
+__all__ = ["BENCHMARKS", "PAPER_BENCHMARKS", "PREDICTIONS_FILE", "SCORES_FILE", "EvalConfig", "OpenAIGrader",
+           "Runner", "WorldRunner", "build_runner", "evaluate", "group_accuracy", "normalize_answer", "read_jsonl",
+           "world_exact_match"]

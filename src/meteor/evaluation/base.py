@@ -3,8 +3,21 @@
 A runner reads a benchmark's questions, asks the model in batches (greedy decoding), appends each
 prediction to ``predictions.jsonl`` as soon as its batch is answered (flushed, one JSON object per
 line), and on a later call skips every ``question_id`` already in that file: an interrupted run
-resumes where it stopped and never redoes a finished question. Scoring is a separate, pure step
-over the predictions file (LLaVA's good habit: predictions first, then the official metric).
+resumes where it stopped and never redoes a finished question. Scoring is a separate step over the
+predictions file (LLaVA's good habit: predictions first, then the official metric).
+
+``Runner.run`` goes through five steps, each a method a benchmark may override:
+
+1. ``load_questions``, once (``EvalConfig.limit`` applied), then the checks made before any
+   generation (``check_annotations``, ``check_previous_predictions``, ``check_images``);
+2. generation of the questions not yet in ``predictions.jsonl``;
+3. ``grade(rows, out_dir)``: where a benchmark's official evaluator consults a language model
+   (MM-Vet's grader, MMBench's GPT judge), the rows come back carrying its verdicts; its replies are
+   cached in ``out_dir`` so a re-run does not pay twice. The identity by default;
+4. ``score(rows)``: the metric, a pure function of the graded rows (no files written, no state
+   left by ``run``), so calling it twice gives the same dict;
+5. ``write_outputs(rows, out_dir)``: files for the official servers or evaluators, beside
+   ``scores.json``; none by default.
 
 A new benchmark is a subclass that says how to read its questions (``load_questions``), how to
 phrase the prompt (``prompt``) and how to score (``score``); the loop, batching, resuming and file
@@ -14,6 +27,7 @@ handling are here once.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -99,15 +113,33 @@ class Runner(ABC):
         """The user turn sent to the model (the processor adds the template and the image)."""
         return question["question"]
 
+    def grade(self, rows: Sequence[dict[str, Any]], out_dir: str | Path | None) -> list[dict[str, Any]]:
+        """The prediction rows as ``score`` needs them: where the official evaluator asks a
+        language model about each answer, its verdict is added to the row here, and its replies
+        are cached under ``out_dir`` (None: no cache). The rows as they are by default."""
+        return list(rows)
+
     @abstractmethod
     def score(self, predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """The benchmark's metric(s) over prediction rows (question fields + ``prediction``)."""
+        """The benchmark's metric(s) over graded prediction rows (question fields + ``prediction``,
+        + whatever ``grade`` added): a pure function, which writes nothing. A ``note`` in the result
+        is a warning ``run`` also prints."""
+
+    def write_outputs(self, rows: Sequence[dict[str, Any]], out: Path) -> dict[str, Path]:
+        """Files for the official server or evaluator, from the graded rows: name → path; none by
+        default."""
+        return {}
+
+    def check_annotations(self) -> None:
+        """Read the files ``score`` needs beside the rows (annotations), so a wrong one fails
+        before any generation; none by default."""
 
     # --- the shared loop --------------------------------------------------------------------------
     def run(self, model, processor, data: str | Path, image_folder: str | Path | None, out_dir: str | Path,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        """Answer every question not yet in ``out_dir/predictions.jsonl``, then score them all;
-        the scores are returned and written to ``out_dir/scores.json``."""
+        """Answer every question not yet in ``out_dir/predictions.jsonl``, then grade, score and
+        write the benchmark's files (the module docstring lists the steps); the scores are
+        returned and written to ``out_dir/scores.json``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         questions = self.load_questions(data)
@@ -116,6 +148,7 @@ class Runner(ABC):
         ids = [q["question_id"] for q in questions]
         if len(set(ids)) != len(ids):
             raise ValueError(f"{data} repeats question ids; every question needs its own question_id")
+        self.check_annotations()
         path = out / PREDICTIONS_FILE
         previous = read_jsonl(path)
         self.check_previous_predictions(previous, path)
@@ -135,12 +168,17 @@ class Runner(ABC):
                 sink.flush()
                 if progress is not None:
                     progress(len(done) + start + len(batch), len(questions))
+        seconds = round(time.perf_counter() - started, 2)
         wanted = set(ids)
-        rows = [row for row in read_jsonl(path) if row["question_id"] in wanted]
+        rows = self.grade([row for row in read_jsonl(path) if row["question_id"] in wanted], out)
         scores = {"benchmark": self.name, "questions": len(rows), "answered_now": len(todo),
-                  "max_new_tokens": self.max_new_tokens, "seconds": round(time.perf_counter() - started, 2),
-                  **self.score(rows)}
+                  "max_new_tokens": self.max_new_tokens, "seconds": seconds, **self.score(rows)}
+        written = self.write_outputs(rows, out)
+        if written:
+            scores["files"] = {name: str(file) for name, file in written.items()}
         (out / SCORES_FILE).write_text(json.dumps(scores, indent=2) + "\n")
+        if "note" in scores:
+            print(f"{self.name}: {scores['note']}", file=sys.stderr)
         return scores
 
     # --- checks before the first question is asked -------------------------------------------------

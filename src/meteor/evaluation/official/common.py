@@ -5,7 +5,8 @@ benchmark's predictions.
 ``OfficialRunner`` extends ``evaluation.base.Runner`` (whose loop, batching and resume it keeps) with:
 
 * ``annotations``: the answer file a benchmark scores against (TextVQA_0.5.1_val.json, GQA's
-  testdev_balanced_questions.json, …), read once, lazily, when scoring;
+  testdev_balanced_questions.json, …), read once: by ``run`` before any generation, so a wrong
+  one fails early (``check_annotations``), or on first use when ``score`` is called directly;
 * a ``benchmark`` field on every question, hence on every prediction row, so a predictions file
   left by another benchmark in the same output folder is refused instead of silently "resumed";
 * every image checked *before* generation starts (``Runner.check_images``): missing ones stop the
@@ -13,7 +14,11 @@ benchmark's predictions.
 * ``suffix``: the instruction LLaVA appends ("Answer the question using a single word or
   phrase."), added only when the question file's text does not already end with it (LLaVA's own
   question files carry it; hand-made ones often do not);
-* ``write_outputs``: files for the official servers or evaluators, written beside scores.json.
+* ``write_outputs`` (``Runner``'s step 5): files for the official servers or evaluators, written
+  beside scores.json by the runners that have them.
+
+A benchmark defines ``load_questions`` (built with ``question(...)``, in file order) and ``score``;
+``Runner.run`` reads the questions once and hands them down.
 """
 
 from __future__ import annotations
@@ -21,14 +26,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from ...images import ImageError
-from ..base import PREDICTIONS_FILE, SCORES_FILE, EvalConfig, Runner, read_jsonl
+from ..base import EvalConfig, Runner
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
@@ -168,43 +172,9 @@ class OfficialRunner(Runner):
     def prompt(self, question: dict[str, Any]) -> str:
         return with_suffix(question["question"], self.suffix)
 
-    # --- the loop ------------------------------------------------------------------------------------
-    def run(self, model, processor, data: str | Path, image_folder: str | Path | None, out_dir: str | Path,
-            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        """``Runner.run`` (which checks that the output folder's predictions are this benchmark's and
-        that every image exists) after the annotation file is read, so a wrong one fails before any
-        generation. Then the benchmark's extra files are written."""
-        out = Path(out_dir)
-        questions = self.read_questions(data)
-        if self.config.limit is not None:
-            questions = questions[:self.config.limit]
-        self.annotation_data()   # a wrong annotation file fails now, before any generation
-        self._read_once = (str(data), questions)   # the base loop reads them again: same list
-        try:
-            scores = super().run(model, processor, data, image_folder, out_dir, progress)
-        finally:
-            self._read_once = None
-        wanted = {q["question_id"] for q in questions}
-        rows = [row for row in read_jsonl(out / PREDICTIONS_FILE) if row["question_id"] in wanted]
-        written = self.write_outputs(rows, out)
-        if written:
-            scores["files"] = {name: str(path) for name, path in written.items()}
-            (out / SCORES_FILE).write_text(json.dumps(scores, indent=2) + "\n")
-        return scores
-
-    def load_questions(self, data: str | Path) -> list[dict[str, Any]]:
-        read_once = getattr(self, "_read_once", None)
-        if read_once is not None and read_once[0] == str(data):
-            return read_once[1]
-        return self.read_questions(data)
-
-    @abstractmethod
-    def read_questions(self, data: str | Path) -> list[dict[str, Any]]:
-        """Questions built with ``question(...)``, in file order."""
-
-    def write_outputs(self, rows: Sequence[dict[str, Any]], out: Path) -> dict[str, Path]:
-        """Files for the official server or evaluator; none by default."""
-        return {}
+    def check_annotations(self) -> None:
+        """The annotation file is read now, so a wrong one fails before any generation."""
+        self.annotation_data()
 
     def check_previous_predictions(self, rows: Sequence[dict[str, Any]], path: Path) -> None:
         """Stricter than the base: every row of an official runner carries its benchmark."""

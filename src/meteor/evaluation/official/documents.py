@@ -30,7 +30,7 @@ class DocVQARunner(OfficialRunner):
     image_field = "image"
     expected = 'DocVQA\'s val_v1.0.json or test_v1.0.json ({"data": [{"questionId", "question", "image"}]})'
 
-    def read_questions(self, data: str | Path) -> list[dict[str, Any]]:
+    def load_questions(self, data: str | Path) -> list[dict[str, Any]]:
         records = records_of(read_json(data, self.expected), data, "data",
                              ("questionId", "question", self.image_field), self.expected)
         return [self.question(f"{data}:record {n}", r["questionId"], r["question"], r[self.image_field],
@@ -65,7 +65,7 @@ class ChartQARunner(OfficialRunner):
     suffix = SHORT_ANSWER
     expected = 'ChartQA\'s test_human.json / test_augmented.json ([{"imgname", "query", "label"}])'
 
-    def read_questions(self, data: str | Path) -> list[dict[str, Any]]:
+    def load_questions(self, data: str | Path) -> list[dict[str, Any]]:
         path = Path(data)
         files = [path / name for name in CHARTQA_SPLITS if (path / name).is_file()] if path.is_dir() else [path]
         if not files:

@@ -15,12 +15,21 @@ Answers are matched to letters as VLMEvalKit does (``mmbench_judge``): the rule 
 (``can_infer``) first, then, for what it cannot read, a GPT judge with the official prompt when a
 judge is given (``judge=``, any OpenAI-compatible endpoint through ``OpenAIGrader``). Without one,
 those questions count as wrong and the score is a lower bound: how many there were is printed and
-saved (``stages`` in scores.json). Every question's verdict and the stage that decided it go to
-``mmbench_verdicts.jsonl``; the judge's replies are cached in ``mmbench_judge.jsonl`` so a re-run
-does not pay twice (an endpoint that cannot be reached stops the scoring with its error rather than
-counting answers wrong; the predictions and the replies received so far are kept). The headline is the circular accuracy in percent; ``vanilla`` (first variants
-only, matched the same way) and per-category circular accuracies are reported too. Without answers
-(a test split), ``mmbench_predictions.tsv`` is written for the MMBench server.
+saved (``stages`` in scores.json). The headline is the circular accuracy in percent; ``vanilla``
+(first variants only, matched the same way) and per-category circular accuracies are reported too.
+
+Who does what (``Runner.run``'s steps):
+
+* ``grade`` asks the judge, lazily, and only here: for the variants the rules cannot read, in
+  rotation order, stopping a question at its first variant judged wrong (and for a first variant
+  the vanilla score needs). Each row the judge was asked about comes back with ``judge_letter``.
+  The replies are cached in ``mmbench_judge.jsonl`` (read first, appended as they come) so a
+  re-run does not pay twice; an endpoint that cannot be reached stops the run with its error
+  rather than counting answers wrong (the predictions and the replies received so far are kept).
+* ``score`` redoes the circular decision from the graded rows alone: pure, it writes nothing.
+* ``write_outputs`` writes ``mmbench_verdicts.jsonl`` (every question's verdict and the stage that
+  decided it, when the TSV has answers) and ``mmbench_predictions.tsv`` (what the MMBench server
+  takes for a test split).
 """
 
 from __future__ import annotations
@@ -57,13 +66,8 @@ class MMBenchRunner(OfficialRunner):
                  judge: Judge | None = None):
         super().__init__(config, annotations)
         self.judge = judge
-        self.out_dir: Path | None = None
 
-    def run(self, model, processor, data, image_folder, out_dir, progress=None):
-        self.out_dir = Path(out_dir)
-        return super().run(model, processor, data, image_folder, out_dir, progress)
-
-    def read_questions(self, data: str | Path) -> list[dict[str, Any]]:
+    def load_questions(self, data: str | Path) -> list[dict[str, Any]]:
         path = Path(data)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: expected {self.expected}")
@@ -106,39 +110,34 @@ class MMBenchRunner(OfficialRunner):
                     meta={"image_base64": row["image"]}))
         return questions
 
-    def score(self, predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        if any(row["answer"] is None for row in predictions):
-            return {"headline": None, "status": "no answers in the TSV (test split): submit "
-                                                "mmbench_predictions.tsv to the MMBench server"}
-        groups: dict[int, list[dict[str, Any]]] = {}
-        for row in predictions:
-            groups.setdefault(row["group"], []).append(row)
-        judge = self._variant_judge()
-        verdicts = {group: circular_verdict(rows, judge) for group, rows in groups.items()}
-        vanilla = [self._vanilla_hit(rows, verdicts[group], judge) for group, rows in groups.items()]
-        per_category: dict[str, list[bool]] = {}
-        for group, verdict in verdicts.items():
-            per_category.setdefault(groups[group][0].get("category") or "?", []).append(verdict.hit)
-        self._write_verdicts(groups, verdicts)
-        stages = stage_counts(list(verdicts.values()))
-        accuracy = mean(v.hit for v in verdicts.values())
-        scores = {"headline": percent(accuracy), "circular_accuracy": accuracy, "groups": len(verdicts),
-                  "vanilla_accuracy": mean(vanilla),
-                  "categories": {name: round(mean(hits), 4) for name, hits in sorted(per_category.items())},
-                  "stages": stages, "lower_bound": stages["failed"] + stages["unjudged"] > 0}
-        if stages["unjudged"]:
-            scores["note"] = (f"{stages['unjudged']} of {len(verdicts)} questions needed MMBench's GPT judge "
-                              "(no option letter could be read from an answer) and were counted wrong: the "
-                              "score is a lower bound; configure a judge (OpenAI-compatible endpoint) to match "
-                              "the official evaluator")
-            print(f"mmbench: {scores['note']}", file=sys.stderr)
-        return scores
+    # --- grading: the only place the judge is asked ---------------------------------------------------
+    def grade(self, rows: Sequence[dict[str, Any]], out_dir: str | Path | None) -> list[dict[str, Any]]:
+        """The rows, those the judge was asked about with ``judge_letter`` added (the option letter
+        or "Z" read from its reply; None when no reply could be read). The judge is asked exactly
+        where ``score`` will need it (see the module docstring), through the reply cache in
+        ``out_dir`` (None: no cache). Without a judge, or without answers (a test split), the rows
+        are returned as they are."""
+        if self.judge is None or not _has_answers(rows):
+            return list(rows)
+        ask = self._cached_judge(None if out_dir is None else Path(out_dir) / JUDGE_FILE)
+        asked: dict[Any, str | None] = {}
 
-    def _variant_judge(self) -> VariantJudge | None:
-        """``ask_judge`` on a prediction row, through the reply cache of the output folder."""
-        if self.judge is None:
-            return None
-        cache_path = None if self.out_dir is None else self.out_dir / JUDGE_FILE
+        def judge_row(row: dict[str, Any]) -> JudgeCall:
+            call = ask(row)
+            asked[row["question_id"]] = call.letter
+            return call
+
+        groups = _groups(rows)
+        verdicts = {group: circular_verdict(variants, judge_row) for group, variants in groups.items()}
+        for group, variants in groups.items():   # the vanilla score reads the first variant alone
+            first = _first(variants)
+            if verdicts[group].stages[first["question_id"]] == "skipped":
+                judge_row(first)
+        return [{**row, "judge_letter": asked[row["question_id"]]} if row["question_id"] in asked else dict(row)
+                for row in rows]
+
+    def _cached_judge(self, cache_path: Path | None) -> VariantJudge:
+        """``ask_judge`` on a prediction row, through the reply cache at ``cache_path``."""
         cache = {(row["question_id"], row["prediction"]): JudgeCall(row["letter"], row["replies"])
                  for row in (read_jsonl(cache_path) if cache_path else [])}
 
@@ -156,27 +155,46 @@ class MMBenchRunner(OfficialRunner):
 
         return judge_row
 
-    @staticmethod
-    def _vanilla_hit(rows: list[dict[str, Any]], verdict: CircularVerdict, judge: VariantJudge | None) -> bool:
+    # --- scoring: pure, from the graded rows ------------------------------------------------------------
+    def score(self, predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not _has_answers(predictions):
+            return {"headline": None, "status": "no answers in the TSV (test split): submit "
+                                                "mmbench_predictions.tsv to the MMBench server"}
+        groups = _groups(predictions)
+        verdicts = self.verdicts(groups)
+        vanilla = [self._vanilla_hit(variants, verdicts[group]) for group, variants in groups.items()]
+        per_category: dict[str, list[bool]] = {}
+        for group, verdict in verdicts.items():
+            per_category.setdefault(groups[group][0].get("category") or "?", []).append(verdict.hit)
+        stages = stage_counts(list(verdicts.values()))
+        accuracy = mean(v.hit for v in verdicts.values())
+        scores = {"headline": percent(accuracy), "circular_accuracy": accuracy, "groups": len(verdicts),
+                  "vanilla_accuracy": mean(vanilla),
+                  "categories": {name: round(mean(hits), 4) for name, hits in sorted(per_category.items())},
+                  "stages": stages, "lower_bound": stages["failed"] + stages["unjudged"] > 0}
+        if stages["unjudged"]:
+            scores["note"] = (f"{stages['unjudged']} of {len(verdicts)} questions needed MMBench's GPT judge "
+                              "(no option letter could be read from an answer) and were counted wrong: the "
+                              "score is a lower bound; configure a judge (OpenAI-compatible endpoint) to match "
+                              "the official evaluator")
+        return scores
+
+    def verdicts(self, groups: dict[int, list[dict[str, Any]]]) -> dict[int, CircularVerdict]:
+        """Each question's circular verdict from its graded variants: the judge's part is read
+        from the rows' ``judge_letter`` (without a judge configured, the judge stage is
+        "unjudged")."""
+        judge = None if self.judge is None else _recorded_judge
+        return {group: circular_verdict(variants, judge) for group, variants in groups.items()}
+
+    def _vanilla_hit(self, variants: list[dict[str, Any]], verdict: CircularVerdict) -> bool:
         """The first variant alone, matched by the same two stages."""
-        first = min(rows, key=lambda row: row["round"])
+        first = _first(variants)
         letter, stage = verdict.letters[first["question_id"]], verdict.stages[first["question_id"]]
-        if letter is None and stage == "skipped" and judge is not None:
-            letter = judge(first).letter
+        if letter is None and stage == "skipped" and self.judge is not None:
+            letter = _recorded_judge(first).letter
         return letter == first["answer"]
 
-    def _write_verdicts(self, groups: dict[int, list[dict[str, Any]]], verdicts: dict[int, CircularVerdict]) -> None:
-        if self.out_dir is None:
-            return
-        with (self.out_dir / VERDICTS_FILE).open("w", encoding="utf-8") as sink:
-            for group, verdict in sorted(verdicts.items()):
-                variants = [{"question_id": row["question_id"], "prediction": row["prediction"],
-                             "answer": row["answer"], "read_as": verdict.letters[row["question_id"]],
-                             "stage": verdict.stages[row["question_id"]]}
-                            for row in sorted(groups[group], key=lambda row: row["round"])]
-                sink.write(json.dumps({"index": group, "hit": verdict.hit, "stage": verdict.stage,
-                                       "variants": variants}, ensure_ascii=False) + "\n")
-
+    # --- files ------------------------------------------------------------------------------------------
     def write_outputs(self, rows, out):
         path = out / "mmbench_predictions.tsv"
         with path.open("w", encoding="utf-8", newline="") as handle:
@@ -187,6 +205,45 @@ class MMBenchRunner(OfficialRunner):
                 writer.writerow([row["question_id"], row["question"].split("\nA. ")[0], *options,
                                  row["prediction"], row.get("category") or ""])
         written = {"mmbench_submission": path}
-        if (out / VERDICTS_FILE).is_file():
-            written["mmbench_verdicts"] = out / VERDICTS_FILE
+        if _has_answers(rows):
+            groups = _groups(rows)
+            written["mmbench_verdicts"] = _write_verdicts(out / VERDICTS_FILE, groups, self.verdicts(groups))
         return written
+
+
+def _has_answers(rows: Sequence[dict[str, Any]]) -> bool:
+    return all(row["answer"] is not None for row in rows)
+
+
+def _groups(rows: Sequence[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """The variants of each question, by group (``index mod 10⁶``), in the rows' order."""
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    return groups
+
+
+def _first(variants: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return min(variants, key=lambda row: row["round"])
+
+
+def _recorded_judge(row: dict[str, Any]) -> JudgeCall:
+    """The judge's verdict that ``grade`` recorded on a row."""
+    if "judge_letter" not in row:
+        raise ValueError(f"MMBench question {row['question_id']}: the rules cannot read its answer "
+                         f"{row['prediction']!r}, and the row carries no judge verdict (judge_letter): score "
+                         "the rows that runner.grade(rows, out_dir) returns, not the raw predictions")
+    return JudgeCall(row["judge_letter"])
+
+
+def _write_verdicts(path: Path, groups: dict[int, list[dict[str, Any]]],
+                    verdicts: dict[int, CircularVerdict]) -> Path:
+    with path.open("w", encoding="utf-8") as sink:
+        for group, verdict in sorted(verdicts.items()):
+            variants = [{"question_id": row["question_id"], "prediction": row["prediction"],
+                         "answer": row["answer"], "read_as": verdict.letters[row["question_id"]],
+                         "stage": verdict.stages[row["question_id"]]}
+                        for row in sorted(groups[group], key=lambda row: row["round"])]
+            sink.write(json.dumps({"index": group, "hit": verdict.hit, "stage": verdict.stage,
+                                   "variants": variants}, ensure_ascii=False) + "\n")
+    return path

@@ -82,7 +82,7 @@ def open_prompt(question: str) -> str:
 class MMMURunner(OfficialRunner):
     name = "mmmu"
 
-    def read_questions(self, data: str | Path) -> list[dict[str, Any]]:
+    def load_questions(self, data: str | Path) -> list[dict[str, Any]]:
         questions = []
         for source, record in _read_records(Path(data)):
             missing = [key for key in REQUIRED if key not in record]

@@ -12,9 +12,13 @@ annotations: ``{"v1_0": {"question", "answer", "capability": [...]}}``), each an
 official few-shot prompt; the grader's reply is read as the official evaluator reads it (the first
 space-separated piece, a float in [0, 1]), retried up to five times with the temperature raised by
 0.2 after each failure (the official schedule; 0.0 after five failures). The score is 100 × the
-mean over all questions, and per capability over the questions having it. Grades are cached in
-``mmvet_grades.jsonl`` so a re-run does not pay twice. Without a grader the score is
-``"needs grading"`` and the results file is what to submit to the official evaluator.
+mean over all questions, and per capability over the questions having it. Without a grader the
+score is ``"needs grading"`` and the results file is what to submit to the official evaluator.
+
+Grading is ``Runner.run``'s grading step (``MMVetRunner.grade``): each row gets its ``grade`` and
+its ``capability`` list there, and the grades are cached in ``mmvet_grades.jsonl`` (read first,
+appended as they come) so a re-run does not pay twice. ``score`` only averages the graded rows and
+writes nothing; ``write_outputs`` writes ``mmvet_results.json``.
 """
 
 from __future__ import annotations
@@ -115,7 +119,6 @@ class MMVetRunner(LlavaQuestionRunner):
                  grader: Grader | None = None):
         super().__init__(config, annotations)
         self.grader = grader
-        self.grades_path: Path | None = None
 
     def load_annotations(self, path: Path) -> dict[str, dict[str, Any]]:
         data = super().load_annotations(path)
@@ -124,45 +127,64 @@ class MMVetRunner(LlavaQuestionRunner):
             raise BenchmarkFileError(path, f"is not {self.annotation_hint}")
         return data
 
-    def run(self, model, processor, data, image_folder, out_dir, progress=None):
-        self.grades_path = Path(out_dir) / GRADES_FILE
-        return super().run(model, processor, data, image_folder, out_dir, progress)
-
-    def write_outputs(self, rows, out):
-        return {"mmvet_results": write_json(out / RESULTS_FILE,
-                                            {official_id(r["question_id"]): r["prediction"] for r in rows})}
-
-    def score(self, predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    # --- grading: the only place the grader is asked ----------------------------------------------------
+    def grade(self, rows: Sequence[dict[str, Any]], out_dir: str | Path | None) -> list[dict[str, Any]]:
+        """The rows with ``grade`` (the grader's correctness in [0, 1]) and ``capability`` (from
+        mm-vet.json) added, each answer asked about once through the cache in ``out_dir`` (None:
+        no cache). Without a grader or without mm-vet.json, the rows are returned as they are."""
         annotations = self.annotation_data()
         if self.grader is None or annotations is None:
-            return {"headline": None, "status": "needs grading",
-                    "how": f"submit {RESULTS_FILE} to the official MM-Vet evaluator, or pass a grader "
-                           "(OpenAIGrader) and mm-vet.json"}
-        cached = {(row["id"], row["prediction"]): row["grade"] for row in read_jsonl(self.grades_path)} \
-            if self.grades_path else {}
-        grades, capabilities = {}, {}
-        for row in predictions:
+            return list(rows)
+        cache_path = None if out_dir is None else Path(out_dir) / GRADES_FILE
+        cached = {(row["id"], row["prediction"]): row["grade"] for row in read_jsonl(cache_path)} \
+            if cache_path else {}
+        graded = []
+        for row in rows:
             key = official_id(row["question_id"])
             if key not in annotations:
                 raise BenchmarkFileError(self.annotations, f"has no question {key!r}: is it MM-Vet's mm-vet.json?")
             truth = annotations[key]
             if (key, row["prediction"]) not in cached:
-                grade = self.grade(truth.get("question", row["question"]), truth["answer"], row["prediction"])
+                grade = self.ask_grader(truth.get("question", row["question"]), truth["answer"], row["prediction"])
                 cached[(key, row["prediction"])] = grade
-                if self.grades_path is not None:
-                    with self.grades_path.open("a", encoding="utf-8") as sink:
+                if cache_path is not None:
+                    with cache_path.open("a", encoding="utf-8") as sink:
                         sink.write(json.dumps({"id": key, "prediction": row["prediction"], "grade": grade}) + "\n")
-            grades[key] = cached[(key, row["prediction"])]
-            for capability in truth["capability"]:
-                capabilities.setdefault(capability, []).append(grades[key])
-        total = 100 * mean(grades.values())
-        return {"headline": round(total, 2), "total": total,
-                "capabilities": {c: round(100 * mean(g), 2) for c, g in sorted(capabilities.items())}}
+            graded.append({**row, "grade": cached[(key, row["prediction"])], "capability": list(truth["capability"])})
+        return graded
 
-    def grade(self, question: str, truth: str, prediction: str) -> float:
+    def ask_grader(self, question: str, truth: str, prediction: str) -> float:
+        """One answer's grade: the official prompt, retried on an unreadable reply (0.0 at last)."""
         prompt = grading_prompt(question, truth, prediction)
         for attempt in range(GRADING_ATTEMPTS):
             grade = read_grade(self.grader(prompt, 0.2 * attempt))
             if grade is not None:
                 return grade
         return 0.0
+
+    # --- scoring: pure, from the graded rows ------------------------------------------------------------
+    def score(self, predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        ungraded = [row for row in predictions if "grade" not in row]
+        if len(ungraded) == len(predictions):
+            if self.grader is not None and self.annotations is not None:
+                raise ValueError("these MM-Vet rows carry no grades: score the rows that "
+                                 "runner.grade(rows, out_dir) returns, not the raw predictions")
+            return {"headline": None, "status": "needs grading",
+                    "how": f"submit {RESULTS_FILE} to the official MM-Vet evaluator, or pass a grader "
+                           "(OpenAIGrader) and mm-vet.json"}
+        if ungraded:
+            raise ValueError(f"{len(ungraded)} of {len(predictions)} MM-Vet rows carry no grade (the first: question "
+                             f"{ungraded[0]['question_id']!r}): score the rows that runner.grade(rows, out_dir) "
+                             "returns, all of them graded")
+        capabilities: dict[str, list[float]] = {}
+        for row in predictions:
+            for capability in row["capability"]:
+                capabilities.setdefault(capability, []).append(row["grade"])
+        total = 100 * mean(row["grade"] for row in predictions)
+        return {"headline": round(total, 2), "total": total,
+                "capabilities": {c: round(100 * mean(g), 2) for c, g in sorted(capabilities.items())}}
+
+    # --- files ------------------------------------------------------------------------------------------
+    def write_outputs(self, rows, out):
+        return {"mmvet_results": write_json(out / RESULTS_FILE,
+                                            {official_id(r["question_id"]): r["prediction"] for r in rows})}

@@ -36,7 +36,7 @@ class LlavaQuestionRunner(OfficialRunner):
     suffix = SHORT_ANSWER
     question_file = "LLaVA's evaluation question file"
 
-    def read_questions(self, data: str | Path) -> list[dict[str, Any]]:
+    def load_questions(self, data: str | Path) -> list[dict[str, Any]]:
         expected = f"{self.question_file} (JSONL with {', '.join(LLAVA_FIELDS)})"
         return [self.question(f"{data}:{number}", record["question_id"], record["text"], record["image"],
                               **({"category": record["category"]} if "category" in record else {}))
@@ -61,12 +61,12 @@ class TextVQARunner(LlavaQuestionRunner):
                              self.annotation_hint)
         return {(r["image_id"], r["question"].lower()): r["answers"] for r in records}
 
-    def read_questions(self, data: str | Path) -> list[dict[str, Any]]:
+    def load_questions(self, data: str | Path) -> list[dict[str, Any]]:
         """LLaVA's TextVQA file uses the *image* id as ``question_id`` (``eval_textvqa.py`` matches
         on it and the question text), so an image with two questions repeats it. The loop needs
         one id per question: a repeated id becomes "id#k" (k-th occurrence, in file order; stable
         across resumed runs of the same file)."""
-        questions = super().read_questions(data)
+        questions = super().load_questions(data)
         counts = Counter(q["question_id"] for q in questions)
         occurrences: Counter = Counter()
         for question in questions:
