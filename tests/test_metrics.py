@@ -337,6 +337,58 @@ def test_mmbench_can_infer_tells_a_refusal_from_an_undecided_answer(answer, read
     assert extract_choice(answer, OPTIONS, "mmbench") == (read_as if read_as != "Z" else None)
 
 
+# VLMEvalKit's vlmeval/utils/matching_util.py at e8e78f05, line numbers in choice.py's comments.
+@pytest.mark.parametrize("answer, read_as", [
+    ("B is it", "B"),                                # four tokens or fewer: the letter counts anywhere
+    ("So B is my answer", "B"),                      # 4th token from the end: counted (line 52)
+    ("B is my final answer", None),                  # 5th from the end: not counted, nothing else reads
+    ("B, I pick it as answer", None),
+    ("B. The dog chases it away", "A"),              # the letter too early: the option text decides
+    ("Option B looks right, but I am not sure at all", None),
+    ("B B B is my final answer", None),              # the first occurrence is the one placed
+])
+def test_mmbench_counts_a_lone_letter_only_among_the_answers_last_four_tokens(answer, read_as):
+    assert mmbench_can_infer(answer, OPTIONS) == read_as
+
+
+@pytest.mark.parametrize("answer", [
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided I cannot say. B",
+    "Cannot determine the answer",
+    "B. Cannot determine the answer",                 # the refusal wins over a readable letter
+])
+def test_mmbench_reads_the_four_refusal_phrases_as_z(answer):
+    assert mmbench_can_infer(answer, OPTIONS) == "Z"
+    assert extract_choice(answer, OPTIONS, "mmbench") is None
+
+
+@pytest.mark.parametrize("answer, read_as", [
+    ("I cannot determine the answer", None),          # phrases match exactly: "cannot" is not "Cannot"
+    ("I cannot tell", None),                          # not on the list at all
+    ("Sorry, I can't help", None),
+])
+def test_mmbench_refusals_are_only_the_listed_phrases(answer, read_as):
+    assert mmbench_can_infer(answer, OPTIONS) == read_as
+
+
+@pytest.mark.parametrize("answer, read_as", [
+    ("A is wrong, so the answer is C", "C"),          # two letters: "answer is X" decides (lines 57-59)
+    ("The correct answer is **D**. Here is why: a fish swims and a dog does not", "D"),
+    ("the answer is b", "B"),                         # case-insensitive
+    ("The answer is bird", "B"),                      # no word boundary: "b" of "bird" (VLMEvalKit's reading)
+    ("C or D? The answer is E", None),                # only A-D, and only an option
+])
+def test_mmbench_reads_answer_is_x_when_the_token_rules_do_not_decide(answer, read_as):
+    assert mmbench_can_infer(answer, OPTIONS) == read_as
+
+
+def test_mmbench_searches_option_texts_only_in_answers_up_to_twice_their_length():
+    assert 2 * sum(len(text) for text in OPTIONS.values()) == 28
+    assert mmbench_can_infer("I think it is a bird", OPTIONS) == "C"                    # 20 characters
+    assert mmbench_can_infer("Looking closely, I would say it is a bird", OPTIONS) is None   # 41 > 28
+
+
 @pytest.mark.parametrize("options, error, words", [
     ({}, ValueError, "empty"),
     ({"a": "dog"}, ValueError, "uppercase letters"),

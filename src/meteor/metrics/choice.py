@@ -3,9 +3,10 @@
 The two benchmarks read the same answer differently; ``extract_choice`` names the rule set:
 
 * ``"mmbench"`` — the rule stage of MMBench's official evaluator, ``can_infer`` in
-  ``vlmeval/utils/matching_util.py`` of github.com/open-compass/VLMEvalKit. Where it finds no
-  letter it would ask a GPT judge; here that is ``None`` (``mmbench_can_infer`` tells a refusal,
-  "Z", from an undecided answer; the judge stage itself is
+  ``vlmeval/utils/matching_util.py`` of github.com/open-compass/VLMEvalKit, as of commit
+  e8e78f05f3080fe28154f2130321f17951c3be94 (2026-08-18); the line numbers below are that file's.
+  Where it finds no letter it would ask a GPT judge; here that is ``None`` (``mmbench_can_infer``
+  tells a refusal, "Z", from an undecided answer; the judge stage itself is
   ``meteor.evaluation.official.mmbench_judge``).
 * ``"mmmu"`` — ``parse_multi_choice_response`` in ``eval/eval_utils.py`` of
   github.com/MMMU-Benchmark/MMMU. Where it finds no letter it picks one at random; here ``None``.
@@ -13,15 +14,27 @@ The two benchmarks read the same answer differently; ``extract_choice`` names th
 
 from __future__ import annotations
 
+import re
+
 from meteor.metrics._checks import require_options, require_text
 
 BENCHMARKS = ("mmbench", "mmmu")
 
-# can_infer_option: answers containing one of these are refusals, scored as option "Z".
+# can_infer_option, lines 21-22: VLMEvalKit's marker of a failed API call; no letter is read from it.
+_MMBENCH_API_FAILURE = "Failed to obtain answer via API"
+# Lines 24-30: an answer containing one of these (exact, case-sensitive substrings) is a refusal,
+# read as "Z" before any letter rule runs. Nothing else counts as one ("I cannot tell" does not).
 _MMBENCH_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
                      "I'm sorry, but without the image provided", "Cannot determine the answer")
-_MMBENCH_API_FAILURE = "Failed to obtain answer via API"
-_MMBENCH_SEPARATORS = ".()[],:;!*#{}"
+# Lines 40-44: these characters become spaces before the answer is split on white space.
+_MMBENCH_SEPARATORS = str.maketrans(dict.fromkeys(".()[],:;!*#{}", " "))
+# Line 52: a lone option letter counts only if its first occurrence is among the answer's last
+# four tokens (index > number of tokens - 5); in an answer of four tokens or fewer, anywhere.
+_MMBENCH_LAST_TOKENS = 4
+# Line 15, used at lines 57-59: "answer is X", case-insensitive, X one of A-D with optional "*"
+# around, read from the answer as written. It has no word boundary after X: "the answer is a
+# dog" reads "a" as A.
+_MMBENCH_ANSWER_IS = re.compile(r"answer\s+is\s+\**([a-d])", re.IGNORECASE)
 _MMBENCH_NO_OPTION = "Z"
 
 _MMMU_EDGE_MARKS = (",", ".", "!", "?", ";", ":", "'")
@@ -29,38 +42,51 @@ _MMMU_CONTENT_MIN_WORDS = 6  # option texts are searched only in answers of more
 
 
 def _mmbench_letter(prediction: str, options: dict[str, str]) -> str | None:
-    """``can_infer_option``: the one option letter standing as a word, "Z" for a refusal, or None.
+    """``can_infer_option`` (lines 18-61): an option letter, "Z" for a refusal, or None.
 
-    The separators ``.()[],:;!*#{}`` become spaces, so "(B)", "B.", "B:" and "**B**" are the word
-    "B". A letter is returned only if exactly one option letter appears as a word; none with a
-    "Z" word present means "Z". The "A might be a quantifier" guard of the original only runs with
-    the ``VERBOSE`` environment variable set; by default it is off, so "A cat." picks option A.
+    1. The API-failure marker: None. A refusal phrase anywhere: "Z", whatever letters follow.
+    2. The separators ``.()[],:;!*#{}`` become spaces and the answer is split on white space, so
+       "(B)", "B.", "B:" and "**B**" are the token "B"; "B?" and "b" are not.
+    3. Exactly one option letter among the tokens: that letter, if its first occurrence is among
+       the last four tokens ("The answer is B." yes; "B is my final answer" no). No option letter
+       but a "Z" token: "Z".
+    4. Otherwise (no letter, several, or one too early): "answer is X" with X in A-D, if X is an
+       option ("A is wrong, so the answer is C" → C).
+
+    The "A might be a quantifier" guard of the original (lines 49-51) only runs with the
+    ``VERBOSE`` environment variable set; by default it is off, so "A cat." picks option A.
     """
     if _MMBENCH_API_FAILURE in prediction:
         return None
     if any(refusal in prediction for refusal in _MMBENCH_REFUSALS):
         return _MMBENCH_NO_OPTION
-    for separator in _MMBENCH_SEPARATORS:
-        prediction = prediction.replace(separator, " ")
-    words = prediction.split()
+    words = prediction.translate(_MMBENCH_SEPARATORS).split()
     present = [letter for letter in options if letter in words]
     if len(present) == 1:
-        return present[0]
-    if not present and _MMBENCH_NO_OPTION in words:
+        if len(words) - words.index(present[0]) <= _MMBENCH_LAST_TOKENS:
+            return present[0]
+    elif not present and _MMBENCH_NO_OPTION in words:
         return _MMBENCH_NO_OPTION
+    stated = _MMBENCH_ANSWER_IS.search(prediction)
+    if stated is not None and stated.group(1).upper() in options:
+        return stated.group(1).upper()
     return None
 
 
 def _mmbench_option_text(prediction: str, options: dict[str, str]) -> str | None:
-    """``can_infer_text``: the one option whose text occurs in the answer (case-insensitive), or None."""
+    """``can_infer_text`` (lines 107-121): the one option whose text occurs in the answer
+    (case-insensitive), or None. Answers longer than twice all option texts together (in
+    characters, lines 109-110) are not searched: a long explanation names options in passing."""
     lowered = prediction.lower()
+    if len(lowered) > 2 * sum(len(text) for text in options.values()):
+        return None
     found = [letter for letter, text in options.items() if text.lower() in lowered]
     return found[0] if len(found) == 1 else None
 
 
 def mmbench_can_infer(answer: str, options: dict[str, str]) -> str | None:
-    """``can_infer`` itself: an option letter, ``"Z"`` (a refusal, or a bare "Z": none of the
-    options), or None (undecided: where MMBench's evaluator turns to its GPT judge).
+    """``can_infer`` itself (lines 124-127): an option letter, ``"Z"`` (a refusal, or a bare "Z":
+    none of the options), or None (undecided: where MMBench's evaluator turns to its GPT judge).
 
     The letter rules run first, the option texts only if they find nothing. MMBench's evaluator
     reads the judge's reply with this same function, so "Z" is a decision (counted wrong), not a

@@ -1,9 +1,10 @@
 """MMBench's two-stage answer matching, circular evaluation included, as VLMEvalKit runs it.
 
-Source: ``vlmeval/dataset/utils/multiple_choice.py`` of github.com/open-compass/VLMEvalKit
-(``build_prompt``, ``build_option_str``, ``extract_answer_from_item``, ``prefetch_circular_group``,
-``eval_circular_group``), with ``can_infer`` of ``vlmeval/utils/matching_util.py`` as the rule
-(``meteor.metrics.mmbench_can_infer``).
+Source: github.com/open-compass/VLMEvalKit, checked at commit e8e78f05 (2026-08-18):
+``vlmeval/dataset/utils/multiple_choice.py`` (``build_prompt`` lines 224-241,
+``extract_answer_from_item`` 359-405, ``prefetch_circular_group`` 409-428, ``eval_circular_group``
+441-472), ``build_option_str`` of ``vlmeval/smp/vlm.py`` (174-179), with ``can_infer`` of
+``vlmeval/utils/matching_util.py`` as the rule (``meteor.metrics.mmbench_can_infer``).
 
 1. **Rule stage** (``prefetch_circular_group``): every variant (rotation) of a question is read by
    ``can_infer``. One variant read as a wrong letter (or "Z", a refusal) decides the question:
