@@ -51,7 +51,7 @@ def main() -> None:
 
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from meteor.compressor import TopDownCompression
+    from meteor.projectors import TopDownCompression
     from meteor.config import CompressorConfig
     from meteor.ops import scan_backend
 
@@ -76,7 +76,7 @@ def main() -> None:
 
     def projector():
         with torch.inference_mode():
-            compressor.projector(tokens[:, :args.tokens_per_slice])
+            compressor.mlp(tokens[:, :args.tokens_per_slice])
 
     rows = []
     timings = {}

@@ -12,9 +12,9 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from meteor.config import ConfigError
 from meteor.demo import full_config
-from meteor.demo.language import (ASSET, FIRST_INDEX, LanguagePretraining, describe_scene, focus_conversations,
+from meteor.demo.language import (FIRST_INDEX, LanguagePretraining, describe_scene, focus_conversations,
                                   pretrain_language_model, text_conversations)
-from meteor.demo.pipeline import Pipeline, _text_processor
+from meteor.demo.pipeline import ASSETS, Pipeline, _text_processor
 from meteor.demo.tiny import tiny_llama_config, tiny_tokenizer
 from meteor.demo.world import WorldConfig, world_texts
 from meteor.demo.world.scene import make_scene
@@ -100,11 +100,11 @@ def test_pretraining_lowers_the_loss():
 def test_the_shipped_model_fits_the_full_demo_and_its_tokenizer_is_the_recipes():
     config = full_config()
     recipe = config.language_pretraining
-    key = json.loads((ASSET / "key.json").read_text())
+    key = json.loads((ASSETS["language_model"] / "key.json").read_text())
     assert key == {"text_world": recipe.world().to_dict(), "vocab": config.vocab_size, "llama": config.llama,
                    "pretraining": asdict(recipe)}
-    tokenizer = AutoTokenizer.from_pretrained(ASSET)
-    model = LlamaForCausalLM.from_pretrained(ASSET)
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS["language_model"])
+    model = LlamaForCausalLM.from_pretrained(ASSETS["language_model"])
     assert model.config.hidden_size == config.llama["hidden_size"]
     assert model.get_input_embeddings().num_embeddings == len(_text_processor(tokenizer).tokenizer)
     rebuilt = tiny_tokenizer(world_texts(recipe.world()), config.vocab_size)
@@ -120,9 +120,9 @@ def test_the_pipeline_uses_the_shipped_model_unless_told_to_pretrain(tmp_path, p
                                      llama=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                 num_attention_heads=2, num_key_value_heads=1))
     lines = []
-    pipe = Pipeline(tmp_path, config, force=False, log=lines.append, pretrain_language_model=pretrain)
+    pipe = Pipeline(tmp_path, config, force=False, log=lines.append, rebuild=("language_model",) if pretrain else ())
     folder = pipe.base_language_model(world=None)
-    shipped = (folder / "model.safetensors").read_bytes() == (ASSET / "model.safetensors").read_bytes()
+    shipped = (folder / "model.safetensors").read_bytes() == (ASSETS["language_model"] / "model.safetensors").read_bytes()
     assert shipped != pretrain
     assert any("shipped" in line for line in lines) != pretrain
     assert any("second phase in" in line for line in lines) == pretrain

@@ -72,7 +72,7 @@ def test_the_report_names_the_stages_trained_with_glyph_alignment():
     assert glyph_note({}) == "" and glyph_note({"stage1": {"glyph_alignment": 0.0}}) == ""
     note = glyph_note({"stage1": {"glyph_alignment": 1.0}, "stage2": {"glyph_alignment": 0.0}})
     assert "Also not in the paper: stage 1 (weight 1) adds glyph alignment" in note and "stage 2" not in note
-    assert "`meteor.train.glyphs`" in note
+    assert "`meteor.demo.glyphs`" in note
 
 
 def test_the_report_names_the_stages_trained_with_scene_distillation():

@@ -1,4 +1,4 @@
-"""Scene distillation (meteor.train.distill) on tiny configs of the real classes."""
+"""Scene distillation (meteor.demo.distill), an auxiliary loss, on tiny configs of the real classes."""
 
 import json
 from pathlib import Path
@@ -10,7 +10,8 @@ from meteor.data import LlavaDataset, collate
 from meteor.modeling import LlavaMeteor
 from meteor.demo.tiny import tiny_llava_data, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
-from meteor.train.distill import SceneDistiller
+from meteor.demo.aids import TrainingAids
+from meteor.demo.distill import SceneDistillation
 from meteor.demo.world import WorldConfig, make_scene
 from meteor.demo.world.captions import region_phrase, scene_line
 
@@ -33,6 +34,11 @@ def _config(assets, out, **overrides):
     return TrainConfig(**values)
 
 
+def _train(assets, out, scene_distillation=0.0, **overrides):
+    return train(_config(assets, out, **overrides),
+                 auxiliary=TrainingAids(scene_distillation=scene_distillation).factories())
+
+
 def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
@@ -52,7 +58,7 @@ def test_scene_line_lists_shapes_in_reading_order_then_texts():
 def test_the_teacher_reads_the_scene_where_the_image_was(assets):
     model, processor = LlavaMeteor.from_pretrained(assets["base"])
     records = json.loads(Path(assets["meta"]).read_text())
-    distiller = SceneDistiller(model.language_model, processor, "vicuna_v1", records)
+    distiller = SceneDistillation(model.language_model, processor, "vicuna_v1", records)
     ids = distiller.teacher_ids(0)
     assert processor.image_token_id not in ids
     text = processor.tokenizer.decode(ids)
@@ -63,19 +69,19 @@ def test_the_teacher_reads_the_scene_where_the_image_was(assets):
     examples = [dataset.encode(k) for k in range(4)]
     batch = collate(processor, examples)
     out = model(**batch.to_model_kwargs(), output_hidden_states=True)
-    total, matched = distiller.loss(range(4), batch, out.hidden_states)
-    assert matched == 4 and total.item() > 0 and total.requires_grad
+    term = distiller.loss(range(4), batch, out)
+    assert term.count == 4 and term.loss.item() > 0 and term.loss.requires_grad
     # A sample whose suffix differs from the teacher's (another record's teacher) is not matched.
-    shifted, matched_shifted = distiller.loss([1, 0, 3, 2], batch, out.hidden_states)
-    assert matched_shifted == 0 and shifted.item() == 0
+    shifted = distiller.loss([1, 0, 3, 2], batch, out)
+    assert shifted.count == 0 and shifted.loss.item() == 0
 
 
 def test_training_pulls_the_hidden_states_towards_the_teacher(assets, tmp_path):
-    result = train(_config(assets, tmp_path / "on", scene_distillation=5.0, max_steps=16,
-                           learning_rate=3e-3, warmup_ratio=0.1))
+    result = _train(assets, tmp_path / "on", scene_distillation=5.0, max_steps=16,
+                    learning_rate=3e-3, warmup_ratio=0.1)
     assert result.steps_done == 16
     log = _log(tmp_path / "on")
-    assert all(entry["distill_matched"] == 8 for entry in log)
+    assert all(entry["distill_count"] == 8 for entry in log)
     first, last = sum(e["distill"] for e in log[:3]) / 3, sum(e["distill"] for e in log[-3:]) / 3
     assert last < 0.8 * first, [e["distill"] for e in log]
     # The frozen teacher is a copy: the saved LLM moved away from the starting one.
@@ -94,20 +100,20 @@ def test_text_only_records_train_on_their_tokens_alone(assets, tmp_path):
         record["conversations"][0]["value"] = "What colour is the square?"
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps(records))
-    train(_config(assets, tmp_path / "mixed", data=str(path), scene_distillation=1.0, max_steps=2))
+    _train(assets, tmp_path / "mixed", data=str(path), scene_distillation=1.0, max_steps=2)
     log = _log(tmp_path / "mixed")
     assert [e["samples"] for e in log] == [8, 8] and all(e["skipped"] == 0 for e in log)
-    assert sum(e["distill_matched"] for e in log) == 8      # the 8 records with an image
+    assert sum(e["distill_count"] for e in log) == 8      # the 8 records with an image
     model, processor = LlavaMeteor.from_pretrained(assets["base"])
-    distiller = SceneDistiller(model.language_model, processor, "vicuna_v1", records)
+    distiller = SceneDistillation(model.language_model, processor, "vicuna_v1", records)
     assert distiller.teacher_ids(0) is None and distiller.teacher_ids(1) is not None
 
 
 def test_records_without_a_scene_and_bad_weights_are_refused(assets, tmp_path):
     refused = r"16 of 16 records have none \(first: tiny-0\).*scene_distillation to 0"
     with pytest.raises(TrainConfigError, match=refused):
-        train(_config(assets, tmp_path / "plain", data=str(assets["plain"]), scene_distillation=1.0))
+        _train(assets, tmp_path / "plain", data=str(assets["plain"]), scene_distillation=1.0)
     assert not (tmp_path / "plain" / "log.jsonl").exists()
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(TrainConfigError, match="scene_distillation must be a finite weight"):
-            TrainConfig(stage=2, scene_distillation=bad)
+            TrainingAids(scene_distillation=bad)

@@ -1,4 +1,4 @@
-"""Glyph alignment (meteor.train.glyphs) on tiny configs of the real classes and a small world."""
+"""Glyph alignment (meteor.demo.glyphs), an auxiliary loss, on tiny configs of the real classes and a small world."""
 
 import json
 import math
@@ -12,7 +12,8 @@ from meteor.data import LlavaDataset, collate
 from meteor.modeling import LlavaMeteor
 from meteor.demo.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
-from meteor.train.glyphs import GlyphAligner, glyph_loss, text_token, view_glyphs
+from meteor.demo.aids import TrainingAids
+from meteor.demo.glyphs import GlyphAlignment, glyph_loss, text_token, view_glyphs
 from meteor.demo.world import WorldConfig, generate_world, world_texts
 
 WORLD = WorldConfig(seed=5, n_train_images=24, n_test_images=2, base_size=112, number_digits=1,
@@ -45,6 +46,10 @@ def _config(assets, out, **overrides):
                   per_device_batch_size=4, max_steps=2, save_every=100, learning_rate=1e-3)
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def _train(assets, out, glyph_alignment=0.0, **overrides):
+    return train(_config(assets, out, **overrides), auxiliary=TrainingAids(glyph_alignment=glyph_alignment).factories())
 
 
 def _log(run: Path) -> list[dict]:
@@ -121,40 +126,42 @@ def test_the_loss_is_the_cross_entropy_of_cosine_similarities():
     assert hits == int((nearest == labels).sum()) and hits >= 1
 
 
-def test_the_forward_scores_the_text_patches_and_trains_only_the_compressor(assets):
+def test_the_loss_scores_the_text_patches_and_trains_only_the_compressor(assets):
     model, processor = LlavaMeteor.from_pretrained(assets["base"])
     records = _records(assets)
     dataset = LlavaDataset(records, assets["world"].image_folder, processor, "vicuna_v1")
-    aligner = GlyphAligner(processor, records)
+    term = GlyphAlignment.factory(1.0)(model, dataset, "vicuna_v1")
     examples = [dataset.encode(k) for k in range(4)]
-    targets = [aligner.targets(k, e) for k, e in enumerate(examples)]
+    for k, example in enumerate(examples):
+        term.prepare(k, example)
     batch = collate(processor, examples)
-    out = model(**batch.to_model_kwargs(), glyph_targets=targets)
-    expected = sum(len(v.patches) for views in targets for v in views)
-    assert out["glyph"].count == expected > 0
-    assert out["glyph"].loss_sum.item() / expected == pytest.approx(
+    out = model(**batch.to_model_kwargs(), return_views=True)
+    assert sum(len(group.owners) for group in out.views) == sum(e.image.plan.num_views for e in examples)
+    part = term.loss(range(4), batch, out)
+    expected = sum(term.units(k, e) for k, e in enumerate(examples))
+    assert part.count == expected > 0
+    assert part.loss.item() / expected == pytest.approx(
         math.log(len(processor.tokenizer)), rel=0.5)      # an untrained projector: near uniform
-    out["glyph"].loss_sum.backward()
+    assert 0 <= part.sums["accuracy"] <= expected
+    part.loss.backward()
     compressor = model.compressor
     assert compressor.mlp.fc1.weight.grad.abs().sum() > 0
     assert compressor.fusion.instruction_token.grad is not None
     assert all(p.grad is None for p in model.language_model.parameters())
-    assert "glyph" not in model(**batch.to_model_kwargs())
-    with pytest.raises(ValueError, match="one entry per image: 3 for 4 images"):
-        model(**batch.to_model_kwargs(), glyph_targets=targets[:3])
+    assert "views" not in model(**batch.to_model_kwargs())
 
 
 def test_the_mlp_baseline_aligns_its_raw_patch_tokens(assets, tmp_path):
-    train(_config(assets, tmp_path / "mlp", model=str(assets["mlp"]), glyph_alignment=1.0))
-    assert all(entry["glyph_patches"] > 0 and entry["glyph"] > 0 for entry in _log(tmp_path / "mlp"))
+    _train(assets, tmp_path / "mlp", model=str(assets["mlp"]), glyph_alignment=1.0)
+    assert all(entry["glyph_count"] > 0 and entry["glyph"] > 0 for entry in _log(tmp_path / "mlp"))
 
 
 def test_training_teaches_the_projector_the_glyphs(assets, tmp_path):
-    result = train(_config(assets, tmp_path / "on", stage=1, data=str(assets["world"].stage1_path),
-                           glyph_alignment=1.0, max_steps=30, learning_rate=1e-2, warmup_ratio=0.1))
+    result = _train(assets, tmp_path / "on", stage=1, data=str(assets["world"].stage1_path),
+                    glyph_alignment=1.0, max_steps=30, learning_rate=1e-2, warmup_ratio=0.1)
     assert result.steps_done == 30
     log = _log(tmp_path / "on")
-    assert all(entry["glyph_patches"] > 0 for entry in log)
+    assert all(entry["glyph_count"] > 0 for entry in log)
     first, last = sum(e["glyph"] for e in log[:3]) / 3, sum(e["glyph"] for e in log[-3:]) / 3
     assert last < 0.7 * first, [round(e["glyph"], 2) for e in log]
     assert max(e["glyph_accuracy"] for e in log[-5:]) > 0.2
@@ -168,15 +175,15 @@ def test_records_without_texts_meta_other_projectors_and_bad_weights_are_refused
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(records))
     with pytest.raises(TrainConfigError, match=r"1 of \d+ records have none .*glyph_alignment to 0"):
-        train(_config(assets, tmp_path / "broken", data=str(broken), glyph_alignment=1.0))
+        _train(assets, tmp_path / "broken", data=str(broken), glyph_alignment=1.0)
     assert not (tmp_path / "broken" / "log.jsonl").exists()
     with pytest.raises(TrainConfigError, match="needs a projector that maps each patch token .*'resampler'"):
-        train(_config(assets, tmp_path / "resampler", model=str(assets["resampler"]), glyph_alignment=1.0))
+        _train(assets, tmp_path / "resampler", model=str(assets["resampler"]), glyph_alignment=1.0)
     assert not (tmp_path / "resampler" / "log.jsonl").exists()
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(TrainConfigError, match="glyph_alignment must be a finite weight"):
-            TrainConfig(stage=2, glyph_alignment=bad)
+            TrainingAids(glyph_alignment=bad)
     # records with a scene but no texts train, with nothing to align
-    train(_config(assets, tmp_path / "notext", data=str(assets["plain"]),
-                  image_folder=str(assets["plain"].parent), glyph_alignment=1.0))
-    assert all(e["glyph_patches"] == 0 and e["glyph"] == 0 for e in _log(tmp_path / "notext"))
+    _train(assets, tmp_path / "notext", data=str(assets["plain"]),
+           image_folder=str(assets["plain"].parent), glyph_alignment=1.0)
+    assert all(e["glyph_count"] == 0 and e["glyph"] == 0 for e in _log(tmp_path / "notext"))

@@ -1,4 +1,4 @@
-"""meteor.world: a deterministic synthetic world; answers recomputed here from the scene metadata."""
+"""meteor.demo.world: a deterministic synthetic world; answers recomputed here from the scene metadata."""
 
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(out=args.out, seed=args.seed, force=args.force, config=_demo_config(args),
-             pretrain_language_model=args.pretrain_language_model)
+             rebuild=[name for name, wanted in (("language_model", args.pretrain_language_model),
+                                                ("clip", args.pretrain_clip)) if wanted])
     return 0
 
 
@@ -141,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="rebuild every step instead of reusing OUT")
     demo.add_argument("--pretrain-language-model", action="store_true",
                       help="pretrain the tiny LLaMA on text here (~3 h) instead of using the shipped one")
+    demo.add_argument("--pretrain-clip", action="store_true",
+                      help="train the tiny CLIP here (~5 min) instead of using the shipped one")
     demo.add_argument("--workers", type=_at_least_one, default=None,
                       help="budgets trained at once, one process each (default 2: this machine's cores)")
     demo.set_defaults(run=_demo)

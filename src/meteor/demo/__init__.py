@@ -1,8 +1,8 @@
 """`meteor demo`: LLaVA-Meteor trained and evaluated end to end in the synthetic world, on a CPU.
 
 Steps (each cached in ``out/`` and reused by a re-run with the same configuration unless
-``force``): the world (``meteor.world``), a BPE tokenizer and a tiny LLaMA, a tiny CLIP trained
-contrastively on the captions (``meteor.clip_pretrain``), stage 1 and stage 2 with
+``force``): the world (``meteor.demo.world``), a BPE tokenizer and a tiny LLaMA, a tiny CLIP trained
+contrastively on the captions (``meteor.demo.clip``; both shipped), stage 1 and stage 2 with
 ``meteor.train.train`` once per token budget, evaluation of each on the test split
 (``meteor.evaluation``), and the report folder ``out/report/``.
 
@@ -15,19 +15,21 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .config import DemoConfig, StageRun, full_config, quick_config
 from .pipeline import Pipeline, budget_name, open_pipeline
 
 
 def run_demo(out: str | Path = "meteor-demo", seed: int = 0, quick: bool = False, force: bool = False,
-             config: DemoConfig | None = None, pretrain_language_model: bool = False) -> dict[str, Any]:
+             config: DemoConfig | None = None, rebuild: Sequence[str] = ()) -> dict[str, Any]:
+    """The whole demo in ``out``; ``rebuild`` names shipped assets to train here instead
+    ("language_model", "clip")."""
     from ..modeling import LlavaMeteor
     from . import report
 
     config = config or (quick_config(seed) if quick else full_config(seed))
-    pipe = open_pipeline(out, config, force, pretrain_language_model)
+    pipe = open_pipeline(out, config, force, rebuild)
     out, log, started = pipe.out, pipe.log, pipe.started
     total = 5 + len(config.budgets)
     log(f"[1/{total}] world: {config.world.n_train_images} train + {config.world.n_test_images} test images ...")

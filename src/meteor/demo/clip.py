@@ -163,10 +163,10 @@ def pretrain_clip(records: Sequence[dict], image_folder: str | Path, tokenizer, 
     false. Each batch's foils join its captions on the text side, so every image must also tell its
     caption from its own foil (the image→text loss runs over captions and foils; the text→image
     loss over real captions only). Without foils, a tiny CLIP matches captions by colour alone and
-    its patch tokens do not encode shape (docs/demo-learning.md).
+    its patch tokens do not encode shape (docs/demo-findings.md).
 
     ``regions(record)`` (optional, with ``config.region_weight`` > 0) lists the record's items as
-    (box in image pixels, phrase), e.g. ``meteor.world.captions.item_phrases`` of its ``meta``. It
+    (box in image pixels, phrase), e.g. ``meteor.demo.world.captions.item_phrases`` of its ``meta``. It
     adds a region–phrase contrastive loss (RegionCLIP-style) on the patch tokens of
     ``config.region_layer``: each item's tokens, averaged over its box (``patch_weights``) and put
     through a small training-only head, must pick the item's phrase among the batch's phrases and
@@ -259,7 +259,7 @@ def _record_regions(records: Sequence[dict], regions: Callable[[dict], Sequence[
         size = meta.get("size") if isinstance(meta, dict) else None
         if not (isinstance(size, (list, tuple)) and len(size) == 2 and min(size) > 0):
             raise ValueError(f"record {k} ({record.get('id', '?')}) has no meta.size [width, height]: the "
-                             "region–phrase loss needs each image's size and item boxes (meteor.world "
+                             "region–phrase loss needs each image's size and item boxes (meteor.demo.world "
                              "records carry them); pass regions=None to train without it")
         listed = list(regions(record))
         phrases.append([phrase for _, phrase in listed])

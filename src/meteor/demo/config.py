@@ -1,4 +1,4 @@
-"""What `meteor demo` builds, in one place: the full demo (≤ 15 min on 2 CPU cores) and `--quick`."""
+"""What `meteor demo` builds, in one place: the full demo and `--quick`."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ class StageRun:
     learning_rate: float
     per_device_batch_size: int = 16
     scene_distillation: float = 0.0
-    """Weight of the scene-distillation loss (``meteor.train.distill``; 0: off)."""
+    """Weight of the scene-distillation loss (``meteor.demo.distill``; 0: off)."""
     glyph_alignment: float = 0.0
-    """Weight of the glyph-alignment loss (``meteor.train.glyphs``; 0: off)."""
+    """Weight of the glyph-alignment loss (``meteor.demo.glyphs``; 0: off)."""
 
 
 @dataclass(frozen=True)
@@ -35,16 +35,15 @@ class DemoConfig:
     clip_images: int = 4000
     """The CLIP's own corpus: this many further train-split scenes of the world, drawn unsliced at
     the tower's view size (0: the world's train images, each squeezed to one view). In a squeezed
-    sliced image the shapes are a few pixels wide, and a CLIP trained on those learnt colour but
-    not shape (docs/demo-learning.md)."""
+    sliced image the shapes are a few pixels wide (docs/demo-findings.md)."""
     clip_foils: bool = True
     """Train the CLIP with hard-negative captions (one shape, colour, size, count or text swapped;
-    ``meteor.world.captions.foil_caption``), so it cannot match captions by colour alone."""
+    ``meteor.demo.world.captions.foil_caption``), so it cannot match captions by colour alone."""
     clip_regions: bool = True
     """Train the CLIP with the region–phrase loss too (``pretrain_clip``'s ``regions``): each shape's
     and text's patch tokens, averaged over its box, must pick its own phrase ("a small red star",
-    'the word "CAT"') among the batch's phrases and their foils. The caption loss alone taught the
-    pooled output about shape but left the patch tokens, which the compressor reads, without it."""
+    'the word "CAT"') among the batch's phrases and their foils: the caption loss alone trains the
+    pooled output, not the patch tokens the compressor reads."""
     vocab_size: int = 1024
     """Byte-level BPE vocabulary trained on the world's texts."""
     llama: dict[str, int] = field(default_factory=lambda: dict(
@@ -60,20 +59,16 @@ class DemoConfig:
     the paper, which trains one model per K."""
     stage1: StageRun = StageRun(epochs=3, global_batch_size=16, learning_rate=1e-3, scene_distillation=2.0,
                                 glyph_alignment=1.0)
-    """The paper's stage-1 recipe (lr 1e-3) with a smaller global batch for enough steps, plus scene
-    distillation and glyph alignment (not in the paper; ``meteor.train.distill``,
-    ``meteor.train.glyphs``). Three epochs instead of the paper's one: with glyph alignment they
-    lifted reading by 6-7 points and the overall accuracy by 0.7-3.4 points, over two seeds
-    (docs/demo-learning.md)."""
+    """The paper's stage-1 recipe (lr 1e-3) with a smaller global batch for enough steps, three
+    epochs instead of one, plus the two training aids that are not in the paper
+    (``meteor.demo.aids``: scene distillation and glyph alignment). docs/demo-findings.md says what
+    each choice changed."""
     stage2: StageRun = StageRun(epochs=4, global_batch_size=16, learning_rate=2e-3, scene_distillation=2.0,
                                 glyph_alignment=1.0)
     """Stage 2 fine-tunes a tiny LLM pretrained on text only, so it needs a much higher learning rate
-    than the paper's 2e-5 for Vicuna-13B. Four epochs (252 steps) fit the 15 minutes since the
-    budgets train two at a time. Scene distillation (not in the paper) gives the LLM a dense
-    signal to carry its text skills over to visual tokens: at K=16 it lifted the demo from 0.42 to
-    0.46, count from 0.42 to 0.46 and exist from 0.575 to 0.645 (docs/demo-learning.md). Glyph
-    alignment (not in the paper either) is what lets it read the texts at all: at K=16 on cached
-    features, reading went from 0.11-0.13 to 0.30-0.37 against a majority of 0.095."""
+    than the paper's 2e-5 for Vicuna-13B; four epochs (252 steps). Scene distillation gives the LLM
+    a dense signal to carry its text skills over to visual tokens; glyph alignment teaches the
+    projector the world's texts (``meteor.demo.aids``; docs/demo-findings.md)."""
     compressor: dict[str, Any] = field(default_factory=lambda: dict(d_state=8, expand=2))
     """Compressor options besides K (Mamba state and expansion kept small)."""
     eval_batch_size: int = 32
@@ -104,9 +99,7 @@ class DemoConfig:
 def full_config(seed: int = 0) -> DemoConfig:
     return DemoConfig(
         # Small text a 4-layer CLIP at 8×8 patches can read: single digits and words 1-1.5 patches
-        # tall in a bold weight, and 20 CLIP epochs. With the defaults (thin, up to 3 digits) its
-        # patches name a text's first character at 0.17; with these at 0.34, and glyph alignment
-        # then reads (docs/demo-learning.md).
+        # tall in a bold weight, and 20 CLIP epochs (docs/demo-findings.md).
         # 600 test images, 2400 questions: 400 per type, so a type's accuracy is known to ±0.05 (95 %)
         # instead of the ±0.071 of 300 images, which was wider than the gaps the report judges.
         world=WorldConfig(seed=seed, n_train_images=1000, n_test_images=600, base_size=112,

@@ -5,7 +5,7 @@ The demo's tiny LLaMA was pretrained to answer questions about scenes written as
 large red star near the top left; …"). Stage 2 must carry that skill over to visual tokens, and
 with next-token loss alone it gets one answer token per question to learn from. Scene distillation
 adds a dense signal: a frozen copy of the starting LLM (the teacher) reads the same conversation
-with the scene line (``meteor.world.captions.scene_line`` of the record's ``meta``) where the image
+with the scene line (``meteor.demo.world.captions.scene_line`` of the record's ``meta``) where the image
 was, and the trained model's hidden states on the conversation after the image are pulled towards
 the teacher's on the same tokens:
 
@@ -48,6 +48,7 @@ class SceneDistillation:
     name = "distill"
     needs_hidden_states = True
     needs_views = False
+    logged = ()
 
     def __init__(self, language_model: nn.Module, processor: MeteorProcessor, template: str,
                  records: Sequence[dict], weight: float = 1.0):

@@ -82,6 +82,7 @@ class GlyphAlignment:
     name = "glyph"
     needs_hidden_states = False
     needs_views = True
+    logged = ("accuracy",)
 
     def __init__(self, processor: MeteorProcessor, records: Sequence[dict], mlp: torch.nn.Module,
                  embeddings: torch.nn.Module, weight: float = 1.0, cover: float = 0.3):

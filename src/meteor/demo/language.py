@@ -2,7 +2,7 @@
 
 The paper's LLM arrives able to read a context and answer about it; a tiny LLaMA from random
 initialisation cannot learn that within the demo's budget, even when the scene is given as text
-(docs/demo-learning.md). So the demo's language model is pretrained here, by this module, on text
+(docs/demo-findings.md). So the demo's language model is pretrained here, by this module, on text
 only: scenes of the generator's train split at indices from ``FIRST_INDEX`` up (never drawn, never
 the test split), each written as ``Scene: large red star near the top left; …; word "CAT" on the
 right.`` followed by its caption and questions in the vicuna_v1 template. No image is involved.
@@ -21,7 +21,6 @@ import dataclasses
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -34,7 +33,6 @@ from .world.captions import caption, caption_request, scene_line
 from .world.questions import SplitState, ask_questions
 from .world.scene import Scene, make_scene
 
-ASSET = Path(__file__).parent / "assets" / "language_model"
 FIRST_INDEX = 100_000
 """Text scenes are train-split scenes from this index up: far beyond any drawn image."""
 
@@ -53,8 +51,7 @@ class LanguagePretraining:
     focus_scenes: int = 200_000
     """Second phase (0: none): this many further scenes, each one sequence holding one question (or,
     one time in ``len(question types) + 1``, the caption). Short sequences give about 2.5x more
-    answers per token than the first phase; count, choice, read and exist rose only in this phase
-    (docs/demo-learning.md)."""
+    answers per token than the first phase (docs/demo-findings.md)."""
     focus_types: tuple[str, ...] | None = None
     """Question types of the second phase (None: all of them)."""
     focus_steps: int = 12_000

@@ -27,6 +27,10 @@ from .world import WorldConfig, WorldManifest, generate_world, world_texts
 from .config import DemoConfig
 
 KEY_FILE = "key.json"
+ASSETS = {"language_model": Path(__file__).parent / "assets" / "language_model",
+          "clip": Path(__file__).parent / "assets" / "clip"}
+"""The trained parts the package ships, each with the key of the configuration that made it: the
+text-pretrained tiny LLaMA (about 3 hours to rebuild here) and the tiny CLIP (about 5 minutes)."""
 
 
 class CachedFolder:
@@ -71,7 +75,7 @@ def clip_threads(config: DemoConfig) -> int:
 
 
 def open_pipeline(out: str | Path, config: DemoConfig, force: bool,
-                  pretrain_language_model: bool = False, started_at: float | None = None) -> "Pipeline":
+                  rebuild: Sequence[str] = (), started_at: float | None = None) -> "Pipeline":
     """A Pipeline in ``out`` (created) whose log prints lines stamped with the seconds since now
     (or since the wall-clock time ``started_at``, for a worker process logging on its parent's
     clock); Hugging Face's own progress bars and warnings are silenced and torch uses
@@ -88,7 +92,7 @@ def open_pipeline(out: str | Path, config: DemoConfig, force: bool,
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
 
-    pipe = Pipeline(out, config, force, log, pretrain_language_model)
+    pipe = Pipeline(out, config, force, log, rebuild)
     pipe.started = started
     return pipe
 
@@ -97,10 +101,13 @@ class Pipeline:
     """Runs the steps of ``meteor demo`` in ``out``; ``log`` receives progress lines."""
 
     def __init__(self, out: Path, config: DemoConfig, force: bool, log: Callable[[str], None],
-                 pretrain_language_model: bool = False):
+                 rebuild: Sequence[str] = ()):
         self.out, self.config, self.force, self.log = out, config, force, log
-        self.pretrain_language_model = pretrain_language_model
-        """Pretrain the tiny LLaMA here even when the shipped one fits."""
+        unknown = set(rebuild) - set(ASSETS)
+        if unknown:
+            raise ValueError(f"cannot rebuild {sorted(unknown)}: the shipped assets are {', '.join(ASSETS)}")
+        self.rebuild = tuple(rebuild)
+        """The shipped assets (``ASSETS``) to train here even when their key fits."""
         self.timings: dict[str, float] = {}
         self.reused: list[str] = []
         self.started = time.perf_counter()
@@ -132,7 +139,7 @@ class Pipeline:
         from transformers import LlamaForCausalLM
 
         from .tiny import tiny_llama_config, tiny_tokenizer
-        from .language import ASSET, focus_conversations, pretrain_language_model, text_conversations
+        from .language import focus_conversations, pretrain_language_model, text_conversations
 
         recipe = self.config.language_pretraining
         if recipe is None:
@@ -147,10 +154,7 @@ class Pipeline:
             return step.folder
         started = time.perf_counter()
         step.start()
-        if recipe is not None and not self.pretrain_language_model and _read_key(ASSET) == key:
-            for item in ASSET.iterdir():
-                if item.name != KEY_FILE:
-                    shutil.copy2(item, step.folder / item.name)
+        if recipe is not None and self._use_asset("language_model", key, step.folder):
             self.log("    the shipped text-pretrained tiny LLaMA (meteor/demo/assets/language_model) fits "
                      "this configuration: using it (--pretrain-language-model rebuilds it)")
         else:
@@ -204,6 +208,12 @@ class Pipeline:
             return step.folder
         started = time.perf_counter()
         step.start()
+        if self._use_asset("clip", step.key, step.folder):
+            self.log("    the shipped tiny CLIP (meteor/demo/assets/clip) fits this configuration: using it "
+                     "(--pretrain-clip rebuilds it)")
+            step.finish()
+            self._timed("clip", started)
+            return step.folder
         tokenizer = AutoTokenizer.from_pretrained(language_model)
         corpus = self.clip_corpus(world, corpus_config)
         records = json.loads(corpus.stage1_path.read_text())
@@ -225,6 +235,17 @@ class Pipeline:
         step.finish()
         self._timed("clip", started)
         return step.folder
+
+    def _use_asset(self, name: str, key: dict[str, Any], folder: Path) -> bool:
+        """Copy the shipped asset ``name`` into ``folder`` when its key is ``key`` and it is not to
+        be rebuilt; whether it was."""
+        asset = ASSETS[name]
+        if name in self.rebuild or _read_key(asset) != key:
+            return False
+        for item in asset.iterdir():
+            if item.name != KEY_FILE:
+                shutil.copy2(item, folder / item.name)
+        return True
 
     def clip_corpus_config(self, world: WorldManifest) -> WorldConfig:
         """The CLIP's images: the world itself, or its unsliced companion (same seed and scene
@@ -254,7 +275,7 @@ class Pipeline:
         each in a spawned process of its own logging on this pipeline's clock (their stages are
         independent and the frozen-feature cache on disk is shared); (model folder, scores) in
         the order given. Timings and reuse are merged into this pipeline's."""
-        jobs = [(self.out, self.config, self.force, self.pretrain_language_model, time.time() - self.elapsed(),
+        jobs = [(self.out, self.config, self.force, self.rebuild, time.time() - self.elapsed(),
                  world, clip, language_model, name, meteor_config) for name, meteor_config in variants]
         if self.config.workers == 1 or len(jobs) <= 1:
             finished = [self._variant(*job[5:]) for job in jobs]
@@ -315,7 +336,7 @@ class Pipeline:
                 meteor_config=str(config_file), compressor_from=str(stage1.folder) if stage == 2 else None,
                 output_dir=str(step.folder), epochs=run.epochs, global_batch_size=run.global_batch_size,
                 per_device_batch_size=run.per_device_batch_size, learning_rate=run.learning_rate,
-                save_every=10 ** 6, keep_checkpoints=1,
+                save_every=10 ** 6, keep_checkpoints=1, progress="lines" if self.config.workers > 1 else "bar",
                 seed=self.config.seed, feature_cache=str(self.out / "features")),
                 auxiliary=TrainingAids(run.scene_distillation, run.glyph_alignment).factories())
             if result.interrupted:
@@ -352,6 +373,6 @@ class Pipeline:
 
 def _variant_in_worker(job: tuple) -> tuple[Path, dict[str, Any], dict[str, float], list[str]]:
     """``Pipeline._variant`` in a worker process (see ``Pipeline.run_variants``)."""
-    out, config, force, pretrain, started_at, world, clip, language_model, name, meteor_config = job
-    pipe = open_pipeline(out, config, force, pretrain, started_at=started_at)
+    out, config, force, rebuild, started_at, world, clip, language_model, name, meteor_config = job
+    pipe = open_pipeline(out, config, force, rebuild, started_at=started_at)
     return pipe._variant(world, clip, language_model, name, meteor_config)

@@ -172,7 +172,7 @@ def distillation_note(config: dict[str, Any]) -> str:
     return (f" Not in the paper: {stages} scene distillation, "
             "which pulls the LLM's hidden states on the conversation after the image towards those of a "
             "frozen copy of the starting LLaMA reading the scene written as text. It needs each record's "
-            "scene, which only this world has (`meteor.train.distill`; docs/demo-learning.md measures it).")
+            "scene, which only this world has (`meteor.demo.distill`; docs/demo-findings.md measures it).")
 
 
 def glyph_note(config: dict[str, Any]) -> str:
@@ -183,7 +183,7 @@ def glyph_note(config: dict[str, Any]) -> str:
     return (f" Also not in the paper: {stages} glyph alignment, "
             "which teaches the projector the world's texts: its output on each patch a text covers must "
             "be nearest, among the LLM's input embeddings, to the text's token. It needs where each text "
-            "is, which only this world records (`meteor.train.glyphs`; docs/demo-learning.md measures it).")
+            "is, which only this world records (`meteor.demo.glyphs`; docs/demo-findings.md measures it).")
 
 
 def text_note(config: dict[str, Any]) -> str:
@@ -268,7 +268,7 @@ def findings(results: dict[str, Any], baselines: dict[str, Any], patches: int) -
         notes.append(f"No budget beats the blind prior (overall {prior:.3f}, the best a model that ignores the "
                      "image can do) on any question type by more than two standard errors: the models have not learnt to "
                      "use the image, so the accuracy differences between budgets are noise and say nothing "
-                     "about compression. docs/demo-learning.md in the llava-meteor repository records what "
+                     "about compression. docs/demo-findings.md in the llava-meteor repository records what "
                      "was measured and what to try next.")
         return notes
     blind = sorted(set(types) - seeing)

@@ -15,6 +15,7 @@ from ..options import add_dataclass_arguments, dataclass_from_namespace
 Stage = Literal[1, 2]
 DistributedMode = Literal["auto", "none", "ddp", "fsdp"]
 Precision = Literal["auto", "fp32", "bf16"]
+ProgressStyle = Literal["bar", "lines", "none"]
 
 
 class TrainConfigError(ValueError):
@@ -108,6 +109,9 @@ class TrainConfig:
 
     keep_checkpoints: int = 2
     log_every: int = 1
+    progress: ProgressStyle = "bar"
+    """Progress on the terminal: a bar; one line per tenth of the run ("lines": for runs that share
+    a terminal, and for logs); or none."""
     resume: bool = False
     """Continue from the newest complete checkpoint in output_dir."""
 
@@ -135,6 +139,8 @@ class TrainConfig:
             raise TrainConfigError(f"epochs must be positive, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise TrainConfigError(f"max_steps must be ≥ 1, got {self.max_steps}")
+        if self.progress not in get_args(ProgressStyle):
+            raise TrainConfigError(f"progress must be one of {get_args(ProgressStyle)}, got {self.progress!r}")
         if self.precision not in get_args(Precision):
             raise TrainConfigError(f"precision must be one of {get_args(Precision)}, got {self.precision!r}")
         if self.distributed not in get_args(DistributedMode):

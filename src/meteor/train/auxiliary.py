@@ -34,7 +34,8 @@ class AuxiliaryTerm:
     count: float
     """What the logged mean divides this term's sum by (samples matched, patches scored, …)."""
     sums: dict[str, float] = field(default_factory=dict)
-    """Further sums to log over the same count, by name (e.g. the patches classified right)."""
+    """Further sums to log over the same count, by the names the term's ``logged`` declares (e.g.
+    the patches classified right)."""
 
 
 @runtime_checkable
@@ -49,6 +50,9 @@ class AuxiliaryLoss(Protocol):
     """Whether ``loss`` reads the language model's hidden states (``output.hidden_states``)."""
     needs_views: bool
     """Whether ``loss`` reads the projector's per-view outputs (``output.views``)."""
+    logged: tuple[str, ...]
+    """The names of the further sums ``loss`` returns in ``AuxiliaryTerm.sums`` (declared up front:
+    every process must reduce the same figures, even one whose micro-batches were all padding)."""
 
     def prepare(self, position: int, example: Example) -> None:
         """Called for each record a step reads, once it is encoded; raises ``RecordError`` (the

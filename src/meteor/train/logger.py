@@ -1,4 +1,6 @@
-"""Run logs: one JSON line per logged step (log.jsonl), TensorBoard when installed, a progress bar."""
+"""Run logs: one JSON line per logged step (log.jsonl), TensorBoard when installed, and progress on
+the terminal: a bar, or a line every tenth of the run (readable when several runs share a terminal
+or the output goes to a file)."""
 
 from __future__ import annotations
 
@@ -10,21 +12,33 @@ from typing import Any
 
 
 class _Progress:
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, style: str, label: str):
         self._bar = None
-        if enabled:
+        self.total, self.done, self.label = total, initial, label
+        self._lines = style == "lines"
+        self._started, self._first = time.perf_counter(), initial
+        if style == "bar":
             try:
                 from tqdm.auto import tqdm
                 self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                                  mininterval=1.0, file=sys.stderr)
             except ImportError:
-                pass
+                self._lines = True
 
     def update(self, steps: int, loss: float | None) -> None:
         if self._bar is not None:
             self._bar.update(steps)
             if loss is not None:
                 self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        before, self.done = self.done, self.done + steps
+        tenth = max(1, self.total // 10)
+        if self._lines and (self.done // tenth > before // tenth or self.done == self.total):
+            elapsed = time.perf_counter() - self._started
+            rate = (self.done - self._first) / max(elapsed, 1e-9)
+            left = (self.total - self.done) / rate if rate > 0 else float("nan")
+            loss_text = "" if loss is None else f", loss {loss:.4f}"
+            print(f"    {self.label}: step {self.done}/{self.total}{loss_text}, {rate:.2f} step/s, "
+                  f"{left:.0f} s left", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -71,8 +85,9 @@ class RunLogger:
         if self.enabled:
             print(text, file=sys.stderr, flush=True)
 
-    def progress(self, total: int, initial: int) -> _Progress:
-        return _Progress(total, initial, self.enabled)
+    def progress(self, total: int, initial: int, style: str = "bar", label: str = "") -> _Progress:
+        """Progress on stderr (main process only): ``style`` "bar", "lines" or "none"."""
+        return _Progress(total, initial, style if self.enabled else "none", label or self.path.parent.name)
 
     def close(self) -> None:
         if self._tensorboard is not None:

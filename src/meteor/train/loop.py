@@ -184,7 +184,8 @@ def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> Tr
     model.train()
     loss_value = None
     step = start_step
-    progress = logger.progress(total_steps, start_step)
+    progress = logger.progress(total_steps, start_step, config.progress,
+                               label="/".join(output_dir.resolve().parts[-2:]))
     try:
         while step < total_steps:
             model.training_progress = step / total_steps
@@ -209,7 +210,7 @@ def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> Tr
             local_units = [sum(term.units(p, e) for p, e in zip(positions, examples)) for term in terms]
             global_tokens, *global_units = dist.all_reduce_sum_many([float(local_tokens), *map(float, local_units)])
             loss_sum_local, tokens_local, visual_tokens, samples = 0.0, 0, 0, 0
-            term_sums = {term.name: {"loss": 0.0, "count": 0.0} for term in terms}
+            term_sums = {term.name: {"loss": 0.0, "count": 0.0, **dict.fromkeys(term.logged, 0.0)} for term in terms}
             for micro in range(micro_steps):
                 span = slice(micro * config.per_device_batch_size, (micro + 1) * config.per_device_batch_size)
                 chunk = examples[span]
@@ -229,8 +230,8 @@ def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> Tr
                             sums = term_sums[term.name]
                             sums["loss"] += float(part.loss.detach())
                             sums["count"] += part.count
-                            for key, value in part.sums.items():
-                                sums[key] = sums.get(key, 0.0) + value
+                            for key in term.logged:
+                                sums[key] += part.sums[key]
                 total.backward()
                 if weight:
                     loss_sum_local += float(loss_sum.detach())

@@ -5,7 +5,7 @@ sizes that need from 0 to ``max_slices`` UHD slices for a vision tower of side `
 stage-1 captions, stage-2 questions with exact answers (colour, count, exist, read, position,
 choice), and a test split that never shares an image with train::
 
-    from meteor.world import WorldConfig, generate_world, world_texts
+    from meteor.demo.world import WorldConfig, generate_world, world_texts
     world = generate_world("runs/world", WorldConfig(seed=0, base_size=112, n_train_images=2000))
     world.stage2_path, world.image_folder, world.test_path, world.baselines
     tokenizer_corpus = world_texts(world)

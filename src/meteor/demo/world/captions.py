@@ -60,7 +60,7 @@ def text_name(text: SceneText) -> str:
 def item_phrases(meta: dict) -> list[tuple[tuple[int, int, int, int], str]]:
     """Each shape and text of a record's ``meta`` with its box and the phrase that names it alone,
     e.g. ((62, 40, 89, 67), "a large orange cross") or ((14, 3, 53, 17), 'the word "SUN"'): the
-    regions of the CLIP's region–phrase loss (``meteor.clip_pretrain``)."""
+    regions of the CLIP's region–phrase loss (``meteor.demo.clip``)."""
     items = [(tuple(o["bbox"]), f"{article(o['size'])} {o['size']} {o['colour']} {o['shape']}")
              for o in meta["objects"]]
     return items + [(tuple(t["bbox"]), f'the {t["kind"]} "{t["text"]}"') for t in meta["texts"]]

@@ -93,7 +93,7 @@ class WorldConfig:
     text_stroke: float = 0.0
     """Outline drawn around each glyph in the text's colour, as a fraction of its cap height and
     rounded to whole pixels (0: the font's regular weight; 0.05: about one pixel at 1.5-2 patches,
-    a bold weight). Thin grey strokes are what a tiny CLIP reads worst (docs/demo-learning.md)."""
+    a bold weight). Thin grey strokes are what a tiny CLIP reads worst (docs/demo-findings.md)."""
 
     questions_per_image: int = 4
     """Questions per image, in both splits (train: turns of one record; test: one line each)."""

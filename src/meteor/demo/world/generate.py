@@ -99,7 +99,7 @@ class WorldManifest:
         data = _read_manifest(out)
         if data is None:
             raise FileNotFoundError(f"{out} holds no world: {MANIFEST_FILE} is missing or unreadable; "
-                                    "create one with meteor.world.generate_world")
+                                    "create one with meteor.demo.world.generate_world")
         return cls(out_dir=out, config=WorldConfig.from_dict(data["config"]), data=data)
 
 
@@ -289,7 +289,7 @@ def _write_images(out: Path, records: WorldRecords) -> None:
     shared_pixels = digests["train"] & digests["test"]
     if shared_ids or shared_pixels:
         raise RuntimeError(f"train and test share images ({len(shared_ids)} ids, {len(shared_pixels)} "
-                           "identical pixel arrays): a bug in meteor.world, please report it")
+                           "identical pixel arrays): a bug in meteor.demo.world, please report it")
 
 
 def _write_json_list(path: Path, records: list[dict[str, Any]]) -> None:
