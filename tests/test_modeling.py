@@ -32,7 +32,7 @@ def test_prompt_layout_has_one_placeholder_per_kept_token(tiny):
     ids, labels = processor.encode(_conversation(), [sliced])
     k = model.config.compressor.tokens_per_slice
     assert ids.count(processor.image_token_id) == k * (sliced.plan.num_slices + 1)
-    layout = processor.image_layout(sliced)
+    layout = processor.tokenizer.decode(processor.image_layout(sliced))
     rows, cols = sliced.plan.grid
     assert layout.count(",") == rows * (cols - 1) and layout.count("\n") == rows
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .conversation import IGNORE_INDEX, ConversationError, parse_turns
+from .conversation import IGNORE_INDEX, ConversationError, TokenizationMismatch, parse_turns
 from .images import ImageError
 from .processor import Batch, MeteorProcessor
 from .slicing import SlicedImage
@@ -136,6 +136,8 @@ class LlavaDataset:
         try:
             ids, labels = self.processor.encode(conversations, [image] if image is not None else [],
                                                 self.template)
+        except TokenizationMismatch as err:
+            raise RecordError(rid, f"tokenization mismatch: {err}") from None
         except (ValueError, ConversationError) as err:
             raise RecordError(rid, f"malformed conversation: {err}") from None
         cut = truncate(ids, labels, self.max_length, self.processor.image_token_id)

@@ -242,7 +242,7 @@ class LlavaMeteor(nn.Module):
             self.vision_tower.save_pretrained(staging / VISION_DIR)
             self.language_model.save_pretrained(staging / LANGUAGE_DIR)
             if processor is not None:
-                processor.tokenizer.save_pretrained(staging)
+                processor.save_tokenizer(staging)   # the tokenizer's own files: it tokenises as it did
             _replace_folder(staging, folder)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -1,22 +1,31 @@
 """From (text, images) to model inputs: slicing, the spatial-schema prompt, tokenisation, padding.
 
-Each `<image>` in a prompt is replaced by its image's layout (LLaVA-UHD's spatial schema): one
-image token per kept visual token, slices row by row with "," between slices and a newline after
-each row, the global view last. The model then writes the compressed tokens into exactly those
-positions, so text-only samples, one-slice and six-slice images batch together with plain padding.
+The conversation's text is tokenised as one string in the LLM's own format
+(``meteor.conversation``), each image a single `<image>` placeholder there; then each placeholder is
+replaced by its image's layout, built as ids (LLaVA-UHD's spatial schema): one image id per kept
+visual token, slices row by row with the "," ids between slices and the newline ids after each row,
+the global view last. The separator ids are found once per tokenizer, as the separators tokenise
+inside running text; tokenising text around special tokens would give stray pieces instead (a
+sentencepiece tokenizer reads "," after `<image>` as a new word, "▁ ,"). The model then writes the
+compressed tokens into exactly the image positions, so text-only samples, one-slice and six-slice
+images batch together with plain padding.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from .config import MeteorConfig
-from .conversation import IGNORE_INDEX, Turn, encode_segments, parse_turns, segments
+from .conversation import IGNORE_INDEX, VICUNA_SYSTEM, Turn, parse_turns, render, tokenize
 from .images import load_image
-from .slicing import SlicedImage, count_image_tokens, layout_tokens, slice_image
+from .slicing import SlicedImage, count_image_tokens, slice_image, view_token_counts
 
 
 @dataclass
@@ -44,10 +53,9 @@ class MeteorProcessor:
         self.base_size = base_size
         self.image_mean = tuple(image_mean) if image_mean is not None else None
         self.image_std = tuple(image_std) if image_std is not None else None
-        self.image_token_id = ensure_image_token(tokenizer, config.image_token)
-        if tokenizer.pad_token_id is None:
-            # LLaMA/Vicuna ship no pad token; LLaVA pads with unk. Padded positions are masked anyway.
-            tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        self.image_token_id = prepare_tokenizer(tokenizer, config.image_token)
+        self.slice_separator_ids = separator_ids(tokenizer, config.slice_separator)
+        self.row_separator_ids = separator_ids(tokenizer, config.row_separator)
 
     # --- images ---------------------------------------------------------------------------------
     def prepare_image(self, image: Any) -> SlicedImage:
@@ -58,9 +66,19 @@ class MeteorProcessor:
             kwargs.update(image_mean=self.image_mean, image_std=self.image_std)
         return slice_image(load_image(image), **kwargs)
 
-    def image_layout(self, image: SlicedImage) -> str:
-        return layout_tokens(image.plan, self._per_view(image), image_token=self.config.image_token,
-                             slice_sep=self.config.slice_separator, row_sep=self.config.row_separator)
+    def image_layout(self, image: SlicedImage) -> list[int]:
+        """The image's ids in the prompt: for a 2×2 grid and K = 2, ``I I , I I \\n I I , I I \\n I I``
+        (I the image id, "," and "\\n" the separator ids)."""
+        counts = view_token_counts(image.plan, self._per_view(image))
+        rows, cols = image.plan.grid
+        ids: list[int] = []
+        for row in range(rows):
+            for col in range(cols):
+                if col:
+                    ids += self.slice_separator_ids
+                ids += [self.image_token_id] * counts[row * cols + col]
+            ids += self.row_separator_ids
+        return ids + [self.image_token_id] * counts[-1]
 
     def num_image_tokens(self, image: SlicedImage) -> int:
         return count_image_tokens(image.plan, self._per_view(image))
@@ -76,7 +94,8 @@ class MeteorProcessor:
     def encode(self, conversations: Sequence[dict] | str, images: Sequence[SlicedImage] = (),
                template: str = "vicuna_v1", for_generation: bool = False) -> tuple[list[int], list[int]]:
         """One sample → (input_ids, labels). `conversations` is LLaVA's list of turns, or a plain
-        question string (for generation). Each <image> tag consumes the next image in order."""
+        question string (for generation). Each <image> tag consumes the next image in order.
+        Raises `TokenizationMismatch` when an answer cannot be aligned with the ids."""
         if isinstance(conversations, str):
             turns = [Turn("human", conversations)]
         else:
@@ -90,16 +109,23 @@ class MeteorProcessor:
         if tags != len(images):
             raise ValueError(f"the conversation has {tags} {tag} tag(s) but {len(images)} image(s) were "
                              f"given: put one {tag} in the human turn per image")
-        queue = list(images)
-
-        def expand(text: str) -> str:
-            parts = text.split(tag)
-            out = parts[0]
-            for part in parts[1:]:
-                out += self.image_layout(queue.pop(0)) + part
-            return out
-
-        return encode_segments(self.tokenizer, segments(turns, template), expand)
+        text_ids, text_labels = tokenize(self.tokenizer, render(turns, template, self.tokenizer, tag))
+        placeholders = text_ids.count(self.image_token_id)
+        if placeholders != len(images):
+            raise ValueError(f"the {template} prompt holds {placeholders} {tag} token(s) for {len(images)} "
+                             f"image(s): does the template drop or repeat the user's text?")
+        queue = iter(images)
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for token, label in zip(text_ids, text_labels):
+            if token == self.image_token_id:
+                layout = self.image_layout(next(queue))
+                input_ids += layout
+                labels += [IGNORE_INDEX] * len(layout)
+            else:
+                input_ids.append(token)
+                labels.append(label)
+        return input_ids, labels
 
     def collate(self, samples: Sequence[tuple[list[int], list[int]]], images: Sequence[SlicedImage],
                 padding_side: str = "right") -> Batch:
@@ -129,6 +155,46 @@ class MeteorProcessor:
             prepared.append(sliced)
         return self.collate(samples, prepared, padding_side="left")
 
+    # --- persistence ----------------------------------------------------------------------------
+    def save_tokenizer(self, folder: str | Path) -> None:
+        """Write the tokenizer into ``folder`` so that loading it back (``AutoTokenizer`` plus this
+        processor's own additions, the `<image>` placeholder named in MeteorConfig and the pad token)
+        tokenises exactly as this one, checked by reloading.
+
+        A tokenizer loaded from a folder is saved as the files it came from, copied as they are:
+        re-serialising can change it (transformers 5 writes a sentencepiece LLaMA tokenizer back as
+        another tokenizer.json, without ``legacy``, which splits text differently). One built in
+        memory is saved with its own ``save_pretrained``."""
+        folder = Path(folder)
+        source = _tokenizer_source(self.tokenizer)
+        attempts = ([("its original files", lambda out: _copy_tokenizer_files(source, out))] if source else [])
+        attempts.append(("save_pretrained", self.tokenizer.save_pretrained))
+        problems = []
+        for how, write in attempts:
+            with tempfile.TemporaryDirectory() as scratch:
+                write(scratch)
+                problem = self._reload_difference(scratch)
+                if problem is None:
+                    _copy_tokenizer_files(Path(scratch), folder, names=[p.name for p in Path(scratch).iterdir()])
+                    return
+            problems.append(f"saved with {how}, it {problem}")
+        raise ValueError(f"the tokenizer {self.tokenizer.name_or_path or type(self.tokenizer).__name__} "
+                         f"cannot be saved so that it tokenises as it does now ({'; '.join(problems)}): "
+                         f"build the model from the tokenizer's folder (tokenizer=PATH) instead of a "
+                         f"modified tokenizer object")
+
+    def _reload_difference(self, folder: str | Path) -> str | None:
+        """How the tokenizer saved in ``folder``, once loaded and prepared, differs from ours; None
+        if it does not."""
+        from transformers import AutoTokenizer
+
+        try:
+            loaded = AutoTokenizer.from_pretrained(folder)
+            prepare_tokenizer(loaded, self.config.image_token)
+        except (OSError, ValueError, TypeError) as err:
+            return f"does not load ({err})"
+        return tokenizer_difference(self.tokenizer, loaded)
+
 
 def pad_batch(samples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
               padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,6 +215,43 @@ def pad_batch(samples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: in
     return input_ids, mask, labels
 
 
+def prepare_tokenizer(tokenizer, image_token: str) -> int:
+    """What the processor adds to a tokenizer, the same when it is built and when it is loaded: the
+    image placeholder (`ensure_image_token`) and, where the tokenizer has none, a pad token (LLaMA
+    and Vicuna ship none; LLaVA pads with unk, and padded positions are masked anyway). Returns the
+    placeholder's id. Also checks that the placeholder and EOS each read as one id inside text."""
+    token_id = ensure_image_token(tokenizer, image_token)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    for name, text, expected in (("image placeholder", image_token, token_id),
+                                 ("end-of-sequence token", tokenizer.eos_token, tokenizer.eos_token_id)):
+        ids = tokenizer(f"a{text}b", add_special_tokens=False)["input_ids"]
+        if ids.count(expected) != 1:
+            raise ValueError(f"the {name} {text!r} does not tokenise as its one id {expected} inside "
+                             f"text with {type(tokenizer).__name__} {tokenizer.name_or_path!r} (got "
+                             f"{tokenizer.convert_ids_to_tokens(ids)}): it must be a special token")
+    return token_id
+
+
+def separator_ids(tokenizer, separator: str) -> list[int]:
+    """The ids ``separator`` has inside running text: the ids that ``context + separator`` has
+    beyond ``context``'s, for several contexts, which must agree. (Tokenised alone or after a
+    special token, a sentencepiece tokenizer would prefix it with "▁".)"""
+    if not separator:
+        return []
+    found: Counter = Counter()
+    for context in ("a", "image", "The answer is x"):
+        base = tokenizer(context, add_special_tokens=False)["input_ids"]
+        full = tokenizer(context + separator, add_special_tokens=False)["input_ids"]
+        if len(full) > len(base) and full[:len(base)] == base:
+            found[tuple(full[len(base):])] += 1
+    if not found or found.most_common(1)[0][1] < 2:
+        raise ValueError(f"{type(tokenizer).__name__} {tokenizer.name_or_path!r} gives the separator "
+                         f"{separator!r} no stable ids inside text (it merges with the text before it): "
+                         f"choose another slice_separator / row_separator in MeteorConfig")
+    return list(found.most_common(1)[0][0])
+
+
 def ensure_image_token(tokenizer, image_token: str) -> int:
     """Add the image placeholder as a special token if the tokenizer lacks it; return its id."""
     if image_token not in tokenizer.get_vocab():
@@ -157,3 +260,54 @@ def ensure_image_token(tokenizer, image_token: str) -> int:
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise ValueError(f"could not register {image_token!r} as a token of {type(tokenizer).__name__}")
     return token_id
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "tekken.json",
+                   "chat_template.jinja", "chat_template.json", "additional_chat_templates")
+"""File names a Hugging Face tokenizer folder may hold, besides those its class names."""
+
+_PROBES = (
+    f"{VICUNA_SYSTEM} USER: <image>\nWhat is in the image? ASSISTANT: a red circle</s>USER: And? ASSISTANT:",
+    " leading space,  two spaces\n\nnew lines\ttab <image>, <image>\n<image> 0123456789",
+    "Ünïcödé café 中文 ½ → <s>x</s> <unk> ▁marker",
+)
+
+
+def tokenizer_difference(expected, actual) -> str | None:
+    """How ``actual`` tokenises differently from ``expected`` (vocabulary, special tokens, chat
+    template, ids of a few probe texts), in words; None if it does not."""
+    if expected.get_vocab() != actual.get_vocab():
+        extra = sorted(set(actual.get_vocab()) ^ set(expected.get_vocab()))[:5]
+        return f"has another vocabulary ({len(actual)} vs {len(expected)} tokens; e.g. {extra})"
+    for name in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id"):
+        if getattr(expected, name) != getattr(actual, name):
+            return f"has {name} {getattr(actual, name)} instead of {getattr(expected, name)}"
+    if getattr(expected, "chat_template", None) != getattr(actual, "chat_template", None):
+        return "has another chat template"
+    for text in _PROBES:
+        for special in (True, False):
+            want = expected(text, add_special_tokens=special)["input_ids"]
+            got = actual(text, add_special_tokens=special)["input_ids"]
+            if want != got:
+                return (f"tokenises {text!r} as {actual.convert_ids_to_tokens(got)} instead of "
+                        f"{expected.convert_ids_to_tokens(want)}")
+    return None
+
+
+def _tokenizer_source(tokenizer) -> Path | None:
+    """The local folder the tokenizer was loaded from, if any."""
+    name = getattr(tokenizer, "name_or_path", "") or ""
+    folder = Path(name) if name else None
+    if folder is None or not folder.is_dir():
+        return None
+    return folder if any((folder / file).exists() for file in TOKENIZER_FILES) else None
+
+
+def _copy_tokenizer_files(source: Path, out: str | Path, names: Sequence[str] = TOKENIZER_FILES) -> None:
+    for name in names:
+        path = source / name
+        if path.is_dir():
+            shutil.copytree(path, Path(out) / name)
+        elif path.is_file():
+            shutil.copy2(path, Path(out) / name)
