@@ -55,15 +55,15 @@ class Variant:
     name: str
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)
-    """CompressorConfig fields that differ from the demo's default (not K: see ``budget``)."""
-    budget: int | None = 0
+    """CompressorConfig fields that differ from the demo's default (not K: see ``budget_index``)."""
+    budget_index: int | None = 0
     """Index of K in the demo's compressed budgets (and in PAPER_BUDGETS); None keeps every token."""
 
     def compressor_options(self, budgets: Sequence[int]) -> dict[str, Any]:
-        if self.budget is not None and self.budget >= len(budgets):
-            raise ValueError(f"variant {self.name!r} uses compressed budget #{self.budget}, but the "
+        if self.budget_index is not None and self.budget_index >= len(budgets):
+            raise ValueError(f"variant {self.name!r} uses compressed budget #{self.budget_index}, but the "
                              f"configuration has only {list(budgets)}: add budgets to DemoConfig.budgets")
-        k = None if self.budget is None else budgets[self.budget]
+        k = None if self.budget_index is None else budgets[self.budget_index]
         return {**self.overrides, "tokens_per_slice": k}
 
 
@@ -80,13 +80,13 @@ class Table:
 
 VARIANTS = {v.name: v for v in (
     Variant("meteor", "Top-Down Compression, the paper's defaults (L2S scan, window 3, both experts, λ 0.8)"),
-    Variant("mlp", "LLaVA-1.5: the MLP on every token", {"projector": "mlp"}, budget=None),
+    Variant("mlp", "LLaVA-1.5: the MLP on every token", {"projector": "mlp"}, budget_index=None),
     Variant("resampler", "LLaVA-UHD's compression layer: K learned queries", {"projector": "resampler"}),
     Variant("avgpool", "average pooling of the patch grid to K tokens", {"projector": "avgpool"}),
     Variant("cls_topk", "training-free Top-K by CLS attention (FasterVLM)", {"projector": "cls_topk"}),
     Variant("random_topk", "K random tokens: the floor", {"projector": "random_topk"}),
-    Variant("meteor_11pct", "Top-Down Compression keeping 11% of the patches (the paper's K=64)", budget=1),
-    Variant("meteor_5pct", "Top-Down Compression keeping ~5% of the patches (the paper's K=32)", budget=2),
+    Variant("meteor_11pct", "Top-Down Compression keeping 11% of the patches (the paper's K=64)", budget_index=1),
+    Variant("meteor_5pct", "Top-Down Compression keeping ~5% of the patches (the paper's K=32)", budget_index=2),
     Variant("scan_single", "single scan: no local tokens TL", {"scan_mode": "single"}),
     Variant("scan_both", "single and L2S sequences through one block, averaged", {"scan_mode": "both"}),
     Variant("window5", "L2S with a 5×5 local window", {"window_size": 5}),
@@ -172,8 +172,8 @@ def describe_variants(tables: Sequence[str] | None = None, variants: Sequence[st
     for table in chosen:
         lines.append(f"\n{table.name}: {table.title}")
         for variant in (VARIANTS[n] for n in table.variants if n in names):
-            k = "all tokens" if variant.budget is None else (f"K={budgets[variant.budget]} "
-                                                             f"(paper {PAPER_BUDGETS[variant.budget]})")
+            k = "all tokens" if variant.budget_index is None else (f"K={budgets[variant.budget_index]} "
+                                                             f"(paper {PAPER_BUDGETS[variant.budget_index]})")
             overrides = ", ".join(f"{key}={value}" for key, value in variant.overrides.items()) or "(default)"
             lines.append(f"  {variant.name:<14} {k:<20} {overrides:<26} {variant.description}")
     return "\n".join(lines)
