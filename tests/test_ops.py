@@ -248,3 +248,13 @@ def test_channel_contiguous_operands_are_read_in_place(fast_path):
     assert transposed["delta"].stride(1) == 1
     assert_paths_equal(run(selective_scan, transposed, return_last_state=True),
                        run(selective_scan_ref, inputs, return_last_state=True))
+
+
+def test_a_machine_without_the_compiled_kernel_is_told_before_it_compiles(tmp_path, monkeypatch):
+    from meteor.ops import _build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not _build.is_built()           # an empty extensions folder: the next use compiles (and says so)
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    _build.build_extension()
+    assert _build.is_built()               # the default folder holds the build this test suite uses

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -55,11 +56,23 @@ def extension_name(cflags: list[str] = CFLAGS) -> str:
     return f"meteor_selective_scan_{key.hexdigest()[:12]}"
 
 
-def compile_variant(cflags: list[str], verbose: bool = False) -> ModuleType:
-    """Compile and load the kernel with other flags, uncached in this process (tests use it to build the
-    portable, non-AVX-512 code with ``-DMETEOR_SCAN_PORTABLE``)."""
+def is_built(cflags: list[str] = CFLAGS) -> bool:
+    """Whether the kernel with these flags is already compiled in torch's extensions directory."""
     from torch.utils import cpp_extension
 
+    name = extension_name(cflags)
+    folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+    return any(folder.glob(f"{name}*.so"))
+
+
+def compile_variant(cflags: list[str], verbose: bool = False) -> ModuleType:
+    """Compile and load the kernel with other flags, uncached in this process (tests use it to build the
+    portable, non-AVX-512 code with ``-DMETEOR_SCAN_PORTABLE``). Says so on stderr when it compiles."""
+    from torch.utils import cpp_extension
+
+    if not is_built(cflags):
+        print("meteor: compiling the CPU selective-scan kernel, once per machine (~30 s) ...",
+              file=sys.stderr, flush=True)
     return cpp_extension.load(name=extension_name(cflags), sources=[str(SOURCE)], extra_cflags=cflags,
                               extra_ldflags=LDFLAGS, verbose=verbose)
 
