@@ -73,8 +73,9 @@ def compile_variant(cflags: list[str], verbose: bool = False) -> ModuleType:
     if not is_built(cflags):
         print("meteor: compiling the CPU selective-scan kernel, once per machine (~30 s) ...",
               file=sys.stderr, flush=True)
-    return cpp_extension.load(name=extension_name(cflags), sources=[str(SOURCE)], extra_cflags=cflags,
-                              extra_ldflags=LDFLAGS, verbose=verbose)
+    # copies: cpp_extension.load appends torch's own flags to the lists it is given
+    return cpp_extension.load(name=extension_name(cflags), sources=[str(SOURCE)], extra_cflags=list(cflags),
+                              extra_ldflags=list(LDFLAGS), verbose=verbose)
 
 
 def build_extension(verbose: bool = False) -> ModuleType:
