@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from ..conversation import TEMPLATES
+from ..conversation import TEMPLATES, Template
 from ..options import add_dataclass_arguments, dataclass_from_namespace
 
 Stage = Literal[1, 2]
@@ -53,8 +53,11 @@ class TrainConfig:
     meteor_config: str | None = None
     """JSON file of MeteorConfig options for a new model (K per view, λ, scan mode, …)."""
 
-    template: str | None = None
-    """Conversation template; stage preset: plain (1), vicuna_v1 (2)."""
+    template: Template | None = None
+    """Conversation template (README, Conversation templates); stage preset: plain (1), vicuna_v1 (2).
+    plain: the image, then the caption; vicuna_v1: FastChat's Vicuna format; chat_template: the
+    tokenizer's own (LLaMA-3, Qwen2, Mistral, …); auto: chat_template when the tokenizer has one,
+    else vicuna_v1."""
 
     learning_rate: float | None = None
     """Peak learning rate; stage preset: 1e-3 (1), 2e-5 (2); with LoRA: lora_learning_rate."""

@@ -137,6 +137,27 @@ def _supervised(example: Example) -> int:
     return sum(label != IGNORE_INDEX for label in example.labels[1:])
 
 
+def _refuse_if_every_record_is_skipped(dataset: LlavaDataset, config: TrainConfig) -> None:
+    """Encode records until one is usable; if none is, stop before any step with the count and the
+    first reasons (otherwise every step would train on nothing, and stage 1 would fail with an
+    autograd error about tensors that do not require grad)."""
+    reasons = SkipReport()
+    first: list[str] = []
+    for index in range(len(dataset)):
+        try:
+            dataset.encode(index)
+            return
+        except RecordError as err:
+            if config.strict:
+                raise
+            reasons.add(err)
+            if len(first) < 3:
+                first.append(str(err))
+    raise TrainConfigError(f"every record of {config.data} would be skipped ({reasons.total} of "
+                           f"{len(dataset)}), so no step could train; the first: {'; '.join(first)}. "
+                           f"{reasons.summary()}")
+
+
 def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> TrainResult:
     """Run one training stage as ``config`` says; ``auxiliary`` adds loss terms to the LM loss
     (``meteor.train.auxiliary``), each built once the model and the data exist."""
@@ -150,6 +171,7 @@ def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> Tr
         lm = model.language_model   # transformers ≥ 5 renamed it; older releases have the old name
         (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
     dataset = LlavaDataset(config.data, config.image_folder, processor, config.template, config.max_length)
+    _refuse_if_every_record_is_skipped(dataset, config)
     terms: list[AuxiliaryLoss] = [build(model, dataset, config.template) for build in auxiliary]  # before wrapping
     needs_hidden = any(term.needs_hidden_states for term in terms)
     forward_options = {"output_hidden_states": needs_hidden}
