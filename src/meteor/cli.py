@@ -14,6 +14,37 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_script():
+    """benchmarks/bench_e2e.py of the source checkout this package runs from (an editable install),
+    or None when the package was installed without it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_e2e.py"
+    if not path.is_file():
+        return None
+    name = "_bench_e2e"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module          # its dataclasses look their module up there
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    script = _bench_script()
+    if script is None:
+        raise FileNotFoundError("meteor bench runs benchmarks/bench_e2e.py of a source checkout; install "
+                                "the repository in editable mode (pip install -e .) or run the script itself")
+    script.check(args)
+    return script.run(args)
+
+
 def _demo_config(args: argparse.Namespace):
     """The demo's configuration for ``--quick`` / ``--seed``, with ``--workers`` when given."""
     import dataclasses
@@ -215,6 +246,17 @@ def _parser() -> argparse.ArgumentParser:
     params.add_argument("--direction-merge", default=CompressorConfig.direction_merge,
                         choices=get_args(DirectionMerge))
     params.set_defaults(run=_params)
+
+    bench = commands.add_parser("bench", help="end-to-end efficiency at the paper's widths (benchmarks/bench_e2e.py)",
+                                description="Vision, compression, prefill, decode, memory and training steps per "
+                                "projector at CLIP ViT-L / Vicuna-13B widths, beside the cost model (meteor.cost).")
+    try:
+        script = _bench_script()
+    except Exception:       # a broken benchmark script must not break the other commands; `bench` says why
+        script = None
+    if script is not None:
+        script.add_arguments(bench)
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -1,0 +1,788 @@
+"""End to end at the paper's widths: its Table 4 (tokens, TPS, training time), measured, with a cost model.
+
+One image of 1008×672 px (LLaVA-UHD: 6 slices of 24×24 patches + a 19×29 global view) through
+CLIP ViT-L/14-336 at its real widths and depth, each row's projector, and an LLM at Vicuna-13B's
+widths (hidden 5120, 40 heads, FFN 13824, vocabulary 32000; --llm 7b for Vicuna-7B's) built at
+reduced depth (--layers, 2 by default). Every decoder layer is timed by hooks, and the per-layer
+figures are extrapolated to the real depth (40 layers; 32 for 7b): real = measured − Σ layers +
+depth × mean layer. Random weights; every row runs in the same process against the same models.
+
+Rows: LLaVA-1.5's MLP on every token; LLaVA-UHD's resampler at 144 per view; Meteor at 144, 64 and
+32; CLS Top-K at 64 (training-free); a plain downsample (every view resized to about 112² px, 8×8
+patches, then the MLP on every token: 64 per slice, 60 for the global view). Columns: visual tokens,
+vision encode, compression, LLM prefill (time to first token = all three), decode tokens/s at that
+context, KV cache, extra peak memory; in fp32 and bf16. The prefill speed-up of each row over
+UHD-144 is printed beside its bound, the ratio of the prompts' token counts.
+
+The cost model (meteor.cost) gives each stage's FLOPs and bytes; its prediction Σ max(FLOPs / peak,
+bytes / bandwidth) over the ops uses one matmul rate per dtype and one memory bandwidth, both
+measured at the start of the same run, and is printed beside the measured time with the FLOP/s each
+stage achieved. With --peak-tflops and --bandwidth-gbs it is projected to a GPU (labelled as such).
+
+Training: one stage-1 and one stage-2 step per sample (forward and backward, no optimizer step) for
+the resampler and Meteor at 144 / 64 / 32, with and without the feature cache, as ratios beside the
+paper's 17.2 / 13.7 / 12.9 / 12.1 h.
+
+    python benchmarks/bench_e2e.py                       # every row, fp32 and bf16, training in bf16
+    python benchmarks/bench_e2e.py --dtypes bf16 --rows meteor-32,uhd-resampler-144 --no-train
+    python benchmarks/bench_e2e.py --quick               # small widths: CI's test of the script
+    python benchmarks/bench_e2e.py --device cuda --dtypes bf16 --layers 40 --train-dtype bf16
+    meteor bench [the same options]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    label: str
+    projector: str
+    tokens_per_slice: int | None
+    view_base: int = 336
+    """Each view is resized to about view_base² px (336: CLIP's own size; 112: the plain downsample)."""
+
+
+ROWS = (
+    Row("llava15-mlp", "LLaVA-1.5 MLP, every token", "mlp", None),
+    Row("uhd-resampler-144", "LLaVA-UHD resampler, 144", "resampler", 144),
+    Row("meteor-144", "Meteor, 144", "meteor", 144),
+    Row("meteor-64", "Meteor, 64", "meteor", 64),
+    Row("meteor-32", "Meteor, 32", "meteor", 32),
+    Row("cls-topk-64", "CLS Top-K, 64 (training-free)", "cls_topk", 64),
+    Row("downsample-64", "views at 112 px (8×8 patches), MLP", "mlp", None, view_base=112),
+)
+ROW_NAMES = tuple(row.name for row in ROWS)
+REFERENCE = "uhd-resampler-144"
+TRAIN_ROWS = ("uhd-resampler-144", "meteor-144", "meteor-64", "meteor-32")
+PAPER = {"uhd-resampler-144": (17.2, 28.4), "meteor-144": (13.7, 29.1), "meteor-64": (12.9, 31.3),
+         "meteor-32": (12.1, 32.9)}
+"""Table 4 of the paper: training hours (8 H800s) and TPS, per row."""
+STAGE_SAMPLES = {1: 558_000, 2: 665_000}
+"""Samples of one epoch: LLaVA-Pretrain-558K (stage 1), the 665K mixture (stage 2)."""
+
+VIT_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                 image_size=336, patch_size=14, projection_dim=768)
+LLMS = {"13b": dict(hidden_size=5120, num_attention_heads=40, num_key_value_heads=40, intermediate_size=13824,
+                    vocab_size=32000, depth=40),
+        "7b": dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008,
+                   vocab_size=32000, depth=32)}
+QUICK_VIT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                 image_size=336, patch_size=14, projection_dim=64)
+QUICK_LLM = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
+                 vocab_size=512, depth=4)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+IMAGE_SIZE = (1008, 672)
+"""(width, height): the paper's largest image, 6 slices (2 rows × 3 columns) + the global view."""
+
+
+# --- measuring -------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Wall time that waits for the GPU first, so a CUDA stage ends when its kernels do."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+class ModuleTimer:
+    """Seconds each module spends in forward (and, with ``backward``, in backward), from hooks."""
+
+    def __init__(self, modules, clock: Clock, backward: bool = False):
+        self.modules, self.clock = list(modules), clock
+        self.forward = [0.0] * len(self.modules)
+        self.backward = [0.0] * len(self.modules)
+        self._start: dict[tuple[str, int], float] = {}
+        self.handles = []
+        for index, module in enumerate(self.modules):
+            self.handles += [module.register_forward_pre_hook(self._begin("f", index)),
+                             module.register_forward_hook(self._end("f", index))]
+            if backward:
+                self.handles += [module.register_full_backward_pre_hook(self._begin("b", index)),
+                                 module.register_full_backward_hook(self._end("b", index))]
+
+    def _begin(self, phase: str, index: int):
+        def hook(*_):
+            self._start[phase, index] = self.clock()
+        return hook
+
+    def _end(self, phase: str, index: int):
+        def hook(*_):
+            seconds = self.clock() - self._start.pop((phase, index))
+            (self.forward if phase == "f" else self.backward)[index] += seconds
+        return hook
+
+    def reset(self) -> None:
+        self.forward = [0.0] * len(self.modules)
+        self.backward = [0.0] * len(self.modules)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.forward) + sum(self.backward)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} is not in /proc/self/status")
+
+
+class PeakMemory:
+    """Extra peak memory of a block. CPU: VmHWM after minus VmRSS before, the peak reset through
+    /proc/self/clear_refs: every byte the process touched, whoever allocated it (glibc returns big
+    freed blocks to the OS, so RSS follows the live tensors). CUDA: torch's peak allocated minus
+    the allocated before."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.extra = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            self.before = _status_bytes("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.extra = torch.cuda.max_memory_allocated() - self.before
+        else:
+            self.extra = _status_bytes("VmHWM") - self.before
+
+
+def measure_rates(device: torch.device, dtype: torch.dtype, quick: bool, clock: Clock) -> tuple[float, float]:
+    """(matmul FLOP/s, memory bytes/s) measured here: the best of 3 of a (2048×5120)·(5120×5120)
+    product (the LLM's shape class; 512³ in --quick), and of a 256 MiB copy (read + write)."""
+    m, k, n = (512, 512, 512) if quick else (2048, 5120, 5120)
+    if device.type == "cuda" and not quick:
+        m, k, n = 8192, 8192, 8192
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    out = a @ b
+    best = math.inf
+    for _ in range(3):
+        start = clock()
+        torch.matmul(a, b, out=out)
+        best = min(best, clock() - start)
+    flops = 2.0 * m * k * n / best
+    source = torch.ones((16 if quick else 256) << 18, device=device)  # float32: 16 or 256 MiB
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = math.inf
+    for _ in range(3):
+        start = clock()
+        target.copy_(source)
+        best = min(best, clock() - start)
+    return flops, 2.0 * source.numel() * source.element_size() / best
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+# --- the models and the inputs ---------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """The shared models and what every row needs to know about them."""
+
+    tower: object
+    lm: object
+    depth: int
+    """The LLM's real depth the per-layer figures are extrapolated to."""
+    image_token_id: int
+    device: torch.device
+
+
+def build_setup(args, device: torch.device, dtype: torch.dtype) -> Setup:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM
+
+    from meteor.vision import VisionTower
+
+    widths = dict(QUICK_LLM if args.quick else LLMS[args.llm])
+    depth = widths.pop("depth") if args.depth is None else args.depth
+    vision = CLIPVisionConfig(**(QUICK_VIT if args.quick else VIT_L_336))
+    tower = VisionTower.from_config(vision, dtype=dtype, attn_implementation=args.attention).to(device)
+    config = LlamaConfig(**widths, num_hidden_layers=args.layers, max_position_embeddings=8192,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config._attn_implementation = args.attention
+    with torch.device(device):
+        lm = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+    lm.requires_grad_(False)
+    return Setup(tower, lm, depth, image_token_id=widths["vocab_size"], device=device)
+
+
+def synthetic_image(seed: int):
+    """A 1008×672 RGB image of smooth random colour (its content does not change any timing)."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 12, 18, generator=generator)
+    pixels = torch.nn.functional.interpolate(coarse, size=IMAGE_SIZE[::-1], mode="bicubic").clamp(0, 1)
+    return Image.fromarray((pixels[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy())
+
+
+def sliced_views(image, row: Row):
+    from meteor.slicing import plan_slices, slice_image
+
+    return slice_image(image, plan=plan_slices(image.width, image.height, 6, 14, row.view_base))
+
+
+def view_counts(sliced, row: Row) -> list[int]:
+    return [rows * cols if row.tokens_per_slice is None else min(row.tokens_per_slice, rows * cols)
+            for rows, cols in sliced.plan.view_patches]
+
+
+def prompt(sliced, counts: list[int], before: int, after: int, setup: Setup, seed: int
+           ) -> tuple[torch.Tensor, int]:
+    """Token ids (1, T): ``before`` text ids, the image in LLaVA-UHD's spatial schema (image ids,
+    a "," between the slices of a row, a newline after each row, the global view last), ``after``
+    text ids. Returns the ids and the number of separator ids."""
+    vocab = setup.lm.config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, vocab, (before + after,), generator=generator).tolist()
+    comma, newline = 29892 % vocab, 13
+    rows, cols = sliced.plan.grid
+    ids, separators = text[:before], 0
+    for r in range(rows):
+        for c in range(cols):
+            ids += [setup.image_token_id] * counts[r * cols + c]
+            ids.append(comma if c < cols - 1 else newline)
+            separators += 1
+    ids += [setup.image_token_id] * counts[-1] + text[before:]
+    return torch.tensor([ids]), separators
+
+
+def row_model(setup: Setup, row: Row, dtype: torch.dtype):
+    from meteor.config import CompressorConfig, MeteorConfig
+    from meteor.modeling import LlavaMeteor
+
+    config = MeteorConfig(compressor=CompressorConfig(projector=row.projector, tokens_per_slice=row.tokens_per_slice))
+    model = LlavaMeteor(config, setup.tower, setup.lm, setup.image_token_id)
+    model.compressor.to(setup.device, dtype).eval()
+    return model
+
+
+# --- one row, inference ----------------------------------------------------------------------------------
+
+
+def measure_inference(model, setup: Setup, sliced, ids: torch.Tensor, decode_tokens: int, repeats: int) -> dict:
+    """Vision, compression and prefill (time to first token) of one prompt, then ``decode_tokens``
+    greedy tokens with the KV cache; the best of ``repeats``. LLM figures at the real depth."""
+    clock = Clock(setup.device)
+    lm, layers = setup.lm, setup.lm.model.layers
+    vision = ModuleTimer([model.vision_tower], clock)
+    compressor = ModuleTimer([model.compressor], clock)
+    per_layer = ModuleTimer(layers, clock)
+    scale = setup.depth / len(layers)
+    best: dict = {}
+    try:
+        for _ in range(repeats):
+            for timer in (vision, compressor, per_layer):
+                timer.reset()
+            with torch.inference_mode(), PeakMemory(setup.device) as memory:
+                start = clock()
+                embeds = model.embed(ids.to(setup.device), [sliced])                 # (1, T, D)
+                embedded = clock()
+                out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)                   # (1, 1)
+                prefilled = clock()
+                prefill_layers = per_layer.seconds
+                kv = sum(t.numel() * t.element_size() for layer in out.cache.layers for t in (layer.keys, layer.values))
+                per_layer.reset()
+                cache = out.cache
+                for _ in range(decode_tokens):
+                    out = lm(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+                    cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+                decoded = clock()
+            decode_layers = per_layer.seconds
+            run = {
+                "vision_s": vision.seconds,
+                "compression_s": compressor.seconds,
+                "embed_s": embedded - start,
+                "prefill_s": (prefilled - embedded) - prefill_layers + scale * prefill_layers,
+                "prefill_layer_s": prefill_layers / len(layers),
+                "decode_token_s": ((decoded - prefilled) - decode_layers + scale * decode_layers) / decode_tokens,
+                "decode_layer_s": decode_layers / len(layers) / decode_tokens,
+                "peak_extra_bytes": memory.extra,
+            }
+            best = run if not best else {k: min(best[k], v) for k, v in run.items()}
+            del out, cache, embeds
+    finally:
+        for timer in (vision, compressor, per_layer):
+            timer.remove()
+    best["ttft_s"] = best["embed_s"] + best["prefill_s"]
+    best["kv_cache_bytes"] = int(kv * scale)
+    best["kv_cache_bytes_measured"] = int(kv)
+    return best
+
+
+# --- one row, training -----------------------------------------------------------------------------------
+
+
+def measure_training(model, setup: Setup, sliced, ids: torch.Tensor, labels: torch.Tensor, stage: int,
+                     cached: bool, repeats: int) -> dict:
+    """Forward and backward of one sample (no optimizer step): stage 1 trains the projector, stage 2
+    the projector and the LLM; ``cached``: the vision tower's outputs come from a FeatureCache."""
+    clock = Clock(setup.device)
+    layers = setup.lm.model.layers
+    per_layer = ModuleTimer(layers, clock, backward=True)
+    vision = ModuleTimer([model.vision_tower], clock)
+    scale = setup.depth / len(layers)
+    model.train()
+    setup.lm.requires_grad_(stage == 2)
+    model.compressor.requires_grad_(True)
+    model.feature_cache = feature_cache() if cached else None
+    ids, labels = ids.to(setup.device), labels.to(setup.device)
+    best: dict = {}
+    try:
+        if cached:
+            with torch.no_grad():
+                model.embed(ids, [sliced])                                   # fills the cache
+        for _ in range(repeats):
+            model.zero_grad(set_to_none=True)
+            per_layer.reset()
+            vision.reset()
+            with PeakMemory(setup.device) as memory:
+                start = clock()
+                loss = model(input_ids=ids, images=[sliced], labels=labels).loss
+                loss.backward()
+                done = clock()
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"the training step's loss is {loss.item()}: the random weights overflowed")
+            run = {"step_s": (done - start) - per_layer.seconds + scale * per_layer.seconds,
+                   "layer_s": per_layer.seconds / len(layers), "vision_s": vision.seconds,
+                   "peak_extra_bytes": memory.extra}
+            best = run if not best else {k: min(best[k], v) for k, v in run.items()}
+    finally:
+        per_layer.remove()
+        vision.remove()
+        model.zero_grad(set_to_none=True)
+        model.feature_cache = None
+        model.eval()
+        setup.lm.requires_grad_(False)
+    return best
+
+
+def feature_cache():
+    """A memory FeatureCache. ``meteor.feature_cache.view_key`` hashes pixels through numpy, which has
+    no bfloat16, so a bf16 tower's views are hashed by their raw 16-bit patterns here instead."""
+    from meteor import feature_cache as module
+
+    try:
+        module.view_key(torch.zeros(1, 1, 1, dtype=torch.bfloat16))
+    except TypeError:
+        plain = module.view_key
+        module.view_key = lambda pixels: plain(pixels.view(torch.int16) if pixels.dtype == torch.bfloat16 else pixels)
+    return module.FeatureCache()
+
+
+def training_inputs(sliced, row: Row, stage: int, setup: Setup, seed: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Stage 1 (template plain): the image, then a 24-token caption, all supervised. Stage 2
+    (vicuna_v1): 40 tokens of system prompt and question before the image, 120 after it, the last
+    100 (the answers) supervised."""
+    before, after, supervised = (0, 24, 24) if stage == 1 else (40, 120, 100)
+    ids, separators = prompt(sliced, view_counts(sliced, row), before, after, setup, seed)
+    labels = torch.full_like(ids, -100)
+    labels[:, -supervised:] = ids[:, -supervised:]
+    return ids, labels, before + after, separators
+
+
+# --- the cost model beside the measurements --------------------------------------------------------------
+
+STAGES = (("vision", "vision_s"), ("compression", "compression_s"), ("prefill", "prefill_s"),
+          ("decode_token", "decode_token_s"))
+
+
+def shapes(model, setup: Setup):
+    from meteor import cost
+
+    vision = cost.VisionShape.from_config(setup.tower.config, setup.tower.num_layers_run)
+    llm = dataclasses.replace(cost.LlmShape.from_config(setup.lm.config), layers=setup.depth)
+    return vision, llm
+
+
+def inference_costs(model, setup: Setup, sliced, text: int, separators: int, itemsize: int, decode_context: int):
+    from meteor import cost
+
+    vision, llm = shapes(model, setup)
+    return cost.inference(vision, llm, model.config.compressor, sliced.plan.view_patches, text, separators,
+                          itemsize, decode_context=decode_context)
+
+
+# --- running everything ----------------------------------------------------------------------------------
+
+
+def run(args) -> int:
+    from meteor import cost
+
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    rows = [row for row in ROWS if row.name in args.rows]
+    dtypes = list(dict.fromkeys(args.dtypes))
+    train_rows = [row for row in ROWS if row.name in args.train_rows] if args.train else []
+    clock = Clock(device)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results: dict = {"settings": {k: v for k, v in vars(args).items() if k != "run"}, "machine": machine(device),
+                     "rates": {}, "inference": {}, "cost": {}, "training": {}, "rows": [r.name for r in rows]}
+    image = synthetic_image(args.seed)
+    print(f"machine: {results['machine']}; load average before: {load_before}", flush=True)
+    needed = dtypes + ([args.train_dtype] if train_rows and args.train_dtype not in dtypes else [])
+    setup = build_setup(args, device, DTYPES[needed[0]])
+    print(f"built: CLIP {setup.tower.config.hidden_size}-wide, {setup.tower.num_layers_run} layers run; LLM "
+          f"{setup.lm.config.hidden_size}-wide at {args.layers} of {setup.depth} layers "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    for dtype_name in needed:
+        dtype = DTYPES[dtype_name]
+        setup.tower.to(dtype)
+        setup.lm.to(dtype)
+        peak, bandwidth = measure_rates(device, dtype, args.quick, clock)
+        results["rates"][dtype_name] = {"peak_flops": peak, "bandwidth": bandwidth}
+        print(f"[{dtype_name}] matmul {peak / 1e9:.0f} GFLOP/s, copy {bandwidth / 1e9:.1f} GB/s", flush=True)
+        if dtype_name in dtypes:
+            results["inference"][dtype_name], results["cost"][dtype_name] = run_inference(
+                args, setup, image, rows, dtype, peak, bandwidth)
+        if train_rows and dtype_name == args.train_dtype:
+            results["training"] = run_training(args, setup, image, train_rows, dtype, peak, bandwidth)
+    results["decode_fit"] = {name: decode_fit(rows_out, setup.depth)
+                             for name, rows_out in results["inference"].items()}
+    results["load_average"] = {"before": load_before, "after": os.getloadavg() if load_before else None}
+    results["wall_s"] = time.perf_counter() - started
+    report = tables(results, args)
+    print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(report + "\n")
+    return 0
+
+
+def run_inference(args, setup: Setup, image, rows, dtype, peak: float, bandwidth: float) -> tuple[dict, dict]:
+    itemsize = torch.finfo(dtype).bits // 8
+    measured, costs = {}, {}
+    warm = min(rows, key=lambda r: sum(view_counts(sliced_views(image, r), r)))
+    for phase, chosen in (("warm-up", [warm]), ("measure", rows)):
+        for row in chosen:
+            sliced = sliced_views(image, row)
+            ids, separators = prompt(sliced, view_counts(sliced, row), args.text_tokens - 10, 10, setup, args.seed)
+            model = row_model(setup, row, dtype)
+            if phase == "warm-up":
+                measure_inference(model, setup, sliced, ids, 2, 1)
+                continue
+            out = measure_inference(model, setup, sliced, ids, args.decode_tokens, args.repeats)
+            out.update(visual_tokens=sum(view_counts(sliced, row)), prompt_tokens=ids.shape[1],
+                       views=[list(g) for g in sliced.plan.view_patches])
+            context = ids.shape[1] + (args.decode_tokens - 1) // 2   # the mean cache length while decoding
+            out["decode_context"] = context
+            stage_costs = inference_costs(model, setup, sliced, args.text_tokens, separators, itemsize, context)
+            if stage_costs.prompt_tokens != ids.shape[1]:
+                raise RuntimeError(f"the cost model counts {stage_costs.prompt_tokens} prompt tokens, the "
+                                   f"prompt has {ids.shape[1]}")
+            if stage_costs.kv_cache_bytes != out["kv_cache_bytes"]:
+                raise RuntimeError(f"KV cache: model {stage_costs.kv_cache_bytes} B, measured {out['kv_cache_bytes']} B")
+            costs[row.name] = {}
+            for (stage, key), c in zip(STAGES, (stage_costs.vision, stage_costs.compression,
+                                                stage_costs.prefill, stage_costs.decode_token)):
+                predicted = c.seconds(peak, bandwidth)
+                costs[row.name][stage] = {
+                    "flops": c.flops, "matmul_flops": c.matmul_flops, "bytes": c.bytes, "predicted_s": predicted,
+                    "measured_s": out[key], "error": predicted / out[key] - 1, "achieved_flops": c.flops / out[key],
+                    "projected_s": (c.seconds(args.peak_tflops * 1e12, args.bandwidth_gbs * 1e9)
+                                    if args.peak_tflops else None)}
+            measured[row.name] = out
+            print(f"  [{DTYPE_NAMES[dtype]}] {row.name}: prompt {ids.shape[1]}, vision {out['vision_s']:.2f} s, "
+                  f"compression {out['compression_s']:.2f} s, prefill {out['prefill_s']:.2f} s "
+                  f"({out['prefill_layer_s']:.2f} s/layer), decode {1 / out['decode_token_s']:.2f} tok/s", flush=True)
+            del model
+    return measured, costs
+
+
+def run_training(args, setup: Setup, image, rows, dtype, peak: float, bandwidth: float) -> dict:
+    from meteor import cost
+
+    itemsize = torch.finfo(dtype).bits // 8
+    out: dict = {}
+    warm = rows[-1]
+    model = row_model(setup, warm, dtype)
+    sliced = sliced_views(image, warm)
+    ids, labels, _, _ = training_inputs(sliced, warm, 1, setup, args.seed)
+    measure_training(model, setup, sliced, ids, labels, 1, True, 1)             # warm-up
+    del model
+    for row in rows:
+        model = row_model(setup, row, dtype)
+        sliced = sliced_views(image, row)
+        vision, llm = shapes(model, setup)
+        out[row.name] = {}
+        for stage in (1, 2):
+            ids, labels, text, separators = training_inputs(sliced, row, stage, setup, args.seed)
+            for cached in (False, True):
+                step = measure_training(model, setup, sliced, ids, labels, stage, cached, args.repeats)
+                modelled = cost.training_step(vision, llm, model.config.compressor, sliced.plan.view_patches,
+                                              text, separators, itemsize, stage, cached)
+                step.update(tokens=ids.shape[1], flops=modelled.flops, predicted_s=modelled.seconds(peak, bandwidth))
+                out[row.name][f"stage{stage}_{'cached' if cached else 'uncached'}"] = step
+                print(f"  train {row.name} stage {stage} {'cached' if cached else 'uncached'}: "
+                      f"{step['step_s']:.2f} s/sample ({step['layer_s']:.2f} s/layer)", flush=True)
+        del model
+    return out
+
+
+def decode_fit(rows_out: dict, depth: int) -> dict:
+    """Decode time per layer and token against context, a + b·context (least squares over the rows),
+    at the real depth; and the context at which the context part is 10 % of the fixed part."""
+    from meteor.cost import decode_crossover
+
+    points = [(r["decode_context"], r["decode_layer_s"]) for r in rows_out.values()]
+    if len(points) < 2 or len({x for x, _ in points}) < 2:
+        return {}
+    xs, ys = zip(*points)
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x in xs)
+    fixed = mean_y - slope * mean_x
+    rest = statistics.fmean(r["decode_token_s"] - depth * r["decode_layer_s"] for r in rows_out.values())
+    fixed_total = rest + depth * fixed
+    return {"fixed_s": fixed_total, "per_context_token_s": depth * slope,
+            "crossover_10pct": decode_crossover(fixed_total, depth * slope, 0.1)}
+
+
+# --- the report ------------------------------------------------------------------------------------------
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def tables(results: dict, args) -> str:
+    depth_note = f"{args.layers} layers measured, extrapolated to the real depth"
+    lines = [f"machine: {results['machine']}; {depth_note}; load average before/after "
+             f"{results['load_average']['before']} / {results['load_average']['after']}; "
+             f"wall {results['wall_s']:.0f} s", ""]
+    for dtype, rows_out in results["inference"].items():
+        rates = results["rates"][dtype]
+        reference = rows_out.get(REFERENCE)
+        lines += [f"### {dtype}: one 1008×672 image, {args.text_tokens} text tokens, {args.decode_tokens} decoded "
+                  f"(matmul {rates['peak_flops'] / 1e9:.0f} GFLOP/s, copy {rates['bandwidth'] / 1e9:.1f} GB/s)", "",
+                  "| row | visual tokens | prompt | vision s | compression s | prefill s | TTFT s | decode tok/s "
+                  "| KV cache MB | extra peak MB (measured depth) | prefill speed-up vs UHD-144 | token bound "
+                  "| of bound |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, r in rows_out.items():
+            if reference:
+                speedup = reference["prefill_s"] / r["prefill_s"]
+                bound = reference["prompt_tokens"] / r["prompt_tokens"]
+                ratio = f"{speedup:.2f}× | {bound:.2f}× | {100 * speedup / bound:.0f}%"
+            else:
+                ratio = "– | – | –"
+            lines.append(f"| {name} | {r['visual_tokens']} | {r['prompt_tokens']} | {r['vision_s']:.2f} | "
+                         f"{r['compression_s']:.3f} | {r['prefill_s']:.2f} | {r['ttft_s']:.2f} | "
+                         f"{1 / r['decode_token_s']:.3f} | {_mb(r['kv_cache_bytes'])} | "
+                         f"{_mb(r['peak_extra_bytes'])} | {ratio} |")
+        lines += [""] + decode_table(results, dtype, args) + [""]
+        lines += [f"cost model, {dtype}: predicted = Σ over ops of max(FLOPs / {rates['peak_flops'] / 1e9:.0f} GFLOP/s, "
+                  f"bytes / {rates['bandwidth'] / 1e9:.1f} GB/s)", "",
+                  "| row | stage | GFLOP | GB moved | predicted s | measured s | error | achieved GFLOP/s | of peak |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, stages in results["cost"][dtype].items():
+            for stage, c in stages.items():
+                lines.append(f"| {name} | {stage} | {c['flops'] / 1e9:,.2f} | {c['bytes'] / 1e9:,.2f} | "
+                             f"{c['predicted_s']:.3f} | {c['measured_s']:.3f} | {100 * c['error']:+.0f}% | "
+                             f"{c['achieved_flops'] / 1e9:,.1f} | {100 * c['achieved_flops'] / rates['peak_flops']:.0f}% |")
+        errors = [abs(c["error"]) for stages in results["cost"][dtype].values() for c in stages.values()]
+        lines += ["", f"largest cost-model error ({dtype}): {100 * max(errors):.0f}% "
+                  f"(target ≤ 25%: {'met' if max(errors) <= 0.25 else 'MISSED'})", ""]
+        if args.peak_tflops:
+            lines += projection(results, dtype, args)
+    if results["training"]:
+        lines += training_table(results, args)
+    return "\n".join(lines)
+
+
+def decode_table(results: dict, dtype: str, args) -> list[str]:
+    """Decode speed per budget against UHD-144, the paper-like TPS, and where decoding stops mattering."""
+    rows_out = results["inference"][dtype]
+    reference = rows_out.get(REFERENCE)
+    n = args.answer_tokens
+
+    def tps(r: dict) -> float:
+        return n / (r["ttft_s"] + n * r["decode_token_s"])
+
+    lines = [f"| row | mean context | decode tok/s | vs UHD-144 | TPS, {n}-token answer incl. TTFT | vs UHD-144 "
+             f"| paper TPS (vs UHD) | answer tokens at which decoding = prefill |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows_out.items():
+        decode_change = tps_change = "–"
+        if reference:
+            decode_change = f"{100 * (reference['decode_token_s'] / r['decode_token_s'] - 1):+.1f}%"
+            tps_change = f"{100 * (tps(r) / tps(reference) - 1):+.1f}%"
+        paper = PAPER.get(name)
+        paper_text = f"{paper[1]} ({100 * (paper[1] / PAPER[REFERENCE][1] - 1):+.1f}%)" if paper else "–"
+        lines.append(f"| {name} | {r['decode_context']} | {1 / r['decode_token_s']:.3f} | {decode_change} | "
+                     f"{tps(r):.3f} | {tps_change} | {paper_text} | {r['prefill_s'] / r['decode_token_s']:,.0f} |")
+    fit = results["decode_fit"].get(dtype) or {}
+    if fit:
+        lines += ["", f"decode step = {fit['fixed_s'] * 1e3:,.0f} ms + {fit['per_context_token_s'] * 1e6:,.1f} µs "
+                  f"per token of context (least squares over the rows): the context's share of a step reaches 10% "
+                  f"at {fit['crossover_10pct']:,.0f} tokens of context; below that, fewer visual tokens barely "
+                  f"change decoding speed."]
+    return lines
+
+
+def projection(results: dict, dtype: str, args) -> list[str]:
+    """The cost model at the GPU rates the user gave, at the real depth: a projection, not a measurement."""
+    lines = [f"PROJECTION (cost model, not measured) at {args.peak_tflops:g} TFLOP/s and {args.bandwidth_gbs:g} GB/s, "
+             f"{dtype}, 100% of both rates (a lower bound):", "",
+             f"| row | vision s | compression s | prefill s | TTFT s | decode tok/s | TPS, {args.answer_tokens}-token answer |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, stages in results["cost"][dtype].items():
+        seconds = {stage: c["projected_s"] for stage, c in stages.items()}
+        ttft = seconds["vision"] + seconds["compression"] + seconds["prefill"]
+        tps = args.answer_tokens / (ttft + args.answer_tokens * seconds["decode_token"])
+        lines.append(f"| {name} | {seconds['vision']:.4f} | {seconds['compression']:.4f} | {seconds['prefill']:.4f} | "
+                     f"{ttft:.4f} | {1 / seconds['decode_token']:.1f} | {tps:.1f} |")
+    lines += ["", "(Σ over each stage's ops of max(FLOPs / peak, bytes / bandwidth): no kernel overheads, no "
+              "Python; decoding is bandwidth-bound.)", ""]
+    return lines
+
+
+def training_table(results: dict, args) -> list[str]:
+    out = results["training"]
+    reference = out.get(REFERENCE)
+    lines = [f"### training, {args.train_dtype}: one sample per step, forward + backward, no optimizer step "
+             f"(LLM at the real depth)", "",
+             "| row | stage 1 s | stage 1, cached s | stage 2 s | stage 2, cached s | epoch ratio | cached ratio "
+             "| paper h | paper ratio | model ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def epoch(r: dict, cached: bool, key: str = "step_s") -> float:
+        suffix = "cached" if cached else "uncached"
+        return sum(STAGE_SAMPLES[s] * r[f"stage{s}_{suffix}"][key] for s in (1, 2))
+
+    for name, r in out.items():
+        ratio = cached_ratio = model_ratio = "–"
+        if reference:
+            ratio = f"{epoch(r, False) / epoch(reference, False):.3f}"
+            cached_ratio = f"{epoch(r, True) / epoch(reference, True):.3f}"
+            model_ratio = f"{epoch(r, False, 'predicted_s') / epoch(reference, False, 'predicted_s'):.3f}"
+        hours, _ = PAPER.get(name, (None, None))
+        paper = f"{hours} | {hours / PAPER[REFERENCE][0]:.3f}" if hours else "– | –"
+        lines.append(f"| {name} | {r['stage1_uncached']['step_s']:.2f} | {r['stage1_cached']['step_s']:.2f} | "
+                     f"{r['stage2_uncached']['step_s']:.2f} | {r['stage2_cached']['step_s']:.2f} | {ratio} | "
+                     f"{cached_ratio} | {paper} | {model_ratio} |")
+    lines += ["", "epoch ratio: (558K × stage-1 step + 665K × stage-2 step) against UHD-144's; model ratio: the "
+              "same from the cost model's predicted steps (uncached).", ""]
+    return lines
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+
+def _names(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {unknown or text!r}; choose from {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--rows", type=_names(ROW_NAMES), default=list(ROW_NAMES),
+                        help=f"comma-separated rows (default all: {', '.join(ROW_NAMES)})")
+    parser.add_argument("--dtypes", type=_names(tuple(DTYPES)), default=["fp32", "bf16"],
+                        help="inference dtypes, comma-separated (default fp32,bf16)")
+    parser.add_argument("--llm", choices=tuple(LLMS), default="13b", help="Vicuna-13B's widths (default) or 7B's")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers built and measured (default 2)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="depth the per-layer figures are extrapolated to (default: the LLM's, 40 / 32)")
+    parser.add_argument("--text-tokens", type=int, default=50,
+                        help="text tokens around the image at inference: 40 before, the rest after (default 50)")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="tokens generated after the prefill")
+    parser.add_argument("--answer-tokens", type=int, default=128,
+                        help="answer length of the TPS column: tokens / (TTFT + tokens × decode step)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per measurement, best kept (after a warm-up)")
+    parser.add_argument("--no-train", dest="train", action="store_false", help="skip the training steps")
+    parser.add_argument("--train-rows", type=_names(TRAIN_ROWS), default=list(TRAIN_ROWS))
+    parser.add_argument("--train-dtype", choices=tuple(DTYPES), default="bf16")
+    parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's; 1 with --quick)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="project the cost model to a GPU of this matmul rate (needs --bandwidth-gbs)")
+    parser.add_argument("--bandwidth-gbs", type=float, default=None, help="the GPU's memory bandwidth, GB/s")
+    parser.add_argument("--quick", action="store_true",
+                        help="small widths (CLIP 64, LLM 128 of depth 4), same geometry and rows: seconds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write every figure to this JSON file")
+    parser.add_argument("--markdown", default=None, help="write the tables to this file")
+    return parser
+
+
+def check(args) -> None:
+    if (args.peak_tflops is None) != (args.bandwidth_gbs is None):
+        raise ValueError("a GPU projection needs both --peak-tflops and --bandwidth-gbs")
+    if args.layers < 1 or args.decode_tokens < 1 or args.repeats < 1:
+        raise ValueError("--layers, --decode-tokens and --repeats must be ≥ 1")
+    if args.text_tokens < 10:
+        raise ValueError(f"--text-tokens must be ≥ 10 (10 follow the image), got {args.text_tokens}")
+    if args.quick:
+        args.decode_tokens = min(args.decode_tokens, 4)
+        # small ops on a shared machine: one thread avoids waiting at every parallel region
+        args.threads = args.threads or 1
+
+
+def main(argv=None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    check(args)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
