@@ -166,6 +166,7 @@ class MeteorProcessor:
         another tokenizer.json, without ``legacy``, which splits text differently). One built in
         memory is saved with its own ``save_pretrained``."""
         folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         source = _tokenizer_source(self.tokenizer)
         attempts = ([("its original files", lambda out: _copy_tokenizer_files(source, out))] if source else [])
         attempts.append(("save_pretrained", self.tokenizer.save_pretrained))
@@ -221,6 +222,9 @@ def prepare_tokenizer(tokenizer, image_token: str) -> int:
     and Vicuna ship none; LLaVA pads with unk, and padded positions are masked anyway). Returns the
     placeholder's id. Also checks that the placeholder and EOS each read as one id inside text."""
     token_id = ensure_image_token(tokenizer, image_token)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{type(tokenizer).__name__} {tokenizer.name_or_path!r} has no end-of-sequence token, "
+                         f"which ends every answer: give it one (eos_token in tokenizer_config.json)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     for name, text, expected in (("image placeholder", image_token, token_id),

@@ -1,0 +1,56 @@
+"""LLaVA records: a sample whose labels cannot be aligned is skipped and named; a run of nothing but
+skipped records stops before its first step."""
+
+import json
+
+import pytest
+
+from meteor.data import LlavaDataset, RecordError, SkipReport
+from meteor.demo.tiny import tiny_llava_data, tiny_model
+from meteor.train import TrainConfig, TrainConfigError, train
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(seed=0)
+
+
+def test_a_sample_whose_answer_cannot_be_aligned_is_skipped_and_named(tiny):
+    _, processor = tiny
+    processor.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    try:
+        records = [{"id": "glued", "conversations": [{"from": "human", "value": "What colo"},
+                                                     {"from": "gpt", "value": "ur is it"}]},
+                   {"id": "fine", "conversations": [{"from": "human", "value": "What colour is it?"},
+                                                    {"from": "gpt", "value": " red"}]}]
+        dataset = LlavaDataset(records, None, processor, template="chat_template")
+        with pytest.raises(RecordError, match="record 'glued': tokenization mismatch: an answer boundary"):
+            dataset.encode(0)
+        report = SkipReport()
+        try:
+            dataset.encode(0)
+        except RecordError as err:
+            report.add(err)
+        assert report.counts == {"tokenization mismatch": 1} and "glued" in report.summary()
+        assert dataset.encode(1).record_id == "fine"
+    finally:
+        processor.tokenizer.chat_template = None
+
+
+def test_a_run_whose_every_record_is_skipped_stops_before_any_step(tiny, tmp_path):
+    """Two malformed records: the run used to fail at its first step with 'element 0 of tensors
+    does not require grad'."""
+    model, processor = tiny
+    model.save_pretrained(tmp_path / "base", processor)
+    records = json.loads(tiny_llava_data(tmp_path / "data", 2).read_text())
+    records[0]["conversations"] = [{"from": "human", "value": "<image>\nhi"}]
+    records[1]["image"] = "images/missing.png"
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(records))
+    config = TrainConfig(stage=1, data=str(data), image_folder=str(tmp_path / "data"), model=str(tmp_path / "base"),
+                         output_dir=str(tmp_path / "run"), global_batch_size=2, per_device_batch_size=2, max_steps=1)
+    with pytest.raises(TrainConfigError, match=r"every record of .*bad.json would be skipped \(2 of 2\)") as caught:
+        train(config)
+    message = str(caught.value)
+    assert "record 'tiny-0': malformed conversation" in message and "record 'tiny-1': missing image" in message
+    assert not (tmp_path / "run" / "log.jsonl").exists()
