@@ -32,7 +32,7 @@ from meteor.modeling import LlavaMeteor
 from meteor.processor import MeteorProcessor
 from meteor.vision import VisionTower
 
-spm = pytest.importorskip("sentencepiece")
+import sentencepiece as spm
 
 SENTENCES = [VICUNA_SYSTEM, "USER: What is in the image? ASSISTANT: a red circle, a blue square.",
              "USER: How many shapes are there? ASSISTANT: There are 3 shapes.",
