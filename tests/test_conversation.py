@@ -94,3 +94,17 @@ def test_an_answer_boundary_inside_a_token_is_a_mismatch_not_shifted_labels(toke
         tokenize(glued, render(_turns("What colo", "ur is it"), "chat_template", glued))
     with pytest.raises(TokenizationMismatch, match="no token of its own"):
         tokenize(tokenizer, Rendered("What is it?", ((11, 11),), True))
+
+
+def test_a_generation_prompt_ending_in_a_space_keeps_the_space_with_the_answer(tokenizer):
+    """"ASSISTANT: " + "red": in the whole string the space merges into "Ġred", so the answer's
+    span starts before it and the generation prompt ends with "ASSISTANT:", as in vicuna_v1."""
+    spaced = tiny_tokenizer()
+    spaced.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+                            "{% else %}ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
+                            "{% if add_generation_prompt %}ASSISTANT: {% endif %}")
+    rendered = render(_turns("What colour?", "red"), "chat_template", spaced)
+    assert _spans(rendered) == [" red</s>"]
+    ids, labels = tokenize(spaced, rendered)
+    assert spaced.convert_ids_to_tokens([t for t, label in zip(ids, labels) if label != IGNORE_INDEX]) == ["Ġred", "</s>"]
+    assert render(_turns("What colour?", "red")[:1], "chat_template", spaced).text == "USER: What colour? ASSISTANT:"

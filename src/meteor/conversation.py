@@ -141,7 +141,10 @@ def _render_vicuna(turns: Sequence[Turn], eos: str) -> Rendered:
 def _render_chat_template(turns: Sequence[Turn], tokenizer) -> Rendered:
     """The tokenizer's own chat template. Answer i's span runs from the end of the prompt rendered
     with the turns before it and the generation prompt, to the end of the prompt rendered with it,
-    less trailing white space (so Qwen's "<|im_end|>" is supervised, the newline after it is not)."""
+    less trailing white space (so Qwen's "<|im_end|>" is supervised, the newline after it is not).
+    A generation prompt that ends with spaces ("ASSISTANT: ") loses them, and an answer's span
+    starts before them: in the whole string they merge into the answer's first token, as in
+    vicuna_v1, so the model is prompted as it was trained."""
     messages = [{"role": "user" if turn.role == "human" else "assistant", "content": turn.text}
                 for turn in turns]
 
@@ -150,7 +153,7 @@ def _render_chat_template(turns: Sequence[Turn], tokenizer) -> Rendered:
                                              add_generation_prompt=generation)
 
     if turns[-1].role == "human":
-        return Rendered(apply(len(messages), True), (), False)
+        return Rendered(apply(len(messages), True).rstrip(" "), (), False)
     text = apply(len(messages), False)
     answers = []
     for index, message in enumerate(messages):
@@ -162,7 +165,7 @@ def _render_chat_template(turns: Sequence[Turn], tokenizer) -> Rendered:
                 f"the chat template of {tokenizer.name_or_path or type(tokenizer).__name__} renders turn "
                 f"{index} differently once later turns follow (it rewrites earlier turns), so its answers "
                 f"cannot be located in the whole conversation; use vicuna_v1")
-        start = len(before)
+        start = len(before.rstrip(" "))
         answers.append((start, max(start, len(through.rstrip()))))
     return Rendered(text, tuple(answers), False)
 

@@ -168,7 +168,8 @@ class MeteorProcessor:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         source = _tokenizer_source(self.tokenizer)
-        attempts = ([("its original files", lambda out: _copy_tokenizer_files(source, out))] if source else [])
+        names = TOKENIZER_FILES + tuple(getattr(self.tokenizer, "vocab_files_names", {}).values())
+        attempts = ([("its original files", lambda out: _copy_tokenizer_files(source, out, names))] if source else [])
         attempts.append(("save_pretrained", self.tokenizer.save_pretrained))
         problems = []
         for how, write in attempts:
@@ -269,7 +270,7 @@ def ensure_image_token(tokenizer, image_token: str) -> int:
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "tekken.json",
                    "chat_template.jinja", "chat_template.json", "additional_chat_templates")
-"""File names a Hugging Face tokenizer folder may hold, besides those its class names."""
+"""File names a Hugging Face tokenizer folder may hold (its class may name more)."""
 
 _PROBES = (
     f"{VICUNA_SYSTEM} USER: <image>\nWhat is in the image? ASSISTANT: a red circle</s>USER: And? ASSISTANT:",
@@ -300,18 +301,22 @@ def tokenizer_difference(expected, actual) -> str | None:
 
 
 def _tokenizer_source(tokenizer) -> Path | None:
-    """The local folder the tokenizer was loaded from, if any."""
-    name = getattr(tokenizer, "name_or_path", "") or ""
-    folder = Path(name) if name else None
-    if folder is None or not folder.is_dir():
-        return None
-    return folder if any((folder / file).exists() for file in TOKENIZER_FILES) else None
+    """The local folder the tokenizer was loaded from, if any: its ``name_or_path``, or for one
+    loaded by hub name, the cached folder its vocabulary file lies in."""
+    kwargs = getattr(tokenizer, "init_kwargs", {}) or {}
+    files = [kwargs.get(key) for key in ("vocab_file", "tokenizer_file")]
+    candidates = [getattr(tokenizer, "name_or_path", "")] + [str(Path(f).parent) for f in files if f]
+    for name in candidates:
+        folder = Path(name) if name else None
+        if folder is not None and folder.is_dir() and any((folder / f).exists() for f in TOKENIZER_FILES):
+            return folder
+    return None
 
 
 def _copy_tokenizer_files(source: Path, out: str | Path, names: Sequence[str] = TOKENIZER_FILES) -> None:
     for name in names:
         path = source / name
         if path.is_dir():
-            shutil.copytree(path, Path(out) / name)
+            shutil.copytree(path, Path(out) / name, dirs_exist_ok=True)
         elif path.is_file():
             shutil.copy2(path, Path(out) / name)
