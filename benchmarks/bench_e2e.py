@@ -735,7 +735,7 @@ def _names(allowed: tuple[str, ...]):
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--rows", type=_names(ROW_NAMES), default=list(ROW_NAMES),
                         help=f"comma-separated rows (default all: {', '.join(ROW_NAMES)})")
-    parser.add_argument("--dtypes", type=_names(tuple(DTYPES)), default=["fp32", "bf16"],
+    parser.add_argument("--dtypes", "--dtype", type=_names(tuple(DTYPES)), default=["fp32", "bf16"],
                         help="inference dtypes, comma-separated (default fp32,bf16)")
     parser.add_argument("--llm", choices=tuple(LLMS), default="13b", help="Vicuna-13B's widths (default) or 7B's")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers built and measured (default 2)")
