@@ -198,11 +198,8 @@ class Pipeline:
 
         from .world.captions import foil_caption, item_phrases
 
-        corpus_config = self.clip_corpus_config(world)
-        step = CachedFolder(self.out / "clip", {"world": world.config.to_dict(), "vocab": self.config.vocab_size,
-                                        "clip": asdict(self.config.clip), "corpus": corpus_config.to_dict(),
-                                        "foils": self.config.clip_foils, "regions": self.config.clip_regions},
-                    self.force)
+        corpus_config = self.clip_corpus_config(world.config)
+        step = CachedFolder(self.out / "clip", self.clip_key(world.config), self.force)
         if step.done:
             self.reused.append("clip")
             return step.folder
@@ -247,12 +244,18 @@ class Pipeline:
                 shutil.copy2(item, folder / item.name)
         return True
 
-    def clip_corpus_config(self, world: WorldManifest) -> WorldConfig:
+    def clip_key(self, world: WorldConfig) -> dict[str, Any]:
+        """Everything the tiny CLIP depends on (the shipped one carries the key it was made with)."""
+        return {"world": world.to_dict(), "vocab": self.config.vocab_size, "clip": asdict(self.config.clip),
+                "corpus": self.clip_corpus_config(world).to_dict(), "foils": self.config.clip_foils,
+                "regions": self.config.clip_regions}
+
+    def clip_corpus_config(self, world: WorldConfig) -> WorldConfig:
         """The CLIP's images: the world itself, or its unsliced companion (same seed and scene
         distribution, one view per image; only its train split is used)."""
         if not self.config.clip_images:
-            return world.config
-        return dataclasses.replace(world.config, n_train_images=self.config.clip_images, n_test_images=1,
+            return world
+        return dataclasses.replace(world, n_train_images=self.config.clip_images, n_test_images=1,
                                    slice_mix=(0,))
 
     def clip_corpus(self, world: WorldManifest, config: WorldConfig) -> WorldManifest:
