@@ -98,8 +98,10 @@ def test_visual_tokens_count_every_view():
     unsliced = visual_tokens([(112, 112)], 16, world)
     assert unsliced == {"per_view": 16.0, "per_image": 16.0}
     assert visual_tokens([(112, 112)], None, world) == {"per_view": 64.0, "per_image": 64.0}
+    # 224² at base 112 is 4 slices (2×2) and the global view: 5 views, against the unsliced image's 1.
     sliced = visual_tokens([(112, 112), (224, 224)], 16, world)
-    assert sliced["per_view"] == 16.0 and sliced["per_image"] > 16.0
+    assert sliced == {"per_view": 16.0, "per_image": (16 + 5 * 16) / 2}
+    assert visual_tokens([(112, 112), (224, 224)], None, world) == {"per_view": 64.0, "per_image": (64 + 5 * 64) / 2}
 
 
 # --- the command line ---------------------------------------------------------------------------------

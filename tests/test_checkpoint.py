@@ -53,7 +53,8 @@ def test_state_refuses_objects_a_weights_only_load_cannot_read(tmp_path):
     """state.pt is loaded with weights_only=True: something that needs arbitrary pickle to load is
     reported as a damaged checkpoint, never executed."""
     path = save_checkpoint(tmp_path, 1, _weights(), {"thing": _Opaque()}, {})
-    with pytest.raises(RuntimeError, match=r"(?s)checkpoint-1 is damaged \(UnpicklingError.*delete it to resume from the previous"):
+    refusal = r"(?s)checkpoint-1 is damaged \(UnpicklingError.*delete it to resume from the previous"
+    with pytest.raises(RuntimeError, match=refusal):
         load_checkpoint(path)
 
 

@@ -38,8 +38,8 @@ def test_workers_must_be_at_least_one(tmp_path, command):
 
 
 def test_data_synth_text_options_reach_the_world_and_bad_ones_are_named(tmp_path):
-    done = _meteor("data", "synth", "--out", "world", "--train-images", "3", "--test-images", "1",
-                   "--number-digits", "1", "--text-height", "1.5", "2", "--text-stroke", "0.05", cwd=tmp_path)
+    done = _meteor("data", "synth", "--out", "world", "--n-train-images", "3", "--n-test-images", "1",
+                   "--number-digits", "1", "--text-height-patches", "1.5", "2", "--text-stroke", "0.05", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "world" / "manifest.json").read_text())["config"]
     assert config["number_digits"] == 1 and config["text_height_patches"] == [1.5, 2.0]
@@ -54,7 +54,7 @@ def test_data_synth_then_eval_reach_each_stage_alone(tmp_path):
 
     from meteor.demo.tiny import tiny_model
 
-    done = _meteor("data", "synth", "--out", "world", "--train-images", "2", "--test-images", "2",
+    done = _meteor("data", "synth", "--out", "world", "--n-train-images", "2", "--n-test-images", "2",
                    "--base-size", "56", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "world" / "test.jsonl").is_file() and "wrote world" in done.stdout
@@ -65,4 +65,11 @@ def test_data_synth_then_eval_reach_each_stage_alone(tmp_path):
                    "--image-folder", "world/images", "--out", "eval", "--limit", "3", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
-    assert scores["questions"] == 3 and "all" in scores["accuracy"]
+    assert scores["questions"] == 3 and scores["accuracy"]["all"]["questions"] == 3
+    # The score is the world's exact match over the predictions the command wrote, recomputed here.
+    from meteor.evaluation.world import world_exact_match
+
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    hits = sum(world_exact_match(row["prediction"], row["answer"]) for row in rows)
+    assert scores["accuracy"]["all"]["accuracy"] == round(hits / 3, 4)

@@ -70,13 +70,25 @@ def test_the_second_phase_asks_one_balanced_question_per_scene_after_the_first_p
     assert abs(exist.count("yes") - exist.count("no")) <= 1
 
 
-@pytest.mark.parametrize("fields", [dict(scenes=0), dict(steps=0), dict(focus_scenes=10),
-                                    dict(focus_steps=10, focus_scenes=0), dict(focus_scenes=-1, focus_steps=-1),
-                                    dict(refine_steps=5), dict(refine_steps=-1),
-                                    dict(focus_scenes=10, focus_steps=10, refine_steps=5, refine_learning_rate=0)])
-def test_impossible_recipes_are_refused_with_the_fix(fields):
+FIRST_PHASE = r"needs scenes, steps and batch_size ≥ 1, got "
+SECOND_PHASE = r"second phase needs focus_scenes and focus_steps both 0 \(no second phase\) or both ≥ 1.*got "
+THIRD_PHASE = r"third phase needs refine_steps ≥ 0 \(0: none\), a second phase to continue.*got "
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(scenes=0), FIRST_PHASE + "0, "), (dict(steps=0), FIRST_PHASE + r"\d+, 0, "),
+    (dict(focus_scenes=10), SECOND_PHASE + "10, 0, "),
+    (dict(focus_steps=10, focus_scenes=0), SECOND_PHASE + "0, 10, "),
+    (dict(focus_scenes=-1, focus_steps=-1), SECOND_PHASE + "-1, -1, "),
+    (dict(refine_steps=5), THIRD_PHASE + "refine_steps=5, focus_steps=0,"),
+    (dict(refine_steps=-1), THIRD_PHASE + "refine_steps=-1,"),
+    (dict(focus_scenes=10, focus_steps=10, refine_steps=5, refine_learning_rate=0),
+     THIRD_PHASE + "refine_steps=5, focus_steps=10, refine_learning_rate=0$"),
+])
+def test_impossible_recipes_are_refused_with_the_fix(fields, words):
+    """Each refusal names the phase, the rule that fixes it, and the values given."""
     base = dict(focus_scenes=0, focus_steps=0, refine_steps=0)
-    with pytest.raises(ConfigError, match="LanguagePretraining"):
+    with pytest.raises(ConfigError, match="LanguagePretraining('s)? " + words):
         LanguagePretraining(**{**base, **fields})
 
 

@@ -188,10 +188,13 @@ def test_slices_follow_the_crop_boxes_row_major():
         torch.testing.assert_close(view.mean(dim=(1, 2)), torch.tensor(colour) / 255, atol=1e-6, rtol=0)
 
 
-def test_unsliced_image_has_no_slices():
+def test_unsliced_image_has_no_slices_and_one_global_view_of_the_planned_size():
     sliced = slice_image(Image.new("RGB", (300, 200)))
     assert sliced.slices.shape == (0, 3, 0, 0)
     assert len(sliced.views()) == 1
+    width, height = plan_slices(300, 200).global_size
+    # Upscaled to about 336² in area with the 3:2 aspect kept: 406×266, i.e. 29×19 patches.
+    assert (width, height) == (406, 266) and sliced.global_view.shape == (3, height, width)
 
 
 def test_non_rgb_inputs_go_through_load_image():
@@ -247,8 +250,14 @@ def test_keep_all_tokens_with_a_callable_and_a_sequence():
     assert text == "I,II\nIII,IIII\nIIIII,IIIIII\nIIIIIII"
 
 
-@pytest.mark.parametrize("tokens, error", [(0, ValueError), ([1, 2], ValueError), (True, TypeError),
-                                           (lambda grid: -1, ValueError), ("144", TypeError)])
-def test_bad_token_counts_are_refused(tokens, error):
-    with pytest.raises(error):
+@pytest.mark.parametrize("tokens, error, words", [
+    (0, ValueError, "view 0 would get 0 visual tokens"),
+    ([1, 2], ValueError, r"2 counts but the plan has 7 views \(6 slices \+ the global view\)"),
+    (True, TypeError, "int, a sequence of ints or a callable, got bool"),
+    (lambda grid: -1, ValueError, "view 0 would get -1 visual tokens"),
+    ([3, 3, 3, 3, 3, 2.5, 3], ValueError, "view 5 would get 2.5"),
+    ("144", TypeError, "got str"),
+])
+def test_bad_token_counts_are_refused_naming_the_view_and_value(tokens, error, words):
+    with pytest.raises(error, match=words):
         layout_tokens(plan_slices(672, 1008), tokens)

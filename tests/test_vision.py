@@ -149,13 +149,19 @@ def test_encode_views_keeps_input_order(eager_model):
         torch.testing.assert_close(out.cls_attention, alone.cls_attention, rtol=1e-5, atol=1e-6)
 
 
-def test_bfloat16_tower():
+def test_bfloat16_tower_matches_the_float32_one_to_bfloat16_precision(eager_model):
     torch.manual_seed(0)
     tower = VisionTower.from_config(tiny_vision_config(), dtype="bf16")
+    tower.clip.load_state_dict(eager_model.state_dict())        # the same weights, rounded to bf16
     assert all(p.dtype == torch.bfloat16 for p in tower.parameters())
-    out = tower(torch.randn(2, 3, 42, 70))
-    assert out.patch_tokens.dtype == torch.bfloat16
+    pixels = torch.randn(2, 3, 42, 70)
+    out = tower(pixels)
+    assert out.patch_tokens.dtype == torch.bfloat16 and out.cls_attention.dtype == torch.float32
     torch.testing.assert_close(out.cls_attention.sum(-1), torch.ones(2))
+    tokens, row = reference(eager_model, pixels, -2)
+    scale = float(tokens.abs().max())
+    torch.testing.assert_close(out.patch_tokens.float(), tokens, rtol=0, atol=0.03 * scale)  # measured: ~1%
+    torch.testing.assert_close(out.cls_attention, row, rtol=0, atol=0.02 * float(row.max()))
 
 
 def test_from_config_exposes_geometry():
