@@ -1,4 +1,4 @@
-"""Flash Global Fusion (meteor/fusion.py): L2S, the instruction token, and which outputs are F and INS'.
+"""Flash Global Fusion (meteor/projectors/top_down/fusion.py): L2S, the instruction token, and which outputs are F and INS'.
 
 The compressor built on it is tested in test_top_down.py, the Mamba block in test_mamba.py."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from meteor.config import CompressorConfig
-from meteor.fusion import FlashGlobalFusion, insert_at_centre, interleave, local_to_single
+from meteor.projectors.top_down.fusion import FlashGlobalFusion, insert_at_centre, interleave, local_to_single
 
 
 def test_local_to_single_is_a_border_aware_window_mean():

@@ -1,4 +1,4 @@
-"""The bidirectional Mamba-1 block (meteor/mamba.py), held to a slow step-by-step reference.
+"""The bidirectional Mamba-1 block (meteor/projectors/top_down/mamba.py), held to a slow step-by-step reference.
 
 The reference below is written from mamba.py's documented math, in plain PyTorch with a Python loop
 over time steps and the library's nn.Conv1d: it shares no code with the module's channels-last
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from meteor.config import CompressorConfig
-from meteor.mamba import BiMamba, FusionLayer, ScanDirection, causal_depthwise_conv
+from meteor.projectors.top_down.mamba import BiMamba, FusionLayer, ScanDirection, causal_depthwise_conv
 
 WIDTH, D_STATE, EXPAND, D_CONV, DT_RANK = 6, 3, 2, 3, 2
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from meteor.config import CompressorConfig
-from meteor.selection import (VisualNativeSelection, aggregate_scores, native_scores, native_weight,
+from meteor.projectors.top_down.selection import (VisualNativeSelection, aggregate_scores, native_scores, native_weight,
                               select_top_k, visual_scores)
 
 

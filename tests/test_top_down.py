@@ -9,7 +9,7 @@ import torch
 
 from meteor.config import CompressorConfig
 from meteor.projectors import TopDownCompression, count_parameters, parameter_report
-from meteor.selection import native_scores, visual_scores
+from meteor.projectors.top_down.selection import native_scores, visual_scores
 
 GRID = (3, 4)
 
@@ -188,7 +188,7 @@ def test_parameter_counts_partition_every_parameter_of_the_module(overrides):
 
 
 def _fgf_layer_parameters(c, d, n=16, expand=2, d_conv=4, merge="mean"):
-    """Closed form of one FusionLayer (see meteor/mamba.py): LayerNorm, shared in/out projections,
+    """Closed form of one FusionLayer (see meteor/projectors/top_down/mamba.py): LayerNorm, shared in/out projections,
     and per direction a depthwise conv, the Δ/B/C projections, A_log and D."""
     d_inner, dt_rank = expand * c, -(-c // 16)
     per_direction = (d_inner * d_conv + d_inner + d_inner * (dt_rank + 2 * n)

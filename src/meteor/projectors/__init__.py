@@ -1,9 +1,9 @@
 """The vision-to-language projectors, by the name ``CompressorConfig.projector`` gives them.
 
-* ``top_down``: Top-Down Compression, the paper's (``"meteor"``);
-* ``mlp``: what they all share (``CompressionOutput``, LLaVA-1.5's ``Mlp2xGelu``) and LLaVA-1.5's
-  uncompressed projector (``"mlp"``);
-* ``baselines``: the compressing comparisons of the paper's Tables 1 and 4.
+* ``top_down/``: Top-Down Compression, the paper's method (``"meteor"``);
+* ``mlp``: what they all share: ``CompressionOutput`` and LLaVA-1.5's ``Mlp2xGelu``;
+* ``baselines``: the comparisons of the paper's Tables 1 and 4 (LLaVA-1.5's all-tokens MLP,
+  LLaVA-UHD's resampler, pooling, CLS and random Top-K).
 
     from meteor.projectors import build_projector
     projector = build_projector(CompressorConfig(projector="cls_topk", tokens_per_slice=64))
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..config import CompressorConfig, ProjectorName
-from .baselines import AvgPool, ClsTopK, RandomTopK, Resampler
-from .mlp import AllTokensMLP, CompressionOutput, Mlp2xGelu
+from .baselines import AllTokensMLP, AvgPool, ClsTopK, RandomTopK, Resampler
+from .mlp import CompressionOutput, Mlp2xGelu
 from .top_down import TopDownCompression
 
 PROJECTORS: dict[str, type[nn.Module]] = {

@@ -1,9 +1,9 @@
-"""The compressing baselines of the paper's comparisons (Tables 1 and 4), on the projectors' interface.
+"""The baselines of the paper's comparisons (Tables 1 and 4), on the projectors' interface.
 
 Each takes a batch of views sharing one patch grid (patch tokens (B, H·W, C) and the CLS attention
 row (B, H·W)) and returns a ``CompressionOutput`` with K tokens of width D per view. Indices are
 the kept patch positions where tokens are patches (the Top-K baselines), and None where tokens are
-mixtures (pooling, resampler). LLaVA-1.5's uncompressed MLP is ``mlp.AllTokensMLP``.
+mixtures (pooling, resampler); and LLaVA-1.5's projector, which keeps every token.
 """
 
 from __future__ import annotations
@@ -15,8 +15,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CompressorConfig
-from ..selection import select_top_k, visual_scores
+from .top_down.selection import select_top_k, visual_scores
 from .mlp import CompressionOutput, Mlp2xGelu
+
+
+class AllTokensMLP(nn.Module):
+    """LLaVA-1.5 (``projector="mlp"``): the 2-layer MLP on every patch token, no compression."""
+
+    tokenwise = True
+
+    def __init__(self, config: CompressorConfig):
+        super().__init__()
+        self.mlp = Mlp2xGelu(config)
+
+    def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
+        batch, length, _ = patch_tokens.shape
+        indices = torch.arange(length, device=patch_tokens.device).expand(batch, length)
+        return CompressionOutput(self.mlp(patch_tokens), indices, visual_scores(cls_attention), None, None,
+                                 grid, mlp_inputs=patch_tokens)
 
 
 class ClsTopK(nn.Module):

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from ..config import CompressorConfig
-from ..selection import visual_scores
 
 
 class Mlp2xGelu(nn.Module):
@@ -54,19 +53,3 @@ class CompressionOutput:
     selection: Flash Global Fusion's output Fⁱ for Top-Down Compression, the patch token itself for
     the MLP, Top-K and pooling baselines; None for projectors that are not token-wise (the
     resampler). ``projector.mlp(mlp_inputs[:, i])`` is what patch i would become in the LLM."""
-
-
-class AllTokensMLP(nn.Module):
-    """LLaVA-1.5 (``projector="mlp"``): the 2-layer MLP on every patch token, no compression."""
-
-    tokenwise = True
-
-    def __init__(self, config: CompressorConfig):
-        super().__init__()
-        self.mlp = Mlp2xGelu(config)
-
-    def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
-        batch, length, _ = patch_tokens.shape
-        indices = torch.arange(length, device=patch_tokens.device).expand(batch, length)
-        return CompressionOutput(self.mlp(patch_tokens), indices, visual_scores(cls_attention), None, None,
-                                 grid, mlp_inputs=patch_tokens)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CompressorConfig
+from ...config import CompressorConfig
 from .mamba import FusionLayer
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import CompressorConfig
-from ..fusion import FlashGlobalFusion
-from ..selection import VisualNativeSelection
-from .mlp import CompressionOutput, Mlp2xGelu
+from ...config import CompressorConfig
+from .fusion import FlashGlobalFusion
+from .selection import VisualNativeSelection
+from ..mlp import CompressionOutput, Mlp2xGelu
 
 
 class TopDownCompression(nn.Module):

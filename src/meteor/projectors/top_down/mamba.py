@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CompressorConfig
-from .ops import selective_scan
+from ...config import CompressorConfig
+from ...ops import selective_scan
 
 
 class ScanDirection(nn.Module):

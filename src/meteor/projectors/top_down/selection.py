@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import CompressorConfig
+from ...config import CompressorConfig
 
 
 def visual_scores(cls_attention: torch.Tensor) -> torch.Tensor:
