@@ -198,3 +198,16 @@ def test_truncation_is_counted_and_reported(assets, tmp_path, capsys):
     assert "8 sample(s) were truncated to max_length=150" in capsys.readouterr().err
     with pytest.raises(TrainConfigError, match="--data"):
         train(_config(assets, tmp_path / "x", data=str(tmp_path / "nope.json")))
+
+
+def test_instruction_tuning_records_its_template_and_prompts_use_it(assets, tmp_path):
+    from meteor.config import MeteorConfig
+
+    result = train(_config(assets, tmp_path / "templated", stage=2, max_steps=1, template="auto"))
+    saved = MeteorConfig.load(result.model_dir)
+    assert saved.template == "vicuna_v1"          # auto, resolved: the tiny BPE has no chat template
+    model, processor = LlavaMeteor.from_pretrained(result.model_dir)
+    vicuna = processor(["What colour is the square?"], template="vicuna_v1").input_ids
+    assert torch.equal(processor(["What colour is the square?"]).input_ids, vicuna)
+    plain = processor(["What colour is the square?"], template="plain").input_ids
+    assert not torch.equal(plain, vicuna)

@@ -72,8 +72,15 @@ def _ablate(args: argparse.Namespace) -> int:
         config = quick_config(args.seed) if args.quick else full_config(args.seed)
         print(describe_variants(args.table, args.variant, config))
         return 0
+    seeds: dict[str, int] = {}
+    for item in args.seeds or ["1"]:
+        name, sep, count = item.rpartition("=")
+        try:
+            seeds[name if sep else "*"] = int(count)
+        except ValueError:
+            raise ValueError(f"--seeds {item!r}: give a number of seeds (3) or VARIANT=N (meteor=3)") from None
     run_ablation(out=args.out, tables=args.table, variants=args.variant, quick=args.quick, seed=args.seed,
-                 force=args.force, config=_demo_config(args))
+                 force=args.force, config=_demo_config(args), seeds=seeds)
     return 0
 
 
@@ -189,7 +196,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="table1, table2, table3 or table4 (repeatable; default: all four)")
     ablate.add_argument("--variant", action="append", default=None,
                         help="run only this variant of the chosen tables (repeatable; see --list)")
-    ablate.add_argument("--seed", type=int, default=0)
+    ablate.add_argument("--seed", type=int, default=0, help="the world's, the parts' and the first training seed")
+    ablate.add_argument("--seeds", action="append", default=None, metavar="N|VARIANT=N",
+                        help="training seeds per variant (seed, seed+1, …): N for every variant, or VARIANT=N "
+                             "for one (repeatable; default 1); finished (variant, seed) runs are reused")
     ablate.add_argument("--quick", action="store_true", help="the demo's --quick world and recipe")
     ablate.add_argument("--force", action="store_true", help="rebuild every step instead of reusing OUT")
     ablate.add_argument("--list", action="store_true", help="print the variants per table with their overrides")

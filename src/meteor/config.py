@@ -21,6 +21,10 @@ DirectionMerge = Literal["mean", "concat"]
 NativeGradient = Literal["none", "straight_through"]
 ProjectorName = Literal["meteor", "mlp", "resampler", "avgpool", "cls_topk", "random_topk"]
 """The vision-to-language projectors (``meteor.projectors.PROJECTORS`` holds their classes)."""
+Template = Literal["plain", "vicuna_v1", "chat_template", "auto"]
+"""Conversation templates (``meteor.conversation`` renders them): LLaVA's stage-1 ``plain``,
+FastChat's ``vicuna_v1``, the tokenizer's own ``chat_template``, or ``auto`` (the tokenizer's own
+when it has one, else vicuna_v1)."""
 
 CONFIG_NAME = "meteor_config.json"
 
@@ -209,6 +213,11 @@ class MeteorConfig:
     row_separator: str = "\n"
     """Text after each row of slices in LLaVA-UHD's spatial schema."""
 
+    template: Template = "auto"
+    """The conversation template the model answers in, used for every prompt built for it (chat,
+    serving, evaluation). Instruction tuning (stage 2) records the one it trained with; "auto" picks
+    the tokenizer's chat template when it has one, else vicuna_v1."""
+
     def __post_init__(self) -> None:
         if isinstance(self.compressor, dict):
             self.compressor = CompressorConfig(**_known(CompressorConfig, self.compressor))
@@ -216,6 +225,7 @@ class MeteorConfig:
         _check(self.feature_layer != 0, "feature_layer 0 is the embedding output, not a layer; "
                "use −2 (penultimate, LLaVA) or a positive layer index")
         _check(bool(self.image_token), "image_token must be a non-empty string such as '<image>'")
+        _choice("template", self.template, get_args(Template))
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -17,12 +17,13 @@ mismatch"). Generation prompts are rendered by the same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence, get_args
+from typing import Sequence, get_args
+
+from .config import Template
 
 IGNORE_INDEX = -100
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-Template = Literal["plain", "vicuna_v1", "chat_template", "auto"]
 TEMPLATES: tuple[str, ...] = get_args(Template)
 """plain: the image, then the caption (stage 1). vicuna_v1: FastChat's Vicuna v1.1 format (stage 2).
 chat_template: the tokenizer's own (``apply_chat_template``: LLaMA-3, Qwen2, Mistral, …). auto:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import MeteorConfig
-from .conversation import IGNORE_INDEX, VICUNA_SYSTEM, Turn, parse_turns, render, tokenize
+from .conversation import IGNORE_INDEX, VICUNA_SYSTEM, Turn, parse_turns, render, resolve_template, tokenize
 from .images import load_image
 from .slicing import SlicedImage, count_image_tokens, slice_image, view_token_counts
 
@@ -92,10 +92,12 @@ class MeteorProcessor:
 
     # --- text -----------------------------------------------------------------------------------
     def encode(self, conversations: Sequence[dict] | str, images: Sequence[SlicedImage] = (),
-               template: str = "vicuna_v1", for_generation: bool = False) -> tuple[list[int], list[int]]:
+               template: str | None = None, for_generation: bool = False) -> tuple[list[int], list[int]]:
         """One sample → (input_ids, labels). `conversations` is LLaVA's list of turns, or a plain
         question string (for generation). Each <image> tag consumes the next image in order.
-        Raises `TokenizationMismatch` when an answer cannot be aligned with the ids."""
+        Raises `TokenizationMismatch` when an answer cannot be aligned with the ids. ``template``
+        defaults to the model's (``MeteorConfig.template``)."""
+        template = resolve_template(self.config.template if template is None else template, self.tokenizer)
         if isinstance(conversations, str):
             turns = [Turn("human", conversations)]
         else:
@@ -134,9 +136,10 @@ class MeteorProcessor:
         return Batch(input_ids, mask, list(images), labels)
 
     def __call__(self, questions: Sequence[str] | str, images: Sequence[Any] | None = None,
-                 template: str = "vicuna_v1") -> Batch:
-        """Generation prompts: one question per sample, each with zero or one image (any format
-        `load_image` accepts, or an already prepared SlicedImage). Left-padded."""
+                 template: str | None = None) -> Batch:
+        """Generation prompts in the model's template (or ``template``): one question per sample,
+        each with zero or one image (any format `load_image` accepts, or an already prepared
+        SlicedImage). Left-padded."""
         if isinstance(questions, str):
             questions = [questions]
         images = list(images) if images is not None else [None] * len(questions)

@@ -99,6 +99,17 @@ VARIANTS = {v.name: v for v in (
 )}
 DEFAULT_VARIANT = "meteor"
 
+CLAIMS = {
+    ("table1", "resampler"): "Table 1: Top-Down Compression beats LLaVA-UHD's resampler at the same tokens",
+    ("table1", "avgpool"): "Table 1: Top-Down Compression beats pooling to the same tokens",
+    ("table1", "cls_topk"): "Table 1: Top-Down Compression beats training-free CLS Top-K at the same tokens",
+    ("table1", "random_topk"): "Table 1: Top-Down Compression beats random Top-K at the same tokens",
+    ("table2", "scan_single"): "Table 2: the local-to-single scan beats the single scan",
+    ("table3", "expert_visual"): "Table 3: both experts beat the visual expert alone",
+    ("table3", "expert_native"): "Table 3: both experts beat the native expert alone",
+}
+"""The paper's comparative claims: (table, variant) → the claim that its default beats the variant."""
+
 _UHD = PaperRow("LLaVA-UHD", "144", 60.4, 137.84, 17.2, 28.4)
 _METEOR = (PaperRow("LLaVA-Meteor 144", "144", 62.4, 37.08, 13.7, 29.1),
            PaperRow("LLaVA-Meteor 64", "64", 61.0, 37.08, 12.9, 31.3),
@@ -241,19 +252,77 @@ def measure(variant: Variant, model_dir: Path, scores: dict[str, Any], sizes: Se
 
 # --- the run ----------------------------------------------------------------------------------------
 
+def run_name(variant: str, seed_index: int) -> str:
+    """The folder name of a variant's run with its ``seed_index``-th training seed (the first keeps
+    the variant's own name, so a one-seed ablation's runs are reused by a seeded one)."""
+    return variant if seed_index == 0 else f"{variant}-seed{seed_index}"
+
+
+def seed_counts(selected: Sequence[Variant], seeds: int | dict[str, int]) -> dict[str, int]:
+    """Training seeds per variant: ``seeds`` for all, or a default under ``"*"`` and counts by name."""
+    counts = dict(seeds) if isinstance(seeds, dict) else {"*": seeds}
+    unknown = sorted(set(counts) - {"*"} - {v.name for v in selected})
+    if unknown:
+        raise ValueError(f"--seeds names variant(s) {unknown} that this ablation does not run; it runs "
+                         f"{', '.join(v.name for v in selected)}")
+    chosen = {v.name: counts.get(v.name, counts.get("*", 1)) for v in selected}
+    bad = {name: n for name, n in chosen.items() if not isinstance(n, int) or n < 1}
+    if bad:
+        raise ValueError(f"seeds must be whole numbers ≥ 1, got {bad}")
+    return chosen
+
+
+def correctness(predictions: Path) -> dict[Any, int]:
+    """question_id → 1 when the prediction is right (the world's exact match), from predictions.jsonl."""
+    from ..evaluation import read_jsonl, world_exact_match
+
+    return {row["question_id"]: int(world_exact_match(row["prediction"], row["answer"]))
+            for row in read_jsonl(predictions)}
+
+
+def summarise_seeds(per_seed: Sequence[dict[str, Any]], per_question: Sequence[dict[Any, int]],
+                    reference: Sequence[dict[Any, int]] | None, types: dict[Any, str]) -> dict[str, Any]:
+    """Per question type (and "all"): the mean accuracy over seeds ± its standard deviation, each
+    seed's value, and, given the reference variant's per-question results, the paired difference
+    to it with its 95 % interval (``meteor.evaluation.compare``)."""
+    import numpy as np
+
+    from ..evaluation.compare import paired_difference, seed_summary
+
+    questions = sorted(per_question[0], key=str)
+    accuracy, comparison = {}, {}
+    groups = {t: [q for q in questions if types.get(q) == t] for t in dict.fromkeys(types[q] for q in questions)}
+    groups["all"] = questions
+    for group, ids in groups.items():
+        values = [scores["accuracy"][group]["accuracy"] for scores in per_seed if group in scores["accuracy"]]
+        summary = seed_summary(values)
+        accuracy[group] = {"accuracy": round(summary.mean, 4), "sd": None if summary.sd is None else round(summary.sd, 4),
+                           "per_seed": list(summary.per_seed), "questions": len(ids)}
+        if reference is not None:
+            mine = np.array([[run[q] for q in ids] for run in per_question])
+            theirs = np.array([[run[q] for q in ids] for run in reference])
+            comparison[group] = paired_difference(mine, theirs).__dict__
+    return {"accuracy": accuracy, "comparison": comparison}
+
+
 def run_ablation(out: str | Path = "meteor-ablate", tables: Sequence[str] | None = None,
                  variants: Sequence[str] | None = None, quick: bool = False, seed: int = 0,
-                 force: bool = False, config: DemoConfig | None = None) -> dict[str, Any]:
+                 force: bool = False, config: DemoConfig | None = None,
+                 seeds: int | dict[str, int] = 1) -> dict[str, Any]:
     """Train and evaluate the variants of ``tables`` (all four by default; only ``variants`` if
-    given) on the demo's world with the demo's recipe; write ``out/ablation/``."""
+    given) on the demo's world with the demo's recipe, each with ``seeds`` training seeds (the
+    world, the CLIP and the LLaMA stay those of ``seed``); write ``out/ablation/``. Finished
+    (variant, seed) runs are reused, so an interrupted ablation continues where it stopped."""
     from .pipeline import open_pipeline
 
     chosen, selected = select(tables, variants)
     config = config or (quick_config(seed) if quick else full_config(seed))
     configs = {v.name: variant_config(v, config) for v in selected}       # fail before any training
+    counts = seed_counts(selected, seeds)
     pipe = open_pipeline(out, config, force)
     out, log, started = pipe.out, pipe.log, pipe.started
-    total = 4 + len(selected)
+    runs = [(v, index) for v in selected for index in range(counts[v.name])]
+    total = 4 + len(runs)
     log(f"[1/{total}] world: {config.world.n_train_images} train + {config.world.n_test_images} test images ...")
     world = pipe.world()
     log(f"[2/{total}] tokenizer (BPE, {config.vocab_size}) and tiny LLaMA {config.llama} ...")
@@ -261,16 +330,31 @@ def run_ablation(out: str | Path = "meteor-ablate", tables: Sequence[str] | None
     log(f"[3/{total}] tiny CLIP ...")
     clip = pipe.clip(world, language_model)
     sizes = _test_image_sizes(world)
-    for index, variant in enumerate(selected):
+    for index, (variant, seed_index) in enumerate(runs):
         in_tables = [t.name for t in chosen if variant.name in t.variants]
-        log(f"[{4 + index}/{total}] {variant.name} ({', '.join(in_tables)}): {variant.description} ...")
-    finished = pipe.run_variants(world, clip, language_model, [(v.name, configs[v.name]) for v in selected])
+        log(f"[{4 + index}/{total}] {variant.name}, training seed {config.seed + seed_index} "
+            f"({', '.join(in_tables)}): {variant.description} ...")
+    finished = pipe.run_variants(world, clip, language_model,
+                                 [(run_name(v.name, i), configs[v.name], config.seed + i) for v, i in runs])
+    by_variant: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for (variant, _), result in zip(runs, finished):
+        by_variant.setdefault(variant.name, []).append(result)
+    types = {row["question_id"]: row["question_type"] for row in
+             (json.loads(line) for line in world.test_path.read_text().splitlines() if line.strip())}
+    per_question = {name: [correctness(out / "eval" / run_name(name, i) / "predictions.jsonl")
+                           for i in range(len(results))] for name, results in by_variant.items()}
+    reference = per_question.get(DEFAULT_VARIANT)
     rows = {}
-    for variant, (model_dir, scores) in zip(selected, finished):
+    for variant in selected:
+        results = by_variant[variant.name]
+        model_dir, scores = results[0]
         in_tables = [t.name for t in chosen if variant.name in t.variants]
+        seeded = summarise_seeds([s for _, s in results], per_question[variant.name],
+                                 None if variant.name == DEFAULT_VARIANT else reference, types)
         rows[variant.name] = {
             "name": variant.name, "description": variant.description, "overrides": variant.overrides,
-            "tables": in_tables, "model": str(model_dir), "accuracy": scores["accuracy"],
+            "tables": in_tables, "model": str(model_dir), "models": [str(m) for m, _ in results],
+            "seeds": [config.seed + i for i in range(len(results))], **seeded,
             "questions": scores.get("questions"), **measure(variant, model_dir, scores, sizes, world.config),
             "wall_seconds": {key: pipe.timings[key] for key in (f"{variant.name}/stage1", f"{variant.name}/stage2",
                                                                 f"eval/{variant.name}") if key in pipe.timings}}
@@ -294,6 +378,21 @@ def run_ablation(out: str | Path = "meteor-ablate", tables: Sequence[str] | None
 
 def _number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    """An accuracy cell: the mean over seeds ± their standard deviation (the mean alone for one seed)."""
+    if not entry:
+        return "–"
+    sd = entry.get("sd")
+    return _number(entry["accuracy"]) + ("" if sd is None else f" ± {sd:.3f}")
+
+
+def _difference(row: dict[str, Any], group: str = "all") -> str:
+    found = row.get("comparison", {}).get(group)
+    if not found:
+        return "–"
+    return f"{found['difference']:+.3f} [{found['low']:+.3f}, {found['high']:+.3f}]"
 
 
 def _millions(value: float | None) -> str:
@@ -332,20 +431,51 @@ def markdown(results: dict[str, Any], tables: Sequence[Table]) -> str:
         rows = [results["variants"][n] for n in names]
         lines += ["", f"## {table.name}: {table.title}", ""]
         lines += _efficiency(rows, table, types) if table.efficiency else _accuracy(rows, table, types, baselines)
+        lines += _claims(results, table)
     return "\n".join(lines)
+
+
+def claim_verdicts(results: dict[str, Any], table: Table) -> list[tuple[str, str, str]]:
+    """(variant, the paper's claim about it, verdict) for every row of ``table`` the paper ranks
+    below its default: confirmed when the default's accuracy is above the row's with 95 %
+    confidence, contradicted when below, otherwise not resolved."""
+    verdicts = []
+    for name in results["tables"][table.name]["variants"]:
+        claim = CLAIMS.get((table.name, name))
+        found = results["variants"][name].get("comparison", {}).get("all")
+        if claim is None or found is None:
+            continue
+        # the comparison is the variant minus the default: the paper's claim is that it is below 0
+        verdict = "confirmed" if found["high"] < 0 else "contradicted" if found["low"] > 0 else "not resolved at 95 %"
+        verdicts.append((name, claim, verdict))
+    return verdicts
+
+
+def _claims(results: dict[str, Any], table: Table) -> list[str]:
+    verdicts = claim_verdicts(results, table)
+    if not verdicts:
+        return []
+    lines = ["", f"The paper's claims, `{DEFAULT_VARIANT}` against each row (difference of overall accuracy, "
+                 "two-level bootstrap over questions and seeds):", ""]
+    for name, claim, verdict in verdicts:
+        lines.append(f"- {claim}: **{verdict}** ({_difference(results['variants'][name])} for `{name}` − "
+                     f"`{DEFAULT_VARIANT}`, {len(results['variants'][name].get('seeds', [0]))} seed(s) against "
+                     f"{len(results['variants'].get(DEFAULT_VARIANT, {}).get('seeds', [0]))}).")
+    return lines
 
 
 def _accuracy(rows: list[dict[str, Any]], table: Table, types: list[str],
               baselines: dict[str, Any]) -> list[str]:
-    head = ["variant", "tokens/view", "tokens/image", *types, "all", "mean", "params (demo)",
-            "params (paper widths)", "params (paper)", "train s", "tokens/s", "paper row", "paper avg"]
+    head = ["variant", "seeds", "tokens/view", "tokens/image", *types, "all", f"Δ all vs `{DEFAULT_VARIANT}` [95 %]",
+            "mean", "params (demo)", "params (paper widths)", "params (paper)", "train s", "tokens/s", "paper row",
+            "paper avg"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 3) + "---|---:|"]
     for row in rows:
         paper = table.paper.get(row["name"])
         accuracy = row["accuracy"]
-        cells = [f"`{row['name']}`", _number(row["visual_tokens"]["per_view"], 1),
+        cells = [f"`{row['name']}`", str(len(row.get("seeds", [0]))), _number(row["visual_tokens"]["per_view"], 1),
                  _number(row["visual_tokens"]["per_image"], 1),
-                 *[_number(accuracy[t]["accuracy"]) if t in accuracy else "–" for t in [*types, "all"]],
+                 *[_cell(accuracy.get(t)) for t in [*types, "all"]], _difference(row),
                  _number(_mean(accuracy, types)), _millions(row["parameters"]["demo"]),
                  _millions(row["parameters"]["paper_widths"]),
                  _millions(paper.parameters_m * 1e6) if paper and paper.parameters_m else "–",
@@ -354,8 +484,8 @@ def _accuracy(rows: list[dict[str, Any]], table: Table, types: list[str],
         lines.append("| " + " | ".join(cells) + " |")
     for label, key in (("chance", "chance_accuracy"), ("majority", "majority_accuracy"),
                        ("blind prior", "form_majority_accuracy")):
-        cells = [f"*{label}*", "", "", *[_number(baselines[t].get(key)) if t in baselines else "–"
-                                         for t in [*types, "all"]],
+        cells = [f"*{label}*", "", "", "", *[_number(baselines[t].get(key)) if t in baselines else "–"
+                                             for t in [*types, "all"]], "",
                  _number(_mean(baselines, types, key)), *[""] * 7]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

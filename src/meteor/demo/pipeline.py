@@ -273,13 +273,15 @@ class Pipeline:
                             max_slices=world.config.max_slices)
 
     def run_variants(self, world: WorldManifest, clip: Path, language_model: Path,
-                     variants: Sequence[tuple[str, MeteorConfig]]) -> list[tuple[Path, dict[str, Any]]]:
-        """``train_variant`` then ``evaluate`` for each (name, config), ``config.workers`` at a time,
-        each in a spawned process of its own logging on this pipeline's clock (their stages are
-        independent and the frozen-feature cache on disk is shared); (model folder, scores) in
-        the order given. Timings and reuse are merged into this pipeline's."""
+                     variants: Sequence[tuple[str, MeteorConfig] | tuple[str, MeteorConfig, int]]
+                     ) -> list[tuple[Path, dict[str, Any]]]:
+        """``train_variant`` then ``evaluate`` for each (name, config) or (name, config, training
+        seed), ``config.workers`` at a time, each in a spawned process of its own logging on this
+        pipeline's clock (their stages are independent and the frozen-feature cache on disk is
+        shared); (model folder, scores) in the order given. Timings and reuse are merged into this
+        pipeline's."""
         jobs = [(self.out, self.config, self.force, self.rebuild, time.time() - self.elapsed(),
-                 world, clip, language_model, name, meteor_config) for name, meteor_config in variants]
+                 world, clip, language_model, *variant) for variant in variants]
         if self.config.workers == 1 or len(jobs) <= 1:
             finished = [self._variant(*job[5:]) for job in jobs]
         else:
@@ -294,19 +296,23 @@ class Pipeline:
         return results
 
     def _variant(self, world: WorldManifest, clip: Path, language_model: Path, name: str,
-                 meteor_config: MeteorConfig) -> tuple[Path, dict[str, Any], dict[str, float], list[str]]:
+                 meteor_config: MeteorConfig, seed: int | None = None
+                 ) -> tuple[Path, dict[str, Any], dict[str, float], list[str]]:
         timings, reused = len(self.timings), len(self.reused)
-        model_dir = self.train_variant(world, clip, language_model, name, meteor_config)
+        model_dir = self.train_variant(world, clip, language_model, name, meteor_config, seed)
         scores = self.evaluate(world, model_dir, name)
         self.log(f"    {name}: accuracy " + ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in scores["accuracy"].items()))
         return model_dir, scores, dict(list(self.timings.items())[timings:]), self.reused[reused:]
 
     def train_variant(self, world: WorldManifest, clip: Path, language_model: Path, name: str,
-                      meteor_config: MeteorConfig) -> Path:
+                      meteor_config: MeteorConfig, seed: int | None = None) -> Path:
         """Stage 1 then stage 2 of one model configuration in ``out/runs/<name>/``; its model folder.
 
-        Both stages use the demo's recipe (``config.stage1`` / ``config.stage2``) and seed, so
-        variants differ only by ``meteor_config``; each stage is reused when its key matches."""
+        Both stages use the demo's recipe (``config.stage1`` / ``config.stage2``) and its seed, or
+        the training ``seed`` given (the world, the CLIP and the LLaMA stay the demo's), so
+        variants differ only by ``meteor_config`` and the seed; each stage is reused when its key
+        matches."""
+        seed = self.config.seed if seed is None else seed
         from ..projectors import is_tokenwise
         from ..train import TrainConfig, train
         from .aids import TrainingAids
@@ -318,7 +324,7 @@ class Pipeline:
             stage_runs = {stage: dataclasses.replace(run, glyph_alignment=0.0) for stage, run in stage_runs.items()}
         base_key = {"world": world.config.to_dict(), "clip": _read_key(clip),
                     "language_model": _read_key(language_model), "meteor": meteor_config.to_dict(),
-                    "seed": self.config.seed}
+                    "seed": seed}
         root = self.out / "runs" / name
         stage1 = CachedFolder(root / "stage1", {**base_key, "stage1": asdict(stage_runs[1])}, self.force)
         stage2 = CachedFolder(root / "stage2", {**stage1.key, "stage2": asdict(stage_runs[2])},
@@ -340,7 +346,7 @@ class Pipeline:
                 output_dir=str(step.folder), epochs=run.epochs, global_batch_size=run.global_batch_size,
                 per_device_batch_size=run.per_device_batch_size, learning_rate=run.learning_rate,
                 save_every=10 ** 6, keep_checkpoints=1, progress="lines" if self.config.workers > 1 else "bar",
-                seed=self.config.seed, feature_cache=str(self.out / "features")),
+                seed=seed, feature_cache=str(self.out / "features")),
                 auxiliary=TrainingAids(run.scene_distillation, run.glyph_alignment).factories())
             if result.interrupted:
                 raise RuntimeError(f"{step_name} was interrupted; re-run meteor demo to start it again")
@@ -376,6 +382,6 @@ class Pipeline:
 
 def _variant_in_worker(job: tuple) -> tuple[Path, dict[str, Any], dict[str, float], list[str]]:
     """``Pipeline._variant`` in a worker process (see ``Pipeline.run_variants``)."""
-    out, config, force, rebuild, started_at, world, clip, language_model, name, meteor_config = job
+    out, config, force, rebuild, started_at, world, clip, language_model, *variant = job
     pipe = open_pipeline(out, config, force, rebuild, started_at=started_at)
-    return pipe._variant(world, clip, language_model, name, meteor_config)
+    return pipe._variant(world, clip, language_model, *variant)

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..conversation import IGNORE_INDEX
+from ..conversation import IGNORE_INDEX, resolve_template
 from ..data import Example, LlavaDataset, RecordError, SkipReport, collate
 from ..modeling import COMPRESSOR_FILE, LlavaMeteor, load_compressor
 from .args import TrainConfig, TrainConfigError
@@ -374,6 +374,9 @@ def _save_final(output_dir, model, processor, config, dist) -> Path | None:
         merge_lora(model)
     folder = output_dir / "model"
     if dist.is_main:
+        if config.stage == 2:   # the model answers in the template it was instruction-tuned with
+            model.config = dataclasses.replace(model.config, template=resolve_template(config.template,
+                                                                                       processor.tokenizer))
         model.save_pretrained(folder, processor, overwrite=True)
         if config.stage == 1:   # LLaVA's "projector file": what stage 2 starts from
             from safetensors.torch import save_file
