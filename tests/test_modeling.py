@@ -153,3 +153,27 @@ def test_a_tokenizer_without_an_image_token_gets_one(tmp_path):
     assert len(tokenizer) == before + 1 and processor.image_token_id == before
     assert tokenizer("a<image><image>", add_special_tokens=False)["input_ids"][-2:] == [before, before]
     assert tokenizer.pad_token == "<unk>"
+
+
+def test_a_model_runs_at_another_k_than_it_was_trained_with():
+    """Selection has no parameters: the model trained at K = 4 answers at K′ = 2 or 15 (every patch
+    of the 5×3 global view), the prompt laid out with K′ and the projector keeping K′ per view."""
+    model, processor = tiny_model(seed=0)
+    model.eval()
+    image = Image.new("RGB", (112, 56), (90, 30, 200))        # 2 slices + global: 3 views
+    default = processor(["What colour?"], [image])
+    assert int((default.input_ids == processor.image_token_id).sum()) == 3 * 4
+    for k in (2, 15):
+        batch = processor(["What colour?"], [image], tokens_per_slice=k)
+        assert int((batch.input_ids == processor.image_token_id).sum()) == 3 * k
+        tokens, selections = model.encode_images(batch.images, return_selection=True, tokens_per_slice=k)
+        assert tokens[0].shape[0] == 3 * k and all(len(s.indices) == k for s in selections)
+        logits = model(**batch.to_model_kwargs()).logits
+        assert logits.shape[1] == batch.input_ids.shape[1]
+    # the kept K′ = 2 are the two best of the trained K = 4 (same scores, a shorter Top-K)
+    _, at4 = model.encode_images(default.images, return_selection=True)
+    _, at2 = model.encode_images(default.images, return_selection=True, tokens_per_slice=2)
+    for four, two in zip(at4, at2):
+        assert set(two.indices.tolist()) <= set(four.indices.tolist())
+    with pytest.raises(ValueError, match="cannot keep K=16 tokens from a view of 15 patch tokens"):
+        model.encode_images(default.images, tokens_per_slice=16)

@@ -109,14 +109,16 @@ class LlavaMeteor(nn.Module):
         return model, processor
 
     # --- vision → compressed tokens ---------------------------------------------------------------
-    def encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False
-                      ) -> tuple[list[torch.Tensor], list[ViewSelection]]:
+    def encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False,
+                      tokens_per_slice: int | None = None) -> tuple[list[torch.Tensor], list[ViewSelection]]:
         """Each image → (its visual tokens in LLM order, D); views of one size run as one batch
-        through the vision tower and the projector."""
-        tokens, selections, _ = self._encode_images(images, return_selection)
+        through the vision tower and the projector. ``tokens_per_slice``: keep K′ tokens per view
+        instead of the trained K (the processor must lay prompts out with the same K′)."""
+        tokens, selections, _ = self._encode_images(images, return_selection, tokens_per_slice)
         return tokens, selections
 
-    def _encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False
+    def _encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False,
+                       tokens_per_slice: int | None = None
                        ) -> tuple[list[torch.Tensor], list[ViewSelection], list[ViewGroup]]:
         """`encode_images`, and the view groups as they ran."""
         views, owners = [], []
@@ -139,7 +141,7 @@ class LlavaMeteor(nn.Module):
             else:
                 encoded = self.feature_cache.encode(self.vision_tower, pixels)
             out: CompressionOutput = self.compressor(encoded.patch_tokens, encoded.cls_attention,
-                                                     encoded.grid, progress)
+                                                     encoded.grid, progress, tokens_per_slice)
             ran.append(ViewGroup([owners[p][:2] for p in positions], out))
             for row, position in enumerate(positions):
                 per_view[position] = out.tokens[row]                  # (K, D)
@@ -155,12 +157,13 @@ class LlavaMeteor(nn.Module):
         selections.sort(key=lambda s: (s.image_index, s.view_index))
         return [torch.cat(parts) for parts in per_image], selections, ran
 
-    def embed(self, input_ids: torch.Tensor, images: Sequence[SlicedImage] = ()) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, images: Sequence[SlicedImage] = (),
+              tokens_per_slice: int | None = None) -> torch.Tensor:
         """Token ids with `<image>` placeholders → the LLM's input embeddings (B, T, D)."""
-        return self._embed(input_ids, images)[0]
+        return self._embed(input_ids, images, tokens_per_slice)[0]
 
-    def _embed(self, input_ids: torch.Tensor, images: Sequence[SlicedImage] = ()
-               ) -> tuple[torch.Tensor, list[ViewGroup]]:
+    def _embed(self, input_ids: torch.Tensor, images: Sequence[SlicedImage] = (),
+               tokens_per_slice: int | None = None) -> tuple[torch.Tensor, list[ViewGroup]]:
         image_mask = input_ids == self.image_token_id                 # (B, T)
         embedder = self.language_model.get_input_embeddings()
         # The placeholder id may lie outside the LLM's vocabulary: look up a harmless id instead.
@@ -170,7 +173,7 @@ class LlavaMeteor(nn.Module):
             if expected:
                 raise ValueError(f"the input has {expected} image tokens but no images were given")
             return embeds, []
-        parts, _, groups = self._encode_images(images)
+        parts, _, groups = self._encode_images(images, tokens_per_slice=tokens_per_slice)
         visual = torch.cat(parts)                                      # (Σ tokens, D)
         if visual.shape[0] != expected:
             raise ValueError(
@@ -182,12 +185,13 @@ class LlavaMeteor(nn.Module):
     # --- LLM ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 images: Sequence[SlicedImage] = (), labels: torch.Tensor | None = None,
-                return_views: bool = False, **kwargs):
+                return_views: bool = False, tokens_per_slice: int | None = None, **kwargs):
         """The causal LM's output; with `labels` (IGNORE_INDEX where unsupervised) its `loss`. With
-        `return_views`, a `MeteorCausalLMOutput` that also holds the projector's per-view outputs."""
+        `return_views`, a `MeteorCausalLMOutput` that also holds the projector's per-view outputs.
+        `tokens_per_slice`: K′ instead of the trained K (as the batch was laid out with)."""
         device = self._device()
         input_ids = input_ids.to(device)
-        embeds, groups = self._embed(input_ids, images)
+        embeds, groups = self._embed(input_ids, images, tokens_per_slice)
         out = self.language_model(
             inputs_embeds=embeds,
             attention_mask=None if attention_mask is None else attention_mask.to(device),
@@ -204,14 +208,15 @@ class LlavaMeteor(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 images: Sequence[SlicedImage] = (), **generate_kwargs) -> torch.Tensor:
-        """New token ids (B, T_new) for left-padded prompts."""
+                 images: Sequence[SlicedImage] = (), tokens_per_slice: int | None = None,
+                 **generate_kwargs) -> torch.Tensor:
+        """New token ids (B, T_new) for left-padded prompts; ``tokens_per_slice`` as in ``forward``."""
         device = self._device()
         input_ids = input_ids.to(device)
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate needs left-padded prompts (the last position of every row "
                              "must be a real token): use MeteorProcessor(...), which pads left")
-        embeds = self.embed(input_ids, images)
+        embeds = self.embed(input_ids, images, tokens_per_slice)
         return self.language_model.generate(
             inputs_embeds=embeds,
             attention_mask=None if attention_mask is None else attention_mask.to(device),

@@ -34,11 +34,14 @@ class Batch:
     attention_mask: torch.Tensor     # (B, T)
     images: list[SlicedImage]        # in order of their <image> tokens across the batch
     labels: torch.Tensor | None = None  # (B, T), IGNORE_INDEX where unsupervised
+    tokens_per_slice: int | None = None  # K′ the images were laid out with, when not the model's K
 
     def to_model_kwargs(self) -> dict[str, Any]:
         kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "images": self.images}
         if self.labels is not None:
             kwargs["labels"] = self.labels
+        if self.tokens_per_slice is not None:
+            kwargs["tokens_per_slice"] = self.tokens_per_slice
         return kwargs
 
 
@@ -66,10 +69,10 @@ class MeteorProcessor:
             kwargs.update(image_mean=self.image_mean, image_std=self.image_std)
         return slice_image(load_image(image), **kwargs)
 
-    def image_layout(self, image: SlicedImage) -> list[int]:
+    def image_layout(self, image: SlicedImage, tokens_per_slice: int | None = None) -> list[int]:
         """The image's ids in the prompt: for a 2×2 grid and K = 2, ``I I , I I \\n I I , I I \\n I I``
-        (I the image id, "," and "\\n" the separator ids)."""
-        counts = view_token_counts(image.plan, self._per_view(image))
+        (I the image id, "," and "\\n" the separator ids); K′ = ``tokens_per_slice`` if given."""
+        counts = view_token_counts(image.plan, self._per_view(image, tokens_per_slice))
         rows, cols = image.plan.grid
         ids: list[int] = []
         for row in range(rows):
@@ -80,11 +83,11 @@ class MeteorProcessor:
             ids += self.row_separator_ids
         return ids + [self.image_token_id] * counts[-1]
 
-    def num_image_tokens(self, image: SlicedImage) -> int:
-        return count_image_tokens(image.plan, self._per_view(image))
+    def num_image_tokens(self, image: SlicedImage, tokens_per_slice: int | None = None) -> int:
+        return count_image_tokens(image.plan, self._per_view(image, tokens_per_slice))
 
-    def _per_view(self, image: SlicedImage):
-        k = self.config.compressor.tokens_per_slice
+    def _per_view(self, image: SlicedImage, tokens_per_slice: int | None = None):
+        k = self.config.compressor.tokens_per_slice if tokens_per_slice is None else tokens_per_slice
         if k is not None:
             return k
         # Keep-all mode: each view contributes its own patch count.
@@ -92,7 +95,8 @@ class MeteorProcessor:
 
     # --- text -----------------------------------------------------------------------------------
     def encode(self, conversations: Sequence[dict] | str, images: Sequence[SlicedImage] = (),
-               template: str | None = None, for_generation: bool = False) -> tuple[list[int], list[int]]:
+               template: str | None = None, for_generation: bool = False,
+               tokens_per_slice: int | None = None) -> tuple[list[int], list[int]]:
         """One sample → (input_ids, labels). `conversations` is LLaVA's list of turns, or a plain
         question string (for generation). Each <image> tag consumes the next image in order.
         Raises `TokenizationMismatch` when an answer cannot be aligned with the ids. ``template``
@@ -121,7 +125,7 @@ class MeteorProcessor:
         labels: list[int] = []
         for token, label in zip(text_ids, text_labels):
             if token == self.image_token_id:
-                layout = self.image_layout(next(queue))
+                layout = self.image_layout(next(queue), tokens_per_slice)
                 input_ids += layout
                 labels += [IGNORE_INDEX] * len(layout)
             else:
@@ -136,10 +140,11 @@ class MeteorProcessor:
         return Batch(input_ids, mask, list(images), labels)
 
     def __call__(self, questions: Sequence[str] | str, images: Sequence[Any] | None = None,
-                 template: str | None = None) -> Batch:
+                 template: str | None = None, tokens_per_slice: int | None = None) -> Batch:
         """Generation prompts in the model's template (or ``template``): one question per sample,
         each with zero or one image (any format `load_image` accepts, or an already prepared
-        SlicedImage). Left-padded."""
+        SlicedImage). Left-padded. ``tokens_per_slice``: lay the images out with K′ tokens per view
+        instead of the model's K (the batch carries it to the model)."""
         if isinstance(questions, str):
             questions = [questions]
         images = list(images) if images is not None else [None] * len(questions)
@@ -154,9 +159,11 @@ class MeteorProcessor:
             sliced = image if isinstance(image, SlicedImage) else self.prepare_image(image)
             if self.config.image_token not in question:
                 question = f"{self.config.image_token}\n{question}"
-            samples.append(self.encode(question, [sliced], template))
+            samples.append(self.encode(question, [sliced], template, tokens_per_slice=tokens_per_slice))
             prepared.append(sliced)
-        return self.collate(samples, prepared, padding_side="left")
+        batch = self.collate(samples, prepared, padding_side="left")
+        batch.tokens_per_slice = tokens_per_slice
+        return batch
 
     # --- persistence ----------------------------------------------------------------------------
     def save_tokenizer(self, folder: str | Path) -> None:

@@ -28,7 +28,11 @@ class AllTokensMLP(nn.Module):
         super().__init__()
         self.mlp = Mlp2xGelu(config)
 
-    def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
+    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None) -> CompressionOutput:
+        if tokens_per_slice is not None:
+            raise ValueError(f"LLaVA-1.5's 'mlp' projector keeps every token and cannot keep K={tokens_per_slice}: "
+                             f"load the model with projector='cls_topk' (same MLP weights, training-free Top-K) "
+                             f"to compress it")
         batch, length, _ = patch_tokens.shape
         indices = torch.arange(length, device=patch_tokens.device).expand(batch, length)
         return CompressionOutput(self.mlp(patch_tokens), indices, visual_scores(cls_attention), None, None,
@@ -46,9 +50,9 @@ class ClsTopK(nn.Module):
         self.k = config.tokens_per_slice
         self.mlp = Mlp2xGelu(config)
 
-    def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
+    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None) -> CompressionOutput:
         scores = visual_scores(cls_attention)                                 # (B, H·W)
-        indices = select_top_k(scores, self.k)                                # (B, K)
+        indices = select_top_k(scores, tokens_per_slice or self.k)           # (B, K)
         kept = torch.gather(patch_tokens, 1, indices[..., None].expand(-1, -1, patch_tokens.shape[-1]))
         return CompressionOutput(self.mlp(kept), indices,
                                  scores, None, scores, grid, mlp_inputs=patch_tokens)
@@ -66,11 +70,11 @@ class RandomTopK(nn.Module):
         self.eval_seed = eval_seed
         self.mlp = Mlp2xGelu(config)
 
-    def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
+    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None) -> CompressionOutput:
         batch, length, width = patch_tokens.shape
         generator = None if self.training else torch.Generator().manual_seed(self.eval_seed)
         scores = torch.rand(batch, length, generator=generator).to(patch_tokens.device)
-        indices = select_top_k(scores, self.k)
+        indices = select_top_k(scores, tokens_per_slice or self.k)
         kept = torch.gather(patch_tokens, 1, indices[..., None].expand(-1, -1, width))
         return CompressionOutput(self.mlp(kept), indices,
                                  None, None, scores, grid, mlp_inputs=patch_tokens)
@@ -97,10 +101,10 @@ class AvgPool(nn.Module):
         self.k = config.tokens_per_slice
         self.mlp = Mlp2xGelu(config)
 
-    def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
+    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None) -> CompressionOutput:
         batch, _, width = patch_tokens.shape
         fmap = patch_tokens.transpose(1, 2).reshape(batch, width, *grid)       # (B, C, H, W)
-        pooled = F.adaptive_avg_pool2d(fmap, pooled_grid(grid, self.k))        # (B, C, r, c)
+        pooled = F.adaptive_avg_pool2d(fmap, pooled_grid(grid, tokens_per_slice or self.k))  # (B, C, r, c)
         tokens = pooled.flatten(2).transpose(1, 2)                             # (B, K, C)
         return CompressionOutput(self.mlp(tokens), None,
                                  None, None, None, grid, mlp_inputs=patch_tokens)
@@ -139,7 +143,10 @@ class Resampler(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(torch.randn(width, width) * width ** -0.5)
 
-    def forward(self, patch_tokens, cls_attention, grid, progress=None) -> CompressionOutput:
+    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None) -> CompressionOutput:
+        if tokens_per_slice not in (None, self.queries.shape[0]):
+            raise ValueError(f"the resampler has {self.queries.shape[0]} learned queries and makes exactly that "
+                             f"many tokens per view, not {tokens_per_slice}: keep its trained K")
         dtype = self.kv_proj.weight.dtype
         values = self.ln_kv(self.kv_proj(patch_tokens.to(dtype)))              # (B, H·W, D)
         keys = values + sincos_2d(grid, values.shape[-1]).to(values)           # (B, H·W, D)

@@ -28,9 +28,11 @@ class TopDownCompression(nn.Module):
         self.mlp = Mlp2xGelu(config)
 
     def forward(self, patch_tokens: torch.Tensor, cls_attention: torch.Tensor,
-                grid: tuple[int, int], progress: float | None = None) -> CompressionOutput:
+                grid: tuple[int, int], progress: float | None = None,
+                tokens_per_slice: int | None = None) -> CompressionOutput:
         """patch_tokens: (B, H·W, C) of B views sharing the patch grid (H, W); cls_attention:
-        (B, H·W); progress: fraction of training done, or None at inference."""
+        (B, H·W); progress: fraction of training done, or None at inference; tokens_per_slice: a K
+        other than the trained one (any K ≤ H·W)."""
         width = self.config.vision_width
         if patch_tokens.shape[-1] != width:
             raise ValueError(f"the compressor expects vision tokens of width C={width}, got "
@@ -38,7 +40,7 @@ class TopDownCompression(nn.Module):
                              f"vision tower's hidden size")
         dtype = self.mlp.fc1.weight.dtype
         fused = self.fusion(patch_tokens.to(dtype), grid)                   # F (B, HW, C), INS' (B, C)
-        selected = self.selection(fused.fused, fused.instruction, cls_attention, progress)
+        selected = self.selection(fused.fused, fused.instruction, cls_attention, progress, tokens_per_slice)
         return CompressionOutput(
             tokens=self.mlp(selected.tokens),                                # (B, K, D)
             indices=selected.indices,

@@ -91,9 +91,11 @@ class VisualNativeSelection(nn.Module):
         self.straight_through = config.native_gradient == "straight_through"
 
     def forward(self, fused: torch.Tensor, instruction: torch.Tensor, cls_attention: torch.Tensor,
-                progress: float | None = None) -> SelectionOutput:
+                progress: float | None = None, k: int | None = None) -> SelectionOutput:
         """fused: (B, H·W, C), instruction: (B, C), cls_attention: (B, H·W); progress: fraction of
-        training done (drives the warm-up) or None at inference."""
+        training done (drives the warm-up) or None at inference; k: tokens to keep instead of the
+        configured K (selection has no parameters, so any K ≤ H·W works at inference)."""
+        k = self.k if k is None else k
         length = fused.shape[1]
         if cls_attention.shape != fused.shape[:2]:
             raise ValueError(f"CLS attention has shape {tuple(cls_attention.shape)} but the view has "
@@ -103,10 +105,10 @@ class VisualNativeSelection(nn.Module):
                   if self.expert_mode in ("native", "both") else None)
         aggregate = aggregate_scores(visual, native, self.lam,
                                      native_weight(self.lam, progress, self.warmup))
-        if self.k is None:
+        if k is None:
             indices = torch.arange(length, device=fused.device).expand(fused.shape[0], length)
         else:
-            indices = select_top_k(aggregate.detach(), self.k)                   # (B, K)
+            indices = select_top_k(aggregate.detach(), k)                        # (B, K)
         kept = torch.gather(fused, 1, indices[..., None].expand(-1, -1, fused.shape[-1]))
         if self.straight_through and aggregate.requires_grad:
             # Values unchanged; the gradient ⟨∂L/∂Fⁱ, Fⁱ⟩ reaches the scores of kept tokens.
