@@ -19,6 +19,7 @@ ScanMode = Literal["single", "l2s", "both"]
 ExpertMode = Literal["visual", "native", "both"]
 DirectionMerge = Literal["mean", "concat"]
 NativeGradient = Literal["none", "straight_through"]
+Instruction = Literal["learned", "question"]
 ProjectorName = Literal["meteor", "mlp", "resampler", "avgpool", "cls_topk", "random_topk"]
 """The vision-to-language projectors (``meteor.projectors.PROJECTORS`` holds their classes)."""
 Template = Literal["plain", "vicuna_v1", "chat_template", "auto"]
@@ -79,6 +80,14 @@ class CompressorConfig:
     native expert only learns through the fused tokens Fⁱ. "straight_through" multiplies each kept
     token by (1 + ASⁱ − stopgrad(ASⁱ)): values are unchanged, but the loss can raise or lower the
     scores of the tokens it used (the paper is silent; this is our default)."""
+
+    instruction: Instruction = "learned"
+    """The instruction token INS that Flash Global Fusion scans and the native expert scores with
+    (Eq. 4). "learned": one learnable token for every image (the paper's; its §1 notes it is not
+    conditioned on the prompt). "question" (not in the paper): INS + W·q, where q is the mean of the
+    LLM's input embeddings of the question asked about the image (the text between the image and
+    the answer) and W a learned D → C map starting at zero, so training starts from the paper's
+    model and the native expert can score patches for this question."""
 
     expert_mode: ExpertMode = "both"
     """Which experts score tokens: "visual" (CLS attention only), "native" (INS' only), "both"."""
@@ -151,6 +160,10 @@ class CompressorConfig:
             f"{self.resolved_resampler_heads}",
         )
         _choice("expert_mode", self.expert_mode, get_args(ExpertMode))
+        _choice("instruction", self.instruction, get_args(Instruction))
+        _check(self.instruction == "learned" or self.projector == "meteor",
+               f"instruction={self.instruction!r} conditions Top-Down Compression's instruction token; the "
+               f"{self.projector!r} projector has none: use projector='meteor' or instruction='learned'")
         _choice("scan_mode", self.scan_mode, get_args(ScanMode))
         _choice("direction_merge", self.direction_merge, get_args(DirectionMerge))
         _check(

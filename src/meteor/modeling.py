@@ -22,6 +22,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import CONFIG_NAME, MeteorConfig
+from .conversation import IGNORE_INDEX
 from .feature_cache import FeatureCache
 from .projectors import CompressionOutput, build_projector
 from .processor import MeteorProcessor
@@ -110,15 +111,18 @@ class LlavaMeteor(nn.Module):
 
     # --- vision → compressed tokens ---------------------------------------------------------------
     def encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False,
-                      tokens_per_slice: int | None = None) -> tuple[list[torch.Tensor], list[ViewSelection]]:
+                      tokens_per_slice: int | None = None, questions: torch.Tensor | None = None
+                      ) -> tuple[list[torch.Tensor], list[ViewSelection]]:
         """Each image → (its visual tokens in LLM order, D); views of one size run as one batch
         through the vision tower and the projector. ``tokens_per_slice``: keep K′ tokens per view
-        instead of the trained K (the processor must lay prompts out with the same K′)."""
-        tokens, selections, _ = self._encode_images(images, return_selection, tokens_per_slice)
+        instead of the trained K (the processor must lay prompts out with the same K′).
+        ``questions``: (images, D) pooled question embeddings, for a question-conditioned
+        instruction token (``question_embeddings`` computes them from a prompt)."""
+        tokens, selections, _ = self._encode_images(images, return_selection, tokens_per_slice, questions)
         return tokens, selections
 
     def _encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False,
-                       tokens_per_slice: int | None = None
+                       tokens_per_slice: int | None = None, questions: torch.Tensor | None = None
                        ) -> tuple[list[torch.Tensor], list[ViewSelection], list[ViewGroup]]:
         """`encode_images`, and the view groups as they ran."""
         views, owners = [], []
@@ -140,8 +144,9 @@ class LlavaMeteor(nn.Module):
                 encoded = self.vision_tower(pixels)                  # tokens (n, HW, C), CLS row (n, HW)
             else:
                 encoded = self.feature_cache.encode(self.vision_tower, pixels)
+            extra = {} if questions is None else {"question": questions[[owners[p][0] for p in positions]]}
             out: CompressionOutput = self.compressor(encoded.patch_tokens, encoded.cls_attention,
-                                                     encoded.grid, progress, tokens_per_slice)
+                                                     encoded.grid, progress, tokens_per_slice, **extra)
             ran.append(ViewGroup([owners[p][:2] for p in positions], out))
             for row, position in enumerate(positions):
                 per_view[position] = out.tokens[row]                  # (K, D)
@@ -158,12 +163,50 @@ class LlavaMeteor(nn.Module):
         return [torch.cat(parts) for parts in per_image], selections, ran
 
     def embed(self, input_ids: torch.Tensor, images: Sequence[SlicedImage] = (),
-              tokens_per_slice: int | None = None) -> torch.Tensor:
+              tokens_per_slice: int | None = None, labels: torch.Tensor | None = None,
+              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids with `<image>` placeholders → the LLM's input embeddings (B, T, D)."""
-        return self._embed(input_ids, images, tokens_per_slice)[0]
+        return self._embed(input_ids, images, tokens_per_slice, labels, attention_mask)[0]
+
+    def question_embeddings(self, input_ids: torch.Tensor, text_embeds: torch.Tensor,
+                            images: Sequence[SlicedImage], tokens_per_slice: int | None = None,
+                            labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+                            ) -> torch.Tensor:
+        """(images, D): for each image, the mean input embedding of its question: the tokens after
+        the image's last visual token, up to the next image, the first supervised token (the
+        answer, in training) or the end of the sample. So a prompt "<image>\\n Q ASSISTANT:" gives
+        the mean over "\\n Q ASSISTANT:", in training and at inference alike; without tokens after
+        it, zeros. Detached: the question steers the selection, it is not trained through it."""
+        from .slicing import view_token_counts
+
+        k = self.config.compressor.tokens_per_slice if tokens_per_slice is None else tokens_per_slice
+        counts = [sum(view_token_counts(image.plan, k if k is not None else (lambda grid: grid[0] * grid[1])))
+                  for image in images]
+        image_mask = input_ids == self.image_token_id
+        vectors, image = [], 0
+        for row in range(input_ids.shape[0]):
+            positions = image_mask[row].nonzero().flatten().tolist()
+            end = int(attention_mask[row].nonzero().max()) + 1 if attention_mask is not None else input_ids.shape[1]
+            if labels is not None:
+                supervised = (labels[row] != IGNORE_INDEX).nonzero().flatten().tolist()
+            else:
+                supervised = []
+            starts = []
+            while positions:
+                if image >= len(images):
+                    raise ValueError("the input holds more image tokens than the images given")
+                starts.append(positions[0])
+                last = positions[counts[image] - 1]
+                positions = positions[counts[image]:]
+                stop = min([end, *(p for p in supervised if p > last), *positions[:1]])
+                span = text_embeds[row, last + 1:stop]
+                vectors.append(span.mean(0) if len(span) else text_embeds.new_zeros(text_embeds.shape[-1]))
+                image += 1
+        return torch.stack(vectors).detach()
 
     def _embed(self, input_ids: torch.Tensor, images: Sequence[SlicedImage] = (),
-               tokens_per_slice: int | None = None) -> tuple[torch.Tensor, list[ViewGroup]]:
+               tokens_per_slice: int | None = None, labels: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[ViewGroup]]:
         image_mask = input_ids == self.image_token_id                 # (B, T)
         embedder = self.language_model.get_input_embeddings()
         # The placeholder id may lie outside the LLM's vocabulary: look up a harmless id instead.
@@ -173,7 +216,10 @@ class LlavaMeteor(nn.Module):
             if expected:
                 raise ValueError(f"the input has {expected} image tokens but no images were given")
             return embeds, []
-        parts, _, groups = self._encode_images(images, tokens_per_slice=tokens_per_slice)
+        questions = None
+        if self.config.compressor.instruction == "question":
+            questions = self.question_embeddings(input_ids, embeds, images, tokens_per_slice, labels, attention_mask)
+        parts, _, groups = self._encode_images(images, tokens_per_slice=tokens_per_slice, questions=questions)
         visual = torch.cat(parts)                                      # (Σ tokens, D)
         if visual.shape[0] != expected:
             raise ValueError(
@@ -191,13 +237,10 @@ class LlavaMeteor(nn.Module):
         `tokens_per_slice`: K′ instead of the trained K (as the batch was laid out with)."""
         device = self._device()
         input_ids = input_ids.to(device)
-        embeds, groups = self._embed(input_ids, images, tokens_per_slice)
-        out = self.language_model(
-            inputs_embeds=embeds,
-            attention_mask=None if attention_mask is None else attention_mask.to(device),
-            labels=None if labels is None else labels.to(device),
-            **kwargs,
-        )
+        labels = None if labels is None else labels.to(device)
+        mask = None if attention_mask is None else attention_mask.to(device)
+        embeds, groups = self._embed(input_ids, images, tokens_per_slice, labels, mask)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
         if not return_views:
             return out
         unknown = set(out.keys()) - {f.name for f in dataclasses.fields(MeteorCausalLMOutput)}
@@ -216,12 +259,9 @@ class LlavaMeteor(nn.Module):
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate needs left-padded prompts (the last position of every row "
                              "must be a real token): use MeteorProcessor(...), which pads left")
-        embeds = self.embed(input_ids, images, tokens_per_slice)
-        return self.language_model.generate(
-            inputs_embeds=embeds,
-            attention_mask=None if attention_mask is None else attention_mask.to(device),
-            **generate_kwargs,
-        )
+        mask = None if attention_mask is None else attention_mask.to(device)
+        embeds = self.embed(input_ids, images, tokens_per_slice, attention_mask=mask)
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
 
     def _device(self) -> torch.device:
         return next(self.compressor.parameters()).device

@@ -28,7 +28,8 @@ class AllTokensMLP(nn.Module):
         super().__init__()
         self.mlp = Mlp2xGelu(config)
 
-    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None) -> CompressionOutput:
+    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None,
+                question=None) -> CompressionOutput:
         if tokens_per_slice is not None:
             raise ValueError(f"LLaVA-1.5's 'mlp' projector keeps every token and cannot keep K={tokens_per_slice}: "
                              f"load the model with projector='cls_topk' (same MLP weights, training-free Top-K) "
@@ -50,7 +51,8 @@ class ClsTopK(nn.Module):
         self.k = config.tokens_per_slice
         self.mlp = Mlp2xGelu(config)
 
-    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None) -> CompressionOutput:
+    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None,
+                question=None) -> CompressionOutput:
         scores = visual_scores(cls_attention)                                 # (B, H·W)
         indices = select_top_k(scores, tokens_per_slice or self.k)           # (B, K)
         kept = torch.gather(patch_tokens, 1, indices[..., None].expand(-1, -1, patch_tokens.shape[-1]))
@@ -70,7 +72,8 @@ class RandomTopK(nn.Module):
         self.eval_seed = eval_seed
         self.mlp = Mlp2xGelu(config)
 
-    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None) -> CompressionOutput:
+    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None,
+                question=None) -> CompressionOutput:
         batch, length, width = patch_tokens.shape
         generator = None if self.training else torch.Generator().manual_seed(self.eval_seed)
         scores = torch.rand(batch, length, generator=generator).to(patch_tokens.device)
@@ -101,7 +104,8 @@ class AvgPool(nn.Module):
         self.k = config.tokens_per_slice
         self.mlp = Mlp2xGelu(config)
 
-    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None) -> CompressionOutput:
+    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None,
+                question=None) -> CompressionOutput:
         batch, _, width = patch_tokens.shape
         fmap = patch_tokens.transpose(1, 2).reshape(batch, width, *grid)       # (B, C, H, W)
         pooled = F.adaptive_avg_pool2d(fmap, pooled_grid(grid, tokens_per_slice or self.k))  # (B, C, r, c)
@@ -143,7 +147,8 @@ class Resampler(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(torch.randn(width, width) * width ** -0.5)
 
-    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None) -> CompressionOutput:
+    def forward(self, patch_tokens, cls_attention, grid, progress=None, tokens_per_slice=None,
+                question=None) -> CompressionOutput:
         if tokens_per_slice not in (None, self.queries.shape[0]):
             raise ValueError(f"the resampler has {self.queries.shape[0]} learned queries and makes exactly that "
                              f"many tokens per view, not {tokens_per_slice}: keep its trained K")

@@ -26,20 +26,33 @@ class TopDownCompression(nn.Module):
         self.fusion = FlashGlobalFusion(config)
         self.selection = VisualNativeSelection(config)
         self.mlp = Mlp2xGelu(config)
+        # Built last, so the paper's parts start from the same weights with either instruction.
+        self.question_map = None
+        if config.instruction == "question":
+            self.question_map = nn.Linear(config.text_width, config.vision_width, bias=False)
+            nn.init.zeros_(self.question_map.weight)       # INS + W·q = INS at the start
 
     def forward(self, patch_tokens: torch.Tensor, cls_attention: torch.Tensor,
                 grid: tuple[int, int], progress: float | None = None,
-                tokens_per_slice: int | None = None) -> CompressionOutput:
+                tokens_per_slice: int | None = None, question: torch.Tensor | None = None) -> CompressionOutput:
         """patch_tokens: (B, H·W, C) of B views sharing the patch grid (H, W); cls_attention:
         (B, H·W); progress: fraction of training done, or None at inference; tokens_per_slice: a K
-        other than the trained one (any K ≤ H·W)."""
+        other than the trained one (any K ≤ H·W); question: (B, D), the pooled embeddings of each
+        view's question, read when ``instruction="question"``."""
         width = self.config.vision_width
         if patch_tokens.shape[-1] != width:
             raise ValueError(f"the compressor expects vision tokens of width C={width}, got "
                              f"{patch_tokens.shape[-1]}: set CompressorConfig.vision_width to the "
                              f"vision tower's hidden size")
         dtype = self.mlp.fc1.weight.dtype
-        fused = self.fusion(patch_tokens.to(dtype), grid)                   # F (B, HW, C), INS' (B, C)
+        instruction = None
+        if self.question_map is not None:
+            if question is None:
+                raise ValueError("this compressor conditions its instruction token on the question "
+                                 "(instruction='question'): pass each view's pooled question embeddings "
+                                 "(LlavaMeteor does it from the prompt)")
+            instruction = self.fusion.instruction_token + self.question_map(question.to(dtype))   # (B, C)
+        fused = self.fusion(patch_tokens.to(dtype), grid, instruction)      # F (B, HW, C), INS' (B, C)
         selected = self.selection(fused.fused, fused.instruction, cls_attention, progress, tokens_per_slice)
         return CompressionOutput(
             tokens=self.mlp(selected.tokens),                                # (B, K, D)
@@ -58,4 +71,5 @@ class TopDownCompression(nn.Module):
             "flash_global_fusion": sum(p.numel() for p in self.fusion.layers.parameters()),
             "visual_native_selection": sum(p.numel() for p in self.selection.parameters()),
             "projector_mlp": sum(p.numel() for p in self.mlp.parameters()),
+            **({"question_map": self.question_map.weight.numel()} if self.question_map is not None else {}),
         }

@@ -42,9 +42,11 @@ def interleave(local: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def insert_at_centre(sequence: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(B, L, C), (C,) → (B, L+1, C) with the token at index L // 2, and that index."""
+    """(B, L, C), (C,) or (B, C) → (B, L+1, C) with the token (one per sequence, or one for all) at
+    index L // 2, and that index."""
     centre = sequence.shape[1] // 2
-    ins = token.to(sequence.dtype).expand(sequence.shape[0], 1, -1)       # (B, 1, C)
+    ins = token.to(sequence.dtype)
+    ins = ins.expand(sequence.shape[0], 1, -1) if ins.dim() == 1 else ins[:, None, :]   # (B, 1, C)
     return torch.cat([sequence[:, :centre], ins, sequence[:, centre:]], dim=1), centre
 
 
@@ -68,35 +70,40 @@ class FlashGlobalFusion(nn.Module):
         self.instruction_token = nn.Parameter(torch.randn(config.vision_width) * 0.02)
         self.layers = nn.ModuleList(FusionLayer(config) for _ in range(config.fgf_layers))
 
-    def _run(self, sequence: torch.Tensor, keep=None) -> tuple[torch.Tensor, int]:
+    def _run(self, sequence: torch.Tensor, instruction: torch.Tensor, keep=None) -> tuple[torch.Tensor, int]:
         """Insert INS at the centre and run the layers; `keep(centre)` names the positions whose
         outputs the last layer must produce (earlier layers need every position)."""
-        sequence, centre = insert_at_centre(sequence, self.instruction_token)
+        sequence, centre = insert_at_centre(sequence, instruction)
         for layer in self.layers[:-1]:
             sequence = layer(sequence)
         return self.layers[-1](sequence, None if keep is None else keep(centre)), centre
 
-    def _single(self, tokens: torch.Tensor) -> FusionOutput:
-        out, centre = self._run(tokens)                                       # (B, HW+1, C)
+    def _single(self, tokens: torch.Tensor, instruction: torch.Tensor) -> FusionOutput:
+        out, centre = self._run(tokens, instruction)                          # (B, HW+1, C)
         fused = torch.cat([out[:, :centre], out[:, centre + 1:]], dim=1)       # (B, HW, C)
         return FusionOutput(fused, out[:, centre])
 
-    def _local_to_single(self, tokens: torch.Tensor, grid: tuple[int, int]) -> FusionOutput:
+    def _local_to_single(self, tokens: torch.Tensor, grid: tuple[int, int], instruction: torch.Tensor
+                         ) -> FusionOutput:
         local = local_to_single(tokens, grid, self.window_size)             # (B, HW, C)
         # In TL¹,T¹,…,TL^HW,T^HW the Tⁱ sit at odd indices; INS goes in at c = HW, so after it
         # they sit one further (c even: between pairs; c odd: between a TLⁱ and its Tⁱ). Only
         # the Tⁱ outputs and INS' are computed by the last layer; TL outputs are never needed.
-        out, centre = self._run(interleave(local, tokens),
+        out, centre = self._run(interleave(local, tokens), instruction,
                                 keep=lambda c: [slice(1, c, 2), slice(c, c + 1), slice(c + 2 - c % 2, None, 2)])
         half = centre // 2                                                  # Tⁱ before INS
         fused = torch.cat([out[:, :half], out[:, half + 1:]], dim=1)        # (B, HW, C)
         return FusionOutput(fused, out[:, half])
 
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> FusionOutput:
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], instruction: torch.Tensor | None = None
+                ) -> FusionOutput:
+        """tokens: (B, H·W, C); instruction: (B, C), one INS per view in place of the learned one
+        (the question-conditioned variant), or None."""
+        instruction = self.instruction_token if instruction is None else instruction
         if self.scan_mode == "single":
-            return self._single(tokens)
+            return self._single(tokens, instruction)
         if self.scan_mode == "l2s":
-            return self._local_to_single(tokens, grid)
-        single, l2s = self._single(tokens), self._local_to_single(tokens, grid)
+            return self._local_to_single(tokens, grid, instruction)
+        single, l2s = self._single(tokens, instruction), self._local_to_single(tokens, grid, instruction)
         return FusionOutput(0.5 * (single.fused + l2s.fused),
                             0.5 * (single.instruction + l2s.instruction))
