@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from meteor.demo.ablate import (DEFAULT_VARIANT, PAPER_BUDGETS, PAPER_WIDTHS, TABLES, VARIANTS, markdown,
-                           paper_width_config, run_ablation, select, variant_config, visual_tokens)
+                           paper_width_config, run_ablation, select, variant_config, variant_stages,
+                                 visual_tokens)
 from meteor.projectors import count_parameters
 from meteor.config import CompressorConfig
 from meteor.demo import StageRun, full_config, quick_config
@@ -50,13 +51,13 @@ def test_no_two_variants_train_the_same_model():
     config = full_config()
     seen = {}
     for variant in VARIANTS.values():
-        key = variant_config(variant, config).to_json()
+        key = variant_config(variant, config).to_json() + repr(variant_stages(variant, config))
         assert key not in seen, f"{variant.name} duplicates {seen.get(key)}"
         seen[key] = variant.name
 
 
 def test_the_tables_follow_the_papers_and_the_default_is_run_once():
-    assert set(TABLES) == {"table1", "table2", "table3", "table4"}
+    assert set(TABLES) == {"table1", "table2", "table3", "table4", "question"}
     assert {VARIANTS[n].overrides.get("projector", "meteor") for n in TABLES["table1"].variants} == \
            {"meteor", "mlp", "resampler", "avgpool", "cls_topk", "random_topk"}
     assert {VARIANTS[n].overrides.get("scan_mode", "l2s") for n in TABLES["table2"].variants} == \
@@ -74,7 +75,7 @@ def test_the_tables_follow_the_papers_and_the_default_is_run_once():
 
 
 def test_unknown_names_are_refused_with_the_valid_ones():
-    with pytest.raises(ValueError, match="valid tables: table1, table2, table3, table4"):
+    with pytest.raises(ValueError, match="valid tables: table1, table2, table3, table4, question"):
         select(["table5"])
     with pytest.raises(ValueError, match="valid variants: meteor, mlp"):
         select(None, ["metor"])
@@ -121,7 +122,7 @@ def test_cli_list_prints_every_table_and_override():
 
 def test_cli_refuses_unknown_names_listing_the_valid_ones(tmp_path):
     done = _meteor("ablate", "--table", "table7", "--out", "x", cwd=tmp_path)
-    assert done.returncode == 2 and "valid tables: table1, table2, table3, table4" in done.stderr
+    assert done.returncode == 2 and "valid tables: table1, table2, table3, table4, question" in done.stderr
     done = _meteor("ablate", "--variant", "nope", "--out", "x", cwd=tmp_path)
     assert done.returncode == 2 and "valid variants:" in done.stderr and "scan_single" in done.stderr
     assert not (tmp_path / "x").exists()                 # refused before anything is built
@@ -162,8 +163,26 @@ def test_every_variant_trains_and_evaluates(tmp_path, capfd):
     assert "38.51M" in meteor_row and "37.08M" in meteor_row                 # ours beside the paper's
     resampler_row = next(line for line in text.splitlines() if line.startswith("| `resampler` |"))
     assert "137.84M" in resampler_row
-    assert text.count("| *chance* |") == 3 and text.count("| *majority* |") == 3
+    assert text.count("| *chance* |") == 4 and text.count("| *majority* |") == 4
+    # the single-question variants trained on one record per question, over the same number of steps
+    single = json.loads((tmp_path / "out" / "runs" / "single_turn" / "stage2" / "train_config.json").read_text())
+    usual = json.loads((tmp_path / "out" / "runs" / "meteor" / "stage2" / "train_config.json").read_text())
+    assert single["data"].endswith("single_turn.json") and single["epochs"] == usual["epochs"] / 4
+    assert len(json.loads(Path(single["data"]).read_text())) == 4 * len(json.loads(Path(usual["data"]).read_text()))
+    assert written["variants"]["question_5pct"]["compared_to"] == "single_turn_5pct"
 
     again = run_ablation(tmp_path / "out", tables=["table2"], variants=["meteor"], config=tiny_config())
     assert {"meteor/stage1", "meteor/stage2", "eval/meteor"} <= set(again["reused"])
     assert again["variants"]["meteor"]["accuracy"] == written["variants"]["meteor"]["accuracy"]
+
+    # a second training seed for the default: only its run trains; cells become mean ± sd
+    seeded = run_ablation(tmp_path / "out", tables=["table1"], variants=["meteor", "cls_topk"],
+                          config=tiny_config(), seeds={"*": 1, "meteor": 2})
+    assert {"meteor/stage1", "cls_topk/stage1", "eval/cls_topk"} <= set(seeded["reused"])
+    assert "meteor-seed1/stage1" not in seeded["reused"]
+    meteor = seeded["variants"]["meteor"]
+    assert meteor["seeds"] == [0, 1] and len(meteor["accuracy"]["all"]["per_seed"]) == 2
+    assert meteor["accuracy"]["all"]["per_seed"][0] == written["variants"]["meteor"]["accuracy"]["all"]["accuracy"]
+    assert meteor["accuracy"]["all"]["sd"] is not None
+    found = seeded["variants"]["cls_topk"]["comparison"]["all"]
+    assert found["low"] <= found["difference"] <= found["high"] and found["seeds"] == [1, 2]

@@ -54,3 +54,19 @@ def test_a_run_whose_every_record_is_skipped_stops_before_any_step(tiny, tmp_pat
     message = str(caught.value)
     assert "record 'tiny-0': malformed conversation" in message and "record 'tiny-1': missing image" in message
     assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_split_turns_gives_each_question_its_own_record_with_the_image():
+    from meteor.data import split_turns
+
+    record = {"id": "a", "image": "x.png", "meta": {"size": [1, 1]}, "questions": [{"q": 1}, {"q": 2}],
+              "conversations": [{"from": "human", "value": "<image>\nFirst?"}, {"from": "gpt", "value": "1"},
+                                {"from": "human", "value": "Second?"}, {"from": "gpt", "value": "2"}]}
+    text_only = {"id": "b", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello"}]}
+    first, second, kept = split_turns([record, text_only])
+    assert first["id"] == "a#0" and second["id"] == "a#1" and kept is text_only
+    assert [t["value"] for t in first["conversations"]] == ["<image>\nFirst?", "1"]
+    assert [t["value"] for t in second["conversations"]] == ["<image>\nSecond?", "2"]
+    assert first["image"] == second["image"] == "x.png" and second["meta"] == record["meta"]
+    assert first["questions"] == [{"q": 1}] and second["questions"] == [{"q": 2}]
+    assert record["conversations"][2]["value"] == "Second?"          # the input is not modified

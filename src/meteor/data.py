@@ -191,3 +191,29 @@ def collate(processor: MeteorProcessor, examples: Sequence[Example]) -> Batch:
     """Examples → a right-padded `Batch` (images in the order of their samples)."""
     return processor.collate([(e.input_ids, e.labels) for e in examples],
                              [e.image for e in examples if e.image is not None])
+
+
+def split_turns(records: Sequence[dict]) -> list[dict]:
+    """One record per question of each multi-turn record: the k-th human turn and its answer, the
+    record's image with each (its tag moved to the front of that question), id ``<id>#<k>``; other
+    fields (``meta``, …) are kept, and a per-question list (``questions``) keeps only its k-th
+    entry. Single-turn and malformed records pass through unchanged (the loader reports the
+    malformed ones). A model whose image selection depends on the question trains on these: it
+    sees one question per encoded image, as it is asked at inference."""
+    split = []
+    for position, record in enumerate(records):
+        turns = record.get("conversations") if isinstance(record, dict) else None
+        if not isinstance(turns, list) or len(turns) <= 2 or len(turns) % 2 or \
+                not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+            split.append(record)
+            continue
+        for k in range(len(turns) // 2):
+            human, answer = dict(turns[2 * k]), dict(turns[2 * k + 1])
+            if record.get("image") is not None:
+                text = human["value"].replace("<image>", "").lstrip("\n")
+                human["value"] = "<image>\n" + text
+            single = {**record, "id": f"{record_id(record, position)}#{k}", "conversations": [human, answer]}
+            if isinstance(record.get("questions"), list) and len(record["questions"]) == len(turns) // 2:
+                single["questions"] = [record["questions"][k]]
+            split.append(single)
+    return split

@@ -24,6 +24,10 @@ class StageRun:
     """Weight of the scene-distillation loss (``meteor.demo.distill``; 0: off)."""
     glyph_alignment: float = 0.0
     """Weight of the glyph-alignment loss (``meteor.demo.glyphs``; 0: off)."""
+    single_turn: bool = False
+    """Train on one record per question (``meteor.data.split_turns``: each image with each of its
+    questions) instead of the world's multi-turn records, for models whose selection depends on the
+    question. With ``epochs`` divided by the questions per image, it takes the same steps."""
 
 
 @dataclass(frozen=True)

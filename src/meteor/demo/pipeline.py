@@ -20,11 +20,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .clip import pretrain_clip
 from ..config import CompressorConfig, MeteorConfig
+from ..data import split_turns
 from ..feature_cache import FeatureCache
+from .clip import pretrain_clip
+from .config import DemoConfig, StageRun
 from .world import WorldConfig, WorldManifest, generate_world, world_texts
-from .config import DemoConfig
 
 KEY_FILE = "key.json"
 ASSETS = {"language_model": Path(__file__).parent / "assets" / "language_model",
@@ -296,28 +297,29 @@ class Pipeline:
         return results
 
     def _variant(self, world: WorldManifest, clip: Path, language_model: Path, name: str,
-                 meteor_config: MeteorConfig, seed: int | None = None
+                 meteor_config: MeteorConfig, seed: int | None = None, stages: dict[int, StageRun] | None = None
                  ) -> tuple[Path, dict[str, Any], dict[str, float], list[str]]:
         timings, reused = len(self.timings), len(self.reused)
-        model_dir = self.train_variant(world, clip, language_model, name, meteor_config, seed)
+        model_dir = self.train_variant(world, clip, language_model, name, meteor_config, seed, stages)
         scores = self.evaluate(world, model_dir, name)
         self.log(f"    {name}: accuracy " + ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in scores["accuracy"].items()))
         return model_dir, scores, dict(list(self.timings.items())[timings:]), self.reused[reused:]
 
     def train_variant(self, world: WorldManifest, clip: Path, language_model: Path, name: str,
-                      meteor_config: MeteorConfig, seed: int | None = None) -> Path:
+                      meteor_config: MeteorConfig, seed: int | None = None,
+                      stages: dict[int, StageRun] | None = None) -> Path:
         """Stage 1 then stage 2 of one model configuration in ``out/runs/<name>/``; its model folder.
 
         Both stages use the demo's recipe (``config.stage1`` / ``config.stage2``) and its seed, or
         the training ``seed`` given (the world, the CLIP and the LLaMA stay the demo's), so
-        variants differ only by ``meteor_config`` and the seed; each stage is reused when its key
-        matches."""
+        variants differ only by ``meteor_config`` and the seed (or by the ``stages`` recipe given);
+        each stage is reused when its key matches."""
         seed = self.config.seed if seed is None else seed
         from ..projectors import is_tokenwise
         from ..train import TrainConfig, train
         from .aids import TrainingAids
 
-        stage_runs = {1: self.config.stage1, 2: self.config.stage2}
+        stage_runs = stages or {1: self.config.stage1, 2: self.config.stage2}
         projector = meteor_config.compressor.projector
         if not is_tokenwise(projector) and any(run.glyph_alignment for run in stage_runs.values()):
             self.log(f"    {name}: no glyph alignment (the {projector!r} projector has no token-wise MLP)")
@@ -338,9 +340,14 @@ class Pipeline:
             step.start()
             config_file = step.folder / "meteor_config.json"
             config_file.write_text(meteor_config.to_json() + "\n")
+            data = world.stage1_path if stage == 1 else world.stage2_path
+            if run.single_turn:
+                data = step.folder / "single_turn.json"
+                data.write_text(json.dumps(split_turns(json.loads((world.stage1_path if stage == 1 else
+                                                                   world.stage2_path).read_text()))))
             self.log(f"    {name}, stage {stage}: training ...")
             result = train(TrainConfig(
-                stage=stage, data=str(world.stage1_path if stage == 1 else world.stage2_path),
+                stage=stage, data=str(data),
                 image_folder=str(world.image_folder), vision=str(clip), language_model=str(language_model),
                 meteor_config=str(config_file), compressor_from=str(stage1.folder) if stage == 2 else None,
                 output_dir=str(step.folder), epochs=run.epochs, global_batch_size=run.global_batch_size,
