@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
+from ..visualize import selection_figure  # noqa: F401  (the demo's Figure 4; drawn by the library)
 
 PAPER_DROP = (62.4, 59.3)
 """The paper's 12-benchmark average for Meteor at 144 and 32 tokens per slice (25 % → 5.6 %)."""
@@ -98,61 +98,6 @@ def loss_plot(runs: dict[str, Path], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _view_picture(view: torch.Tensor, mean, std) -> torch.Tensor:
-    """(3, h, w) normalised → (h, w, 3) in [0, 1]."""
-    pixels = view * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    return pixels.clamp(0, 1).permute(1, 2, 0)
-
-
-def _highlight(picture: torch.Tensor, grid: tuple[int, int], kept: torch.Tensor, patch: int) -> torch.Tensor:
-    """Dim every patch that was not kept and outline the kept ones in red."""
-    rows, cols = grid
-    mask = torch.zeros(rows * cols, dtype=torch.bool)
-    mask[kept] = True
-    mask = mask.view(rows, cols).repeat_interleave(patch, 0).repeat_interleave(patch, 1)  # (h, w)
-    out = picture.clone()
-    out[~mask] = out[~mask] * 0.25 + 0.75                   # faded towards white
-    edge = mask & ~(torch.nn.functional.max_pool2d((~mask).float()[None, None], 3, 1, 1)[0, 0] == 0)
-    out[edge] = torch.tensor([0.85, 0.1, 0.1])
-    return out
-
-
-def selection_figure(model, processor, image_path: Path, question: str, path: Path) -> None:
-    """One row per view (slices row by row, then the global view); columns: the view, the visual
-    expert's Top-K, the native expert's Top-K, the aggregate (what the model kept)."""
-    plt = _plt()
-    sliced = processor.prepare_image(image_path)
-    model.eval()
-    with torch.no_grad():
-        _, selections = model.encode_images([sliced], return_selection=True)
-    views = sliced.views()
-    mean, std = processor.image_mean or (0.5,) * 3, processor.image_std or (0.5,) * 3
-    patch = processor.patch_size
-    columns = ["view", "visual expert (CLS attention)", "native expert (INS')", "aggregate: kept"]
-    fig, axes = plt.subplots(len(selections), 4, figsize=(9, 2.3 * len(selections)), squeeze=False)
-    for row, selection in enumerate(selections):
-        picture = _view_picture(views[selection.view_index], mean, std)
-        k = len(selection.indices)
-        chosen = [None]
-        for scores in (selection.visual_scores, selection.native_scores):
-            chosen.append(None if scores is None else torch.topk(scores, k).indices)
-        chosen.append(selection.indices)
-        for col, kept in enumerate(chosen):
-            ax = axes[row][col]
-            ax.imshow(picture if kept is None else _highlight(picture, selection.grid, kept, patch))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(columns[col], fontsize=8)
-            if col == 0:
-                ax.set_ylabel("global" if selection.is_global else f"slice {selection.view_index + 1}", fontsize=8)
-    fig.suptitle(f"{image_path.name}: K={k} tokens kept per view\n"
-                 f"e.g. Q: {question.splitlines()[0]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
