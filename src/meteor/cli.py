@@ -114,11 +114,107 @@ def _eval(args: argparse.Namespace) -> int:
             raise ValueError("an MM-Vet grader / MMBench judge needs both --grader-base-url and --grader-model")
         grader = OpenAIGrader(args.grader_base_url, args.grader_model, args.grader_key_env)
     config = EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit)
-    scores = evaluate(args.benchmark, args.model, args.data, args.image_folder, args.out, config, progress,
-                      args.annotations, grader)
+    overrides = compressor_overrides(args.compressor_override)
+    if overrides:       # an all-tokens model compressed at load time (LlavaMeteor.from_pretrained)
+        from .evaluation import build_runner
+        from .modeling import LlavaMeteor
+
+        runner = build_runner(args.benchmark, config, args.annotations, grader)
+        model, processor = LlavaMeteor.from_pretrained(args.model, compressor_overrides=overrides)
+        scores = runner.run(model, processor, args.data, args.image_folder, args.out, progress)
+    else:
+        scores = evaluate(args.benchmark, args.model, args.data, args.image_folder, args.out, config, progress,
+                          args.annotations, grader)
     print(file=sys.stderr)
     print(json.dumps(scores, indent=2))
     return 0
+
+
+def compressor_overrides(items: Sequence[str] | None) -> dict:
+    """``["projector=cls_topk", "tokens_per_slice=16"]`` → ``{"projector": "cls_topk",
+    "tokens_per_slice": 16}``: each value read as JSON (numbers, true/false, null), else as text."""
+    import json
+
+    overrides = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--compressor-override {item!r}: write FIELD=VALUE, e.g. projector=cls_topk")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None if text in ("None", "none") else text
+        overrides[name.strip().replace("-", "_")] = value
+    return overrides
+
+
+# --- meteor convert: bring your own LLaVA (meteor.interop) ------------------------------------------
+def _convert(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from .config import MeteorConfig
+    from .interop import convert_llava, export_model, inspect_llava, meteor_config_for
+
+    if args.export is not None:
+        out = export_model(args.export, args.out, overwrite=args.overwrite)
+        print(f"wrote {out}/language_model (AutoModelForCausalLM, AutoTokenizer), {out}/vision_tower "
+              f"(its vision model, AutoImageProcessor) and compressor.safetensors")
+        return 0
+    source = inspect_llava(args.from_llava, args.vision)
+    config = (MeteorConfig.from_json(Path(args.meteor_config).read_text()) if args.meteor_config
+              else meteor_config_for(source))
+    changes = {name: getattr(args, name) for name in ("projector", "tokens_per_slice") if getattr(args, name) is not None}
+    if changes.get("projector", "mlp") != "mlp" and config.compressor.tokens_per_slice is None \
+            and "tokens_per_slice" not in changes:
+        raise ValueError(f"--projector {changes['projector']} keeps K tokens per view: give --tokens-per-slice")
+    config = dataclasses.replace(config, compressor=dataclasses.replace(config.compressor, **changes))
+    for name in ("max_slices", "visual_expert"):
+        if getattr(args, name) is not None:
+            config = dataclasses.replace(config, **{name: getattr(args, name)})
+    dtype = None if args.dtype == "auto" else args.dtype
+    out = convert_llava(args.from_llava, args.out, config, args.vision, dtype, overwrite=args.overwrite)
+    for note in source.notes:
+        print(f"note: {note}", file=sys.stderr)
+    saved = json.loads((Path(out) / "meteor_config.json").read_text())
+    print(f"wrote {out} ({source.format}): projector {saved['compressor']['projector']}, tokens_per_slice "
+          f"{saved['compressor']['tokens_per_slice']}, feature_layer {saved['feature_layer']}, "
+          f"max_slices {saved['max_slices']}, visual_expert {saved['visual_expert']}")
+    return 0
+
+
+def _add_convert(commands) -> None:
+    from .config import ProjectorName, VisualExpert
+
+    convert = commands.add_parser(
+        "convert", help="a LLaVA checkpoint → a LLaVA-Meteor folder, or a Meteor model → transformers folders",
+        description="--from-llava: read a local llava-hf (LlavaForConditionalGeneration) or original LLaVA-1.5 "
+        "(LlavaLlamaForCausalLM) folder and write a LLaVA-Meteor folder: its vision tower, language model and "
+        "tokenizer, its mlp2x_gelu projector as the initial weights of Meteor's projector MLP. By default the "
+        "model computes what the LLaVA computes (projector mlp, every token, one view); --projector cls_topk "
+        "--tokens-per-slice K compresses it without training; --projector meteor starts Top-Down Compression "
+        "from it. --export: write a LLaVA-Meteor model's language model + tokenizer and vision tower as "
+        "folders plain transformers loads (the compressor stays compressor.safetensors).")
+    source = convert.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-llava", default=None, metavar="PATH", help="a local LLaVA checkpoint folder")
+    source.add_argument("--export", default=None, metavar="MODEL", help="a LLaVA-Meteor folder to export")
+    convert.add_argument("--out", required=True, help="the folder to write")
+    convert.add_argument("--vision", default=None, metavar="PATH",
+                         help="original LLaVA-1.5: the local folder of the vision tower its mm_vision_tower names "
+                              "(e.g. a download of openai/clip-vit-large-patch14-336)")
+    convert.add_argument("--projector", default=None, choices=get_args(ProjectorName),
+                         help="the converted model's projector (default mlp: LLaVA's own)")
+    convert.add_argument("--tokens-per-slice", type=_at_least_one, default=None, help="K per view (not for mlp)")
+    convert.add_argument("--max-slices", type=_at_least_one, default=None,
+                         help="UHD slices per image (default 1: one view, as LLaVA-1.5 sees an image)")
+    convert.add_argument("--visual-expert", default=None, choices=get_args(VisualExpert),
+                         help="default: cls, or attention_received for a tower without CLS (SigLIP)")
+    convert.add_argument("--meteor-config", default=None, help="JSON file of MeteorConfig options to start from")
+    convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                         help="auto: float32 tower, the checkpoint's own dtype for the language model")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    convert.set_defaults(run=_convert)
 
 
 def _table(args: argparse.Namespace) -> int:
@@ -232,7 +328,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=None,
                           help="longest answer (default: 8 for world, the benchmark's own otherwise)")
     evaluate.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    evaluate.add_argument("--compressor-override", action="append", default=None, metavar="FIELD=VALUE",
+                          help="change a compressor option at load time (repeatable), e.g. projector=cls_topk and "
+                               "tokens_per_slice=16: an all-tokens model compressed without training (use a new --out)")
     evaluate.set_defaults(run=_eval)
+
+    _add_convert(commands)
 
     table = commands.add_parser("table", help="the paper's Table 1 layout from several evaluations")
     table.add_argument("--row", action="append", required=True,

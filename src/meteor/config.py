@@ -22,6 +22,8 @@ NativeGradient = Literal["none", "straight_through"]
 Instruction = Literal["learned", "question"]
 ProjectorName = Literal["meteor", "mlp", "resampler", "avgpool", "cls_topk", "random_topk"]
 """The vision-to-language projectors (``meteor.projectors.PROJECTORS`` holds their classes)."""
+VisualExpert = Literal["cls", "attention_received", "pooling_head"]
+"""Where the visual expert's scores VS (Eq. 3) come from (``MeteorConfig.visual_expert``)."""
 Template = Literal["plain", "vicuna_v1", "chat_template", "auto"]
 """Conversation templates (``meteor.conversation`` renders them): LLaVA's stage-1 ``plain``,
 FastChat's ``vicuna_v1``, the tokenizer's own ``chat_template``, or ``auto`` (the tokenizer's own
@@ -214,6 +216,16 @@ class MeteorConfig:
     """Layer whose CLS attention gives the visual expert; None = the layer producing the features
     (SPEC §4, as FasterVLM)."""
 
+    visual_expert: VisualExpert = "cls"
+    """What the visual expert VSⁱ (Eq. 3) reads from the frozen tower (``meteor.visual_expert``).
+    "cls" (the paper's, as FasterVLM): the CLS token's attention to each patch at attention_layer,
+    averaged over heads, CLS→CLS excluded, renormalised; needs a CLS token (CLIP). For towers without
+    one (SigLIP): "attention_received", the attention each patch receives at attention_layer,
+    averaged over every patch query and head (a CLS token, if any, excluded as query and key),
+    renormalised; or "pooling_head", the attention of SigLIP's attention-pooling head (its probe) to
+    each patch of the last layer after post_layernorm, averaged over heads (needs vision_use_head;
+    attention_layer must stay None). Scores sum to 1 per view whichever is chosen."""
+
     max_slices: int = 6
     """Cap on the number of UHD slices per image (paper: 6, images up to 672×1008)."""
 
@@ -238,6 +250,10 @@ class MeteorConfig:
         _check(self.feature_layer != 0, "feature_layer 0 is the embedding output, not a layer; "
                "use −2 (penultimate, LLaVA) or a positive layer index")
         _check(bool(self.image_token), "image_token must be a non-empty string such as '<image>'")
+        _choice("visual_expert", self.visual_expert, get_args(VisualExpert))
+        _check(self.visual_expert != "pooling_head" or self.attention_layer is None,
+               f"visual_expert='pooling_head' reads the pooling head over the last layer: leave "
+               f"attention_layer None, not {self.attention_layer}")
         _choice("template", self.template, get_args(Template))
 
     # --- serialisation -------------------------------------------------------------------------

@@ -96,7 +96,12 @@ class LlavaMeteor(nn.Module):
         config = config or MeteorConfig()
         if not isinstance(vision, VisionTower):
             vision = VisionTower.from_pretrained(vision, feature_layer=config.feature_layer,
-                                                 attention_layer=config.attention_layer, dtype=dtype)
+                                                 attention_layer=config.attention_layer, dtype=dtype,
+                                                 visual_expert=config.visual_expert)
+        elif vision.visual_expert != config.visual_expert:
+            raise ValueError(f"the vision tower computes the visual expert {vision.visual_expert!r} but the "
+                             f"config asks for {config.visual_expert!r}: build the tower with "
+                             f"visual_expert={config.visual_expert!r} or set MeteorConfig.visual_expert")
         if isinstance(language_model, (str, os.PathLike)):
             language_model = _load_causal_lm(language_model, dtype)
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -295,9 +300,17 @@ class LlavaMeteor(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None
+    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None,
+                        compressor_overrides: dict[str, Any] | None = None
                         ) -> tuple["LlavaMeteor", MeteorProcessor]:
-        """Load a folder written by `save_pretrained` (no pickle anywhere)."""
+        """Load a folder written by `save_pretrained` (no pickle anywhere).
+
+        ``compressor_overrides``: CompressorConfig fields to change at load time, e.g.
+        ``{"projector": "cls_topk", "tokens_per_slice": 16}`` to compress an all-tokens LLaVA-1.5
+        model without training (its ``mlp.*`` weights are what cls_topk uses), or
+        ``{"tokens_per_slice": 16, "expert_mode": "visual"}``. The new projector's weights must all
+        be in the saved file with the same shapes; saved weights it does not use are left out (and
+        logged)."""
         from transformers import AutoTokenizer
 
         folder = Path(folder)
@@ -305,13 +318,80 @@ class LlavaMeteor(nn.Module):
             raise FileNotFoundError(f"{folder} is not a LLaVA-Meteor model folder: {CONFIG_NAME} is "
                                     f"missing (write one with LlavaMeteor.save_pretrained)")
         config = MeteorConfig.load(folder)
+        saved_projector = config.compressor.projector
+        if compressor_overrides:
+            config = dataclasses.replace(config, compressor=_override_compressor(config.compressor,
+                                                                                 compressor_overrides))
         vision = VisionTower.from_pretrained(folder / VISION_DIR, feature_layer=config.feature_layer,
-                                             attention_layer=config.attention_layer, dtype=dtype)
+                                             attention_layer=config.attention_layer, dtype=dtype,
+                                             visual_expert=config.visual_expert)
         language_model = _load_causal_lm(folder / LANGUAGE_DIR, dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model, processor = cls.build(vision, language_model, tokenizer, config, dtype)
-        model.compressor.load_state_dict(load_compressor(folder / COMPRESSOR_FILE))
+        weights = load_compressor(folder / COMPRESSOR_FILE)
+        if compressor_overrides:
+            _load_overridden(model.compressor, weights, saved_projector, config.compressor.projector, folder)
+        else:
+            model.compressor.load_state_dict(weights)
         return model, processor
+
+    @classmethod
+    def from_llava(cls, path: str | os.PathLike, config: MeteorConfig | None = None,
+                   vision: str | os.PathLike | None = None, dtype: torch.dtype | None = None
+                   ) -> tuple["LlavaMeteor", MeteorProcessor]:
+        """A LLaVA-Meteor model from a local llava-hf (``LlavaForConditionalGeneration``) or original
+        LLaVA-1.5 (``LlavaLlamaForCausalLM``) folder: its vision tower, language model and tokenizer,
+        and its mlp2x_gelu projector as the initial weights of the projector's MLP. ``config`` None
+        keeps LLaVA's own computation (projector "mlp", every token, one view); the feature layer
+        is always the checkpoint's. ``vision``: the local CLIP folder an original LLaVA-1.5 folder
+        names by hub id in ``mm_vision_tower``. See ``meteor.interop``."""
+        from .interop.convert import load_projector_mlp, read_llava_for_meteor
+
+        config, parts = read_llava_for_meteor(path, config, vision, dtype)
+        model, processor = cls.build(parts.vision, parts.language_model, parts.tokenizer, config, dtype)
+        load_projector_mlp(model.compressor, parts.projector, str(path))
+        return model, processor
+
+
+_UNOVERRIDABLE = ("vision_width", "text_width")
+
+
+def _override_compressor(compressor, overrides: dict[str, Any]):
+    """``compressor`` with ``overrides`` applied and validated (CompressorConfig's own checks)."""
+    from .config import ConfigError
+
+    known = {f.name for f in dataclasses.fields(compressor)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown compressor option(s) {unknown} to override; known: {sorted(known)}")
+    fixed = sorted(set(overrides) & set(_UNOVERRIDABLE))
+    if fixed:
+        raise ConfigError(f"{fixed} are the widths of the vision tower and the LLM, read from them: they "
+                          f"cannot be overridden")
+    return dataclasses.replace(compressor, **overrides)
+
+
+def _load_overridden(compressor: nn.Module, weights: dict[str, torch.Tensor], saved: str, new: str,
+                     folder: Path) -> None:
+    """Load saved compressor weights into an overridden projector: every weight it has must be
+    saved with its shape; saved weights it lacks (another projector's) are logged and left out."""
+    import logging
+
+    own = compressor.state_dict()
+    missing = sorted(name for name in own if name not in weights)
+    if missing:
+        raise ValueError(f"the {saved!r} compressor saved in {folder} has no weights for the {new!r} "
+                         f"projector's {missing[:4]}{' …' if len(missing) > 4 else ''}: override to a "
+                         f"projector made of the saved one's parts (the token-wise ones share mlp.*)")
+    mismatched = [f"{name} {tuple(weights[name].shape)} vs {tuple(own[name].shape)}" for name in own
+                  if weights[name].shape != own[name].shape]
+    if mismatched:
+        raise ValueError(f"the saved compressor's weights do not fit the {new!r} projector: {mismatched[:3]}")
+    unused = sorted({name.split(".")[0] for name in weights if name not in own})
+    if unused:
+        logging.getLogger(__name__).warning("the %r projector loaded from %s's %r compressor leaves its %s "
+                                            "weights unused", new, folder, saved, ", ".join(unused))
+    compressor.load_state_dict({name: weights[name] for name in own}, strict=True)
 
 
 def load_compressor(path: str | os.PathLike) -> dict[str, torch.Tensor]:
