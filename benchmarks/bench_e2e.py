@@ -181,30 +181,68 @@ class PeakMemory:
             self.extra = _status_bytes("VmHWM") - self.before
 
 
-def measure_rates(device: torch.device, dtype: torch.dtype, quick: bool, clock: Clock) -> tuple[float, float]:
-    """(matmul FLOP/s, memory bytes/s) measured here: the best of 3 of a (2048×5120)·(5120×5120)
-    product (the LLM's shape class; 512³ in --quick), and of a 256 MiB copy (read + write)."""
-    m, k, n = (512, 512, 512) if quick else (2048, 5120, 5120)
-    if device.type == "cuda" and not quick:
-        m, k, n = 8192, 8192, 8192
-    a = torch.randn(m, k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
-    out = a @ b
+def _best(fn, clock: Clock, repeats: int = 3) -> float:
+    fn()
     best = math.inf
-    for _ in range(3):
+    for _ in range(repeats):
         start = clock()
-        torch.matmul(a, b, out=out)
+        fn()
         best = min(best, clock() - start)
-    flops = 2.0 * m * k * n / best
-    source = torch.ones((16 if quick else 256) << 18, device=device)  # float32: 16 or 256 MiB
+    return best
+
+
+def measure_rates(device: torch.device, dtype: torch.dtype, quick: bool, clock: Clock):
+    """The ceilings of ``meteor.cost.Rates``, each from one micro-benchmark (best of 3), never from
+    the workload: a (2048×5120)·(5120×5120) product; a 256 MiB copy; SDPA at (4, 16, 1024, 64); a
+    1×5120 row times a 13824×5120 weight; sigmoid into existing memory; and on CPU the extra time
+    of filling a freshly allocated 64 MiB block over an existing one. --quick shrinks each."""
+    import torch.nn.functional as F
+
+    from meteor.cost import Rates
+
+    scale = 8 if quick else 1
+    m, k, n = (512, 512, 512) if quick else (8192, 8192, 8192) if device.type == "cuda" else (2048, 5120, 5120)
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    product = torch.empty(m, n, device=device, dtype=dtype)
+    matmul = 2.0 * m * k * n / _best(lambda: torch.matmul(a, b, out=product), clock)
+    del a, b, product
+    source = torch.ones((256 // scale) << 18, device=device)                   # float32
     target = torch.empty_like(source)
-    target.copy_(source)
-    best = math.inf
-    for _ in range(3):
-        start = clock()
-        target.copy_(source)
-        best = min(best, clock() - start)
-    return flops, 2.0 * source.numel() * source.element_size() / best
+    bandwidth = 2.0 * source.numel() * 4 / _best(lambda: target.copy_(source), clock)
+    batch, heads, length, width = (2, 4, 256, 32) if quick else (4, 16, 1024, 64)
+    q = torch.randn(batch, heads, length, width, device=device, dtype=dtype)
+    attention = 4.0 * batch * heads * width * length ** 2 / _best(lambda: F.scaled_dot_product_attention(q, q, q), clock)
+    rows, cols = (1728, 640) if quick else (13824, 5120)
+    weight = torch.randn(rows, cols, device=device, dtype=dtype)
+    x = torch.randn(1, 1, cols, device=device, dtype=dtype)
+    matvec = weight.numel() * weight.element_size() / _best(lambda: F.linear(x, weight), clock, 5)
+    values = torch.randn((16 // scale) << 20, device=device, dtype=dtype)
+    out = torch.empty_like(values)
+    transcendental = values.numel() / _best(lambda: torch.sigmoid(values, out=out), clock)
+    fresh = None
+    if device.type == "cpu":
+        block = (64 << 20) // (4 * scale)
+        reused = torch.empty(block)
+        existing = _best(lambda: reused.fill_(1.0), clock)
+        first_touch = _best(lambda: torch.empty(block).fill_(1.0), clock)
+        fresh = block * 4 / max(first_touch - existing, 1e-9)
+    return Rates(matmul=matmul, bandwidth=bandwidth, attention=attention, matvec=matvec,
+                 transcendental=transcendental, fresh=fresh)
+
+
+def describe_rates(rates) -> str:
+    fresh = f", fresh pages {rates.fresh / 1e9:.1f} GB/s" if rates.fresh else ""
+    return (f"matmul {rates.matmul / 1e9:,.0f} GFLOP/s, attention {rates.attention / 1e9:,.0f} GFLOP/s, "
+            f"copy {rates.bandwidth / 1e9:.1f} GB/s, matrix-vector {rates.matvec / 1e9:.1f} GB/s, "
+            f"sigmoid {rates.transcendental / 1e9:.2f} G/s{fresh}")
+
+
+def best_rates(*measured):
+    """Per ceiling, the best of several measurements (the machine is shared: the least disturbed one)."""
+    fields = [f.name for f in dataclasses.fields(measured[0]) if f.name != "fresh_threshold"]
+    return dataclasses.replace(measured[0], **{
+        name: (max(getattr(r, name) for r in measured) if getattr(measured[0], name) is not None else None)
+        for name in fields})
 
 
 def machine(device: torch.device) -> str:
@@ -306,54 +344,56 @@ def row_model(setup: Setup, row: Row, dtype: torch.dtype):
 # --- one row, inference ----------------------------------------------------------------------------------
 
 
-def measure_inference(model, setup: Setup, sliced, ids: torch.Tensor, decode_tokens: int, repeats: int) -> dict:
-    """Vision, compression and prefill (time to first token) of one prompt, then ``decode_tokens``
-    greedy tokens with the KV cache; the best of ``repeats``. LLM figures at the real depth."""
+def measure_inference(model, setup: Setup, sliced, ids: torch.Tensor, decode_tokens: int) -> dict:
+    """One run: vision, compression and prefill (time to first token) of one prompt, then
+    ``decode_tokens`` greedy tokens with the KV cache. LLM figures at the real depth."""
     clock = Clock(setup.device)
     lm, layers = setup.lm, setup.lm.model.layers
     vision = ModuleTimer([model.vision_tower], clock)
     compressor = ModuleTimer([model.compressor], clock)
     per_layer = ModuleTimer(layers, clock)
     scale = setup.depth / len(layers)
-    best: dict = {}
     try:
-        for _ in range(repeats):
-            for timer in (vision, compressor, per_layer):
-                timer.reset()
-            with torch.inference_mode(), PeakMemory(setup.device) as memory:
-                start = clock()
-                embeds = model.embed(ids.to(setup.device), [sliced])                 # (1, T, D)
-                embedded = clock()
-                out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-                token = out.logits[:, -1].argmax(-1, keepdim=True)                   # (1, 1)
-                prefilled = clock()
-                prefill_layers = per_layer.seconds
-                kv = sum(t.numel() * t.element_size() for layer in out.cache.layers for t in (layer.keys, layer.values))
-                per_layer.reset()
-                cache = out.cache
-                for _ in range(decode_tokens):
-                    out = lm(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
-                    cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
-                decoded = clock()
-            decode_layers = per_layer.seconds
-            run = {
-                "vision_s": vision.seconds,
-                "compression_s": compressor.seconds,
-                "embed_s": embedded - start,
-                "prefill_s": (prefilled - embedded) - prefill_layers + scale * prefill_layers,
-                "prefill_layer_s": prefill_layers / len(layers),
-                "decode_token_s": ((decoded - prefilled) - decode_layers + scale * decode_layers) / decode_tokens,
-                "decode_layer_s": decode_layers / len(layers) / decode_tokens,
-                "peak_extra_bytes": memory.extra,
-            }
-            best = run if not best else {k: min(best[k], v) for k, v in run.items()}
+        with torch.inference_mode(), PeakMemory(setup.device) as memory:
+            start = clock()
+            embeds = model.embed(ids.to(setup.device), [sliced])                 # (1, T, D)
+            embedded = clock()
+            out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)                   # (1, 1)
+            prefilled = clock()
+            prefill_layers = per_layer.seconds
+            kv = sum(t.numel() * t.element_size() for layer in out.cache.layers for t in (layer.keys, layer.values))
+            per_layer.reset()
+            cache = out.cache
+            for _ in range(decode_tokens):
+                out = lm(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+                cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+            decoded = clock()
             del out, cache, embeds
     finally:
         for timer in (vision, compressor, per_layer):
             timer.remove()
+    decode_layers = per_layer.seconds
+    return {
+        "vision_s": vision.seconds,
+        "compression_s": compressor.seconds,
+        "embed_s": embedded - start,
+        "prefill_s": (prefilled - embedded) - prefill_layers + scale * prefill_layers,
+        "prefill_layer_s": prefill_layers / len(layers),
+        "decode_token_s": ((decoded - prefilled) - decode_layers + scale * decode_layers) / decode_tokens,
+        "decode_layer_s": decode_layers / len(layers) / decode_tokens,
+        "peak_extra_bytes": memory.extra,
+        "kv_cache_bytes": int(kv * scale),
+        "kv_cache_bytes_measured": int(kv),
+    }
+
+
+def best_of(runs: list[dict]) -> dict:
+    """Per figure, the smallest over the runs (the least disturbed on a shared machine); the
+    time to first token from the best embedding (vision + compression) and the best prefill."""
+    best = {key: min(run[key] for run in runs) for key in runs[0]}
     best["ttft_s"] = best["embed_s"] + best["prefill_s"]
-    best["kv_cache_bytes"] = int(kv * scale)
-    best["kv_cache_bytes_measured"] = int(kv)
+    best["runs"] = len(runs)
     return best
 
 
@@ -455,7 +495,7 @@ def inference_costs(model, setup: Setup, sliced, text: int, separators: int, ite
 
 
 def run(args) -> int:
-    from meteor import cost
+    from meteor.cost import Rates
 
     started = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -482,14 +522,31 @@ def run(args) -> int:
         dtype = DTYPES[dtype_name]
         setup.tower.to(dtype)
         setup.lm.to(dtype)
-        peak, bandwidth = measure_rates(device, dtype, args.quick, clock)
-        results["rates"][dtype_name] = {"peak_flops": peak, "bandwidth": bandwidth}
-        print(f"[{dtype_name}] matmul {peak / 1e9:.0f} GFLOP/s, copy {bandwidth / 1e9:.1f} GB/s", flush=True)
+        measured_rates = [measure_rates(device, dtype, args.quick, clock)]
+        print(f"[{dtype_name}] {describe_rates(measured_rates[0])}", flush=True)
+
+        def remeasure():
+            measured_rates.append(measure_rates(device, dtype, args.quick, clock))
+
+        inference_costs = training_costs = None
         if dtype_name in dtypes:
-            results["inference"][dtype_name], results["cost"][dtype_name] = run_inference(
-                args, setup, image, rows, dtype, peak, bandwidth)
+            results["inference"][dtype_name], inference_costs = run_inference(args, setup, image, rows, dtype,
+                                                                              remeasure)
         if train_rows and dtype_name == args.train_dtype:
-            results["training"] = run_training(args, setup, image, train_rows, dtype, peak, bandwidth)
+            results["training"], training_costs = run_training(args, setup, image, train_rows, dtype)
+            remeasure()
+        rates = best_rates(*measured_rates)
+        results["rates"][dtype_name] = {"used": dataclasses.asdict(rates),
+                                        "measured": [dataclasses.asdict(r) for r in measured_rates]}
+        print(f"[{dtype_name}] best of {len(measured_rates)}: {describe_rates(rates)}", flush=True)
+        if inference_costs:
+            results["cost"][dtype_name] = compare(results["inference"][dtype_name], inference_costs, rates, args)
+        if training_costs:
+            for name, steps in training_costs.items():
+                for key, modelled in steps.items():
+                    step = results["training"][name][key]
+                    step.update(flops=modelled.flops, predicted_s=modelled.seconds(rates),
+                                roofline_s=modelled.seconds(Rates.roofline(rates.matmul, rates.bandwidth)))
     results["decode_fit"] = {name: decode_fit(rows_out, setup.depth)
                              for name, rows_out in results["inference"].items()}
     results["load_average"] = {"before": load_before, "after": os.getloadavg() if load_before else None}
@@ -503,51 +560,76 @@ def run(args) -> int:
     return 0
 
 
-def run_inference(args, setup: Setup, image, rows, dtype, peak: float, bandwidth: float) -> tuple[dict, dict]:
+def run_inference(args, setup: Setup, image, rows, dtype, between_rounds=None) -> tuple[dict, dict]:
+    """Every row's measurements, best of ``args.repeats`` rounds over all the rows (so a burst of
+    load elsewhere hits one round of a row, not all of them), and its stages' costs."""
     itemsize = torch.finfo(dtype).bits // 8
-    measured, costs = {}, {}
-    warm = min(rows, key=lambda r: sum(view_counts(sliced_views(image, r), r)))
-    for phase, chosen in (("warm-up", [warm]), ("measure", rows)):
-        for row in chosen:
-            sliced = sliced_views(image, row)
-            ids, separators = prompt(sliced, view_counts(sliced, row), args.text_tokens - 10, 10, setup, args.seed)
-            model = row_model(setup, row, dtype)
-            if phase == "warm-up":
-                measure_inference(model, setup, sliced, ids, 2, 1)
-                continue
-            out = measure_inference(model, setup, sliced, ids, args.decode_tokens, args.repeats)
-            out.update(visual_tokens=sum(view_counts(sliced, row)), prompt_tokens=ids.shape[1],
-                       views=[list(g) for g in sliced.plan.view_patches])
-            context = ids.shape[1] + (args.decode_tokens - 1) // 2   # the mean cache length while decoding
-            out["decode_context"] = context
-            stage_costs = inference_costs(model, setup, sliced, args.text_tokens, separators, itemsize, context)
-            if stage_costs.prompt_tokens != ids.shape[1]:
-                raise RuntimeError(f"the cost model counts {stage_costs.prompt_tokens} prompt tokens, the "
-                                   f"prompt has {ids.shape[1]}")
-            if stage_costs.kv_cache_bytes != out["kv_cache_bytes"]:
-                raise RuntimeError(f"KV cache: model {stage_costs.kv_cache_bytes} B, measured {out['kv_cache_bytes']} B")
-            costs[row.name] = {}
-            for (stage, key), c in zip(STAGES, (stage_costs.vision, stage_costs.compression,
-                                                stage_costs.prefill, stage_costs.decode_token)):
-                predicted = c.seconds(peak, bandwidth)
-                costs[row.name][stage] = {
-                    "flops": c.flops, "matmul_flops": c.matmul_flops, "bytes": c.bytes, "predicted_s": predicted,
-                    "measured_s": out[key], "error": predicted / out[key] - 1, "achieved_flops": c.flops / out[key],
-                    "projected_s": (c.seconds(args.peak_tflops * 1e12, args.bandwidth_gbs * 1e9)
-                                    if args.peak_tflops else None)}
-            measured[row.name] = out
-            print(f"  [{DTYPE_NAMES[dtype]}] {row.name}: prompt {ids.shape[1]}, vision {out['vision_s']:.2f} s, "
-                  f"compression {out['compression_s']:.2f} s, prefill {out['prefill_s']:.2f} s "
-                  f"({out['prefill_layer_s']:.2f} s/layer), decode {1 / out['decode_token_s']:.2f} tok/s", flush=True)
-            del model
+    prepared, costs = {}, {}
+    for row in rows:
+        sliced = sliced_views(image, row)
+        ids, separators = prompt(sliced, view_counts(sliced, row), args.text_tokens - 10, 10, setup, args.seed)
+        model = row_model(setup, row, dtype)
+        context = ids.shape[1] + (args.decode_tokens - 1) // 2   # the mean cache length while decoding
+        costs[row.name] = inference_costs(model, setup, sliced, args.text_tokens, separators, itemsize, context)
+        if costs[row.name].prompt_tokens != ids.shape[1]:
+            raise RuntimeError(f"the cost model counts {costs[row.name].prompt_tokens} prompt tokens, the "
+                               f"prompt has {ids.shape[1]}")
+        prepared[row.name] = (model, sliced, ids, context)
+    warm = min(rows, key=lambda r: prepared[r.name][2].shape[1])
+    model, sliced, ids, _ = prepared[warm.name]
+    measure_inference(model, setup, sliced, ids, 2)                     # warm-up: kernels, threads, the scan build
+    runs: dict[str, list[dict]] = {row.name: [] for row in rows}
+    for round_ in range(args.repeats):
+        for row in rows:
+            model, sliced, ids, _ = prepared[row.name]
+            run = measure_inference(model, setup, sliced, ids, args.decode_tokens)
+            runs[row.name].append(run)
+            print(f"  [{DTYPE_NAMES[dtype]} {round_ + 1}/{args.repeats}] {row.name}: prompt {ids.shape[1]}, vision "
+                  f"{run['vision_s']:.2f} s, compression {run['compression_s']:.2f} s, prefill {run['prefill_s']:.2f} s "
+                  f"({run['prefill_layer_s']:.2f} s/layer), decode {1 / run['decode_token_s']:.2f} tok/s", flush=True)
+        if between_rounds:
+            between_rounds()
+    measured = {}
+    for row in rows:
+        model, sliced, ids, context = prepared[row.name]
+        out = best_of(runs[row.name])
+        out.update(visual_tokens=sum(view_counts(sliced, row)), prompt_tokens=ids.shape[1], decode_context=context,
+                   views=[list(g) for g in sliced.plan.view_patches])
+        if costs[row.name].kv_cache_bytes != out["kv_cache_bytes"]:
+            raise RuntimeError(f"KV cache: model {costs[row.name].kv_cache_bytes} B, measured {out['kv_cache_bytes']} B")
+        measured[row.name] = out
+    prepared.clear()
     return measured, costs
 
 
-def run_training(args, setup: Setup, image, rows, dtype, peak: float, bandwidth: float) -> dict:
+def compare(measured: dict, costs: dict, rates, args) -> dict:
+    """Per row and stage: the cost model's FLOPs, bytes and predicted time beside the measured one,
+    with every ceiling (``rates``) and with the plain two-number roofline."""
+    from meteor.cost import Rates
+
+    plain = Rates.roofline(rates.matmul, rates.bandwidth)
+    gpu = Rates.roofline(args.peak_tflops * 1e12, args.bandwidth_gbs * 1e9) if args.peak_tflops else None
+    table = {}
+    for name, stage_costs in costs.items():
+        table[name] = {}
+        for stage, key in STAGES:
+            c, seconds = getattr(stage_costs, stage), measured[name][key]
+            predicted, roofline = c.seconds(rates), c.seconds(plain)
+            table[name][stage] = {
+                "flops": c.flops, "matmul_flops": c.matmul_flops, "bytes": c.bytes, "measured_s": seconds,
+                "predicted_s": predicted, "error": predicted / seconds - 1,
+                "roofline_s": roofline, "roofline_error": roofline / seconds - 1,
+                "achieved_flops": c.flops / seconds, "projected_s": c.seconds(gpu) if gpu else None}
+    return table
+
+
+def run_training(args, setup: Setup, image, rows, dtype) -> tuple[dict, dict]:
+    """Every training row's steps, and their costs (``meteor.cost.training_step``)."""
     from meteor import cost
 
     itemsize = torch.finfo(dtype).bits // 8
     out: dict = {}
+    costs: dict = {}
     warm = rows[-1]
     model = row_model(setup, warm, dtype)
     sliced = sliced_views(image, warm)
@@ -558,19 +640,21 @@ def run_training(args, setup: Setup, image, rows, dtype, peak: float, bandwidth:
         model = row_model(setup, row, dtype)
         sliced = sliced_views(image, row)
         vision, llm = shapes(model, setup)
-        out[row.name] = {}
+        out[row.name], costs[row.name] = {}, {}
         for stage in (1, 2):
             ids, labels, text, separators = training_inputs(sliced, row, stage, setup, args.seed)
             for cached in (False, True):
-                step = measure_training(model, setup, sliced, ids, labels, stage, cached, args.repeats)
-                modelled = cost.training_step(vision, llm, model.config.compressor, sliced.plan.view_patches,
-                                              text, separators, itemsize, stage, cached)
-                step.update(tokens=ids.shape[1], flops=modelled.flops, predicted_s=modelled.seconds(peak, bandwidth))
-                out[row.name][f"stage{stage}_{'cached' if cached else 'uncached'}"] = step
+                key = f"stage{stage}_{'cached' if cached else 'uncached'}"
+                step = measure_training(model, setup, sliced, ids, labels, stage, cached, args.train_repeats)
+                step["tokens"] = ids.shape[1]
+                out[row.name][key] = step
+                costs[row.name][key] = cost.training_step(vision, llm, model.config.compressor,
+                                                          sliced.plan.view_patches, text, separators, itemsize,
+                                                          stage, cached)
                 print(f"  train {row.name} stage {stage} {'cached' if cached else 'uncached'}: "
                       f"{step['step_s']:.2f} s/sample ({step['layer_s']:.2f} s/layer)", flush=True)
         del model
-    return out
+    return out, costs
 
 
 def decode_fit(rows_out: dict, depth: int) -> dict:
@@ -604,10 +688,9 @@ def tables(results: dict, args) -> str:
              f"{results['load_average']['before']} / {results['load_average']['after']}; "
              f"wall {results['wall_s']:.0f} s", ""]
     for dtype, rows_out in results["inference"].items():
-        rates = results["rates"][dtype]
+        rates = results["rates"][dtype]["used"]
         reference = rows_out.get(REFERENCE)
-        lines += [f"### {dtype}: one 1008×672 image, {args.text_tokens} text tokens, {args.decode_tokens} decoded "
-                  f"(matmul {rates['peak_flops'] / 1e9:.0f} GFLOP/s, copy {rates['bandwidth'] / 1e9:.1f} GB/s)", "",
+        lines += [f"### {dtype}: one 1008×672 image, {args.text_tokens} text tokens, {args.decode_tokens} decoded", "",
                   "| row | visual tokens | prompt | vision s | compression s | prefill s | TTFT s | decode tok/s "
                   "| KV cache MB | extra peak MB (measured depth) | prefill speed-up vs UHD-144 | token bound "
                   "| of bound |",
@@ -624,18 +707,27 @@ def tables(results: dict, args) -> str:
                          f"{1 / r['decode_token_s']:.3f} | {_mb(r['kv_cache_bytes'])} | "
                          f"{_mb(r['peak_extra_bytes'])} | {ratio} |")
         lines += [""] + decode_table(results, dtype, args) + [""]
-        lines += [f"cost model, {dtype}: predicted = Σ over ops of max(FLOPs / {rates['peak_flops'] / 1e9:.0f} GFLOP/s, "
-                  f"bytes / {rates['bandwidth'] / 1e9:.1f} GB/s)", "",
-                  "| row | stage | GFLOP | GB moved | predicted s | measured s | error | achieved GFLOP/s | of peak |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        fresh = f", fresh pages {rates['fresh'] / 1e9:.1f} GB/s" if rates["fresh"] else ""
+        lines += [f"cost model, {dtype}: predicted = Σ over ops of max(FLOPs / compute rate, bytes / stream rate, "
+                  f"exp-like / sigmoid rate) + fresh-page time, with the ceilings measured in this run (best of "
+                  f"before and after the rows): matmul {rates['matmul'] / 1e9:,.0f} GFLOP/s, attention "
+                  f"{rates['attention'] / 1e9:,.0f} GFLOP/s, copy {rates['bandwidth'] / 1e9:.1f} GB/s, matrix-vector "
+                  f"{rates['matvec'] / 1e9:.1f} GB/s, sigmoid {rates['transcendental'] / 1e9:.2f} G/s{fresh}. "
+                  f"Roofline: matmul rate and copy bandwidth only.", "",
+                  "| row | stage | GFLOP | GB moved | measured s | predicted s | error | roofline s | roofline error "
+                  "| achieved GFLOP/s | of matmul rate |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, stages in results["cost"][dtype].items():
             for stage, c in stages.items():
                 lines.append(f"| {name} | {stage} | {c['flops'] / 1e9:,.2f} | {c['bytes'] / 1e9:,.2f} | "
-                             f"{c['predicted_s']:.3f} | {c['measured_s']:.3f} | {100 * c['error']:+.0f}% | "
-                             f"{c['achieved_flops'] / 1e9:,.1f} | {100 * c['achieved_flops'] / rates['peak_flops']:.0f}% |")
-        errors = [abs(c["error"]) for stages in results["cost"][dtype].values() for c in stages.values()]
-        lines += ["", f"largest cost-model error ({dtype}): {100 * max(errors):.0f}% "
-                  f"(target ≤ 25%: {'met' if max(errors) <= 0.25 else 'MISSED'})", ""]
+                             f"{c['measured_s']:.3f} | {c['predicted_s']:.3f} | {100 * c['error']:+.0f}% | "
+                             f"{c['roofline_s']:.3f} | {100 * c['roofline_error']:+.0f}% | "
+                             f"{c['achieved_flops'] / 1e9:,.1f} | {100 * c['achieved_flops'] / rates['matmul']:.0f}% |")
+        errors = {stage: max(abs(stages[stage]["error"]) for stages in results["cost"][dtype].values())
+                  for stage, _ in STAGES}
+        lines += ["", f"largest cost-model error per stage ({dtype}): " +
+                  ", ".join(f"{stage} {100 * e:.0f}%" for stage, e in errors.items()) +
+                  f" (target ≤ 25%: {'met' if max(errors.values()) <= 0.25 else 'MISSED'})", ""]
         if args.peak_tflops:
             lines += projection(results, dtype, args)
     if results["training"]:
@@ -743,10 +835,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="depth the per-layer figures are extrapolated to (default: the LLM's, 40 / 32)")
     parser.add_argument("--text-tokens", type=int, default=50,
                         help="text tokens around the image at inference: 40 before, the rest after (default 50)")
-    parser.add_argument("--decode-tokens", type=int, default=16, help="tokens generated after the prefill")
+    parser.add_argument("--decode-tokens", type=int, default=8, help="tokens generated after the prefill")
     parser.add_argument("--answer-tokens", type=int, default=128,
                         help="answer length of the TPS column: tokens / (TTFT + tokens × decode step)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per measurement, best kept (after a warm-up)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="rounds over the rows, the best of them kept per figure (after a warm-up)")
+    parser.add_argument("--train-repeats", type=int, default=1, help="steps per training case, best kept")
     parser.add_argument("--no-train", dest="train", action="store_false", help="skip the training steps")
     parser.add_argument("--train-rows", type=_names(TRAIN_ROWS), default=list(TRAIN_ROWS))
     parser.add_argument("--train-dtype", choices=tuple(DTYPES), default="bf16")
@@ -767,12 +861,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def check(args) -> None:
     if (args.peak_tflops is None) != (args.bandwidth_gbs is None):
         raise ValueError("a GPU projection needs both --peak-tflops and --bandwidth-gbs")
-    if args.layers < 1 or args.decode_tokens < 1 or args.repeats < 1:
-        raise ValueError("--layers, --decode-tokens and --repeats must be ≥ 1")
+    if min(args.layers, args.decode_tokens, args.repeats, args.train_repeats) < 1:
+        raise ValueError("--layers, --decode-tokens, --repeats and --train-repeats must be ≥ 1")
     if args.text_tokens < 10:
         raise ValueError(f"--text-tokens must be ≥ 10 (10 follow the image), got {args.text_tokens}")
     if args.quick:
         args.decode_tokens = min(args.decode_tokens, 4)
+        args.repeats = min(args.repeats, 1)
         # small ops on a shared machine: one thread avoids waiting at every parallel region
         args.threads = args.threads or 1
 

@@ -75,7 +75,7 @@ def test_the_tables(quick):
     _, markdown = quick
     for heading in ("### fp32", "### bf16", "### training, bf16", "PROJECTION (cost model, not measured)",
                     "| row | visual tokens | prompt | vision s |", "| row | stage | GFLOP |",
-                    "| row | mean context | decode tok/s |", "largest cost-model error (fp32)"):
+                    "| row | mean context | decode tok/s |", "largest cost-model error per stage (fp32)"):
         assert heading in markdown
     assert markdown.count("| meteor-32 |") >= 6
 

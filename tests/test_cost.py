@@ -73,15 +73,29 @@ def test_kv_cache_bytes():
     assert stored == cost.kv_cache_bytes(cost.LlmShape.from_config(model.config), 11, 4)
 
 
-def test_roofline_takes_the_slower_of_compute_and_memory_per_op():
+def test_roofline_takes_the_slowest_ceiling_per_op():
     compute_bound = cost.Op("a", flops=100.0, bytes=10.0, kind="matmul")
     memory_bound = cost.Op("b", flops=1.0, bytes=50.0, kind="elementwise")
     stage = cost.Cost((compute_bound, memory_bound))
-    assert stage.seconds(peak_flops=10.0, bandwidth=10.0) == 10.0 + 5.0
+    plain = cost.Rates.roofline(matmul=10.0, bandwidth=10.0)
+    assert stage.seconds(plain) == 10.0 + 5.0
     assert stage.flops == 101 and stage.bytes == 60
-    assert stage.scaled(3).flops == 303
+    assert stage.scaled(3).flops == 303 and stage.scaled(3).seconds(plain) == 45.0
     with pytest.raises(ValueError, match="positive"):
-        stage.seconds(0, 1)
+        cost.Rates.roofline(0, 1)
+
+
+def test_the_other_ceilings():
+    rates = cost.Rates(matmul=100.0, bandwidth=10.0, attention=20.0, matvec=5.0, transcendental=2.0,
+                       fresh=1.0, fresh_threshold=8.0)
+    assert cost.Op("a", flops=100.0, kind="attention").seconds(rates) == 5.0          # the attention kernel's rate
+    assert cost.Op("v", flops=1.0, bytes=10.0, kind="matvec").seconds(rates) == 2.0   # weights streamed at 5 B/s
+    assert cost.Op("s", bytes=10.0, transcendentals=6.0).seconds(rates) == 3.0        # exp-bound, not memory-bound
+    # first touches of new tensors above the threshold add to the op's time; small ones reuse memory
+    assert cost.Op("f", bytes=10.0, outputs=(4.0, 9.0, 9.0)).seconds(rates) == 1.0 + 18.0
+    assert cost.Op("f", bytes=10.0, outputs=(9.0,), calls=2).seconds(rates) == 2 * (1.0 + 9.0)
+    gpu = cost.Rates(matmul=100.0, bandwidth=10.0)                                    # no page faults there
+    assert cost.Op("f", bytes=10.0, outputs=(9.0,)).seconds(gpu) == 1.0
 
 
 def test_decoding_is_memory_bound_and_reads_every_weight():
@@ -89,7 +103,7 @@ def test_decoding_is_memory_bound_and_reads_every_weight():
     weights = cost.llm_weight_bytes(cost.VICUNA_13B, 2) - 32000 * 5120 * 2   # the embedding table is not read
     assert step.bytes > weights
     # at an H100-like 990 TFLOP/s and 3.35 TB/s, one step's time is its bytes' time
-    seconds = step.seconds(990e12, 3.35e12)
+    seconds = step.seconds(cost.Rates.roofline(990e12, 3.35e12))
     assert seconds == pytest.approx(step.bytes / 3.35e12, rel=0.02)
 
 
@@ -166,9 +180,9 @@ def test_fgf_at_the_paper_shape():
     config = CompressorConfig()
     fusion = cost.flash_global_fusion(config, [(24, 24)] * 7, 4)
     scans = [op for op in fusion.ops if op.kind == "scan"]
-    assert sum(op.flops for op in scans) == 2 * 9 * 7 * 1153 * 2048 * 16     # both directions
+    assert sum(op.flops * op.calls for op in scans) == 2 * 9 * 7 * 1153 * 2048 * 16     # both directions
     out_proj = next(op for op in fusion.ops if op.name == "out_proj")
-    assert out_proj.flops == 2 * 7 * 577 * 2048 * 1024          # only the Tⁱ and INS' positions
+    assert out_proj.flops * out_proj.calls == 2 * 7 * 577 * 2048 * 1024          # only the Tⁱ and INS' positions
 
 
 def test_inference_counts_the_prompt_and_the_cache():
