@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 import math
 import subprocess
 import sys

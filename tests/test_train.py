@@ -1,6 +1,7 @@
 """Training on tiny configs of the real classes: stages, bad data, checkpoints, kill and resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -211,3 +212,17 @@ def test_instruction_tuning_records_its_template_and_prompts_use_it(assets, tmp_
     assert torch.equal(processor(["What colour is the square?"]).input_ids, vicuna)
     plain = processor(["What colour is the square?"], template="plain").input_ids
     assert not torch.equal(plain, vicuna)
+
+
+def test_a_stage1_micro_batch_without_an_image_trains_on(assets, tmp_path):
+    """Stage 1 trains only the compressor, so a micro-batch of text-only records has no gradient
+    to give: the step goes on (a zero gradient) instead of failing in backward."""
+    records = json.loads(Path(assets["captions"]).read_text())
+    for record in records[:16]:
+        del record["image"]
+        record["conversations"][0]["value"] = "Describe a square."
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(records))
+    result = train(_config(assets, tmp_path / "run", stage=1, data=str(path), global_batch_size=4,
+                           per_device_batch_size=4, max_steps=8, seed=1))   # step 5: four text-only records
+    assert result.steps_done == 8 and all(math.isfinite(loss) for loss in _losses(tmp_path / "run"))

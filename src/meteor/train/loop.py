@@ -254,6 +254,11 @@ def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> Tr
                             sums["count"] += part.count
                             for key in term.logged:
                                 sums[key] += part.sums[key]
+                if not total.requires_grad:
+                    # Nothing trainable took part (a text-only micro-batch of stage 1, whose LLM is
+                    # frozen, or a filler): a zero that touches every trainable parameter, so the
+                    # backward runs, and DDP, which waits for every rank's gradients, gets them.
+                    total = total + sum(p.sum() for g in groups for p in g["params"]) * 0.0
                 total.backward()
                 if weight:
                     loss_sum_local += float(loss_sum.detach())
