@@ -186,4 +186,4 @@ def test_every_variant_trains_and_evaluates(tmp_path, capfd):
     assert meteor["accuracy"]["all"]["per_seed"][0] == written["variants"]["meteor"]["accuracy"]["all"]["accuracy"]
     assert meteor["accuracy"]["all"]["sd"] is not None
     found = seeded["variants"]["cls_topk"]["comparison"]["all"]
-    assert found["low"] <= found["difference"] <= found["high"] and found["seeds"] == [1, 2]
+    assert found["low"] <= found["difference"] <= found["high"] and tuple(found["seeds"]) == (1, 2)
