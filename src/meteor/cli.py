@@ -113,7 +113,8 @@ def _eval(args: argparse.Namespace) -> int:
         if not (args.grader_base_url and args.grader_model):
             raise ValueError("an MM-Vet grader / MMBench judge needs both --grader-base-url and --grader-model")
         grader = OpenAIGrader(args.grader_base_url, args.grader_model, args.grader_key_env)
-    config = EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    config = EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                        tokens_per_slice=args.tokens_per_slice)
     overrides = compressor_overrides(args.compressor_override)
     if overrides:       # an all-tokens model compressed at load time (LlavaMeteor.from_pretrained)
         from .evaluation import build_runner
@@ -128,6 +129,63 @@ def _eval(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     print(json.dumps(scores, indent=2))
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .chat import run_chat
+
+    return run_chat(args.model, image=args.image, tokens_per_slice=args.tokens_per_slice,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .options import dataclass_from_namespace
+    from .serving import ServeConfig, serve
+
+    return serve(args.model, dataclass_from_namespace(ServeConfig, args))
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import run_explain
+
+    return run_explain(args.model, args.image, args.question, args.out, args.tokens_per_slice, args.max_new_tokens)
+
+
+def _add_talk_commands(commands) -> None:
+    """``chat``, ``serve`` and ``explain``: using a trained model (meteor.chat, meteor.serving, meteor.explain)."""
+    from .options import add_dataclass_arguments
+    from .serving.config import ServeConfig
+
+    k_help = ("visual tokens kept per view, K′ ≤ a view's patch count (default: the K the model was trained "
+              "with; selection has no parameters, so any K′ runs)")
+    chat = commands.add_parser("chat", help="talk to a model in the terminal (or one question per line from a pipe)",
+                               description="A multi-turn conversation in the model's template, answers streamed as "
+                               "they are generated. Commands: /image PATH, /reset, /quit.")
+    chat.add_argument("--model", required=True, help="a LLaVA-Meteor folder (save_pretrained)")
+    chat.add_argument("--image", default=None, help="an image for the first question")
+    chat.add_argument("--tokens-per-slice", type=_at_least_one, default=None, help=k_help)
+    chat.add_argument("--max-new-tokens", type=_at_least_one, default=512, help="longest answer (tokens)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
+    chat.set_defaults(run=_chat)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions) with a web UI at /ui",
+                                description="Serve a model over OpenAI's chat-completions protocol (FastAPI + "
+                                "uvicorn; pip install 'llava-meteor[serve]'), batching requests that arrive together.")
+    serve.add_argument("--model", required=True, help="a LLaVA-Meteor folder (save_pretrained)")
+    add_dataclass_arguments(serve, ServeConfig)
+    serve.set_defaults(run=_serve)
+
+    explain = commands.add_parser("explain", help="which patches the model kept for an image (the paper's Figure 4)",
+                                  description="Draw what the visual expert, the native expert and their aggregate "
+                                  "keep on every view of IMAGE, print the per-view scores (also written as OUT "
+                                  "with .json) and the model's answer to the question.")
+    explain.add_argument("--model", required=True, help="a LLaVA-Meteor folder (save_pretrained)")
+    explain.add_argument("--image", required=True)
+    explain.add_argument("--question", default="Describe the image.")
+    explain.add_argument("--out", default="selection.png", help="the figure (PNG); its scores go beside it as .json")
+    explain.add_argument("--tokens-per-slice", type=_at_least_one, default=None, help=k_help)
+    explain.add_argument("--max-new-tokens", type=_at_least_one, default=64, help="longest answer (tokens)")
+    explain.set_defaults(run=_explain)
 
 
 def compressor_overrides(items: Sequence[str] | None) -> dict:
@@ -328,6 +386,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=None,
                           help="longest answer (default: 8 for world, the benchmark's own otherwise)")
     evaluate.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    evaluate.add_argument("--tokens-per-slice", type=_at_least_one, default=None,
+                          help="visual tokens kept per view, K′ ≤ a view's patch count (default: the model's K)")
     evaluate.add_argument("--compressor-override", action="append", default=None, metavar="FIELD=VALUE",
                           help="change a compressor option at load time (repeatable), e.g. projector=cls_topk and "
                                "tokens_per_slice=16: an all-tokens model compressed without training (use a new --out)")
@@ -357,6 +417,8 @@ def _parser() -> argparse.ArgumentParser:
     params.add_argument("--direction-merge", default=CompressorConfig.direction_merge,
                         choices=get_args(DirectionMerge))
     params.set_defaults(run=_params)
+
+    _add_talk_commands(commands)
 
     bench = commands.add_parser("bench", help="end-to-end efficiency at the paper's widths (benchmarks/bench_e2e.py)",
                                 description="Vision, compression, prefill, decode, memory and training steps per "

@@ -61,25 +61,38 @@ def expert_choices(selection) -> tuple[torch.Tensor | None, torch.Tensor | None,
     return chosen[0], chosen[1], selection.indices
 
 
-def draw_selection(sliced, selections: Sequence[Any], processor, title: str = ""):
+def draw_selection(sliced, selections: Sequence[Any], processor, title: str = "", by_view: str = "rows"):
     """The figure (matplotlib ``Figure``) of one image: a row per view (slices row by row, then the
-    global view), the columns of ``COLUMNS``. ``sliced``: the image as ``processor.prepare_image``
-    gave it; ``selections``: its views' ``ViewSelection``s."""
+    global view), the columns of ``COLUMNS``; ``by_view="columns"`` turns it (a column per view, for
+    wide screens). ``sliced``: the image as ``processor.prepare_image`` gave it; ``selections``: its
+    views' ``ViewSelection``s."""
+    if by_view not in ("rows", "columns"):
+        raise ValueError(f"by_view must be 'rows' or 'columns', got {by_view!r}")
     plt = _plt()
     views = sliced.views()
     mean, std = processor.image_mean or (0.5,) * 3, processor.image_std or (0.5,) * 3
-    fig, axes = plt.subplots(len(selections), len(COLUMNS), figsize=(9, 2.3 * len(selections)), squeeze=False)
+    count = len(selections)
+    shape, size = ((count, len(COLUMNS)), (9, 2.3 * count)) if by_view == "rows" \
+        else ((len(COLUMNS), count), (1.9 * count + 1.2, 8))
+    fig, axes = plt.subplots(*shape, figsize=size, squeeze=False)
     for row, selection in enumerate(selections):
         picture = view_picture(views[selection.view_index], mean, std)
+        name = "global" if selection.is_global else f"slice {selection.view_index + 1}"
         for col, kept in enumerate((None, *expert_choices(selection))):
-            ax = axes[row][col]
+            ax = axes[row][col] if by_view == "rows" else axes[col][row]
             ax.imshow(picture if kept is None else highlight(picture, selection.grid, kept, processor.patch_size))
             ax.set_xticks([])
             ax.set_yticks([])
-            if row == 0:
-                ax.set_title(COLUMNS[col], fontsize=8)
-            if col == 0:
-                ax.set_ylabel("global" if selection.is_global else f"slice {selection.view_index + 1}", fontsize=8)
+            if by_view == "rows":
+                if row == 0:
+                    ax.set_title(COLUMNS[col], fontsize=8)
+                if col == 0:
+                    ax.set_ylabel(name, fontsize=8)
+            else:
+                if col == 0:
+                    ax.set_title(name, fontsize=8)
+                if row == 0:
+                    ax.set_ylabel(COLUMNS[col].replace(" (", "\n("), fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -96,11 +109,13 @@ def selection_title(name: str, selections: Sequence[Any], question: str | None =
 
 def selection_figure(model, processor, image: Any, question: str | None, path: str | os.PathLike,
                      tokens_per_slice: int | None = None, name: str | None = None) -> list:
-    """Encode ``image`` (anything ``processor.prepare_image`` accepts), draw its figure to ``path``
+    """Encode ``image`` (anything ``processor.prepare_image`` accepts, or a prepared SlicedImage), draw its figure to ``path``
     (PNG) and return its views' ``ViewSelection``s. ``tokens_per_slice``: K′ instead of the
     model's K. ``name``: the title's name for the image (default: the file's name)."""
+    from .slicing import SlicedImage
+
     plt = _plt()
-    sliced = processor.prepare_image(image)
+    sliced = image if isinstance(image, SlicedImage) else processor.prepare_image(image)
     model.eval()
     with torch.no_grad():
         _, selections = model.encode_images([sliced], return_selection=True, tokens_per_slice=tokens_per_slice)

@@ -51,6 +51,9 @@ class EvalConfig:
     one-word benchmarks, long for MM-Vet's descriptions)."""
     limit: int | None = None
     """Evaluate only the first ``limit`` questions (smoke tests)."""
+    tokens_per_slice: int | None = None
+    """K′ visual tokens kept per view at inference (≤ a view's patch count; selection has no
+    parameters, so a model trained at K runs at any K′); None: the K the model was trained with."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -59,6 +62,8 @@ class EvalConfig:
             raise ValueError(f"max_new_tokens must be ≥ 1 or None (the runner's default), got {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be ≥ 1 or None, got {self.limit}")
+        if self.tokens_per_slice is not None and self.tokens_per_slice < 1:
+            raise ValueError(f"tokens_per_slice must be ≥ 1 or None (the model's K), got {self.tokens_per_slice}")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -152,6 +157,7 @@ class Runner(ABC):
         path = out / PREDICTIONS_FILE
         previous = read_jsonl(path)
         self.check_previous_predictions(previous, path)
+        self._check_tokens_per_slice(previous, path)
         done = {row["question_id"] for row in previous}
         todo = [q for q in questions if q["question_id"] not in done]
         self.check_images(questions, image_folder, data, answered=done)   # before any generation
@@ -164,6 +170,8 @@ class Runner(ABC):
                 for question, answer in zip(batch, answers):
                     row = {**{k: v for k, v in question.items() if k != "meta"}, "benchmark": self.name,
                            "prediction": answer}
+                    if self.config.tokens_per_slice is not None:
+                        row["tokens_per_slice"] = self.config.tokens_per_slice
                     sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                 sink.flush()
                 if progress is not None:
@@ -173,6 +181,8 @@ class Runner(ABC):
         rows = self.grade([row for row in read_jsonl(path) if row["question_id"] in wanted], out)
         scores = {"benchmark": self.name, "questions": len(rows), "answered_now": len(todo),
                   "max_new_tokens": self.max_new_tokens, "seconds": seconds, **self.score(rows)}
+        if self.config.tokens_per_slice is not None:
+            scores["tokens_per_slice"] = self.config.tokens_per_slice
         written = self.write_outputs(rows, out)
         if written:
             scores["files"] = {name: str(file) for name, file in written.items()}
@@ -189,6 +199,15 @@ class Runner(ABC):
             if row.get("benchmark", self.name) != self.name:
                 raise ValueError(f"{path}:{number}: this prediction is for benchmark {row['benchmark']!r}, not "
                                  f"{self.name!r}: give {self.name} its own output folder (nothing was changed)")
+
+    def _check_tokens_per_slice(self, rows: Sequence[dict[str, Any]], path: Path) -> None:
+        """Refuse to resume into predictions made with another K′ (rows without the field were made
+        with the model's K)."""
+        for number, row in enumerate(rows, start=1):
+            if row.get("tokens_per_slice") != self.config.tokens_per_slice:
+                raise ValueError(f"{path}:{number}: this prediction was made with tokens_per_slice="
+                                 f"{row.get('tokens_per_slice')}, not {self.config.tokens_per_slice}: give this "
+                                 f"run its own output folder (nothing was changed)")
 
     def check_images(self, questions: Sequence[dict[str, Any]], image_folder: str | Path | None,
                      data: str | Path, answered: Collection[Any] = ()) -> None:
@@ -230,7 +249,7 @@ class Runner(ABC):
         return self._generate(model, processor, prompts, images)
 
     def _generate(self, model, processor, prompts: list[str], images: list) -> list[str]:
-        batch = processor(prompts, images)
+        batch = processor(prompts, images, tokens_per_slice=self.config.tokens_per_slice)
         new = model.generate(**batch.to_model_kwargs(), max_new_tokens=self.max_new_tokens,
                              do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
                              eos_token_id=processor.tokenizer.eos_token_id)
