@@ -230,6 +230,12 @@ def _image_processor_notes(folder: Path, vision_config) -> list[str]:
         return [f"{folder} has no preprocessor_config.json: the tower's usual normalisation is used"]
     settings = json.loads(file.read_text())
     notes = []
+    patch, side_px = vision_config.patch_size, vision_config.image_size
+    if side_px % patch:
+        covered = side_px // patch * patch
+        notes.append(f"the tower's {side_px} px are {side_px // patch} whole patches of {patch} px: transformers "
+                     f"resizes to {side_px} px and the encoder ignores the last {side_px - covered} px, Meteor's "
+                     f"processor resizes views to {covered} px")
     crop = settings.get("crop_size") or settings.get("size") or {}
     side = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
     if side is not None and side != vision_config.image_size:
