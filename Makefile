@@ -20,3 +20,4 @@ test: setup
 bench: setup
 	$(PYTHON) benchmarks/bench_scan.py
 	$(PYTHON) benchmarks/bench_compressor.py
+	$(PYTHON) benchmarks/bench_e2e.py
