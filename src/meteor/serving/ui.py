@@ -24,18 +24,19 @@ from .protocol import APIError, ChatRequest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+UPDATE_EVERY = 0.1
+"""Seconds between updates of a streaming answer in the browser (each sends the conversation)."""
+
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "monospace"]
 
 
-def _figure(server, sliced, selections, k: int | None, folder: Path) -> str:
+def _figure(server, sliced, selections, folder: Path) -> str:
     """The newest image's Figure 4 as a PNG in ``folder``; its path."""
     from ..visualize import _plt, draw_selection
 
     plt = _plt()
-    counts = "all" if k is None else f"K′={k}"
-    fig = draw_selection(sliced, selections, server.processor,
-                         f"{counts} tokens kept per view (faded: dropped; red outline: kept)", by_view="columns")
+    fig = draw_selection(sliced, selections, server.processor, by_view="columns")
     path = folder / f"selection-{uuid.uuid4().hex[:12]}.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -80,17 +81,21 @@ def build_ui(server):
             return
         history.append({"role": "assistant", "content": ""})
         yield history, state, "", "", gr.update()
+        shown = 0.0
         while True:
             kind, value = await events.get()
-            if kind == "text":
-                history[-1] = {"role": "assistant", "content": job.stream.text}
-                yield history, state, "", "", gr.update()
-            elif kind == "error":
+            while kind == "text" and not events.empty():     # the browser gets the text so far, not every token
+                kind, value = events.get_nowait()
+            if kind == "error":
                 history[-1] = {"role": "assistant", "content": f"⚠️ {value.message}"}
                 yield history, state, "", "", gr.update()
                 return
-            else:
+            if kind == "done":
                 break
+            if time.monotonic() - shown >= UPDATE_EVERY:
+                shown = time.monotonic()
+                history[-1] = {"role": "assistant", "content": job.stream.text}
+                yield history, state, "", "", gr.update()
         conversation.answer(job.stream.text)
         history[-1] = {"role": "assistant", "content": job.stream.text or "(empty answer)"}
         state.update(conversation=conversation, image_path=image_path if new_image else state.get("image_path"))
@@ -103,7 +108,7 @@ def build_ui(server):
         if job.selection:
             newest = len(conversation.images) - 1
             mine = [s for s in job.selection if s.image_index == newest]
-            path = await run_in_threadpool(_figure, server, conversation.images[newest], mine, used, figures)
+            path = await run_in_threadpool(_figure, server, conversation.images[newest], mine, figures)
             history.append({"role": "assistant", "content": gr.Image(path, label="kept patches", show_label=True)})
         yield history, state, "", stats, path
 
@@ -131,8 +136,9 @@ def build_ui(server):
                                           elem_id="meteor-question")
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="meteor-send")
                 stats = gr.Markdown(elem_id="meteor-stats")
-        selection = gr.Image(label="kept patches of the latest answer: visual expert, native expert, aggregate "
-                             "(what the LLM sees), one column per view", interactive=False, elem_id="meteor-selection")
+        selection = gr.Image(label="kept patches of the latest answer (faded: dropped, red outline: kept): visual "
+                             "expert, native expert, aggregate (what the LLM sees), one column per view",
+                             interactive=False, elem_id="meteor-selection")
         inputs = [question, image, k, max_tokens, chat, state]
         outputs = [chat, state, question, stats, selection]
         send.click(respond, inputs, outputs)
