@@ -67,6 +67,8 @@ class Rates:
     """Bytes/s of weights streamed by a product of one row (the decode step's products)."""
     transcendental: float | None = None
     """Elements/s of an exp-like function (sigmoid) into existing memory."""
+    scan: float | None = None
+    """FLOP/s (``SCAN_FLOPS`` per state) of the selective-scan kernel."""
     fresh: float | None = None
     """Bytes/s of first writes to newly mapped memory (page faults); None where freed memory is
     reused (a GPU's caching allocator)."""
@@ -78,7 +80,7 @@ class Rates:
         return cls(matmul=matmul, bandwidth=bandwidth)
 
     def __post_init__(self) -> None:
-        for name in ("matmul", "bandwidth", "attention", "matvec", "transcendental", "fresh"):
+        for name in ("matmul", "bandwidth", "attention", "matvec", "transcendental", "scan", "fresh"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"Rates.{name} must be positive (per second), got {value}")
@@ -97,7 +99,7 @@ class Op:
     calls: float = 1.0
 
     def seconds(self, rates: Rates) -> float:
-        compute_rate = rates.attention if self.kind == "attention" and rates.attention else rates.matmul
+        compute_rate = {"attention": rates.attention, "scan": rates.scan}.get(self.kind) or rates.matmul
         stream_rate = rates.matvec if self.kind == "matvec" and rates.matvec else rates.bandwidth
         special = self.transcendentals / rates.transcendental if rates.transcendental else 0.0
         fresh = 0.0
@@ -154,12 +156,20 @@ def total(costs: Iterable[Cost]) -> Cost:
     return out
 
 
-def _matmul(name: str, m: float, k: float, n: float, itemsize: int, bias: bool = False) -> Op:
-    """(m×k)·(k×n) into a new (m×n): reads both operands once, writes the product (addmm with a bias
-    first copies it into the output, then accumulates onto it: two more passes)."""
+def _matmul(name: str, m: float, k: float, n: float, itemsize: int) -> Op:
+    """(m×k)·(k×n) into a new (m×n): reads both operands once, writes the product."""
     out = m * n * itemsize
-    traffic = (m * k + k * n) * itemsize + out * (3 if bias else 1)
-    return Op(name, 2.0 * m * k * n, traffic, "matvec" if m <= MATVEC_ROWS else "matmul", outputs=(out,))
+    return Op(name, 2.0 * m * k * n, (m * k + k * n) * itemsize + out,
+              "matvec" if m <= MATVEC_ROWS else "matmul", outputs=(out,))
+
+
+def _linear(name: str, m: float, k: float, n: float, itemsize: int) -> list[Op]:
+    """``nn.Linear`` with a bias: ``addmm`` first copies the bias into every row of the new output (a
+    separate memory-bound pass), then the product accumulates onto it (reading it once more)."""
+    product = _matmul(name, m, k, n, itemsize)
+    out = m * n * itemsize
+    return [Op(name + "_bias", 0.0, out, outputs=(out,)),
+            replace(product, bytes=product.bytes + out, outputs=())]
 
 
 def _pointwise(name: str, elements: float, itemsize: int, reads: float = 1, writes: float = 1,
@@ -368,18 +378,18 @@ def vision_encoder(shape: VisionShape, grids: Sequence[Grid], itemsize: int) -> 
                 _pointwise("embeddings_pre_norm", tokens * c, b, reads=3, writes=3, flops=4)]
         layer = Cost((
             _pointwise("layer_norm", tokens * c, b, flops=6),
-            _matmul("q_proj", tokens, c, c, b, bias=True), _matmul("k_proj", tokens, c, c, b, bias=True),
-            _matmul("v_proj", tokens, c, c, b, bias=True),
+            *_linear("q_proj", tokens, c, c, b), *_linear("k_proj", tokens, c, c, b),
+            *_linear("v_proj", tokens, c, c, b),
             _attention("attention", shape.heads, head_dim, shape.heads, tokens, tokens, n * (patches + 1) ** 2, b),
             _pointwise("attention_transpose", tokens * c, b),
-            _matmul("out_proj", tokens, c, c, b, bias=True),
+            *_linear("out_proj", tokens, c, c, b),
             _pointwise("residual_add", tokens * c, b, reads=2),
             _pointwise("layer_norm", tokens * c, b, flops=6),
-            _matmul("fc1", tokens, c, f, b, bias=True),
+            *_linear("fc1", tokens, c, f, b),
             # quick GELU: x · sigmoid(1.702 · x), three kernels
             _pointwise("quick_gelu_scale", tokens * f, b), _pointwise("quick_gelu_sigmoid", tokens * f, b, exp=True),
             _pointwise("quick_gelu_product", tokens * f, b, reads=2),
-            _matmul("fc2", tokens, f, c, b, bias=True),
+            *_linear("fc2", tokens, f, c, b),
             _pointwise("residual_add", tokens * c, b, reads=2),
         ))
         ops += layer.scaled(shape.layers_run).ops
@@ -396,9 +406,9 @@ def vision_encoder(shape: VisionShape, grids: Sequence[Grid], itemsize: int) -> 
 def _mlp(config, tokens: float, itemsize: int) -> Cost:
     """LLaVA-1.5's 2-layer GELU MLP (C → hidden → D, with biases) on ``tokens`` tokens."""
     hidden = config.resolved_projector_hidden
-    return Cost((_matmul("mlp_fc1", tokens, config.vision_width, hidden, itemsize, bias=True),
+    return Cost((*_linear("mlp_fc1", tokens, config.vision_width, hidden, itemsize),
                  _pointwise("mlp_gelu", tokens * hidden, itemsize, flops=8, exp=True),
-                 _matmul("mlp_fc2", tokens, hidden, config.text_width, itemsize, bias=True)))
+                 *_linear("mlp_fc2", tokens, hidden, config.text_width, itemsize)))
 
 
 def _fusion_lengths(config, patches: int) -> list[tuple[int, int]]:
@@ -495,12 +505,12 @@ def resampler(config, grids: Sequence[Grid], itemsize: int) -> Cost:
             _pointwise("ln_kv", kv * d, b, flops=6),
             _pointwise("sincos_positions", patches * d, FP32, reads=1, writes=4, flops=4, exp=True),
             _pointwise("keys_plus_positions", kv * d, b, reads=2),
-            _matmul("q_in_proj", n * k, d, d, b, bias=True),
-            _matmul("k_in_proj", kv, d, d, b, bias=True),
-            _matmul("v_in_proj", kv, d, d, b, bias=True),
+            *_linear("q_in_proj", n * k, d, d, b),
+            *_linear("k_in_proj", kv, d, d, b),
+            *_linear("v_in_proj", kv, d, d, b),
             _attention("cross_attention", heads, d // heads, heads, n * k, kv, n * k * patches, b),
             _pointwise("attention_layout", n * k * d, b, reads=2, writes=2),
-            _matmul("out_proj", n * k, d, d, b, bias=True),
+            *_linear("out_proj", n * k, d, d, b),
             _pointwise("ln_post", n * k * d, b, flops=6),
             _matmul("proj", n * k, d, d, b),
         ]
