@@ -80,7 +80,8 @@ def draw_selection(sliced, selections: Sequence[Any], processor, title: str = ""
         name = "global" if selection.is_global else f"slice {selection.view_index + 1}"
         for col, kept in enumerate((None, *expert_choices(selection))):
             ax = axes[row][col] if by_view == "rows" else axes[col][row]
-            ax.imshow(picture if kept is None else highlight(picture, selection.grid, kept, processor.patch_size))
+            shown = picture if kept is None else highlight(picture, selection.grid, kept, processor.patch_size)
+            ax.imshow(shown.numpy())
             ax.set_xticks([])
             ax.set_yticks([])
             if by_view == "rows":
