@@ -142,3 +142,19 @@ def test_model_loss_and_gradients_are_the_same_with_the_cache():
         # ~1e-7 relative: reduction order), so gradients are compared at a tight tolerance.
         for a, b in zip(grads, results[0][1]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
+def test_the_fingerprint_follows_what_the_tower_computes_not_where_it_was_saved(tmp_path):
+    from transformers import CLIPVisionModel
+
+    from meteor.vision import VisionTower
+
+    torch.manual_seed(0)
+    tower = VisionTower.from_model(CLIPVisionModel(tiny_clip_vision_config()))
+    tower.save_pretrained(tmp_path / "a")
+    tower.save_pretrained(tmp_path / "elsewhere" / "b")
+    a, b = VisionTower.from_pretrained(tmp_path / "a"), VisionTower.from_pretrained(tmp_path / "elsewhere" / "b")
+    assert tower_fingerprint(a) == tower_fingerprint(b) == tower_fingerprint(tower)
+    other_layer = VisionTower.from_pretrained(tmp_path / "a", feature_layer=-1)
+    other_expert = VisionTower.from_pretrained(tmp_path / "a", visual_expert="attention_received")
+    assert len({tower_fingerprint(t) for t in (a, other_layer, other_expert)}) == 3

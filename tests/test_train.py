@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from meteor.modeling import LlavaMeteor
-from meteor.demo.tiny import tiny_llava_data, tiny_model
+from meteor.demo.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
 from meteor.train.checkpoint import latest_loadable, list_checkpoints, save_checkpoint
 
@@ -226,3 +226,20 @@ def test_a_stage1_micro_batch_without_an_image_trains_on(assets, tmp_path):
     result = train(_config(assets, tmp_path / "run", stage=1, data=str(path), global_batch_size=4,
                            per_device_batch_size=4, max_steps=8, seed=1))   # step 5: four text-only records
     assert result.steps_done == 8 and all(math.isfinite(loss) for loss in _losses(tmp_path / "run"))
+
+
+def test_freezing_the_projector_mlp_trains_only_the_fusion(assets, tmp_path):
+    """Stage 1 from a converted LLaVA keeps its MLP (--freeze-projector-mlp): only Flash Global
+    Fusion and the instruction token move."""
+    result = train(_config(assets, tmp_path / "frozen", stage=1, data=str(assets["captions"]), max_steps=2,
+                           freeze_projector_mlp=True))
+    before = load_file(assets["base"] / "compressor.safetensors")
+    after = load_file(result.model_dir / "compressor.safetensors")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(not k.startswith("mlp.") for k in moved)
+    assert any(k.startswith("fusion.") for k in moved)
+    with pytest.raises(TrainConfigError, match="train nothing"):
+        tiny, processor = tiny_model(tiny_meteor_config(projector="cls_topk"))
+        tiny.save_pretrained(tmp_path / "topk", processor)
+        train(_config(assets, tmp_path / "topk_run", stage=1, model=str(tmp_path / "topk"),
+                      data=str(assets["captions"]), freeze_projector_mlp=True))

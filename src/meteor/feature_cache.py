@@ -40,11 +40,19 @@ def view_key(pixels: Tensor) -> str:
     return digest.hexdigest()
 
 
+UNRELATED_CONFIG_FIELDS = ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype")
+"""Config fields that say where a tower was loaded from or saved with, not what it computes: left
+out of the fingerprint, so a tower saved into every trained model's folder still shares its cache."""
+
+
 def tower_fingerprint(tower: VisionTower) -> str:
-    """A hash of everything the tower's outputs depend on: config, layers, dtype and weights."""
+    """A hash of everything the tower's outputs depend on: config, layers, the visual expert, dtype
+    and weights (not the folder it came from)."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(json.dumps(tower.clip.config.to_dict(), sort_keys=True, default=str).encode())
-    digest.update(f"{tower.feature_layer}|{tower.attention_layer}|{tower.dtype}".encode())
+    config = {k: v for k, v in tower.clip.config.to_dict().items() if k not in UNRELATED_CONFIG_FIELDS}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(f"{tower.feature_layer}|{tower.attention_layer}|{tower.visual_expert}|"
+                  f"{tower.dtype}".encode())
     for name, tensor in sorted(tower.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())

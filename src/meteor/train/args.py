@@ -94,6 +94,11 @@ class TrainConfig:
     lora_learning_rate: float = 2e-4
     """LoRA adapters' learning rate (LLaVA's LoRA recipe); the compressor keeps learning_rate."""
 
+    freeze_projector_mlp: bool = False
+    """Keep the projector's MLP as it starts (e.g. LLaVA-1.5's, from a model converted with
+    ``meteor convert --from-llava``) and train the rest of the compressor: in stage 1, Flash Global
+    Fusion and the instruction token only."""
+
     gradient_checkpointing: bool = False
     feature_cache: str | None = None
     """Keep the frozen vision tower's outputs: a folder (shared by runs with the same tower, e.g.

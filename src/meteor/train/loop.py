@@ -95,7 +95,16 @@ def set_trainable(model: LlavaMeteor, config: TrainConfig) -> list[dict[str, Any
     """Freeze per stage; returns the optimizer's parameter groups."""
     model.requires_grad_(False)
     model.compressor.requires_grad_(True)
-    groups = [{"params": list(model.compressor.parameters()), "lr": config.learning_rate}]
+    if config.freeze_projector_mlp:
+        if getattr(model.compressor, "mlp", None) is None:
+            raise TrainConfigError(f"--freeze-projector-mlp: the {model.config.compressor.projector!r} projector "
+                                   f"has no token-wise MLP to keep")
+        model.compressor.mlp.requires_grad_(False)
+    trainable = [p for p in model.compressor.parameters() if p.requires_grad]
+    if not trainable and config.stage == 1:
+        raise TrainConfigError("stage 1 would train nothing: the projector's only parameters are its MLP, "
+                               "which --freeze-projector-mlp keeps as it is")
+    groups = [{"params": trainable, "lr": config.learning_rate}]
     if config.stage == 2:
         if config.lora:
             from .lora import add_lora
