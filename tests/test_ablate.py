@@ -58,7 +58,7 @@ def test_no_two_variants_train_the_same_model():
 
 
 def test_the_tables_follow_the_papers_and_the_default_is_run_once():
-    assert set(TABLES) == {"table1", "table2", "table3", "table4", "question"}
+    assert set(TABLES) == {"table1", "table2", "table3", "table4", "elastic", "question"}
     assert {VARIANTS[n].overrides.get("projector", "meteor") for n in TABLES["table1"].variants} == \
            {"meteor", "mlp", "resampler", "avgpool", "cls_topk", "random_topk"}
     assert {VARIANTS[n].overrides.get("scan_mode", "l2s") for n in TABLES["table2"].variants} == \
@@ -76,7 +76,7 @@ def test_the_tables_follow_the_papers_and_the_default_is_run_once():
 
 
 def test_unknown_names_are_refused_with_the_valid_ones():
-    with pytest.raises(ValueError, match="valid tables: table1, table2, table3, table4, question"):
+    with pytest.raises(ValueError, match="valid tables: table1, table2, table3, table4, elastic, question"):
         select(["table5"])
     with pytest.raises(ValueError, match="valid variants: meteor, mlp"):
         select(None, ["metor"])
@@ -123,7 +123,7 @@ def test_cli_list_prints_every_table_and_override():
 
 def test_cli_refuses_unknown_names_listing_the_valid_ones(tmp_path):
     done = _meteor("ablate", "--table", "table7", "--out", "x", cwd=tmp_path)
-    assert done.returncode == 2 and "valid tables: table1, table2, table3, table4, question" in done.stderr
+    assert done.returncode == 2 and "valid tables: table1, table2, table3, table4, elastic, question" in done.stderr
     done = _meteor("ablate", "--variant", "nope", "--out", "x", cwd=tmp_path)
     assert done.returncode == 2 and "valid variants:" in done.stderr and "scan_single" in done.stderr
     assert not (tmp_path / "x").exists()                 # refused before anything is built
@@ -153,7 +153,7 @@ def test_every_variant_trains_and_evaluates(tmp_path, capfd):
         assert row["parameters"]["demo_widths"] == {"C": 32, "D": 32}
     assert written["variants"]["meteor"]["visual_tokens"]["per_view"] == 16
     assert 16 < written["variants"]["mlp"]["visual_tokens"]["per_view"] <= 64    # slices may be smaller
-    assert written["variants"]["meteor"]["tables"] == ["table1", "table2", "table3", "table4"]
+    assert written["variants"]["meteor"]["tables"] == ["table1", "table2", "table3", "table4", "elastic"]
     text = (tmp_path / "out" / "ablation" / "tables.md").read_text()
     assert text == markdown(written, list(TABLES.values())) + "\n"
     for name in TABLES:
@@ -171,6 +171,14 @@ def test_every_variant_trains_and_evaluates(tmp_path, capfd):
     assert single["data"].endswith("single_turn.json") and single["epochs"] == usual["epochs"] / 4
     assert len(json.loads(Path(single["data"]).read_text())) == 4 * len(json.loads(Path(usual["data"]).read_text()))
     assert written["variants"]["question_5pct"]["compared_to"] == "single_turn_5pct"
+    # elastic budgets: the K=16 model run at K′ = 7 and 3, each against the model trained there
+    elastic = written["elastic"]
+    assert set(elastic) == {"meteor@k7", "meteor@k3", "meteor_11pct@k3"}
+    assert elastic["meteor@k3"]["compared_to"] == "meteor_5pct" and elastic["meteor@k3"]["k"] == 3
+    rows = [json.loads(line) for line in
+            (tmp_path / "out" / "eval" / "meteor@k3" / "predictions.jsonl").read_text().splitlines()]
+    assert rows and all(row["tokens_per_slice"] == 3 for row in rows)
+    assert "| `meteor` | 16 | 3 |" in text
 
     again = run_ablation(tmp_path / "out", tables=["table2"], variants=["meteor"], config=tiny_config())
     assert {"meteor/stage1", "meteor/stage2", "eval/meteor"} <= set(again["reused"])

@@ -165,6 +165,9 @@ TABLES = {t.name: t for t in (
           ("meteor", "meteor_11pct", "meteor_5pct", "mlp", "resampler", "avgpool", "cls_topk", "random_topk"),
           {"resampler": _UHD, "meteor": _METEOR[0], "meteor_11pct": _METEOR[1], "meteor_5pct": _METEOR[2]},
           efficiency=True),
+    Table("elastic", "Elastic budgets (not in the paper, which trains one model per K): a model trained at K "
+          "evaluated at a smaller K′ (selection has no parameters), beside the model trained at K′",
+          ("meteor", "meteor_11pct", "meteor_5pct")),
     Table("question", "A question-conditioned instruction token (not in the paper; its §1: 'the instruction "
           "token is not conditioned on explicit prompts') against the paper's, both trained on one record per "
           "question, at 11 % and 5 % of the patches",
@@ -299,6 +302,33 @@ def measure(variant: Variant, model_dir: Path, scores: dict[str, Any], sizes: Se
 
 # --- the run ----------------------------------------------------------------------------------------
 
+ELASTIC = (("meteor", 1), ("meteor", 2), ("meteor_11pct", 2))
+"""(a variant trained at its K, the index among the demo's budgets of the smaller K′ it is also
+evaluated at); each is compared with the variant trained at K′ (``TRAINED_AT``)."""
+TRAINED_AT = {0: "meteor", 1: "meteor_11pct", 2: "meteor_5pct"}
+
+
+def elastic_rows(pipe, world, config: DemoConfig, by_variant: dict[str, list[tuple[Path, dict[str, Any]]]],
+                 per_question: dict[str, list[dict[Any, int]]], types: dict[Any, str]) -> dict[str, Any]:
+    """Each ``ELASTIC`` model (every seed) evaluated at its smaller K′, summarised over seeds and
+    compared with the model trained at K′."""
+    budgets, rows = compressed_budgets(config), {}
+    for name, index in ELASTIC:
+        if name not in by_variant:
+            continue
+        k = budgets[index]
+        runs = [(run_name(name, i), model_dir) for i, (model_dir, _) in enumerate(by_variant[name])]
+        scores = [pipe.evaluate(world, model_dir, f"{run}@k{k}", tokens_per_slice=k) for run, model_dir in runs]
+        correct = [correctness(pipe.out / "eval" / f"{run}@k{k}" / "predictions.jsonl") for run, _ in runs]
+        reference = TRAINED_AT[index]
+        row = f"{name}@k{k}"
+        rows[row] = {"name": row, "trained": name, "trained_k": budgets[VARIANTS[name].budget_index],
+                     "k": k, "seeds": [config.seed + i for i in range(len(runs))],
+                     "compared_to": reference if reference in per_question else None,
+                     **summarise_seeds(scores, correct, per_question.get(reference), types)}
+    return rows
+
+
 def run_name(variant: str, seed_index: int) -> str:
     """The folder name of a variant's run with its ``seed_index``-th training seed (the first keeps
     the variant's own name, so a one-seed ablation's runs are reused by a seeded one)."""
@@ -406,13 +436,17 @@ def run_ablation(out: str | Path = "meteor-ablate", tables: Sequence[str] | None
             "questions": scores.get("questions"), **measure(variant, model_dir, scores, sizes, world.config),
             "wall_seconds": {key: pipe.timings[key] for key in (f"{variant.name}/stage1", f"{variant.name}/stage2",
                                                                 f"eval/{variant.name}") if key in pipe.timings}}
+    elastic = {}
+    if any(t.name == "elastic" for t in chosen):
+        log(f"[{total}/{total}] elastic budgets: the trained models at smaller K′ ...")
+        elastic = elastic_rows(pipe, world, config, by_variant, per_question, types)
     log(f"[{total}/{total}] tables ...")
     folder = out / "ablation"
     folder.mkdir(exist_ok=True)
     results = {"tables": {t.name: {"title": t.title, "variants": [n for n in t.variants if n in rows],
                                    "paper": {n: asdict(row) for n, row in t.paper.items() if n in rows}}
                           for t in chosen},
-               "variants": rows, "baselines": world.baselines, "paper_widths": PAPER_WIDTHS,
+               "variants": rows, "elastic": elastic, "baselines": world.baselines, "paper_widths": PAPER_WIDTHS,
                "paper_budgets": PAPER_BUDGETS, "config": config.to_dict(), "timings": pipe.timings,
                "reused": pipe.reused, "seconds": round(time.perf_counter() - started, 1)}
     (folder / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -478,11 +512,29 @@ def markdown(results: dict[str, Any], tables: Sequence[Table]) -> str:
         names = results["tables"][table.name]["variants"]
         rows = [results["variants"][n] for n in names]
         lines += ["", f"## {table.name}: {table.title}", ""]
+        if table.name == "elastic":
+            lines += _elastic(results.get("elastic", {}), rows, types)
+            continue
         lines += _efficiency(rows, table, types) if table.efficiency else _accuracy(rows, table, types, baselines)
         if table.per_type_differences:
             lines += _per_type_differences(rows, types)
         lines += _claims(results, table)
     return "\n".join(lines)
+
+
+def _elastic(elastic: dict[str, Any], trained: list[dict[str, Any]], types: list[str]) -> list[str]:
+    head = ["model", "trained at K", "run at K", "seeds", *types, "all", "Δ all [95 %]", "vs"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+    for row in trained:
+        k = row["k"]
+        lines.append("| " + " | ".join([f"`{row['name']}`", str(k), str(k), str(len(row.get("seeds", [0]))),
+                                        *[_cell(row["accuracy"].get(t)) for t in [*types, "all"]], "", ""]) + " |")
+    for row in elastic.values():
+        lines.append("| " + " | ".join([f"`{row['trained']}`", str(row["trained_k"]), str(row["k"]),
+                                        str(len(row["seeds"])), *[_cell(row["accuracy"].get(t)) for t in [*types, "all"]],
+                                        _difference(row), f"`{row['compared_to']}`" if row.get("compared_to") else ""])
+                     + " |")
+    return lines
 
 
 def _per_type_differences(rows: list[dict[str, Any]], types: list[str]) -> list[str]:

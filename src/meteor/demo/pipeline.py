@@ -364,13 +364,17 @@ class Pipeline:
         return stage2.folder / "model"
 
     # --- 5. evaluation ------------------------------------------------------------------------------------------
-    def evaluate(self, world: WorldManifest, model_dir: Path, name: str) -> dict[str, Any]:
-        """Scores of ``model_dir`` on the world's test split, in ``out/eval/<name>/`` (resumable)."""
+    def evaluate(self, world: WorldManifest, model_dir: Path, name: str,
+                 tokens_per_slice: int | None = None) -> dict[str, Any]:
+        """Scores of ``model_dir`` on the world's test split, in ``out/eval/<name>/`` (resumable);
+        with ``tokens_per_slice``, run at that K′ instead of the K it was trained with."""
         from ..evaluation import EvalConfig, WorldRunner
         from ..modeling import LlavaMeteor
 
-        step = CachedFolder(self.out / "eval" / name, {"model": _read_key(model_dir.parent),
-                                                         "batch": self.config.eval_batch_size}, self.force)
+        key = {"model": _read_key(model_dir.parent), "batch": self.config.eval_batch_size}
+        if tokens_per_slice is not None:
+            key["tokens_per_slice"] = tokens_per_slice
+        step = CachedFolder(self.out / "eval" / name, key, self.force)
         scores_file = step.folder / "scores.json"
         if step.done and scores_file.is_file():
             self.reused.append(f"eval/{name}")
@@ -380,7 +384,7 @@ class Pipeline:
             step.start()          # predictions of another model: start over; same model: resume
         model, processor = LlavaMeteor.from_pretrained(model_dir)
         model.feature_cache = FeatureCache(self.out / "features")
-        runner = WorldRunner(EvalConfig(batch_size=self.config.eval_batch_size))
+        runner = WorldRunner(EvalConfig(batch_size=self.config.eval_batch_size, tokens_per_slice=tokens_per_slice))
         (step.folder / KEY_FILE).write_text(json.dumps(step.key, indent=2, sort_keys=True) + "\n")
         scores = runner.run(model, processor, world.test_path, world.image_folder, step.folder)
         self._timed(f"eval/{name}", started)
