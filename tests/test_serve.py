@@ -168,10 +168,12 @@ def test_requests_that_arrive_together_share_a_batch_grouped_by_k(talker):
         wait_done(events)
         worker.close()
         alone.append(job.stream.token_ids)
-    worker = BatchingWorker(model, processor, max_batch_size=8, batch_window=0.5).start(warmup=False)
+    worker = BatchingWorker(model, processor, max_batch_size=8, batch_window=0.5)
     jobs = [make_job(processor, q, i, k) for q, i, k in specs]
-    for job, _ in jobs:
+    for job, _ in jobs:                      # all waiting before the worker looks
         worker.submit(job)
+    assert [job.crowded for job, _ in jobs] == [False, True, True, True, True]
+    worker.start(warmup=False)
     for _, events in jobs:
         assert wait_done(events)[0] == "done"
     worker.close()
@@ -179,6 +181,17 @@ def test_requests_that_arrive_together_share_a_batch_grouped_by_k(talker):
     assert worker.stats()["batch_sizes"] == {2: 1, 3: 1}
     assert [job.stream.token_ids for job, _ in jobs] == alone
     assert len({tuple(a) for a in alone}) >= 4
+
+
+def test_a_request_that_arrives_alone_does_not_wait_for_the_window(talker):
+    model, processor = talker
+    worker = BatchingWorker(model, processor, batch_window=30.0).start(warmup=False)
+    job, events = make_job(processor, "Hello there", max_tokens=2)
+    started = time.monotonic()
+    worker.submit(job)
+    wait_done(events, timeout=25)
+    worker.close()
+    assert not job.crowded and time.monotonic() - started < 25 and job.batch_size == 1
 
 
 def test_the_queue_is_bounded_and_expired_or_cancelled_requests_leave_it(talker):

@@ -88,6 +88,9 @@ class AnswerStream:
     """Strings that end the answer; the answer stops before the first one."""
     on_text: Callable[[str], None] | None = None
     """Called with each new piece of text, in the generating thread."""
+    on_end: Callable[[], None] | None = None
+    """Called once when the answer ends (in the generating thread): a batch's short answers are
+    complete before its long ones."""
     deadline: float | None = None
     """``time.monotonic()`` after which the answer ends with finish reason "timeout"."""
     token_ids: list[int] = field(default_factory=list)
@@ -140,16 +143,20 @@ class AnswerStream:
     def _finish(self, reason: str) -> None:
         self.finish_reason = reason
         self._emit(final=True)
+        if self.on_end is not None:
+            self.on_end()
 
     def _emit(self, final: bool) -> None:
+        if not final and self.on_text is None and not self.stop:
+            return                    # nobody is shown the text before the end: decode once, then
         decoded = self.tokenizer.decode(
             [t for t in self.token_ids if t not in self._end_ids()], skip_special_tokens=True).lstrip()
         cut = _first_stop(decoded, self.stop)
         if cut is not None:
             decoded = decoded[:cut]
             if not final:
-                self.finish_reason = "stop"
-                final = True
+                self._finish("stop")
+                return
         if not final:
             if decoded.endswith("\ufffd"):      # a character whose bytes have not all come yet
                 decoded = decoded[:-1]
@@ -248,15 +255,14 @@ class _RowsDone(StoppingCriteria):
 
 def generate_streamed(model, processor, prompts: Sequence[tuple[list[int], Sequence[SlicedImage]]],
                       rows: Sequence[AnswerStream], tokens_per_slice: int | None = None,
-                      sampling: Sampling = Sampling()) -> BatchTiming:
+                      sampling: Sampling = Sampling(), timing: BatchTiming | None = None) -> BatchTiming:
     """Generate one answer per prompt ((ids, its images) as ``Conversation.prompt_ids`` lays them
-    out with ``tokens_per_slice``), all in one left-padded batch, streaming into ``rows``."""
-    from transformers import StoppingCriteriaList
-
+    out with ``tokens_per_slice``), all in one left-padded batch, streaming into ``rows``.
+    ``timing``: filled in as the batch runs (a new one by default); returned."""
     if len(prompts) != len(rows):
         raise ValueError(f"{len(prompts)} prompts but {len(rows)} answer streams: give one per prompt")
     tokenizer = processor.tokenizer
-    timing = BatchTiming(time.perf_counter())
+    timing = timing or BatchTiming(time.perf_counter())
     batch = processor.collate([(ids, ids) for ids, _ in prompts], [im for _, ims in prompts for im in ims],
                               padding_side="left")
     batch.tokens_per_slice = tokens_per_slice

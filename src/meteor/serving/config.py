@@ -45,6 +45,9 @@ class ServeConfig:
     request_timeout: float = 120.0
     """Seconds a request may take from arrival (queueing included); then it is answered 408 (or a
     stream ends with an error event) and its generation stops."""
+    threads: int | None = None
+    """Torch threads of the model worker. Default: all of torch's but one (at least one), which
+    is left to the HTTP side (requests, images, tokenising; each of those runs single-threaded)."""
     ui: bool = True
     """Mount the web UI (Gradio) at /ui."""
 
@@ -54,6 +57,8 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be a whole number ≥ {low}, got {value!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a whole number ≥ 1 (or none: torch's but one), got {self.threads!r}")
         if not self.batch_window_ms >= 0:
             raise ValueError(f"batch_window_ms must be ≥ 0 (0: no waiting for others), got {self.batch_window_ms!r}")
         for name, unit in (("max_body_mb", "megabytes"), ("request_timeout", "seconds")):

@@ -36,7 +36,7 @@ def build_server(model_dir: str | os.PathLike, config: ServeConfig, warmup: bool
     model, processor = LlavaMeteor.from_pretrained(model_dir)
     model.eval()
     worker = BatchingWorker(model, processor, config.max_batch_size, config.batch_window_ms / 1000,
-                            config.queue_size).start(warmup=warmup)
+                            config.queue_size, config.threads).start(warmup=warmup)
     name = config.model_name or Path(model_dir).resolve().name
     return Server(model, processor, config, name, worker, key)
 

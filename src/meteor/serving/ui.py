@@ -46,7 +46,6 @@ def _figure(server, sliced, selections, folder: Path) -> str:
 def build_ui(server):
     """The Gradio Blocks of the UI."""
     import gradio as gr
-    from starlette.concurrency import run_in_threadpool
 
     compressor = server.processor.config.compressor
     trained = compressor.tokens_per_slice
@@ -67,12 +66,13 @@ def build_ui(server):
         try:
             images = []
             if new_image:
-                picture = await run_in_threadpool(load_image, image_path, max_pixels=server.config.max_image_pixels)
-                images = [await run_in_threadpool(server.processor.prepare_image, picture)]
+                picture = await server.off_loop(load_image, image_path, max_pixels=server.config.max_image_pixels)
+                images = [await server.off_loop(server.processor.prepare_image, picture)]
             conversation.ask(question, images, server.processor.config.image_token)
             tokens = int(k) if adjustable else None
-            prompt = await run_in_threadpool(server.layout, conversation, tokens)
-            request = ChatRequest(model=server.model_name, messages=[], max_tokens=int(max_tokens), sampling=Sampling())
+            prompt = await server.off_loop(server.layout, conversation, tokens)
+            request = ChatRequest(model=server.model_name, messages=[], max_tokens=int(max_tokens), sampling=Sampling(),
+                                  stream=True)
             job, events = server.submit(prompt, request, time.monotonic() + server.config.request_timeout,
                                         want_selection=bool(conversation.images))
         except (APIError, ImageError, ConversationError) as err:
@@ -108,7 +108,7 @@ def build_ui(server):
         if job.selection:
             newest = len(conversation.images) - 1
             mine = [s for s in job.selection if s.image_index == newest]
-            path = await run_in_threadpool(_figure, server, conversation.images[newest], mine, figures)
+            path = await server.off_loop(_figure, server, conversation.images[newest], mine, figures)
             history.append({"role": "assistant", "content": gr.Image(path, label="kept patches", show_label=True)})
         yield history, state, "", stats, path
 

@@ -3,8 +3,9 @@
 Requests wait in one bounded queue (``submit`` refuses one more with ``QueueFull``: the server
 answers 429 instead of growing without limit). The worker takes the oldest waiting request and the
 requests that can share its batch, up to ``max_batch_size``: it starts as soon as that many are
-waiting, or once the oldest has waited ``batch_window`` seconds, so a lone request is delayed by
-the window at most and a busy server never waits. Requests share a batch when they have the same
+waiting, or once the oldest has waited ``batch_window`` seconds. A request that arrives alone
+(nothing waiting, and no request in the window before it) starts at once: one client sending
+requests back to back pays no window, and a busy server never waits. Requests share a batch when they have the same
 visual tokens per view (K′: their prompts are laid out with it) and the same decoding (greedy, or
 one temperature and top-p; a seeded sampled request runs alone, so its seed alone decides its
 tokens); their prompts, images and answer lengths may all differ. Within a batch every row ends on
@@ -52,6 +53,9 @@ class Job:
     """Called in the worker thread with ("text", piece), ("done", job) or ("error", APIError)."""
     want_selection: bool = False
     arrived: float = field(default_factory=time.monotonic)
+    crowded: bool = True
+    """Whether others were waiting or had just arrived when this one came (set by ``submit``):
+    only then is it worth waiting the window for company."""
     selection: list | None = None
     """The images' ``ViewSelection``s (``want_selection``), image after image."""
     batch_size: int = 0
@@ -71,11 +75,13 @@ class Job:
 
 class BatchingWorker:
     def __init__(self, model, processor, max_batch_size: int = 8, batch_window: float = 0.015,
-                 queue_size: int = 64):
+                 queue_size: int = 64, threads: int | None = None):
         if max_batch_size < 1 or queue_size < 1 or batch_window < 0:
             raise ValueError(f"max_batch_size and queue_size must be ≥ 1 and batch_window ≥ 0, got "
                              f"{max_batch_size}, {queue_size}, {batch_window}")
         self.model, self.processor = model, processor
+        self.threads = threads if threads is not None else max(1, torch.get_num_threads() - 1)
+        """Torch threads the worker thread generates with."""
         self.max_batch_size, self.batch_window, self.queue_size = max_batch_size, batch_window, queue_size
         self.ready = threading.Event()
         """Set once the warm-up generate is done."""
@@ -85,6 +91,7 @@ class BatchingWorker:
         self._thread: threading.Thread | None = None
         self._batch_sizes: Counter = Counter()
         self._counts = Counter()
+        self._last_arrival: float | None = None
         self._busy = False
         self.warmup_seconds: float | None = None
 
@@ -96,6 +103,9 @@ class BatchingWorker:
                 self._counts["rejected_queue_full"] += 1
                 raise QueueFull(f"{len(self._pending)} requests are waiting, the most this server queues "
                                 f"(meteor serve --queue-size); try again shortly")
+            job.crowded = bool(self._pending) or (self._last_arrival is not None
+                                                  and job.arrived - self._last_arrival <= self.batch_window)
+            self._last_arrival = job.arrived
             self._pending.append(job)
             self._counts["requests"] += 1
             self._cond.notify()
@@ -106,7 +116,7 @@ class BatchingWorker:
             batches = sum(sizes.values())
             return {"ready": self.ready.is_set(), "queued": len(self._pending), "busy": self._busy,
                     "max_batch_size": self.max_batch_size, "batch_window_ms": self.batch_window * 1000,
-                    "queue_size": self.queue_size, "batches": batches, "batch_sizes": sizes,
+                    "queue_size": self.queue_size, "threads": self.threads, "batches": batches, "batch_sizes": sizes,
                     "mean_batch_size": round(sum(k * v for k, v in sizes.items()) / batches, 3) if batches else None,
                     "warmup_seconds": self.warmup_seconds, **dict(self._counts)}
 
@@ -124,6 +134,7 @@ class BatchingWorker:
             self._thread.join(timeout)
 
     def _loop(self, warmup: bool) -> None:
+        torch.set_num_threads(self.threads)
         if warmup:
             self._warm_up()
         self.ready.set()
@@ -164,7 +175,7 @@ class BatchingWorker:
                 oldest = self._pending[0]
                 key = oldest.key()
                 mates = [job for job in self._pending if job.key() == key][:self.max_batch_size]
-                left = oldest.arrived + self.batch_window - time.monotonic()
+                left = oldest.arrived + self.batch_window - time.monotonic() if oldest.crowded else 0.0
                 if len(mates) >= self.max_batch_size or left <= 0:
                     for job in mates:
                         self._pending.remove(job)
@@ -184,26 +195,32 @@ class BatchingWorker:
                                                 "timeout_error")))
 
     def _run(self, jobs: list[Job]) -> None:
-        started = time.perf_counter()
+        """Generate the batch; each job's "done" goes out as soon as its own answer ends."""
+        timing = BatchTiming(time.perf_counter())
+        for job in jobs:
+            job.batch_size, job.timing = len(jobs), timing
+            job.stream.on_end = lambda job=job: job.on_event(("done", job))
         try:
             with torch.no_grad():
                 for job in jobs:
                     if job.want_selection:
                         _, job.selection = self.model.encode_images(job.images, return_selection=True,
                                                                     tokens_per_slice=job.tokens_per_slice)
-                timing = generate_streamed(self.model, self.processor, [(j.prompt_ids, j.images) for j in jobs],
-                                           [j.stream for j in jobs], jobs[0].tokens_per_slice, jobs[0].sampling)
+                generate_streamed(self.model, self.processor, [(j.prompt_ids, j.images) for j in jobs],
+                                  [j.stream for j in jobs], jobs[0].tokens_per_slice, jobs[0].sampling, timing)
         except Exception as err:       # one bad batch must not stop the server
             log.exception("batch of %d failed", len(jobs))
             with self._cond:
                 self._busy = False
                 self._counts["failed"] += len(jobs)
             for job in jobs:
-                job.on_event(("error", APIError(500, f"generation failed: {type(err).__name__}: {err}", None,
-                                                "generation_failed", "server_error")))
+                if not job.stream.done:
+                    job.stream.on_end = None
+                    job.on_event(("error", APIError(500, f"generation failed: {type(err).__name__}: {err}", None,
+                                                    "generation_failed", "server_error")))
             return
         tokens = sum(len(j.stream.token_ids) for j in jobs)
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - timing.started
         log.info("batch of %d (K′=%s, %s): %d new tokens in %.2f s, %.0f tokens/s", len(jobs),
                  jobs[0].tokens_per_slice or "model's", jobs[0].key()[1][0], tokens, seconds, tokens / max(seconds, 1e-9))
         with self._cond:
@@ -211,6 +228,3 @@ class BatchingWorker:
             self._batch_sizes[len(jobs)] += 1
             self._counts["completion_tokens"] += tokens
             self._counts["answered"] += len(jobs)
-        for job in jobs:
-            job.batch_size, job.timing = len(jobs), timing
-            job.on_event(("done", job))
