@@ -70,7 +70,26 @@ def test_the_teacher_reads_the_scene_where_the_image_was(assets):
     batch = collate(processor, examples)
     out = model(**batch.to_model_kwargs(), output_hidden_states=True)
     term = distiller.loss(range(4), batch, out)
-    assert term.count == 4 and term.loss.item() > 0 and term.loss.requires_grad
+    assert term.count == 4 and term.loss.requires_grad
+    # Recomputed as the module docstring states it, each teacher sequence run alone (unpadded):
+    # loss_i = mean over decoder layers of mean((h − t)²) / mean(t²) over the tokens after the image.
+    layers = model.language_model.config.num_hidden_layers
+    assert len(out.hidden_states) == layers + 1
+    expected = 0.0
+    with torch.no_grad():
+        for row in range(4):
+            teacher_ids = distiller.teacher_ids(row)
+            teacher = distiller.teacher(input_ids=torch.tensor([teacher_ids]), output_hidden_states=True).hidden_states
+            length = int(batch.attention_mask[row].sum())
+            student_ids = batch.input_ids[row, :length].tolist()
+            start = max(t for t, token in enumerate(student_ids) if token == processor.image_token_id) + 1
+            n = length - start
+            assert n > 0 and teacher_ids[-n:] == student_ids[start:]       # the shared suffix
+            per_layer = [((h[row, start:length] - t[0, -n:]).pow(2).mean() / t[0, -n:].pow(2).mean()).item()
+                         for h, t in zip(out.hidden_states[1:], teacher[1:])]
+            assert len(per_layer) == layers and min(per_layer) > 0            # the scene is not the image
+            expected += sum(per_layer) / layers
+    assert term.loss.item() == pytest.approx(expected, rel=1e-5)
     # A sample whose suffix differs from the teacher's (another record's teacher) is not matched.
     shifted = distiller.loss([1, 0, 3, 2], batch, out)
     assert shifted.count == 0 and shifted.loss.item() == 0

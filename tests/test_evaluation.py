@@ -71,10 +71,21 @@ def test_runner_writes_predictions_and_resumes_without_redoing(world, tmp_path):
     total = world.counts["test_questions"]
     assert resumed.asked == total - 4 and scores["answered_now"] == total - 4
     rows = read_jsonl(tmp_path / PREDICTIONS_FILE)
-    assert sorted(r["question_id"] for r in rows) == sorted(
-        json.loads(line)["question_id"] for line in world.test_path.read_text().splitlines())
-    assert scores["questions"] == total and 0.0 <= scores["accuracy"]["all"]["accuracy"] <= 1.0
+    questions = {q["question_id"]: q for q in read_jsonl(world.test_path)}
+    assert sorted(r["question_id"] for r in rows) == sorted(questions)
+    # the scores are those of the predictions file: the runner's own metric over its rows, and the
+    # exact matches counted by hand against the test split's answers
+    assert scores["questions"] == total and scores["accuracy"] == WorldRunner().score(rows)["accuracy"]
+    hits = sum(normalize_answer(r["prediction"]) == normalize_answer(questions[r["question_id"]]["answer"])
+               for r in rows)
+    assert scores["accuracy"]["all"] == {"accuracy": round(hits / total, 4), "questions": total}
+    for kind in {q["question_type"] for q in questions.values()}:
+        of_kind = [r for r in rows if questions[r["question_id"]]["question_type"] == kind]
+        kind_hits = sum(world_exact_match(r["prediction"], r["answer"]) for r in of_kind)
+        assert scores["accuracy"][kind] == {"accuracy": round(kind_hits / len(of_kind), 4),
+                                            "questions": len(of_kind)}
     again = CountingRunner(config)
     assert again.run(model, processor, world.test_path, world.image_folder, tmp_path)["answered_now"] == 0
     assert again.asked == 0
-    assert json.loads((tmp_path / "scores.json").read_text())["benchmark"] == "world"
+    written_scores = json.loads((tmp_path / "scores.json").read_text())
+    assert written_scores["benchmark"] == "world" and written_scores["accuracy"] == scores["accuracy"]

@@ -12,8 +12,9 @@ from meteor.data import LlavaDataset, collate
 from meteor.modeling import LlavaMeteor
 from meteor.demo.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
+from meteor.train.loop import DataOrder
 from meteor.demo.aids import TrainingAids
-from meteor.demo.glyphs import GlyphAlignment, glyph_loss, text_token, view_glyphs
+from meteor.demo.glyphs import TEMPERATURE, GlyphAlignment, glyph_loss, text_token, view_glyphs
 from meteor.demo.world import WorldConfig, generate_world, world_texts
 
 WORLD = WorldConfig(seed=5, n_train_images=24, n_test_images=2, base_size=112, number_digits=1,
@@ -140,20 +141,63 @@ def test_the_loss_scores_the_text_patches_and_trains_only_the_compressor(assets)
     part = term.loss(range(4), batch, out)
     expected = sum(term.units(k, e) for k, e in enumerate(examples))
     assert part.count == expected > 0
-    assert part.loss.item() / expected == pytest.approx(
-        math.log(len(processor.tokenizer)), rel=0.5)      # an untrained projector: near uniform
-    assert 0 <= part.sums["accuracy"] <= expected
+    # Recomputed patch by patch: each covered patch's fused token through the projector's MLP, its
+    # cosine similarity to every input embedding / TEMPERATURE, cross-entropy with the text's token.
+    assert all(e.image is not None for e in examples)        # so image i is example i
+    table = model.language_model.get_input_embeddings().weight.detach()
+    loss_sum, hits = 0.0, 0
+    with torch.no_grad():
+        for group in out.views:
+            for row, (image, view) in enumerate(group.owners):
+                target = term.targets(image, examples[image])[view]
+                for patch, token in zip(target.patches.tolist(), target.tokens.tolist()):
+                    projected = model.compressor.mlp(group.output.mlp_inputs[row, patch])
+                    sims = F.cosine_similarity(projected[None], table, dim=-1) / TEMPERATURE   # (V,)
+                    loss_sum -= float(torch.log_softmax(sims, dim=0)[token])
+                    hits += int(sims.argmax()) == token
+    assert part.loss.item() == pytest.approx(loss_sum, rel=1e-5)
+    assert part.sums["accuracy"] == hits
+    # an untrained projector is near uniform over the vocabulary: about log V per patch
+    assert part.loss.item() / expected == pytest.approx(math.log(len(processor.tokenizer)), rel=0.1)
     part.loss.backward()
     compressor = model.compressor
     assert compressor.mlp.fc1.weight.grad.abs().sum() > 0
-    assert compressor.fusion.instruction_token.grad is not None
+    # the loss reads the fused tokens, which Flash Global Fusion computes with the instruction token
+    assert compressor.fusion.instruction_token.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.language_model.parameters())
     assert "views" not in model(**batch.to_model_kwargs())
 
 
 def test_the_mlp_baseline_aligns_its_raw_patch_tokens(assets, tmp_path):
-    _train(assets, tmp_path / "mlp", model=str(assets["mlp"]), glyph_alignment=1.0)
-    assert all(entry["glyph_count"] > 0 and entry["glyph"] > 0 for entry in _log(tmp_path / "mlp"))
+    config = _config(assets, tmp_path / "mlp", model=str(assets["mlp"]))
+    train(config, auxiliary=TrainingAids(glyph_alignment=1.0).factories())
+    log = _log(tmp_path / "mlp")
+    assert len(log) == 2
+    # Each step's count is the covered patches of that step's records; the first step's loss (before
+    # any update) is the term's over those records on the untrained model, micro-batch by micro-batch.
+    model, processor = LlavaMeteor.from_pretrained(assets["mlp"])
+    assert model.config.compressor.projector == "mlp"
+    dataset = LlavaDataset(config.data, config.image_folder, processor, config.template, config.max_length)
+    term = GlyphAlignment.factory(1.0)(model, dataset, config.template)
+    order = DataOrder(len(dataset), config.global_batch_size, config.seed)
+    for step, entry in enumerate(log):
+        records = order.step_records(step)
+        examples = [dataset.encode(k) for k in records]
+        assert entry["glyph_count"] == int(sum(term.units(k, e) for k, e in zip(records, examples))) > 0
+    records = order.step_records(0)
+    examples = [dataset.encode(k) for k in records]
+    for k, example in zip(records, examples):
+        term.prepare(k, example)
+    model.train()
+    loss_sum, hits = 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(records), config.per_device_batch_size):
+            span = slice(start, start + config.per_device_batch_size)
+            batch = collate(processor, examples[span])
+            part = term.loss(records[span], batch, model(**batch.to_model_kwargs(), return_views=True))
+            loss_sum, hits = loss_sum + part.loss.item(), hits + part.sums["accuracy"]
+    assert log[0]["glyph"] == pytest.approx(loss_sum / log[0]["glyph_count"], rel=1e-4)
+    assert log[0]["glyph_accuracy"] == pytest.approx(hits / log[0]["glyph_count"], abs=1e-9)
 
 
 def test_training_teaches_the_projector_the_glyphs(assets, tmp_path):

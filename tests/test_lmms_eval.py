@@ -1,15 +1,17 @@
 """The lmms-eval adapter, through lmms-eval's own classes (`make setup` installs lmms-eval without
 its heavy task dependencies; a missing install fails here rather than skipping)."""
 
-import math
 from importlib.metadata import entry_points
 
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms  # noqa: E402
 
+from meteor.conversation import IGNORE_INDEX  # noqa: E402
 from meteor.integrations.lmms_eval import MODEL_NAME, LlavaMeteorLMMS, lmms_eval_manifest, register  # noqa: E402
 from meteor.demo.tiny import tiny_model  # noqa: E402
 
@@ -53,14 +55,35 @@ def test_generate_until_answers_lmms_eval_requests_with_strings(adapter):
 
 
 def test_loglikelihood_gives_a_finite_log_probability_and_a_greedy_flag(adapter):
+    """The log-probability is the continuation's, recomputed one token at a time; the flag is
+    whether each of its tokens is the argmax after the tokens before it."""
     requests = [Instance(request_type="loglikelihood",
                          arguments=(doc["question"], doc["answer"], _doc_to_visual, doc_id, TASK, SPLIT),
                          idx=0, metadata={"task": TASK, "doc_id": doc_id, "repeats": 1})
                 for doc_id, doc in enumerate(adapter.task_dict[TASK][SPLIT][:2])]
     results = adapter.loglikelihood(requests)
     assert len(results) == 2
-    for log_prob, greedy in results:
-        assert math.isfinite(log_prob) and log_prob < 0 and isinstance(greedy, bool)
+    model, processor = adapter.model, adapter.processor
+    tag = processor.config.image_token
+    for doc, (log_prob, greedy) in zip(adapter.task_dict[TASK][SPLIT][:2], results):
+        sliced = processor.prepare_image(doc["image"])
+        ids, labels = processor.encode([{"from": "human", "value": f"{tag}\n{doc['question']}"},
+                                        {"from": "gpt", "value": doc["answer"]}], [sliced])
+        start = next(t for t, label in enumerate(labels) if label != IGNORE_INDEX)
+        assert labels[start:] == ids[start:]
+        assert processor.tokenizer.decode(ids[start:]) == f" {doc['answer']}</s>"
+        # the continuation follows exactly the prompt that generation would be given
+        assert processor([doc["question"]], [doc["image"]]).input_ids[0].tolist() == ids[:start]
+        # token by token: the log-softmax of the next-token logits after each prefix
+        expected, argmax_hits = 0.0, []
+        with torch.no_grad():
+            for t in range(start, len(ids)):
+                logits = model(input_ids=torch.tensor([ids[:t]]), images=[sliced]).logits[0, -1].float()
+                log_probs = F.log_softmax(logits, dim=-1)
+                expected += float(log_probs[ids[t]])
+                argmax_hits.append(int(log_probs.argmax()) == ids[t])
+        assert log_prob == pytest.approx(expected, rel=1e-5, abs=1e-5)
+        assert isinstance(greedy, bool) and greedy == all(argmax_hits)
 
 
 def test_llava_meteor_is_registered_with_lmms_eval():

@@ -1,6 +1,8 @@
 """Metrics against cases worked out by hand from the official evaluators' rules (see each module)."""
 
 import doctest
+import importlib
+import inspect
 import math
 
 import pytest
@@ -9,7 +11,9 @@ import meteor.metrics
 from meteor.metrics import (anls, evalai_normalize, exact_match, extract_choice, mmbench_can_infer,
                             pope_answer, pope_scores, relaxed_accuracy, textvqa_accuracy, vqa_accuracy,
                             vqa_normalize)
-from meteor.metrics import choice, pope, vqa
+from meteor.metrics import chartqa, choice, gqa, pope, vqa
+
+anls_module = importlib.import_module("meteor.metrics.anls")   # the package's `anls` is the function
 
 
 def test_docstring_examples_hold():
@@ -18,11 +22,25 @@ def test_docstring_examples_hold():
         assert failed == 0, module.__name__
 
 
+EXPORTED = {"vqa_accuracy": vqa, "textvqa_accuracy": vqa, "vqa_normalize": vqa, "evalai_normalize": vqa,
+            "anls": anls_module, "relaxed_accuracy": chartqa, "exact_match": gqa, "pope_scores": pope,
+            "pope_answer": pope, "extract_choice": choice, "mmbench_can_infer": choice}
+"""Each metric the package exports → the module that defines it."""
+
+
 def test_package_exports_every_metric():
-    for name in ("vqa_accuracy", "textvqa_accuracy", "vqa_normalize", "evalai_normalize", "anls",
-                 "relaxed_accuracy", "exact_match", "pope_scores", "pope_answer", "extract_choice",
-                 "mmbench_can_infer"):
-        assert callable(getattr(meteor.metrics, name)), name
+    for name, module in EXPORTED.items():
+        exported = getattr(meteor.metrics, name)
+        assert exported is getattr(module, name), name                   # the submodule's own function,
+        assert exported.__module__ == module.__name__, name               # defined there, not re-wrapped
+        assert name in meteor.metrics.__all__, name
+    assert set(meteor.metrics.__all__) == set(EXPORTED) | {"BENCHMARKS"}
+    assert meteor.metrics.BENCHMARKS is choice.BENCHMARKS
+    # and no public function of a metric module is left out of the package
+    for module in set(EXPORTED.values()):
+        public = {name for name, value in vars(module).items() if inspect.isfunction(value)
+                  and value.__module__ == module.__name__ and not name.startswith("_")}
+        assert public <= set(EXPORTED), (module.__name__, public - set(EXPORTED))
 
 
 # --- VQA normalisation (vqaEval.py processPunctuation + processDigitArticle) ------------------

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from meteor.conversation import IGNORE_INDEX
@@ -23,6 +24,21 @@ def tiny():
 
 def _conversation(question="What is it?", answer="a red circle"):
     return [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+
+
+def _supervised(labels):
+    """The labels the loss reads: position t predicts label t + 1, IGNORE_INDEX left out."""
+    return labels[:, 1:]
+
+
+def _cross_entropy(logits, labels):
+    """The causal-LM loss recomputed from the logits: mean over the supervised next tokens."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           _supervised(labels).reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def _assert_loss_is_the_cross_entropy(out, batch):
+    torch.testing.assert_close(out.loss, _cross_entropy(out.logits, batch.labels), rtol=1e-5, atol=1e-6)
 
 
 def test_prompt_layout_has_one_placeholder_per_kept_token(tiny):
@@ -56,11 +72,27 @@ def test_mixed_batch_loss_backward_reaches_compressor_not_vision(tiny):
     assert images[0].plan.num_slices != images[1].plan.num_slices
     batch = processor.collate(samples, images)
     model.zero_grad()
-    loss = model(**batch.to_model_kwargs()).loss
-    assert torch.isfinite(loss)
-    loss.backward()
+    out = model(**batch.to_model_kwargs())
+    _assert_loss_is_the_cross_entropy(out, batch)
+    out.loss.backward()
     assert model.compressor.fusion.instruction_token.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.vision_tower.parameters())
+    # Each sample alone: right padding leaves its logits as they were, and the batch's loss is the
+    # mean of the samples' losses weighted by their supervised token counts.
+    alone_images = [[images[0]], [], [images[1]]]
+    losses, counts = [], []
+    with torch.no_grad():
+        for row, (sample, own) in enumerate(zip(samples, alone_images)):
+            single = processor.collate([sample], own)
+            single_out = model(**single.to_model_kwargs())
+            length = len(sample[0])
+            torch.testing.assert_close(out.logits[row, :length].detach(), single_out.logits[0],
+                                       rtol=1e-4, atol=1e-5)
+            losses.append(single_out.loss)
+            counts.append(int((_supervised(single.labels) != IGNORE_INDEX).sum()))
+    assert counts == [int((_supervised(batch.labels[row:row + 1]) != IGNORE_INDEX).sum()) for row in range(3)]
+    weighted = sum(n * loss for n, loss in zip(counts, losses)) / sum(counts)
+    torch.testing.assert_close(out.loss.detach(), weighted, rtol=1e-5, atol=1e-6)
     model.eval()
 
 
@@ -104,8 +136,11 @@ def test_keep_all_tokens_mode(tmp_path):
     assert tokens[0].shape[0] == sum(s.grid[0] * s.grid[1] for s in selections)
     ids, labels = processor.encode(_conversation(), [sliced])
     assert ids.count(processor.image_token_id) == tokens[0].shape[0]
-    loss = model(**processor.collate([(ids, labels)], [sliced]).to_model_kwargs()).loss
-    assert torch.isfinite(loss)
+    batch = processor.collate([(ids, labels)], [sliced])
+    out = model(**batch.to_model_kwargs())
+    _assert_loss_is_the_cross_entropy(out, batch)
+    # every view keeps all its patch tokens, in raster order
+    assert all(s.indices.tolist() == list(range(s.grid[0] * s.grid[1])) for s in selections)
 
 
 def test_selection_details_cover_every_view(tiny):
@@ -113,9 +148,16 @@ def test_selection_details_cover_every_view(tiny):
     sliced = processor.prepare_image(_image(112, 168))
     _, selections = model.encode_images([sliced], return_selection=True)
     assert len(selections) == sliced.plan.num_slices + 1 and selections[-1].is_global
+    k = model.config.compressor.tokens_per_slice
+    assert [s.view_index for s in selections] == list(range(sliced.plan.num_slices + 1))
     for s in selections:
         torch.testing.assert_close(s.visual_scores.sum(), torch.tensor(1.0))
-        assert len(s.indices) == model.config.compressor.tokens_per_slice
+        assert len(s.indices) == k
+        assert s.indices.tolist() == sorted(set(s.indices.tolist()))       # raster order, no repeats
+        # the kept positions are the K highest aggregate scores: no dropped score beats a kept one
+        kept = torch.zeros_like(s.aggregate_scores, dtype=torch.bool)
+        kept[s.indices] = True
+        assert s.aggregate_scores[kept].min() >= s.aggregate_scores[~kept].max()
 
 
 def test_missing_folders_are_clear_errors(tmp_path):
@@ -128,8 +170,10 @@ def test_extreme_aspect_ratios_run_end_to_end(tiny, size):
     model, processor = tiny
     sliced = processor.prepare_image(_image(*size))
     ids, labels = processor.encode(_conversation(), [sliced])
-    loss = model(**processor.collate([(ids, labels)], [sliced]).to_model_kwargs()).loss
-    assert torch.isfinite(loss)
+    batch = processor.collate([(ids, labels)], [sliced])
+    out = model(**batch.to_model_kwargs())
+    _assert_loss_is_the_cross_entropy(out, batch)
+    assert out.logits.shape[:2] == batch.input_ids.shape
 
 
 def test_a_tokenizer_without_an_image_token_gets_one(tmp_path):

@@ -20,6 +20,8 @@ from meteor.evaluation.official.mmmu_open import eval_open, parse_open_response
 from meteor.evaluation.official.mmvet import GRADING_PROMPT, grading_prompt, read_grade
 from meteor.evaluation.official.summary import TABLE1_COLUMNS, collect_headlines, write_table1
 from meteor.demo.tiny import tiny_model
+from meteor.metrics import (anls, evalai_normalize, exact_match, extract_choice, mmbench_can_infer, pope_scores,
+                            relaxed_accuracy, textvqa_accuracy, vqa_accuracy)
 
 from chat_endpoint import chat_endpoint
 
@@ -194,6 +196,70 @@ def _stable(scores):
     return {k: v for k, v in scores.items() if k not in ("seconds", "answered_now", "files")}
 
 
+# --- each benchmark's headline recomputed from its prediction rows and the answers its maker wrote ----
+def _percent_mean(values) -> float:
+    values = [float(v) for v in values]
+    return round(100 * sum(values) / len(values), 2)
+
+
+def _pope_headline(rows) -> float:
+    labels = {0: "yes", 1: "no", 2: "no", 3: "yes"}       # make_pope's label files, by question
+    f1 = []
+    for category in ("adversarial", "random"):
+        own = [r for r in rows if r["category"] == category]
+        f1.append(pope_scores([r["prediction"] for r in own], [labels[r["question_id"]] for r in own])["f1"])
+    return round(100 * sum(f1) / len(f1), 2)
+
+
+def _mmbench_headline(rows) -> float:
+    """Circular: a question is right only if the rules read the right letter from every variant
+    (no judge configured, so an unreadable answer is wrong)."""
+    right_option = {7: "blue", 9: "square"}               # make_mmbench's answers B and A, as option texts
+    groups = {}
+    for r in rows:
+        assert r["options"][r["answer"]] == right_option[r["group"]]   # the answer letter moves with its option
+        groups.setdefault(r["group"], []).append(mmbench_can_infer(r["prediction"], r["options"]) == r["answer"])
+    assert sorted(map(len, groups.values())) == [2, 4]    # one variant per option
+    return _percent_mean(all(hits) for hits in groups.values())
+
+
+def _mmmu_headline(rows) -> float:
+    def right(r):
+        if r["question_type"] == "multiple-choice":
+            return extract_choice(r["prediction"], r["options"], "mmmu") == r["answer"]
+        return eval_open(r["answer"], parse_open_response(r["prediction"]))
+    assert {r["question_id"]: r["answer"] for r in rows} == {
+        "validation_Art_1": "B", "validation_Art_2": ["2"], "validation_Art_Theory_3": "A"}
+    return _percent_mean(map(right, rows))
+
+
+def _chartqa_headline(rows) -> float:
+    splits = {}
+    for r in rows:
+        splits.setdefault(r["split"], []).append(relaxed_accuracy(r["prediction"], "45"))
+    assert sorted(splits) == ["augmented", "human"]
+    return round(sum(100 * sum(v) / len(v) for v in splits.values()) / len(splits), 2)
+
+
+DOCUMENT_ANSWERS = ["annual report", "the annual report"]
+EXPECTED_HEADLINES = {
+    "textvqa": lambda rows: _percent_mean(textvqa_accuracy(r["prediction"], ["stop"] * 10) for r in rows),
+    "docvqa": lambda rows: _percent_mean(anls(r["prediction"], DOCUMENT_ANSWERS) for r in rows),
+    "chartqa": _chartqa_headline,
+    "infovqa": lambda rows: _percent_mean(anls(r["prediction"], DOCUMENT_ANSWERS) for r in rows),
+    "gqa": lambda rows: _percent_mean(exact_match(r["prediction"], "yes" if r["question_id"] % 2 else "no")
+                                      for r in rows),
+    "vqav2": lambda rows: _percent_mean(vqa_accuracy(evalai_normalize(r["prediction"]), ["2"] * 10) for r in rows),
+    "vizwiz": lambda rows: _percent_mean(vqa_accuracy(evalai_normalize(r["prediction"]), ["unanswerable"] * 10)
+                                         for r in rows),
+    "mmbench": _mmbench_headline,
+    "mmvet": lambda rows: None,                           # needs grading: no grader given
+    "mmmu": _mmmu_headline,
+    "pope": _pope_headline,
+    "seed": lambda rows: _percent_mean(r["prediction"] == "ABCD"[int(r["question_id"]) - 100] for r in rows),
+}
+
+
 # --- end to end ------------------------------------------------------------------------------------
 def test_every_benchmark_has_a_runner_and_a_table1_column():
     assert list(PAPER_BENCHMARKS) == [benchmark for _, benchmark in TABLE1_COLUMNS]
@@ -228,8 +294,13 @@ def test_runner_end_to_end_and_an_interrupted_run_resumes_to_the_same_scores(nam
     rows = read_jsonl(tmp_path / "whole" / "predictions.jsonl")
     assert len(rows) == whole["questions"] and all(isinstance(r["prediction"], str) for r in rows)
     assert all(r["benchmark"] == benchmark for r in rows)
-    assert json.loads((tmp_path / "whole" / "scores.json").read_text())["benchmark"] == benchmark
-    assert "headline" in whole
+    written = json.loads((tmp_path / "whole" / "scores.json").read_text())
+    assert written["benchmark"] == benchmark and written["headline"] == whole["headline"]
+    expected = EXPECTED_HEADLINES[benchmark](rows)
+    if expected is None:
+        assert whole["headline"] is None and whole["status"] == "needs grading"
+    else:
+        assert whole["headline"] == pytest.approx(expected, abs=1e-9)
     for path in whole.get("files", {}).values():
         assert Path(path).is_file()
 
@@ -550,8 +621,14 @@ def test_meteor_eval_and_table_through_the_real_entry_point(tiny, tmp_path):
     table = subprocess.run([sys.executable, "-m", "meteor", "table", "--row", f"tiny={tmp_path / 'out'}",
                             "--out", str(tmp_path / "table1.md")], capture_output=True, text=True, timeout=300)
     assert table.returncode == 0, table.stderr[-2000:]
-    text = (tmp_path / "table1.md").read_text()
-    assert "POPE" in text and "| tiny" in text
+    assert scores["headline"] == pytest.approx(_pope_headline(read_jsonl(tmp_path / "out" / "predictions.jsonl")),
+                                               abs=1e-9)
+    lines = (tmp_path / "table1.md").read_text().splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    tiny_row = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert tiny_row[0] == "tiny" and tiny_row[header.index("POPE")] == f"{scores['headline']:.1f}"
+    assert tiny_row[1:-1] == [f"{scores['headline']:.1f}" if name == "POPE" else "–" for name in header[1:-1]]
+    assert tiny_row[-1] == f"{scores['headline']:.1f}*"   # averaged over the one benchmark present
     bad = subprocess.run([sys.executable, "-m", "meteor", "table", "--row", "nofolders"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "NAME=FOLDER" in bad.stderr
