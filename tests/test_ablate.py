@@ -58,7 +58,7 @@ def test_no_two_variants_train_the_same_model():
 
 
 def test_the_tables_follow_the_papers_and_the_default_is_run_once():
-    assert set(TABLES) == {"table1", "table2", "table3", "table4", "elastic", "question"}
+    assert set(TABLES) == {"table1", "table2", "table3", "table4", "elastic", "training_free", "question"}
     assert {VARIANTS[n].overrides.get("projector", "meteor") for n in TABLES["table1"].variants} == \
            {"meteor", "mlp", "resampler", "avgpool", "cls_topk", "random_topk"}
     assert {VARIANTS[n].overrides.get("scan_mode", "l2s") for n in TABLES["table2"].variants} == \
@@ -76,7 +76,7 @@ def test_the_tables_follow_the_papers_and_the_default_is_run_once():
 
 
 def test_unknown_names_are_refused_with_the_valid_ones():
-    with pytest.raises(ValueError, match="valid tables: table1, table2, table3, table4, elastic, question"):
+    with pytest.raises(ValueError, match="valid tables: table1, table2, table3, table4, elastic, training_free, question"):
         select(["table5"])
     with pytest.raises(ValueError, match="valid variants: meteor, mlp"):
         select(None, ["metor"])
@@ -123,7 +123,7 @@ def test_cli_list_prints_every_table_and_override():
 
 def test_cli_refuses_unknown_names_listing_the_valid_ones(tmp_path):
     done = _meteor("ablate", "--table", "table7", "--out", "x", cwd=tmp_path)
-    assert done.returncode == 2 and "valid tables: table1, table2, table3, table4, elastic, question" in done.stderr
+    assert done.returncode == 2 and "valid tables: table1, table2, table3, table4, elastic, training_free, question" in done.stderr
     done = _meteor("ablate", "--variant", "nope", "--out", "x", cwd=tmp_path)
     assert done.returncode == 2 and "valid variants:" in done.stderr and "scan_single" in done.stderr
     assert not (tmp_path / "x").exists()                 # refused before anything is built
@@ -153,7 +153,7 @@ def test_every_variant_trains_and_evaluates(tmp_path, capfd):
         assert row["parameters"]["demo_widths"] == {"C": 32, "D": 32}
     assert written["variants"]["meteor"]["visual_tokens"]["per_view"] == 16
     assert 16 < written["variants"]["mlp"]["visual_tokens"]["per_view"] <= 64    # slices may be smaller
-    assert written["variants"]["meteor"]["tables"] == ["table1", "table2", "table3", "table4", "elastic"]
+    assert written["variants"]["meteor"]["tables"] == ["table1", "table2", "table3", "table4", "elastic", "training_free"]
     text = (tmp_path / "out" / "ablation" / "tables.md").read_text()
     assert text == markdown(written, list(TABLES.values())) + "\n"
     for name in TABLES:
@@ -179,6 +179,11 @@ def test_every_variant_trains_and_evaluates(tmp_path, capfd):
             (tmp_path / "out" / "eval" / "meteor@k3" / "predictions.jsonl").read_text().splitlines()]
     assert rows and all(row["tokens_per_slice"] == 3 for row in rows)
     assert "| `meteor` | 16 | 3 |" in text
+    # training-free: the all-tokens LLaVA-1.5 model loaded as CLS Top-K at each K, against Meteor trained at K
+    free = written["training_free"]
+    assert set(free) == {"mlp+cls_topk@k16", "mlp+cls_topk@k7", "mlp+cls_topk@k3"}
+    assert [free[f"mlp+cls_topk@k{k}"]["compared_to"] for k in (16, 7, 3)] == ["meteor", "meteor_11pct", "meteor_5pct"]
+    assert "| `mlp` as CLS Top-K (no training) | 3 |" in text
 
     again = run_ablation(tmp_path / "out", tables=["table2"], variants=["meteor"], config=tiny_config())
     assert {"meteor/stage1", "meteor/stage2", "eval/meteor"} <= set(again["reused"])

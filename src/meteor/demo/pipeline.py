@@ -365,15 +365,19 @@ class Pipeline:
 
     # --- 5. evaluation ------------------------------------------------------------------------------------------
     def evaluate(self, world: WorldManifest, model_dir: Path, name: str,
-                 tokens_per_slice: int | None = None) -> dict[str, Any]:
+                 tokens_per_slice: int | None = None, compressor_overrides: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
         """Scores of ``model_dir`` on the world's test split, in ``out/eval/<name>/`` (resumable);
-        with ``tokens_per_slice``, run at that K′ instead of the K it was trained with."""
+        with ``tokens_per_slice``, run at that K′ instead of the K it was trained with; with
+        ``compressor_overrides``, loaded with another projector (e.g. training-free CLS Top-K)."""
         from ..evaluation import EvalConfig, WorldRunner
         from ..modeling import LlavaMeteor
 
         key = {"model": _read_key(model_dir.parent), "batch": self.config.eval_batch_size}
         if tokens_per_slice is not None:
             key["tokens_per_slice"] = tokens_per_slice
+        if compressor_overrides:
+            key["compressor_overrides"] = compressor_overrides
         step = CachedFolder(self.out / "eval" / name, key, self.force)
         scores_file = step.folder / "scores.json"
         if step.done and scores_file.is_file():
@@ -382,7 +386,7 @@ class Pipeline:
         started = time.perf_counter()
         if _read_key(step.folder) != step.key or self.force:
             step.start()          # predictions of another model: start over; same model: resume
-        model, processor = LlavaMeteor.from_pretrained(model_dir)
+        model, processor = LlavaMeteor.from_pretrained(model_dir, compressor_overrides=compressor_overrides)
         model.feature_cache = FeatureCache(self.out / "features")
         runner = WorldRunner(EvalConfig(batch_size=self.config.eval_batch_size, tokens_per_slice=tokens_per_slice))
         (step.folder / KEY_FILE).write_text(json.dumps(step.key, indent=2, sort_keys=True) + "\n")

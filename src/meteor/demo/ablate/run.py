@@ -105,6 +105,33 @@ def elastic_rows(pipe, world, config: DemoConfig, by_variant: dict[str, list[tup
     return rows
 
 
+TRAINING_FREE = (("mlp", 0), ("mlp", 1), ("mlp", 2))
+"""(a model trained with every token, the index of the budget K it is compressed to without any
+training: CLS Top-K with its own MLP, as FasterVLM); each beside the Meteor trained at K."""
+
+
+def training_free_rows(pipe, world, config: DemoConfig, by_variant: dict[str, list[tuple[Path, dict[str, Any]]]],
+                       per_question: dict[str, list[dict[Any, int]]], types: dict[Any, str]) -> dict[str, Any]:
+    """Each ``TRAINING_FREE`` model (every seed) loaded as CLS Top-K at K, summarised over seeds and
+    compared with Top-Down Compression trained at K."""
+    budgets, rows = compressed_budgets(config), {}
+    for name, index in TRAINING_FREE:
+        if name not in by_variant:
+            continue
+        k = budgets[index]
+        overrides = {"projector": "cls_topk", "tokens_per_slice": k}
+        runs = [(run_name(name, i), model_dir) for i, (model_dir, _) in enumerate(by_variant[name])]
+        scores = [pipe.evaluate(world, model_dir, f"{run}+cls_topk@k{k}", compressor_overrides=overrides)
+                  for run, model_dir in runs]
+        correct = [correctness(pipe.out / "eval" / f"{run}+cls_topk@k{k}" / "predictions.jsonl") for run, _ in runs]
+        reference = TRAINED_AT[index]
+        row = f"{name}+cls_topk@k{k}"
+        rows[row] = {"name": row, "trained": name, "k": k, "seeds": [config.seed + i for i in range(len(runs))],
+                     "compared_to": reference if reference in per_question else None,
+                     **summarise_seeds(scores, correct, per_question.get(reference), types)}
+    return rows
+
+
 def run_name(variant: str, seed_index: int) -> str:
     """The folder name of a variant's run with its ``seed_index``-th training seed (the first keeps
     the variant's own name, so a one-seed ablation's runs are reused by a seeded one)."""
@@ -212,17 +239,21 @@ def run_ablation(out: str | Path = "meteor-ablate", tables: Sequence[str] | None
             "questions": scores.get("questions"), **measure(variant, model_dir, scores, sizes, world.config),
             "wall_seconds": {key: pipe.timings[key] for key in (f"{variant.name}/stage1", f"{variant.name}/stage2",
                                                                 f"eval/{variant.name}") if key in pipe.timings}}
-    elastic = {}
+    elastic, training_free = {}, {}
     if any(t.name == "elastic" for t in chosen):
         log(f"[{total}/{total}] elastic budgets: the trained models at smaller K′ ...")
         elastic = elastic_rows(pipe, world, config, by_variant, per_question, types)
+    if any(t.name == "training_free" for t in chosen):
+        log(f"[{total}/{total}] training-free compression of the all-tokens models ...")
+        training_free = training_free_rows(pipe, world, config, by_variant, per_question, types)
     log(f"[{total}/{total}] tables ...")
     folder = out / "ablation"
     folder.mkdir(exist_ok=True)
     results = {"tables": {t.name: {"title": t.title, "variants": [n for n in t.variants if n in rows],
                                    "paper": {n: asdict(row) for n, row in t.paper.items() if n in rows}}
                           for t in chosen},
-               "variants": rows, "elastic": elastic, "baselines": world.baselines, "paper_widths": PAPER_WIDTHS,
+               "variants": rows, "elastic": elastic, "training_free": training_free, "baselines": world.baselines,
+               "paper_widths": PAPER_WIDTHS,
                "paper_budgets": PAPER_BUDGETS, "config": config.to_dict(), "timings": pipe.timings,
                "reused": pipe.reused, "seconds": round(time.perf_counter() - started, 1)}
     (folder / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -65,7 +65,10 @@ def markdown(results: dict[str, Any], tables: Sequence[Table]) -> str:
         rows = [results["variants"][n] for n in names]
         lines += ["", f"## {table.name}: {table.title}", ""]
         if table.name == "elastic":
-            lines += _elastic(results.get("elastic", {}), rows, types)
+            lines += _elastic(results.get("elastic", {}), [r for r in rows if r["name"] != "mlp"], types)
+            continue
+        if table.name == "training_free":
+            lines += _training_free(results.get("training_free", {}), rows, types)
             continue
         lines += _efficiency(rows, table, types) if table.efficiency else _accuracy(rows, table, types, baselines)
         if table.per_type_differences:
@@ -83,6 +86,24 @@ def _elastic(elastic: dict[str, Any], trained: list[dict[str, Any]], types: list
                                         *[_cell(row["accuracy"].get(t)) for t in [*types, "all"]], "", ""]) + " |")
     for row in elastic.values():
         lines.append("| " + " | ".join([f"`{row['trained']}`", str(row["trained_k"]), str(row["k"]),
+                                        str(len(row["seeds"])), *[_cell(row["accuracy"].get(t)) for t in [*types, "all"]],
+                                        _difference(row), f"`{row['compared_to']}`" if row.get("compared_to") else ""])
+                     + " |")
+    return lines
+
+
+def _training_free(free: dict[str, Any], trained: list[dict[str, Any]], types: list[str]) -> list[str]:
+    head = ["model", "K", "seeds", *types, "all", "Δ all [95 %]", "vs"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+    by_k = {row["k"]: row for row in trained}
+    for row in free.values():
+        reference = by_k.get(row["k"])
+        if reference is not None:
+            lines.append("| " + " | ".join([f"`{reference['name']}` (trained)", str(row["k"]),
+                                            str(len(reference.get("seeds", [0]))),
+                                            *[_cell(reference["accuracy"].get(t)) for t in [*types, "all"]], "", ""])
+                         + " |")
+        lines.append("| " + " | ".join([f"`{row['trained']}` as CLS Top-K (no training)", str(row["k"]),
                                         str(len(row["seeds"])), *[_cell(row["accuracy"].get(t)) for t in [*types, "all"]],
                                         _difference(row), f"`{row['compared_to']}`" if row.get("compared_to") else ""])
                      + " |")

@@ -157,6 +157,9 @@ TABLES = {t.name: t for t in (
     Table("elastic", "Elastic budgets (not in the paper, which trains one model per K): a model trained at K "
           "evaluated at a smaller K′ (selection has no parameters), beside the model trained at K′",
           ("meteor", "meteor_11pct", "meteor_5pct")),
+    Table("training_free", "Training-free compression (FasterVLM's setting): the LLaVA-1.5 model trained with "
+          "every token, loaded as CLS Top-K at K with its own MLP, beside Top-Down Compression trained at K",
+          ("mlp", "meteor", "meteor_11pct", "meteor_5pct")),
     Table("question", "A question-conditioned instruction token (not in the paper; its §1: 'the instruction "
           "token is not conditioned on explicit prompts') against the paper's, both trained on one record per "
           "question, at 11 % and 5 % of the patches",
