@@ -23,12 +23,6 @@ def rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image).astype(int)
 
 
-@pytest.fixture(autouse=True)
-def strict_truncation(monkeypatch):
-    # Another library in the same process may have relaxed Pillow; these tests need the default.
-    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
-
-
 # --- sources ------------------------------------------------------------------------------------
 
 def test_path_bytes_file_object_pil_and_array_agree(tmp_path):
@@ -202,6 +196,18 @@ def test_truncated_png_is_refused():
     data = encode(Image.fromarray(noise))
     with pytest.raises(ImageError, match="re-download"):
         load_image(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_files_are_refused_where_another_library_relaxed_pillow(monkeypatch, fmt):
+    # lmms-eval sets ImageFile.LOAD_TRUNCATED_IMAGES = True when it is imported (lmms_eval/api/task.py).
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    noise = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), fmt)
+    with pytest.raises(ImageError, match="truncated|corrupt"):
+        load_image(data[: len(data) // 2])
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the other library's setting is put back
+    assert load_image(data).size == (64, 64)
 
 
 def test_pixel_limit_and_pillows_decompression_bomb(monkeypatch):

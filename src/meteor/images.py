@@ -20,20 +20,22 @@ Policies (the same for files, bytes, file objects, PIL images and numpy arrays):
 - Multi-frame files (GIF, APNG, TIFF): the first frame.
 - CMYK, YCbCr, 1-bit, greyscale and palette images are converted by Pillow.
 
-The user's file is only ever opened for reading. Pillow's process-wide settings still apply:
-``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True`` (set by some other library) would let truncated
-files through, and ``PIL.Image.MAX_IMAGE_PIXELS`` is Pillow's own hard limit, checked before ours.
+The user's file is only ever opened for reading. Truncated files are refused even where another
+library in the process has set ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True`` (lmms-eval does, on
+import): the decode runs with that switch off and puts it back as it was. ``PIL.Image.MAX_IMAGE_PIXELS``
+is Pillow's own hard limit and still applies, checked before ours.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from typing import BinaryIO, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 89_478_485
 """Largest image (width × height) accepted by default: Pillow's own decompression-bomb warning
@@ -48,6 +50,7 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # Float arrays a hair outside [0, 1] (resampling overshoot, rounding) are clipped rather than
 # refused; half an 8-bit level is invisible after quantisation.
 _FLOAT_TOLERANCE = 0.5 / 255
+_STRICT_DECODE = threading.Lock()  # one decode at a time flips Pillow's process-wide switch
 
 
 class ImageError(ValueError):
@@ -149,7 +152,13 @@ def _check_size(size: tuple[int, int], name: str, max_pixels: int | None) -> Non
 def _decode(image: Image.Image, name: str) -> None:
     """Decode the pixels now: truncation and corruption only show up here, not in ``open``."""
     try:
-        image.load()
+        with _STRICT_DECODE:
+            relaxed = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            try:
+                image.load()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = relaxed
     except MemoryError:
         raise
     except Exception as err:  # truncated JPEG: OSError; broken PNG: SyntaxError/OSError; ...
