@@ -30,6 +30,18 @@ def test_demo_help_lists_its_options():
     assert done.returncode == 0 and all(flag in done.stdout for flag in ("--quick", "--out", "--force"))
 
 
+def test_ablate_help_names_every_table_and_an_unknown_one_is_refused(tmp_path):
+    from meteor.demo.ablate import TABLES
+
+    done = _meteor("ablate", "--help")
+    text = " ".join(done.stdout.split())
+    assert done.returncode == 0
+    assert all(name in text for name in TABLES if not name.startswith("table")) and "table1-table4" in text
+    refused = _meteor("ablate", "--table", "table9", "--out", "x", cwd=tmp_path)
+    assert refused.returncode != 0 and "unknown table(s) ['table9']" in refused.stderr
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("command", ["demo", "ablate"])
 def test_workers_must_be_at_least_one(tmp_path, command):
     done = _meteor(command, "--workers", "0", "--out", "x", cwd=tmp_path)

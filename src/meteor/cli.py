@@ -347,7 +347,8 @@ def _parser() -> argparse.ArgumentParser:
                                  "folder can be reused).")
     ablate.add_argument("--out", default="meteor-ablate", help="folder for the outputs (reused when re-run)")
     ablate.add_argument("--table", action="append", default=None,
-                        help="table1, table2, table3 or table4 (repeatable; default: all four)")
+                        help="a table to run: table1-table4, elastic, training_free or question (repeatable; "
+                             "default: every table; --list shows them)")
     ablate.add_argument("--variant", action="append", default=None,
                         help="run only this variant of the chosen tables (repeatable; see --list)")
     ablate.add_argument("--seed", type=int, default=0, help="the world's, the parts' and the first training seed")
