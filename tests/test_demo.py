@@ -41,7 +41,7 @@ def test_the_clip_step_takes_the_cores_the_budgets_share_later(monkeypatch):
 
     from meteor.demo.pipeline import clip_threads
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert clip_threads(quick_config()) == 2                                  # 2 workers × 1 thread
+    assert clip_threads(quick_config()) == 2                                  # 3 workers × 1 thread, 2 cores
     assert clip_threads(dataclasses.replace(quick_config(), workers=1)) == 1
     assert clip_threads(dataclasses.replace(quick_config(), workers=4, threads=2)) == 2   # capped by the cores
     monkeypatch.setattr(os, "cpu_count", lambda: None)
@@ -128,7 +128,7 @@ def test_quick_demo_writes_the_report_with_numbers_and_pictures(tmp_path):
     for part in ("world", "clip", "clip_corpus", "language_model"):
         shutil.copytree(tmp_path / "out" / part, serial / part)
     results = run_demo(serial, config=dataclasses.replace(quick_config(), workers=1))
-    assert quick_config().workers == 2 and set(results["reused"]) >= {"world", "clip", "language_model"}
+    assert quick_config().workers == 3 and set(results["reused"]) >= {"world", "clip", "language_model"}
     parallel = json.loads((report / "results.json").read_text())
     for one, other in zip(results["budgets"], parallel["budgets"]):
         assert one["name"] == other["name"] and one["scores"]["accuracy"] == other["scores"]["accuracy"]
