@@ -78,3 +78,31 @@ def test_the_map_trains_and_other_projectors_refuse_it():
     assert asking.compressor.question_map.weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="the 'cls_topk' projector has none"):
         CompressorConfig(projector="cls_topk", instruction="question")
+
+
+def test_explain_and_prompt_selections_keep_what_forward_keeps_for_each_question(tmp_path):
+    # The figure of `meteor explain` (and the serve UI's picture) must show the patches the model
+    # keeps when it answers *this* question, not the selection made without one.
+    from meteor.explain import explain
+
+    _, asking, processor = _models()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        asking.compressor.question_map.weight.normal_(0, 5.0)
+    image_path = tmp_path / "grey.png"
+    Image.new("RGB", (56, 56), (120, 120, 120)).save(image_path)
+    explained = []
+    for number, question in enumerate(("What colour is the square?", "How many circles are there?",
+                                       "Is there a word?")):
+        batch = processor([question], [Image.open(image_path)])
+        with torch.no_grad():
+            views = asking(**batch.to_model_kwargs(), return_views=True).views
+        forward_kept = views[0].output.indices[0].sort().values.tolist()
+        from_prompt = asking.prompt_selections(batch.input_ids[0], batch.images)
+        assert from_prompt[0].indices.sort().values.tolist() == forward_kept
+        result = explain(asking, processor, image_path, question, tmp_path / f"q{number}.png", max_new_tokens=2)
+        assert sorted(result.views[0].kept) == forward_kept
+        explained.append(tuple(sorted(result.views[0].kept)))
+    assert len(set(explained)) > 1                      # the selection follows the question
+    with pytest.raises(ValueError, match="pass each view's pooled question embeddings"):
+        asking.encode_images([processor.prepare_image(image_path)], return_selection=True)

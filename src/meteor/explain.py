@@ -92,13 +92,13 @@ def explain(model, processor, image: str | os.PathLike, question: str, out: str 
     out.parent.mkdir(parents=True, exist_ok=True)
     sliced = processor.prepare_image(image)
     name = Path(image).name if isinstance(image, (str, os.PathLike)) else "image"
-    selections = selection_figure(model, processor, sliced, question, out, tokens_per_slice, name)
     conversation = Conversation()
     conversation.ask(question, [sliced], processor.config.image_token)
+    prompt_ids = conversation.prompt_ids(processor, tokens_per_slice)
+    selections = selection_figure(model, processor, sliced, question, out, tokens_per_slice, name, prompt_ids)
     row = AnswerStream(processor.tokenizer, max_new_tokens)
     with torch.no_grad():
-        generate_streamed(model, processor, [(conversation.prompt_ids(processor, tokens_per_slice), [sliced])],
-                          [row], tokens_per_slice)
+        generate_streamed(model, processor, [(prompt_ids, [sliced])], [row], tokens_per_slice)
     k = tokens_per_slice if tokens_per_slice is not None else processor.config.compressor.tokens_per_slice
     scores = out.with_suffix(".json")
     result = Explanation(str(image), question, row.text, k, view_reports(sliced, selections), str(out), str(scores))

@@ -126,6 +126,21 @@ class LlavaMeteor(nn.Module):
         tokens, selections, _ = self._encode_images(images, return_selection, tokens_per_slice, questions)
         return tokens, selections
 
+    def prompt_selections(self, input_ids: torch.Tensor | Sequence[int], images: Sequence[SlicedImage],
+                          tokens_per_slice: int | None = None) -> list[ViewSelection]:
+        """What the compressor keeps of ``images`` when the model reads the prompt ``input_ids``
+        (one row, or a list of ids): ``encode_images(..., return_selection=True)``'s selections, with
+        a question-conditioned instruction token fed the prompt's question as ``forward`` feeds it
+        (for the paper's instruction token the prompt changes nothing)."""
+        ids = torch.as_tensor(input_ids).to(self._device())
+        ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+        questions = None
+        if self.config.compressor.instruction == "question":
+            image_mask = ids == self.image_token_id
+            embeds = self.language_model.get_input_embeddings()(ids.masked_fill(image_mask, 0))
+            questions = self.question_embeddings(ids, embeds, images, tokens_per_slice)
+        return self.encode_images(images, True, tokens_per_slice, questions)[1]
+
     def _encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False,
                        tokens_per_slice: int | None = None, questions: torch.Tensor | None = None
                        ) -> tuple[list[torch.Tensor], list[ViewSelection], list[ViewGroup]]:

@@ -109,17 +109,23 @@ def selection_title(name: str, selections: Sequence[Any], question: str | None =
 
 
 def selection_figure(model, processor, image: Any, question: str | None, path: str | os.PathLike,
-                     tokens_per_slice: int | None = None, name: str | None = None) -> list:
+                     tokens_per_slice: int | None = None, name: str | None = None,
+                     prompt_ids: Sequence[int] | None = None) -> list:
     """Encode ``image`` (anything ``processor.prepare_image`` accepts, or a prepared SlicedImage), draw its figure to ``path``
     (PNG) and return its views' ``ViewSelection``s. ``tokens_per_slice``: K′ instead of the
-    model's K. ``name``: the title's name for the image (default: the file's name)."""
+    model's K. ``name``: the title's name for the image (default: the file's name). ``prompt_ids``:
+    the prompt the model answers (the image laid out in it), so that a question-conditioned
+    instruction token selects for its question; without it, the selection made with no question."""
     from .slicing import SlicedImage
 
     plt = _plt()
     sliced = image if isinstance(image, SlicedImage) else processor.prepare_image(image)
     model.eval()
     with torch.no_grad():
-        _, selections = model.encode_images([sliced], return_selection=True, tokens_per_slice=tokens_per_slice)
+        if prompt_ids is not None:
+            selections = model.prompt_selections(prompt_ids, [sliced], tokens_per_slice)
+        else:
+            _, selections = model.encode_images([sliced], return_selection=True, tokens_per_slice=tokens_per_slice)
     if name is None:
         name = Path(image).name if isinstance(image, (str, os.PathLike)) else "image"
     fig = draw_selection(sliced, selections, processor, selection_title(name, selections, question))

@@ -204,8 +204,8 @@ class BatchingWorker:
             with torch.no_grad():
                 for job in jobs:
                     if job.want_selection:
-                        _, job.selection = self.model.encode_images(job.images, return_selection=True,
-                                                                    tokens_per_slice=job.tokens_per_slice)
+                        job.selection = self.model.prompt_selections(job.prompt_ids, job.images,
+                                                                     job.tokens_per_slice)
                 generate_streamed(self.model, self.processor, [(j.prompt_ids, j.images) for j in jobs],
                                   [j.stream for j in jobs], jobs[0].tokens_per_slice, jobs[0].sampling, timing)
         except Exception as err:       # one bad batch must not stop the server
