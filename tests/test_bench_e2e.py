@@ -1,26 +1,17 @@
 """benchmarks/bench_e2e.py at small widths (--quick): the table's structure and that every row ran,
 not its speed. The real-width figures are in docs/benchmarks.md."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from bench_helpers import load_benchmark
 from meteor import cli
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_e2e.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("_bench_e2e_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from load_benchmark("bench_e2e")
 
 
 @pytest.fixture(scope="module")

@@ -3,25 +3,17 @@ patches touch, per expert, and how much the kept set moves between questions abo
 here on a small generated world and tiny random models (the figures in docs/results.md come from
 the ablation's trained models)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_targets.py"
+from bench_helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("_selection_targets_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from load_benchmark("selection_targets")
 
 
 def test_a_target_is_found_when_a_kept_patch_centre_lies_in_its_box(bench):
