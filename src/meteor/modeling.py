@@ -134,12 +134,21 @@ class LlavaMeteor(nn.Module):
         (for the paper's instruction token the prompt changes nothing)."""
         ids = torch.as_tensor(input_ids).to(self._device())
         ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
-        questions = None
-        if self.config.compressor.instruction == "question":
-            image_mask = ids == self.image_token_id
-            embeds = self.language_model.get_input_embeddings()(ids.masked_fill(image_mask, 0))
-            questions = self.question_embeddings(ids, embeds, images, tokens_per_slice)
+        questions = self._questions(ids, self._text_embeds(ids), images, tokens_per_slice)
         return self.encode_images(images, True, tokens_per_slice, questions)[1]
+
+    def _text_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The LLM's input embeddings of ``input_ids`` (B, T, D), `<image>` placeholders included."""
+        # The placeholder id may lie outside the LLM's vocabulary: look up a harmless id instead.
+        return self.language_model.get_input_embeddings()(input_ids.masked_fill(input_ids == self.image_token_id, 0))
+
+    def _questions(self, input_ids: torch.Tensor, text_embeds: torch.Tensor, images: Sequence[SlicedImage],
+                   tokens_per_slice: int | None = None, labels: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``question_embeddings`` for a question-conditioned instruction token; None for the paper's."""
+        if self.config.compressor.instruction != "question":
+            return None
+        return self.question_embeddings(input_ids, text_embeds, images, tokens_per_slice, labels, attention_mask)
 
     def _encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False,
                        tokens_per_slice: int | None = None, questions: torch.Tensor | None = None
@@ -228,17 +237,13 @@ class LlavaMeteor(nn.Module):
                tokens_per_slice: int | None = None, labels: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[ViewGroup]]:
         image_mask = input_ids == self.image_token_id                 # (B, T)
-        embedder = self.language_model.get_input_embeddings()
-        # The placeholder id may lie outside the LLM's vocabulary: look up a harmless id instead.
-        embeds = embedder(input_ids.masked_fill(image_mask, 0))       # (B, T, D)
+        embeds = self._text_embeds(input_ids)                         # (B, T, D)
         expected = int(image_mask.sum())
         if not images:
             if expected:
                 raise ValueError(f"the input has {expected} image tokens but no images were given")
             return embeds, []
-        questions = None
-        if self.config.compressor.instruction == "question":
-            questions = self.question_embeddings(input_ids, embeds, images, tokens_per_slice, labels, attention_mask)
+        questions = self._questions(input_ids, embeds, images, tokens_per_slice, labels, attention_mask)
         parts, _, groups = self._encode_images(images, tokens_per_slice=tokens_per_slice, questions=questions)
         visual = torch.cat(parts)                                      # (Σ tokens, D)
         if visual.shape[0] != expected:
