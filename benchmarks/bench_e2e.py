@@ -24,6 +24,7 @@ the resampler and Meteor at 144 / 64 / 32, with and without the feature cache, a
 paper's 17.2 / 13.7 / 12.9 / 12.1 h.
 
     python benchmarks/bench_e2e.py                       # every row, fp32 and bf16, training in bf16
+                                                         # (fp32 only where bf16 is the slower dtype)
     python benchmarks/bench_e2e.py --dtypes bf16 --rows meteor-32,uhd-resampler-144 --no-train
     python benchmarks/bench_e2e.py --quick               # small widths: CI's test of the script
     python benchmarks/bench_e2e.py --device cuda --dtypes bf16 --layers 40 --train-dtype bf16
@@ -470,16 +471,9 @@ def measure_training(model, setup: Setup, sliced, ids: torch.Tensor, labels: tor
 
 
 def feature_cache():
-    """A memory FeatureCache. ``meteor.feature_cache.view_key`` hashes pixels through numpy, which has
-    no bfloat16, so a bf16 tower's views are hashed by their raw 16-bit patterns here instead."""
-    from meteor import feature_cache as module
+    from meteor.feature_cache import FeatureCache
 
-    try:
-        module.view_key(torch.zeros(1, 1, 1, dtype=torch.bfloat16))
-    except TypeError:
-        plain = module.view_key
-        module.view_key = lambda pixels: plain(pixels.view(torch.int16) if pixels.dtype == torch.bfloat16 else pixels)
-    return module.FeatureCache()
+    return FeatureCache()
 
 
 def training_inputs(sliced, row: Row, stage: int, setup: Setup, seed: int
@@ -529,6 +523,7 @@ def run(args) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    resolve_dtypes(args, device)
     rows = [row for row in ROWS if row.name in args.rows]
     dtypes = list(dict.fromkeys(args.dtypes))
     train_rows = [row for row in ROWS if row.name in args.train_rows] if args.train else []
@@ -867,8 +862,9 @@ def _names(allowed: tuple[str, ...]):
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--rows", type=_names(ROW_NAMES), default=list(ROW_NAMES),
                         help=f"comma-separated rows (default all: {', '.join(ROW_NAMES)})")
-    parser.add_argument("--dtypes", "--dtype", type=_names(tuple(DTYPES)), default=["fp32", "bf16"],
-                        help="inference dtypes, comma-separated (default fp32,bf16)")
+    parser.add_argument("--dtypes", "--dtype", type=_names(tuple(DTYPES)), default=None,
+                        help="inference dtypes, comma-separated (default fp32,bf16; fp32 alone where bf16 "
+                             "products run slower than fp32's, as on CPUs without bf16 instructions)")
     parser.add_argument("--llm", choices=tuple(LLMS), default="13b", help="Vicuna-13B's widths (default) or 7B's")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers built and measured (default 2)")
     parser.add_argument("--depth", type=int, default=None,
@@ -884,7 +880,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--train-repeats", type=int, default=1, help="steps per training case, best kept")
     parser.add_argument("--no-train", dest="train", action="store_false", help="skip the training steps")
     parser.add_argument("--train-rows", type=_names(TRAIN_ROWS), default=list(TRAIN_ROWS))
-    parser.add_argument("--train-dtype", choices=tuple(DTYPES), default="bf16")
+    parser.add_argument("--train-dtype", choices=tuple(DTYPES), default=None,
+                        help="dtype of the training steps (default bf16; fp32 where bf16 is slower)")
     parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's; 1 with --quick)")
@@ -912,6 +909,35 @@ def check(args) -> None:
         args.decode_tokens = min(args.decode_tokens, 4)
         # small ops on a shared machine: one thread avoids waiting at every parallel region
         args.threads = args.threads or 1
+
+
+def bf16_speed_up(device: torch.device) -> float:
+    """How much faster a bf16 product is than a float32 one here, from one (512×1024)·(1024×1024)
+    product of each (best of 3). Below 1 on CPUs without bf16 instructions (AVX2 only, say), where
+    PyTorch converts every element and bf16 runs several times slower than float32."""
+    clock = Clock(device)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(512, 1024, device=device, dtype=dtype)
+        b = torch.randn(1024, 1024, device=device, dtype=dtype)
+        seconds[dtype] = _best(lambda: torch.matmul(a, b), clock)
+    return seconds[torch.float32] / seconds[torch.bfloat16]
+
+
+def resolve_dtypes(args, device: torch.device) -> None:
+    """The default dtypes: fp32 and bf16, training in bf16; fp32 alone where bf16 is the slower one
+    (at real widths bf16 would then take hours and says nothing about a machine built for it).
+    Dtypes asked for by name are run whatever their speed."""
+    if args.dtypes is not None and args.train_dtype is not None:
+        return
+    fast = args.quick or bf16_speed_up(device) >= 1.0
+    if not fast:
+        print("bf16 products run slower than fp32 ones on this machine (no bf16 instructions): measuring "
+              "fp32 only; --dtypes bf16 / --train-dtype bf16 measure bf16 anyway", flush=True)
+    if args.dtypes is None:
+        args.dtypes = ["fp32", "bf16"] if fast else ["fp32"]
+    if args.train_dtype is None:
+        args.train_dtype = "bf16" if fast else "fp32"
 
 
 def main(argv=None) -> int:

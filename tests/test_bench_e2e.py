@@ -1,6 +1,7 @@
 """benchmarks/bench_e2e.py at small widths (--quick): the table's structure and that every row ran,
 not its speed. The real-width figures are in docs/benchmarks.md."""
 
+import argparse
 import json
 
 import pytest
@@ -86,3 +87,24 @@ def test_bad_options_are_refused(bench):
         bench.main(["--rows", "meteor-33"])
     with pytest.raises(ValueError, match="both --peak-tflops and --bandwidth-gbs"):
         bench.main(["--quick", "--peak-tflops", "900"])
+
+
+def test_bf16_is_left_out_by_default_where_it_is_the_slower_dtype(bench, monkeypatch, capsys):
+    # An AVX2-only CPU (no bf16 instructions) runs bf16 products several times slower than fp32's.
+    monkeypatch.setattr(bench, "bf16_speed_up", lambda device: 0.15)
+    args = bench.add_arguments(argparse.ArgumentParser()).parse_args([])
+    bench.resolve_dtypes(args, bench.torch.device("cpu"))
+    assert (args.dtypes, args.train_dtype) == (["fp32"], "fp32")
+    assert "bf16 products run slower than fp32" in capsys.readouterr().out
+    asked = bench.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--dtypes", "bf16", "--train-dtype", "bf16"])
+    bench.resolve_dtypes(asked, bench.torch.device("cpu"))
+    assert (asked.dtypes, asked.train_dtype) == (["bf16"], "bf16")
+    monkeypatch.setattr(bench, "bf16_speed_up", lambda device: 3.8)
+    fast = bench.add_arguments(argparse.ArgumentParser()).parse_args([])
+    bench.resolve_dtypes(fast, bench.torch.device("cpu"))
+    assert (fast.dtypes, fast.train_dtype) == (["fp32", "bf16"], "bf16")
+
+
+def test_the_bf16_speed_up_is_measured(bench):
+    assert bench.bf16_speed_up(bench.torch.device("cpu")) > 0

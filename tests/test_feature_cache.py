@@ -158,3 +158,26 @@ def test_the_fingerprint_follows_what_the_tower_computes_not_where_it_was_saved(
     other_layer = VisionTower.from_pretrained(tmp_path / "a", feature_layer=-1)
     other_expert = VisionTower.from_pretrained(tmp_path / "a", visual_expert="attention_received")
     assert len({tower_fingerprint(t) for t in (a, other_layer, other_expert)}) == 3
+
+
+def test_a_bfloat16_tower_is_cached_and_float32_keys_are_unchanged():
+    # A tower run in bf16 (as training in bf16 does) gets bf16 views, a dtype numpy has no type for.
+    import hashlib
+
+    from meteor.feature_cache import view_key
+
+    pixels = _views(2)
+    low = pixels.to(torch.bfloat16)
+    assert view_key(low[0]) == view_key(low[0].clone()) != view_key(low[1])
+    assert view_key(low[0]) != view_key(pixels[0])                 # the dtype is part of the key
+    # float32 keys hash the same bytes as before (numpy's), so a cache on disk keeps its hits.
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(f"{tuple(pixels[0].shape)}|{pixels.dtype}".encode())
+    digest.update(pixels[0].numpy().tobytes())
+    assert view_key(pixels[0]) == digest.hexdigest()
+    tower = _tower().to(torch.bfloat16)
+    cache = FeatureCache()
+    first = cache.encode(tower, low)
+    again = cache.encode(tower, low)
+    assert (cache.hits, cache.misses) == (2, 2)
+    assert torch.equal(first.patch_tokens, again.patch_tokens)

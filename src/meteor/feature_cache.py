@@ -33,10 +33,11 @@ DEFAULT_MEMORY_BYTES = 1 << 30
 
 
 def view_key(pixels: Tensor) -> str:
-    """A hash of one view (3, h, w): its shape, dtype and pixel bytes."""
+    """A hash of one view (3, h, w): its shape, dtype and pixel bytes (read as bytes, so dtypes numpy
+    lacks, bfloat16 among them, hash too)."""
     digest = hashlib.blake2b(digest_size=20)
     digest.update(f"{tuple(pixels.shape)}|{pixels.dtype}".encode())
-    digest.update(pixels.detach().contiguous().cpu().numpy().tobytes())
+    digest.update(pixels.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
