@@ -194,7 +194,7 @@ def _best(fn, clock: Clock, repeats: int = 3) -> float:
 
 def measure_rates(device: torch.device, dtype: torch.dtype, quick: bool, clock: Clock):
     """The ceilings of ``meteor.cost.Rates``, each from one micro-benchmark of a kernel class at a
-    fixed shape (best of 3): a (2048×5120)·(5120×5120) product; a 256 MiB copy; SDPA at (4, 16,
+    fixed shape (best of 3): products with a 5120×5120 weight (``product_rates``); a 256 MiB copy; SDPA at (4, 16,
     1024, 64); a 1×5120 row times a 13824×5120 weight; sigmoid into existing memory; the selective
     scan at one view's shape; and on CPU the extra time of filling a freshly allocated 64 MiB block
     over an existing one. --quick shrinks each."""
@@ -203,11 +203,7 @@ def measure_rates(device: torch.device, dtype: torch.dtype, quick: bool, clock: 
     from meteor.cost import Rates
 
     scale = 8 if quick else 1
-    m, k, n = (512, 512, 512) if quick else (8192, 8192, 8192) if device.type == "cuda" else (2048, 5120, 5120)
-    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-    product = torch.empty(m, n, device=device, dtype=dtype)
-    matmul = 2.0 * m * k * n / _best(lambda: torch.matmul(a, b, out=product), clock)
-    del a, b, product
+    matmul, pack = product_rates(device, dtype, quick, clock)
     source = torch.ones((256 // scale) << 18, device=device)                   # float32
     target = torch.empty_like(source)
     bandwidth = 2.0 * source.numel() * 4 / _best(lambda: target.copy_(source), clock)
@@ -230,7 +226,33 @@ def measure_rates(device: torch.device, dtype: torch.dtype, quick: bool, clock: 
         first_touch = _best(lambda: torch.empty(block).fill_(1.0), clock)
         fresh = block * 4 / max(first_touch - existing, 1e-9)
     return Rates(matmul=matmul, bandwidth=bandwidth, attention=attention, matvec=matvec,
-                 transcendental=transcendental, scan=scan, fresh=fresh)
+                 transcendental=transcendental, scan=scan, fresh=fresh, pack=pack)
+
+
+def product_rates(device: torch.device, dtype: torch.dtype, quick: bool, clock: Clock) -> tuple[float, float | None]:
+    """The arithmetic rate of a matrix product and, on a CPU, the rate at which it packs its weight
+    operand: ``nn.Linear``'s product x·Wᵀ with W of 5120×5120 (a 13B projection) for 64 and 2048
+    rows of x (best of 3 each). Time = 2·m·k·n / matmul + k·n·itemsize / pack, two equations in the
+    two rates. On a GPU the weights stream while the arithmetic runs: one (8192³) product gives the
+    rate, and there is no pack term."""
+    if device.type == "cuda":
+        m = k = n = 8192
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        product = torch.empty(m, n, device=device, dtype=dtype)
+        return 2.0 * m * k * n / _best(lambda: torch.mm(a, b, out=product), clock), None
+    k = n = 512 if quick else 5120
+    weight = torch.randn(n, k, device=device, dtype=dtype)
+    seconds = {}
+    for m in ((16, 512) if quick else (64, 2048)):
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        product = torch.empty(m, n, device=device, dtype=dtype)           # no fresh pages in the timing
+        seconds[m] = _best(lambda: torch.mm(x, weight.t(), out=product), clock)
+    (few, t_few), (many, t_many) = sorted(seconds.items())
+    per_flop = (t_many - t_few) / (2.0 * (many - few) * k * n)
+    packing = t_few - 2.0 * few * k * n * per_flop
+    if per_flop <= 0 or packing <= 0:          # noise swamped the difference: no pack term
+        return 2.0 * many * k * n / t_many, None
+    return 1.0 / per_flop, k * n * weight.element_size() / packing
 
 
 def scan_rate(device: torch.device, quick: bool, clock: Clock) -> float:
@@ -256,16 +278,16 @@ def describe_rates(rates) -> str:
     fresh = f", fresh pages {rates.fresh / 1e9:.1f} GB/s" if rates.fresh else ""
     return (f"matmul {rates.matmul / 1e9:,.0f} GFLOP/s, attention {rates.attention / 1e9:,.0f} GFLOP/s, "
             f"copy {rates.bandwidth / 1e9:.1f} GB/s, matrix-vector {rates.matvec / 1e9:.1f} GB/s, "
-            f"sigmoid {rates.transcendental / 1e9:.2f} G/s, scan {rates.scan / 1e9:.0f} GFLOP/s{fresh}")
+            f"sigmoid {rates.transcendental / 1e9:.2f} G/s, scan {rates.scan / 1e9:.0f} GFLOP/s{fresh}"
+            + (f", weight packing {rates.pack / 1e9:.1f} GB/s" if rates.pack else ""))
 
 
 def typical_rates(*measured):
     """Per ceiling, the median of its measurements (before and between the rounds): the machine
     as the rows saw it, when other jobs share it."""
     fields = [f.name for f in dataclasses.fields(measured[0]) if f.name != "fresh_threshold"]
-    return dataclasses.replace(measured[0], **{
-        name: (statistics.median(getattr(r, name) for r in measured) if getattr(measured[0], name) else None)
-        for name in fields})
+    values = {name: [getattr(r, name) for r in measured if getattr(r, name)] for name in fields}
+    return dataclasses.replace(measured[0], **{name: statistics.median(v) if v else None for name, v in values.items()})
 
 
 def machine(device: torch.device) -> str:

@@ -98,6 +98,23 @@ def test_the_other_ceilings():
     assert cost.Op("f", bytes=10.0, outputs=(9.0,)).seconds(gpu) == 1.0
 
 
+def test_a_cpu_product_packs_its_weight_before_computing():
+    # 100 FLOPs at 100/s, plus 20 weight bytes packed at 10 B/s: 1 + 2 s, not max(1, 2)
+    cpu = cost.Rates(matmul=100.0, bandwidth=1000.0, pack=10.0)
+    product = cost.Op("p", flops=100.0, bytes=30.0, kind="matmul", packed=20.0)
+    assert product.seconds(cpu) == 3.0
+    assert product.seconds(cost.Rates.roofline(100.0, 1000.0)) == 1.0               # plain roofline: no pass
+    assert cost.Op("v", flops=1.0, bytes=30.0, kind="matvec", packed=20.0).seconds(cpu) == 0.03   # streamed
+    # the pass does not shrink with the rows: few rows run below the large product's rate
+    shape = cost.VICUNA_13B
+    short, long = (cost.llm_layer(shape, t, t, 4) for t in (280, 1064))
+    rates = cost.Rates(matmul=369e9, bandwidth=26.7e9, pack=32e9)
+    rate = {t: c.flops / c.seconds(rates) for t, c in ((280, short), (1064, long))}
+    assert rate[280] < rate[1064]
+    packed = sum(op.packed * op.calls for op in short.ops if op.kind == "matmul")
+    assert packed == shape.params_per_layer * 4 - 2 * shape.hidden * 4               # every weight but the norms
+
+
 def test_decoding_is_memory_bound_and_reads_every_weight():
     step = cost.llm_decode_token(cost.VICUNA_13B, context=1000, itemsize=2)
     weights = cost.llm_weight_bytes(cost.VICUNA_13B, 2) - 32000 * 5120 * 2   # the embedding table is not read

@@ -18,7 +18,10 @@ Conventions, once:
 
 An op's time is max(FLOPs / its compute rate, bytes / its stream rate, exp-like evaluations / the
 transcendental rate) + fresh-page time: a roofline per op, each op either compute-, memory- or
-transcendental-bound. ``Rates`` holds the machine's ceilings (the benchmark measures each with one
+transcendental-bound. On a CPU a matrix product first packs its weight operand into the BLAS's
+blocked layout, a pass over the weights that does not overlap the arithmetic: its time
+(``Op.packed`` bytes at ``Rates.pack``) adds to the compute time. That pass does not shrink with the
+rows, so a product of few rows (a short prompt) runs below the rate of a large one. ``Rates`` holds the machine's ceilings (the benchmark measures each with one
 micro-benchmark in the same run); ``Rates.roofline(peak, bandwidth)`` is the plain two-number model.
 
 The counts follow the code that runs: CLIP's vision layers as transformers writes them (pre-norm,
@@ -58,7 +61,8 @@ class Rates:
     nothing)."""
 
     matmul: float
-    """FLOP/s of a large matrix product."""
+    """FLOP/s of a large matrix product (of its arithmetic alone where ``pack`` prices the weight
+    pass)."""
     bandwidth: float
     """Bytes/s of a large copy into existing memory (read + write counted)."""
     attention: float | None = None
@@ -74,13 +78,17 @@ class Rates:
     reused (a GPU's caching allocator)."""
     fresh_threshold: float = 32 * MIB
     """Allocations above this size are mapped fresh (glibc's largest mmap threshold on 64-bit)."""
+    pack: float | None = None
+    """Bytes/s at which a product packs its weight operand before computing (a CPU BLAS), added to
+    its compute time; None where the weights stream while the arithmetic runs (a GPU) and in the
+    plain roofline."""
 
     @classmethod
     def roofline(cls, matmul: float, bandwidth: float) -> "Rates":
         return cls(matmul=matmul, bandwidth=bandwidth)
 
     def __post_init__(self) -> None:
-        for name in ("matmul", "bandwidth", "attention", "matvec", "transcendental", "scan", "fresh"):
+        for name in ("matmul", "bandwidth", "attention", "matvec", "transcendental", "scan", "fresh", "pack"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"Rates.{name} must be positive (per second), got {value}")
@@ -97,15 +105,20 @@ class Op:
     transcendentals: float = 0.0
     outputs: tuple[float, ...] = ()
     calls: float = 1.0
+    packed: float = 0.0
+    """Bytes of the weight operand a product packs before computing (``matmul`` ops)."""
 
     def seconds(self, rates: Rates) -> float:
         compute_rate = {"attention": rates.attention, "scan": rates.scan}.get(self.kind) or rates.matmul
         stream_rate = rates.matvec if self.kind == "matvec" and rates.matvec else rates.bandwidth
         special = self.transcendentals / rates.transcendental if rates.transcendental else 0.0
+        compute = self.flops / compute_rate
+        if rates.pack and self.kind == "matmul":
+            compute += self.packed / rates.pack
         fresh = 0.0
         if rates.fresh:
             fresh = sum(size for size in self.outputs if size > rates.fresh_threshold) / rates.fresh
-        return self.calls * (max(self.flops / compute_rate, self.bytes / stream_rate, special) + fresh)
+        return self.calls * (max(compute, self.bytes / stream_rate, special) + fresh)
 
     def times(self, factor: float, suffix: str = "") -> "Op":
         return replace(self, name=self.name + suffix, calls=self.calls * factor)
@@ -157,10 +170,11 @@ def total(costs: Iterable[Cost]) -> Cost:
 
 
 def _matmul(name: str, m: float, k: float, n: float, itemsize: int) -> Op:
-    """(m×k)·(k×n) into a new (m×n): reads both operands once, writes the product."""
+    """(m×k)·(k×n) into a new (m×n), the (k×n) operand a weight: reads both operands once, writes
+    the product, packs the weight (a product of more than ``MATVEC_ROWS`` rows)."""
     out = m * n * itemsize
     return Op(name, 2.0 * m * k * n, (m * k + k * n) * itemsize + out,
-              "matvec" if m <= MATVEC_ROWS else "matmul", outputs=(out,))
+              "matvec" if m <= MATVEC_ROWS else "matmul", outputs=(out,), packed=k * n * itemsize)
 
 
 def _linear(name: str, m: float, k: float, n: float, itemsize: int) -> list[Op]:
