@@ -14,10 +14,13 @@ vision encode, compression, LLM prefill (time to first token = all three), decod
 context, KV cache, extra peak memory; in fp32 and bf16. The prefill speed-up of each row over
 UHD-144 is printed beside its bound, the ratio of the prompts' token counts.
 
-The cost model (meteor.cost) gives each stage's FLOPs and bytes; its prediction Σ max(FLOPs / peak,
-bytes / bandwidth) over the ops uses one matmul rate per dtype and one memory bandwidth, both
-measured at the start of the same run, and is printed beside the measured time with the FLOP/s each
-stage achieved. With --peak-tflops and --bandwidth-gbs it is projected to a GPU (labelled as such).
+The cost model (meteor.cost) gives each stage's FLOPs and bytes; its prediction is a roofline per
+op (compute-, memory- or exp-bound, plus a CPU product's weight-packing pass and the page faults of
+large new tensors) with the machine's ceilings per dtype, each from one micro-benchmark at a fixed
+shape measured in the same run (before the rows and between the rounds, the median used). It is
+printed beside the measured time with the FLOP/s each stage achieved, and beside the plain
+two-number roofline (matmul rate and copy bandwidth). With --peak-tflops and --bandwidth-gbs it is
+projected to a GPU (labelled as such).
 
 Training: one stage-1 and one stage-2 step per sample (forward and backward, no optimizer step) for
 the resampler and Meteor at 144 / 64 / 32, with and without the feature cache, as ratios beside the
@@ -762,12 +765,15 @@ def tables(results: dict, args) -> str:
                          f"{_mb(r['peak_extra_bytes'])} | {ratio} |")
         lines += [""] + decode_table(results, dtype, args) + [""]
         fresh = f", fresh pages {rates['fresh'] / 1e9:.1f} GB/s" if rates["fresh"] else ""
-        lines += [f"cost model, {dtype}: predicted = Σ over ops of max(FLOPs / compute rate, bytes / stream rate, "
+        pack = rates.get("pack")
+        packing = (f", weight packing {pack / 1e9:.1f} GB/s" if pack else "")
+        compute = "FLOPs / compute rate + weights / packing rate" if pack else "FLOPs / compute rate"
+        lines += [f"cost model, {dtype}: predicted = Σ over ops of max({compute}, bytes / stream rate, "
                   f"exp-like / sigmoid rate) + fresh-page time, with the ceilings measured in this run (median of "
                   f"before and between the rounds): matmul {rates['matmul'] / 1e9:,.0f} GFLOP/s, attention "
                   f"{rates['attention'] / 1e9:,.0f} GFLOP/s, copy {rates['bandwidth'] / 1e9:.1f} GB/s, matrix-vector "
                   f"{rates['matvec'] / 1e9:.1f} GB/s, sigmoid {rates['transcendental'] / 1e9:.2f} G/s, selective scan "
-                  f"{rates['scan'] / 1e9:.0f} GFLOP/s{fresh}. "
+                  f"{rates['scan'] / 1e9:.1f} GFLOP/s{fresh}{packing}. "
                   f"Roofline: matmul rate and copy bandwidth only.", "",
                   "| row | stage | GFLOP | GB moved | measured s | predicted s | error | roofline s | roofline error "
                   "| achieved GFLOP/s | of matmul rate |",

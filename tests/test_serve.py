@@ -183,6 +183,29 @@ def test_requests_that_arrive_together_share_a_batch_grouped_by_k(talker):
     assert len({tuple(a) for a in alone}) >= 4
 
 
+def test_a_request_for_the_selection_runs_the_vision_tower_once_per_view(talker):
+    model, processor = talker
+    image = processor.prepare_image(noise_image(3, (168, 112)))          # 2×3 slices + the global view
+    encoded = []
+    hook = model.vision_tower.clip.embeddings.register_forward_hook(lambda m, i, out: encoded.append(out.shape[0]))
+    try:
+        answers = []
+        for want in (False, True):
+            worker = BatchingWorker(model, processor, batch_window=0.0).start(warmup=False)
+            job, events = make_job(processor, "Describe the image.", image, 2)
+            job.want_selection = want
+            encoded.clear()
+            worker.submit(job)
+            assert wait_done(events)[0] == "done"
+            worker.close()
+            answers.append(job.stream.token_ids)
+            assert sum(encoded) == len(image.views()), (want, encoded)   # the selection reused the views
+        assert answers[0] == answers[1] and len(job.selection) == len(image.views())
+        assert model.feature_cache is None                                 # attached for that batch only
+    finally:
+        hook.remove()
+
+
 def test_a_request_that_arrives_alone_does_not_wait_for_the_window(talker):
     model, processor = talker
     worker = BatchingWorker(model, processor, batch_window=30.0).start(warmup=False)

@@ -19,6 +19,7 @@ on a machine that has not built it yet; ``ready`` is set after it (``/health`` r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -28,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..feature_cache import FeatureCache
 from ..inference import AnswerStream, BatchTiming, Conversation, Sampling, generate_streamed
 from .protocol import APIError
 
@@ -73,6 +75,11 @@ class Job:
         return (self.tokens_per_slice, decoding)
 
 
+SELECTION_CACHE_BYTES = 256 << 20
+"""Memory for the vision outputs of recent batches that reported a selection (least recently used
+dropped first)."""
+
+
 class BatchingWorker:
     def __init__(self, model, processor, max_batch_size: int = 8, batch_window: float = 0.015,
                  queue_size: int = 64, threads: int | None = None):
@@ -94,6 +101,7 @@ class BatchingWorker:
         self._last_arrival: float | None = None
         self._busy = False
         self.warmup_seconds: float | None = None
+        self._selection_cache: FeatureCache | None = None
 
     # --- the request side ----------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -194,6 +202,23 @@ class BatchingWorker:
                                                      "(meteor serve --request-timeout)", None, "timeout",
                                                 "timeout_error")))
 
+    @contextlib.contextmanager
+    def _vision_once(self, jobs: list[Job]):
+        """A batch that reports a selection encodes its views twice (the selection, then the
+        answer): the worker's memory feature cache, attached for that batch only, lets the vision
+        tower run once per view (the tower's fingerprint is hashed once per worker). A model that
+        has its own cache keeps it."""
+        if self.model.feature_cache is not None or not any(job.want_selection for job in jobs):
+            yield
+            return
+        if self._selection_cache is None:
+            self._selection_cache = FeatureCache(max_memory_bytes=SELECTION_CACHE_BYTES)
+        self.model.feature_cache = self._selection_cache
+        try:
+            yield
+        finally:
+            self.model.feature_cache = None
+
     def _run(self, jobs: list[Job]) -> None:
         """Generate the batch; each job's "done" goes out as soon as its own answer ends."""
         timing = BatchTiming(time.perf_counter())
@@ -201,7 +226,7 @@ class BatchingWorker:
             job.batch_size, job.timing = len(jobs), timing
             job.stream.on_end = lambda job=job: job.on_event(("done", job))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._vision_once(jobs):
                 for job in jobs:
                     if job.want_selection:
                         job.selection = self.model.prompt_selections(job.prompt_ids, job.images,
