@@ -197,8 +197,8 @@ def _best(fn, clock: Clock, repeats: int = 3) -> float:
 
 def measure_rates(device: torch.device, dtype: torch.dtype, quick: bool, clock: Clock):
     """The ceilings of ``meteor.cost.Rates``, each from one micro-benchmark of a kernel class at a
-    fixed shape (best of 3): products with a 5120×5120 weight (``product_rates``); a 256 MiB copy; SDPA at (4, 16,
-    1024, 64); a 1×5120 row times a 13824×5120 weight; sigmoid into existing memory; the selective
+    fixed shape (best of 3): products with a 5120×5120 weight (``product_rates``); a 256 MiB copy;
+    SDPA at (4, 16, 1024, 64); a 1×5120 row times a 13824×5120 weight; sigmoid into existing memory; the selective
     scan at one view's shape; and on CPU the extra time of filling a freshly allocated 64 MiB block
     over an existing one. --quick shrinks each."""
     import torch.nn.functional as F
@@ -232,7 +232,8 @@ def measure_rates(device: torch.device, dtype: torch.dtype, quick: bool, clock: 
                  transcendental=transcendental, scan=scan, fresh=fresh, pack=pack)
 
 
-def product_rates(device: torch.device, dtype: torch.dtype, quick: bool, clock: Clock) -> tuple[float, float | None]:
+def product_rates(device: torch.device, dtype: torch.dtype, quick: bool, clock: Clock
+                  ) -> tuple[float, float | None]:
     """The arithmetic rate of a matrix product and, on a CPU, the rate at which it packs its weight
     operand: ``nn.Linear``'s product x·Wᵀ with W of 5120×5120 (a 13B projection) for 64 and 2048
     rows of x (best of 3 each). Time = 2·m·k·n / matmul + k·n·itemsize / pack, two equations in the
@@ -281,7 +282,7 @@ def describe_rates(rates) -> str:
     fresh = f", fresh pages {rates.fresh / 1e9:.1f} GB/s" if rates.fresh else ""
     return (f"matmul {rates.matmul / 1e9:,.0f} GFLOP/s, attention {rates.attention / 1e9:,.0f} GFLOP/s, "
             f"copy {rates.bandwidth / 1e9:.1f} GB/s, matrix-vector {rates.matvec / 1e9:.1f} GB/s, "
-            f"sigmoid {rates.transcendental / 1e9:.2f} G/s, scan {rates.scan / 1e9:.0f} GFLOP/s{fresh}"
+            f"sigmoid {rates.transcendental / 1e9:.2f} G/s, scan {rates.scan / 1e9:.1f} GFLOP/s{fresh}"
             + (f", weight packing {rates.pack / 1e9:.1f} GB/s" if rates.pack else ""))
 
 
@@ -290,7 +291,8 @@ def typical_rates(*measured):
     as the rows saw it, when other jobs share it."""
     fields = [f.name for f in dataclasses.fields(measured[0]) if f.name != "fresh_threshold"]
     values = {name: [getattr(r, name) for r in measured if getattr(r, name)] for name in fields}
-    return dataclasses.replace(measured[0], **{name: statistics.median(v) if v else None for name, v in values.items()})
+    return dataclasses.replace(measured[0], **{name: statistics.median(v) if v else None
+                                               for name, v in values.items()})
 
 
 def machine(device: torch.device) -> str:
@@ -455,6 +457,8 @@ def measure_training(model, setup: Setup, sliced, ids: torch.Tensor, labels: tor
                      cached: bool, repeats: int) -> dict:
     """Forward and backward of one sample (no optimizer step): stage 1 trains the projector, stage 2
     the projector and the LLM; ``cached``: the vision tower's outputs come from a FeatureCache."""
+    from meteor.feature_cache import FeatureCache
+
     clock = Clock(setup.device)
     layers = setup.lm.model.layers
     per_layer = ModuleTimer(layers, clock, backward=True)
@@ -463,7 +467,7 @@ def measure_training(model, setup: Setup, sliced, ids: torch.Tensor, labels: tor
     model.train()
     setup.lm.requires_grad_(stage == 2)
     model.compressor.requires_grad_(True)
-    model.feature_cache = feature_cache() if cached else None
+    model.feature_cache = FeatureCache() if cached else None
     ids, labels = ids.to(setup.device), labels.to(setup.device)
     best: dict = {}
     try:
@@ -493,12 +497,6 @@ def measure_training(model, setup: Setup, sliced, ids: torch.Tensor, labels: tor
         model.eval()
         setup.lm.requires_grad_(False)
     return best
-
-
-def feature_cache():
-    from meteor.feature_cache import FeatureCache
-
-    return FeatureCache()
 
 
 def training_inputs(sliced, row: Row, stage: int, setup: Setup, seed: int
@@ -609,6 +607,8 @@ def run_inference(args, setup: Setup, image, rows, dtype, between_rounds=None) -
     """Every row's measurements, best of ``args.repeats`` rounds over all the rows (so a burst of
     load elsewhere hits one round of a row, not all of them; the vision tower runs in the first
     round only), and its stages' costs."""
+    from meteor.feature_cache import FeatureCache
+
     itemsize = torch.finfo(dtype).bits // 8
     prepared, costs = {}, {}
     for row in rows:
@@ -625,7 +625,7 @@ def run_inference(args, setup: Setup, image, rows, dtype, between_rounds=None) -
     model, sliced, ids, _ = prepared[warm.name]
     measure_inference(model, setup, sliced, ids, 2)                     # warm-up: kernels, threads, the scan build
     runs: dict[str, list[dict]] = {row.name: [] for row in rows}
-    cache = feature_cache()
+    cache = FeatureCache()
     for round_ in range(args.repeats):
         for row in rows:
             model, sliced, ids, _ = prepared[row.name]

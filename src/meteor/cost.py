@@ -21,8 +21,9 @@ transcendental rate) + fresh-page time: a roofline per op, each op either comput
 transcendental-bound. On a CPU a matrix product first packs its weight operand into the BLAS's
 blocked layout, a pass over the weights that does not overlap the arithmetic: its time
 (``Op.packed`` bytes at ``Rates.pack``) adds to the compute time. That pass does not shrink with the
-rows, so a product of few rows (a short prompt) runs below the rate of a large one. ``Rates`` holds the machine's ceilings (the benchmark measures each with one
-micro-benchmark in the same run); ``Rates.roofline(peak, bandwidth)`` is the plain two-number model.
+rows, so a product of few rows (a short prompt) runs below the rate of a large one. ``Rates`` holds
+the machine's ceilings (the benchmark measures each with one micro-benchmark in the same run);
+``Rates.roofline(peak, bandwidth)`` is the plain two-number model.
 
 The counts follow the code that runs: CLIP's vision layers as transformers writes them (pre-norm,
 four projections with bias, quick-GELU MLP), LLaMA's decoder layers (RMSNorm in float32,
