@@ -51,9 +51,9 @@ def main() -> None:
 
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from meteor.projectors import TopDownCompression
-    from meteor.config import CompressorConfig
-    from meteor.ops import scan_backend
+    from meteor.model.projectors import TopDownCompression
+    from meteor.model.configuration import CompressorConfig
+    from meteor.model.ops import scan_backend
 
     clip = CLIPVisionModel(CLIPVisionConfig(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,

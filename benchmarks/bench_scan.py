@@ -5,7 +5,7 @@
     python benchmarks/bench_scan.py --batch 1 --skip-reference --skip-memory
 
 The scan is called as the Mamba block calls it: delta_softplus=True with D, z and delta_bias (one row
-also passes delta and z as the transposed views meteor.projectors.top_down.mamba makes, read without copies). Times are
+also passes delta and z as the transposed views meteor.model.projectors.top_down.mamba makes, read without copies). Times are
 the minimum over repeats (the median is printed too: the machine is shared, so the minimum is the
 figure least disturbed by other work); the paths alternate within each repeat so they see the same
 conditions. The floor is the scan's ~9 flops per (batch, channel, step, state) at the fp32 matmul rate
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from meteor.ops import build_extension, scan_backend, selective_scan, selective_scan_ref
+from meteor.model.ops import build_extension, scan_backend, selective_scan, selective_scan_ref
 
 FLOPS_PER_ELEMENT = 9  # dt*A, exp (~3), dt*B*u (2), state update (2), C*h accumulate (1): PERFORMANCE.md's count
 
@@ -39,7 +39,7 @@ def make_inputs(batch: int, dim: int, length: int, dstate: int, requires_grad: b
                 mamba_layout: bool = False):
     """Inputs shaped and scaled like a Mamba block's at initialisation (A = -[1..N], dt in [1e-3, 1e-1]).
 
-    mamba_layout: delta and z as transposed (batch, L, d_inner) tensors, as meteor.projectors.top_down.mamba produces them.
+    mamba_layout: delta and z as transposed (batch, L, d_inner) tensors, as meteor.model.projectors.top_down.mamba produces them.
     """
     gen = torch.Generator().manual_seed(seed)
     dt = torch.exp(torch.rand(dim, generator=gen) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3)))

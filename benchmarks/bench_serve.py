@@ -250,7 +250,7 @@ def main() -> int:
             server.stop()
     results = {w: {c: {m: median_cell(cells) for m, cells in modes.items()} for c, modes in by_clients.items()}
                for w, by_clients in runs.items()}
-    from meteor.config import MeteorConfig
+    from meteor.model.configuration import MeteorConfig
 
     config = MeteorConfig.load(model)
     meta = {"model": str(model), "views": f"K={config.compressor.tokens_per_slice} per view, up to "

@@ -68,7 +68,7 @@ def measure(model, processor, records: Sequence[dict[str, Any]], image_folder: P
     """The figures of one model over ``records`` (grouped by image)."""
     from PIL import Image
 
-    from meteor.visualize import expert_choices
+    from meteor.serve.visualize import expert_choices
 
     by_image: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args(argv)
-    from meteor.modeling import LlavaMeteor
+    from meteor.model.modeling import LlavaMeteor
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -66,7 +66,7 @@ def free_port() -> int:
 def ensure_kernel() -> None:
     """Build (or load) the CPU scan kernel here first: a server process stopped while it compiles
     would leave torch's build lock behind for every later process."""
-    from meteor.ops._build import build_extension
+    from meteor.model.ops._build import build_extension
 
     build_extension()
 

@@ -12,8 +12,8 @@ import pytest
 from meteor.demo.ablate import (DEFAULT_VARIANT, PAPER_BUDGETS, PAPER_WIDTHS, TABLES, VARIANTS, markdown,
                            paper_width_config, run_ablation, select, variant_config, variant_stages,
                                  visual_tokens)
-from meteor.projectors import count_parameters
-from meteor.config import CompressorConfig
+from meteor.model.projectors import count_parameters
+from meteor.model.configuration import CompressorConfig
 from meteor.demo import StageRun, full_config, quick_config
 from meteor.demo.world import WorldConfig
 

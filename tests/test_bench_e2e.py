@@ -1,4 +1,4 @@
-"""benchmarks/bench_e2e.py at small widths (--quick): the table's structure and that every row ran,
+"""meteor.bench.e2e (benchmarks/bench_e2e.py, meteor bench) at small widths (--quick): the table's structure and that every row ran,
 not its speed. The real-width figures are in docs/benchmarks.md."""
 
 import argparse
@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from bench_helpers import load_benchmark
 from meteor import cli
+from meteor.bench import e2e
 
 
 @pytest.fixture(scope="module")
 def bench():
-    yield from load_benchmark("bench_e2e")
+    return e2e
 
 
 @pytest.fixture(scope="module")

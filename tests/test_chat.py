@@ -1,4 +1,4 @@
-"""meteor.inference (conversations, streamed answers) and `meteor chat`, in process, in a
+"""meteor.serve.streaming (conversations, streamed answers) and `meteor chat`, in process, in a
 pseudo-terminal and with piped standard input."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from meteor.chat import ChatSession
-from meteor.conversation import ConversationError
-from meteor.inference import AnswerStream, Conversation, Sampling, generate_streamed
+from meteor.serve.chat import ChatSession
+from meteor.processing.conversation import ConversationError
+from meteor.serve.streaming import AnswerStream, Conversation, Sampling, generate_streamed
 from talk_helpers import ensure_kernel, noise_image, save_talkative_model, talkative_model
 
 
@@ -196,7 +196,7 @@ def test_a_session_runs_at_another_k_and_samples_with_a_seed(talker):
 
 def expected_answers(model_dir, steps, max_new_tokens):
     """What the library says the CLI must print: (question or ('/image', path)) steps."""
-    from meteor.modeling import LlavaMeteor
+    from meteor.model.modeling import LlavaMeteor
 
     model, processor = LlavaMeteor.from_pretrained(model_dir)
     session = ChatSession(model, processor, max_new_tokens=max_new_tokens)

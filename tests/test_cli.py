@@ -79,7 +79,7 @@ def test_data_synth_then_eval_reach_each_stage_alone(tmp_path):
     scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
     assert scores["questions"] == 3 and scores["accuracy"]["all"]["questions"] == 3
     # The score is the world's exact match over the predictions the command wrote, recomputed here.
-    from meteor.evaluation.world import world_exact_match
+    from meteor.eval.world import world_exact_match
 
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3

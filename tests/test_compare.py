@@ -1,11 +1,11 @@
-"""Comparing models over seeds and questions (meteor.evaluation.compare)."""
+"""Comparing models over seeds and questions (meteor.eval.compare)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from meteor.evaluation.compare import paired_difference, seed_summary
+from meteor.eval.compare import paired_difference, seed_summary
 
 
 def test_seed_summary_is_the_mean_and_the_sample_standard_deviation():

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from meteor.config import CONFIG_NAME, CompressorConfig, ConfigError, MeteorConfig
+from meteor.model.configuration import CONFIG_NAME, CompressorConfig, ConfigError, MeteorConfig
 
 
 def test_defaults_are_the_papers():

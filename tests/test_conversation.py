@@ -2,7 +2,7 @@
 
 import pytest
 
-from meteor.conversation import (IGNORE_INDEX, VICUNA_SYSTEM, ConversationError, Rendered, TokenizationMismatch,
+from meteor.processing.conversation import (IGNORE_INDEX, VICUNA_SYSTEM, ConversationError, Rendered, TokenizationMismatch,
                                  parse_turns, render, resolve_template, tokenize)
 from meteor.demo.tiny import tiny_tokenizer
 

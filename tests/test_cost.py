@@ -1,4 +1,4 @@
-"""meteor.cost against hand-computed cases and against torch's FLOP counter on tiny real models.
+"""meteor.bench.cost against hand-computed cases and against torch's FLOP counter on tiny real models.
 
 ``torch.utils.flop_counter.FlopCounterMode`` counts matrix products (mm, addmm, bmm, convolutions)
 and attention kernels other than the CPU's SDPA; it skips element-wise ops. So the comparisons use
@@ -12,10 +12,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM
 
-from meteor import cost
-from meteor.config import CompressorConfig
-from meteor.projectors import build_projector
-from meteor.vision import VisionTower
+from meteor.bench import cost
+from meteor.model.configuration import CompressorConfig
+from meteor.model.projectors import build_projector
+from meteor.model.vision import VisionTower
 
 
 def _counted(fn) -> int:

@@ -7,10 +7,7 @@ CPU suite). ``benchmarks/gpu_check.sh`` runs them on a GPU machine:
     python -m pytest -q -m cuda tests/test_cuda.py
 """
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -54,7 +51,7 @@ def test_bf16_forward_and_generate_on_the_gpu():
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_sdpa_and_eager_attention_give_the_same_tokens_and_cls_row(dtype, tolerance):
     from meteor.demo.tiny import tiny_clip_vision_config
-    from meteor.vision import VisionTower
+    from meteor.model.vision import VisionTower
 
     torch.manual_seed(0)
     config = tiny_clip_vision_config()
@@ -75,7 +72,7 @@ def test_sdpa_and_eager_attention_give_the_same_tokens_and_cls_row(dtype, tolera
 
 
 def test_the_selective_scan_on_cuda_equals_the_reference_forward_and_backward():
-    from meteor.ops import scan_backend, selective_scan, selective_scan_ref
+    from meteor.model.ops import scan_backend, selective_scan, selective_scan_ref
 
     backend = scan_backend(DEVICE)
     assert backend in ("mamba_ssm-cuda", "torch-loop")
@@ -107,8 +104,8 @@ def test_the_selective_scan_on_cuda_equals_the_reference_forward_and_backward():
 
 
 def test_flash_global_fusion_bf16_on_cuda_matches_fp32():
-    from meteor.config import CompressorConfig
-    from meteor.projectors import build_projector
+    from meteor.model.configuration import CompressorConfig
+    from meteor.model.projectors import build_projector
 
     torch.manual_seed(0)
     config = CompressorConfig(vision_width=64, text_width=96, tokens_per_slice=8, d_state=8)
@@ -149,16 +146,10 @@ def test_a_training_step_on_the_gpu(dtype):
 
 
 def test_the_end_to_end_benchmark_runs_on_the_gpu(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_e2e.py"
-    spec = importlib.util.spec_from_file_location("_bench_e2e_cuda", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        out = tmp_path / "out.json"
-        assert module.main(["--quick", "--device", "cuda", "--dtypes", "bf16", "--json", str(out)]) == 0
-    finally:
-        del sys.modules[spec.name]
+    from meteor.bench import e2e as module
+
+    out = tmp_path / "out.json"
+    assert module.main(["--quick", "--device", "cuda", "--dtypes", "bf16", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert list(results["inference"]["bf16"]) == list(module.ROW_NAMES)
     assert list(results["training"]) == list(module.TRAIN_ROWS)

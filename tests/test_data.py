@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from meteor.data import LlavaDataset, RecordError, SkipReport
+from meteor.train.data import LlavaDataset, RecordError, SkipReport
 from meteor.demo.tiny import tiny_llava_data, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
 
@@ -57,7 +57,7 @@ def test_a_run_whose_every_record_is_skipped_stops_before_any_step(tiny, tmp_pat
 
 
 def test_split_turns_gives_each_question_its_own_record_with_the_image():
-    from meteor.data import split_turns
+    from meteor.train.data import split_turns
 
     record = {"id": "a", "image": "x.png", "meta": {"size": [1, 1]}, "questions": [{"q": 1}, {"q": 2}],
               "conversations": [{"from": "human", "value": "<image>\nFirst?"}, {"from": "gpt", "value": "1"},

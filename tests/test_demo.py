@@ -10,7 +10,7 @@ import pytest
 from meteor.demo import quick_config
 from meteor.demo.pipeline import CachedFolder, budget_name
 from meteor.demo.world import QUESTION_TYPES
-from meteor.evaluation import WorldRunner, read_jsonl
+from meteor.eval import WorldRunner, read_jsonl
 
 
 def _meteor(*args, cwd):

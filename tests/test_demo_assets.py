@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from meteor.demo import full_config
 from meteor.demo.pipeline import ASSETS, CachedFolder, Pipeline
-from meteor.vision import VisionTower
+from meteor.model.vision import VisionTower
 
 
 def _pipeline(tmp_path, rebuild=()):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from meteor.config import ConfigError
+from meteor.model.configuration import ConfigError
 from meteor.demo import full_config
 from meteor.demo.language import (FIRST_INDEX, LanguagePretraining, describe_scene, focus_conversations,
                                   pretrain_language_model, text_conversations)

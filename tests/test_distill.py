@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from meteor.data import LlavaDataset, collate
-from meteor.modeling import LlavaMeteor
+from meteor.train.data import LlavaDataset, collate
+from meteor.model.modeling import LlavaMeteor
 from meteor.demo.tiny import tiny_llava_data, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
 from meteor.demo.aids import TrainingAids

@@ -235,7 +235,7 @@ def test_torch_moves_sliced_images_through_wrapper_input_handling():
     from PIL import Image
     from torch.distributed.utils import _to_kwargs
 
-    from meteor.slicing import slice_image
+    from meteor.processing.slicing import slice_image
 
     image = slice_image(Image.new("RGB", (112, 56)), max_slices=6, patch_size=14, base_size=56)
     _, kwargs = _to_kwargs((), {"images": [image], "input_ids": torch.ones(1, 3)}, torch.device("cpu"), False)

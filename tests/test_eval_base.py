@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from meteor.evaluation import BENCHMARKS, EvalConfig, WorldRunner, build_runner, read_jsonl
-from meteor.evaluation.base import describe_sources
+from meteor.eval import BENCHMARKS, EvalConfig, WorldRunner, build_runner, read_jsonl
+from meteor.eval.base import describe_sources
 from meteor.demo.tiny import tiny_model
 from meteor.demo.world import WorldConfig, generate_world
 

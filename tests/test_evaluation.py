@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from meteor.evaluation import EvalConfig, WorldRunner, normalize_answer, read_jsonl, world_exact_match
-from meteor.evaluation.base import PREDICTIONS_FILE
+from meteor.eval import EvalConfig, WorldRunner, normalize_answer, read_jsonl, world_exact_match
+from meteor.eval.base import PREDICTIONS_FILE
 from meteor.demo.tiny import tiny_model
 from meteor.demo.world import WorldConfig, generate_world
 

@@ -1,4 +1,4 @@
-"""meteor.visualize (the Figure-4 drawing, moved from the demo's report), `meteor explain`, and
+"""meteor.serve.visualize (the Figure-4 drawing, moved from the demo's report), `meteor explain`, and
 tokens per slice at inference in `meteor eval`."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from meteor.explain import explain, format_explanation, view_reports
-from meteor.visualize import COLUMNS, draw_selection, expert_choices, selection_figure
+from meteor.serve.explain import explain, format_explanation, view_reports
+from meteor.serve.visualize import COLUMNS, draw_selection, expert_choices, selection_figure
 from talk_helpers import noise_image, save_talkative_model, talkative_model
 
 
@@ -21,7 +21,7 @@ def talker():
 
 def test_the_demo_report_draws_with_the_library():
     import meteor.demo.report as report
-    import meteor.visualize as visualize
+    import meteor.serve.visualize as visualize
 
     assert report.selection_figure is visualize.selection_figure
 
@@ -109,8 +109,8 @@ def test_meteor_explain_from_the_command_line(tmp_path, capsys):
 def test_view_reports_of_a_mixing_projector_have_no_expert_columns():
     from types import SimpleNamespace
 
-    from meteor.modeling import ViewSelection
-    from meteor.slicing import plan_slices
+    from meteor.model.modeling import ViewSelection
+    from meteor.processing.slicing import plan_slices
 
     image = SimpleNamespace(plan=plan_slices(56, 56, patch_size=14, base_size=56))
     reports = view_reports(image, [ViewSelection(0, 0, True, (4, 4), None, None, None, None)])
@@ -120,7 +120,7 @@ def test_view_reports_of_a_mixing_projector_have_no_expert_columns():
 # --- meteor eval --tokens-per-slice ------------------------------------------------------------------
 
 def test_eval_answers_with_k_prime_tags_its_rows_and_will_not_resume_across_k(tmp_path, talker):
-    from meteor.evaluation import EvalConfig, WorldRunner
+    from meteor.eval import EvalConfig, WorldRunner
     from meteor.demo.world import WorldConfig, generate_world
 
     model, processor = talker

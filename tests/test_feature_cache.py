@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-from meteor.feature_cache import FeatureCache, tower_fingerprint
+from meteor.model.feature_cache import FeatureCache, tower_fingerprint
 from meteor.demo.tiny import tiny_clip_vision_config, tiny_model
-from meteor.vision import VisionTower
+from meteor.model.vision import VisionTower
 
 
 class CallCounter:
@@ -147,7 +147,7 @@ def test_model_loss_and_gradients_are_the_same_with_the_cache():
 def test_the_fingerprint_follows_what_the_tower_computes_not_where_it_was_saved(tmp_path):
     from transformers import CLIPVisionModel
 
-    from meteor.vision import VisionTower
+    from meteor.model.vision import VisionTower
 
     torch.manual_seed(0)
     tower = VisionTower.from_model(CLIPVisionModel(tiny_clip_vision_config()))
@@ -164,7 +164,7 @@ def test_a_bfloat16_tower_is_cached_and_float32_keys_are_unchanged():
     # A tower run in bf16 (as training in bf16 does) gets bf16 views, a dtype numpy has no type for.
     import hashlib
 
-    from meteor.feature_cache import view_key
+    from meteor.model.feature_cache import view_key
 
     pixels = _views(2)
     low = pixels.to(torch.bfloat16)

@@ -5,8 +5,8 @@ The compressor built on it is tested in test_top_down.py, the Mamba block in tes
 import pytest
 import torch
 
-from meteor.config import CompressorConfig
-from meteor.projectors.top_down.fusion import FlashGlobalFusion, insert_at_centre, interleave, local_to_single
+from meteor.model.configuration import CompressorConfig
+from meteor.model.projectors.top_down.fusion import FlashGlobalFusion, insert_at_centre, interleave, local_to_single
 
 
 def test_local_to_single_is_a_border_aware_window_mean():

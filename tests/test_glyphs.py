@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meteor.data import LlavaDataset, collate
-from meteor.modeling import LlavaMeteor
+from meteor.train.data import LlavaDataset, collate
+from meteor.model.modeling import LlavaMeteor
 from meteor.demo.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
 from meteor.train.loop import DataOrder

@@ -1,4 +1,4 @@
-"""meteor.images.load_image: every mode to RGB with one documented meaning, clear refusals."""
+"""meteor.processing.images.load_image: every mode to RGB with one documented meaning, clear refusals."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from meteor.images import ImageError, load_image
+from meteor.processing.images import ImageError, load_image
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **save_args) -> bytes:

@@ -1,4 +1,4 @@
-"""Tests for meteor.interop: LLaVA checkpoints in, Meteor models out, and back to transformers.
+"""Tests for meteor.adapters.llava: LLaVA checkpoints in, Meteor models out, and back to transformers.
 
 The llava-hf folders are written by transformers itself (``LlavaForConditionalGeneration(config)
 .save_pretrained``) on tiny CLIP / SigLIP and LLaMA configs; the original LLaVA-1.5 folders are
@@ -24,12 +24,12 @@ from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenize
                           SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel)
 
 from meteor.cli import compressor_overrides, main
-from meteor.config import CompressorConfig, ConfigError, MeteorConfig
+from meteor.model.configuration import CompressorConfig, ConfigError, MeteorConfig
 from meteor.demo.tiny import tiny_clip_vision_config, tiny_llama_config, tiny_tokenizer
-from meteor.interop import (CheckpointWeights, PickleCheckpointError, UnsupportedCheckpoint, export_components,
+from meteor.adapters.llava import (CheckpointWeights, PickleCheckpointError, UnsupportedCheckpoint, export_components,
                             inspect_llava)
-from meteor.modeling import LlavaMeteor
-from meteor.slicing import SlicedImage, plan_slices
+from meteor.model.modeling import LlavaMeteor
+from meteor.processing.slicing import SlicedImage, plan_slices
 
 SIDE = 56          # the tiny towers' native size: a 4×4 grid of 14-px patches
 PATCHES = 16

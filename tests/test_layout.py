@@ -1,6 +1,6 @@
 """The package's two layers: the model library (`meteor`) and the demo harness (`meteor.demo`).
 
-The library imports nothing from the demo layer, `import meteor.modeling` loads neither the training
+The library imports nothing from the demo layer, `import meteor.model.modeling` loads neither the training
 stack nor the demo, and no module of the package imports another that (directly or through others)
 imports it back. The imports are read from the source with `ast`, function-level ones included.
 """
@@ -82,12 +82,12 @@ def test_no_import_circles_inside_the_package():
 
 
 def test_importing_the_model_loads_neither_the_trainer_nor_the_demo():
-    code = ("import json, sys, meteor.modeling; "
+    code = ("import json, sys, meteor.model.modeling; "
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('meteor'))))")
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                        check=True).stdout)
-    assert "meteor.modeling" in loaded and "meteor.projectors.top_down" in loaded
-    assert [m for m in loaded if m.startswith(("meteor.train", "meteor.demo", "meteor.evaluation"))] == []
-    bare = json.loads(subprocess.run([sys.executable, "-c", code.replace("meteor.modeling", "meteor")],
+    assert "meteor.model.modeling" in loaded and "meteor.model.projectors.top_down" in loaded
+    assert [m for m in loaded if m.startswith(("meteor.train", "meteor.demo", "meteor.eval"))] == []
+    bare = json.loads(subprocess.run([sys.executable, "-c", code.replace("meteor.model.modeling", "meteor")],
                                      capture_output=True, text=True, check=True).stdout)
-    assert bare == ["meteor", "meteor.config"]       # `import meteor` stays cheap: no torch model code
+    assert bare == ["meteor", "meteor.model", "meteor.model.configuration"]   # `import meteor` stays cheap

@@ -11,8 +11,8 @@ from PIL import Image
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms  # noqa: E402
 
-from meteor.conversation import IGNORE_INDEX  # noqa: E402
-from meteor.integrations.lmms_eval import MODEL_NAME, LlavaMeteorLMMS, lmms_eval_manifest, register  # noqa: E402
+from meteor.processing.conversation import IGNORE_INDEX  # noqa: E402
+from meteor.adapters.lmms_eval import MODEL_NAME, LlavaMeteorLMMS, lmms_eval_manifest, register  # noqa: E402
 from meteor.demo.tiny import tiny_model  # noqa: E402
 
 TASK, SPLIT = "tiny_shapes", "test"

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meteor.config import CompressorConfig
-from meteor.projectors.top_down.mamba import BiMamba, FusionLayer, ScanDirection, causal_depthwise_conv
+from meteor.model.configuration import CompressorConfig
+from meteor.model.projectors.top_down.mamba import BiMamba, FusionLayer, ScanDirection, causal_depthwise_conv
 
 WIDTH, D_STATE, EXPAND, D_CONV, DT_RANK = 6, 3, 2, 3, 2
 

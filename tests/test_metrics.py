@@ -7,13 +7,13 @@ import math
 
 import pytest
 
-import meteor.metrics
-from meteor.metrics import (anls, evalai_normalize, exact_match, extract_choice, mmbench_can_infer,
+import meteor.eval.metrics
+from meteor.eval.metrics import (anls, evalai_normalize, exact_match, extract_choice, mmbench_can_infer,
                             pope_answer, pope_scores, relaxed_accuracy, textvqa_accuracy, vqa_accuracy,
                             vqa_normalize)
-from meteor.metrics import chartqa, choice, gqa, pope, vqa
+from meteor.eval.metrics import chartqa, choice, gqa, pope, vqa
 
-anls_module = importlib.import_module("meteor.metrics.anls")   # the package's `anls` is the function
+anls_module = importlib.import_module("meteor.eval.metrics.anls")   # the package's `anls` is the function
 
 
 def test_docstring_examples_hold():
@@ -30,12 +30,12 @@ EXPORTED = {"vqa_accuracy": vqa, "textvqa_accuracy": vqa, "vqa_normalize": vqa, 
 
 def test_package_exports_every_metric():
     for name, module in EXPORTED.items():
-        exported = getattr(meteor.metrics, name)
+        exported = getattr(meteor.eval.metrics, name)
         assert exported is getattr(module, name), name                   # the submodule's own function,
         assert exported.__module__ == module.__name__, name               # defined there, not re-wrapped
-        assert name in meteor.metrics.__all__, name
-    assert set(meteor.metrics.__all__) == set(EXPORTED) | {"BENCHMARKS"}
-    assert meteor.metrics.BENCHMARKS is choice.BENCHMARKS
+        assert name in meteor.eval.metrics.__all__, name
+    assert set(meteor.eval.metrics.__all__) == set(EXPORTED) | {"BENCHMARKS"}
+    assert meteor.eval.metrics.BENCHMARKS is choice.BENCHMARKS
     # and no public function of a metric module is left out of the package
     for module in set(EXPORTED.values()):
         public = {name for name, value in vars(module).items() if inspect.isfunction(value)

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from meteor.conversation import IGNORE_INDEX
-from meteor.modeling import LlavaMeteor
+from meteor.processing.conversation import IGNORE_INDEX
+from meteor.model.modeling import LlavaMeteor
 from meteor.demo.tiny import tiny_meteor_config, tiny_model
 
 
@@ -182,8 +182,8 @@ def test_a_tokenizer_without_an_image_token_gets_one(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from meteor.config import MeteorConfig
-    from meteor.processor import MeteorProcessor
+    from meteor.model.configuration import MeteorConfig
+    from meteor.processing.processor import MeteorProcessor
 
     core = Tokenizer(models.BPE(unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

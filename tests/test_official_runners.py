@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from meteor.evaluation import PAPER_BENCHMARKS, EvalConfig, build_runner, read_jsonl
-from meteor.evaluation.official import BenchmarkFileError, MMVetRunner, OpenAIGrader
-from meteor.evaluation.official.mmmu_open import eval_open, parse_open_response
-from meteor.evaluation.official.mmvet import GRADING_PROMPT, grading_prompt, read_grade
-from meteor.evaluation.official.summary import TABLE1_COLUMNS, collect_headlines, write_table1
+from meteor.eval import PAPER_BENCHMARKS, EvalConfig, build_runner, read_jsonl
+from meteor.eval.official import BenchmarkFileError, MMVetRunner, OpenAIGrader
+from meteor.eval.official.mmmu_open import eval_open, parse_open_response
+from meteor.eval.official.mmvet import GRADING_PROMPT, grading_prompt, read_grade
+from meteor.eval.official.summary import TABLE1_COLUMNS, collect_headlines, write_table1
 from meteor.demo.tiny import tiny_model
-from meteor.metrics import (anls, evalai_normalize, exact_match, extract_choice, mmbench_can_infer, pope_scores,
+from meteor.eval.metrics import (anls, evalai_normalize, exact_match, extract_choice, mmbench_can_infer, pope_scores,
                             relaxed_accuracy, textvqa_accuracy, vqa_accuracy)
 
 from chat_endpoint import chat_endpoint

@@ -1,4 +1,4 @@
-"""Tests for meteor.ops: every selective-scan path equals the reference on outputs and all gradients.
+"""Tests for meteor.model.ops: every selective-scan path equals the reference on outputs and all gradients.
 
 The C++ kernel is compiled on first use (about 25 s once per machine, cached afterwards); a build
 failure makes these tests fail rather than skip, because auto mode would then silently be slow.
@@ -10,11 +10,11 @@ import warnings
 import pytest
 import torch
 
-from meteor import ops
-from meteor.ops import selective_scan, selective_scan_ref, scan_backend
-from meteor.ops._build import compile_variant
+from meteor.model import ops
+from meteor.model.ops import selective_scan, selective_scan_ref, scan_backend
+from meteor.model.ops._build import compile_variant
 
-scan_module = importlib.import_module("meteor.ops.selective_scan")  # the package attribute is the function
+scan_module = importlib.import_module("meteor.model.ops.selective_scan")  # the package attribute is the function
 
 OPTIONAL = ("D", "z", "delta_bias")
 FAST_PATHS = ("cpp", "torch")
@@ -251,7 +251,7 @@ def test_channel_contiguous_operands_are_read_in_place(fast_path):
 
 
 def test_a_machine_without_the_compiled_kernel_is_told_before_it_compiles(tmp_path, monkeypatch):
-    from meteor.ops import _build
+    from meteor.model.ops import _build
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert not _build.is_built()           # an empty extensions folder: the next use compiles (and says so)

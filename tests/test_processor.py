@@ -3,10 +3,10 @@
 import pytest
 from PIL import Image
 
-from meteor.config import MeteorConfig
-from meteor.conversation import IGNORE_INDEX
+from meteor.model.configuration import MeteorConfig
+from meteor.processing.conversation import IGNORE_INDEX
 from meteor.demo.tiny import tiny_meteor_config, tiny_tokenizer
-from meteor.processor import MeteorProcessor, separator_ids
+from meteor.processing.processor import MeteorProcessor, separator_ids
 
 
 def _processor(tokenizer=None, **compressor):

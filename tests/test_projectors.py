@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from meteor.projectors import build_projector, count_parameters
-from meteor.config import CompressorConfig
-from meteor.projectors.baselines import pooled_grid, sincos_2d
+from meteor.model.projectors import build_projector, count_parameters
+from meteor.model.configuration import CompressorConfig
+from meteor.model.projectors.baselines import pooled_grid, sincos_2d
 from meteor.demo.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
 from meteor.train import TrainConfig, train
 
@@ -106,7 +106,7 @@ def test_every_variant_trains_and_answers(projector, k, tmp_path):
                                global_batch_size=4, per_device_batch_size=4, max_steps=2,
                                learning_rate=1e-3))
     assert result.steps_done == 2 and result.final_loss == result.final_loss
-    from meteor.modeling import LlavaMeteor
+    from meteor.model.modeling import LlavaMeteor
     trained, processor = LlavaMeteor.from_pretrained(result.model_dir)
     assert trained.config.compressor.projector == projector
     # Two steps at lr 1e-3 move every tensor of the projector that the loss reaches (all of them).

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from meteor.config import CompressorConfig, ConfigError
+from meteor.model.configuration import CompressorConfig, ConfigError
 from meteor.demo.tiny import tiny_meteor_config, tiny_model
-from meteor.projectors import count_parameters
+from meteor.model.projectors import count_parameters
 
 
 def _models():
@@ -83,7 +83,7 @@ def test_the_map_trains_and_other_projectors_refuse_it():
 def test_explain_and_prompt_selections_keep_what_forward_keeps_for_each_question(tmp_path):
     # The figure of `meteor explain` (and the serve UI's picture) must show the patches the model
     # keeps when it answers *this* question, not the selection made without one.
-    from meteor.explain import explain
+    from meteor.serve.explain import explain
 
     _, asking, processor = _models()
     torch.manual_seed(1)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from meteor.config import CompressorConfig
-from meteor.projectors.top_down.selection import (VisualNativeSelection, aggregate_scores, native_scores, native_weight,
+from meteor.model.configuration import CompressorConfig
+from meteor.model.projectors.top_down.selection import (VisualNativeSelection, aggregate_scores, native_scores, native_weight,
                               select_top_k, visual_scores)
 
 

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from bench_helpers import load_benchmark
+from benchmarks import selection_targets
 
 
 @pytest.fixture(scope="module")
 def bench():
-    yield from load_benchmark("selection_targets")
+    return selection_targets
 
 
 def test_a_target_is_found_when_a_kept_patch_centre_lies_in_its_box(bench):

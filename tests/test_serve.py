@@ -12,10 +12,10 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from meteor.inference import AnswerStream, Conversation, Sampling
-from meteor.serving.images import ImageResolver
-from meteor.serving.protocol import APIError, ImagePart, parse_chat_request
-from meteor.serving.worker import BatchingWorker, Job, QueueFull
+from meteor.serve.streaming import AnswerStream, Conversation, Sampling
+from meteor.serve.images import ImageResolver
+from meteor.serve.protocol import APIError, ImagePart, parse_chat_request
+from meteor.serve.worker import BatchingWorker, Job, QueueFull
 from talk_helpers import (data_url, meteor_server, noise_image, png_bytes, save_talkative_model,
                           talkative_model)
 
@@ -273,7 +273,7 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local(served):
     """The same model in this process, to say what the server must answer."""
-    from meteor.modeling import LlavaMeteor
+    from meteor.model.modeling import LlavaMeteor
 
     return LlavaMeteor.from_pretrained(served["model_dir"])
 
@@ -491,8 +491,8 @@ def test_health_and_metrics(served):
 
 
 def test_serve_refuses_a_missing_api_key_variable(tmp_path, monkeypatch):
-    from meteor.serving.config import ServeConfig
-    from meteor.serving.server import api_key
+    from meteor.serve.config import ServeConfig
+    from meteor.serve.server import api_key
 
     monkeypatch.delenv("METEOR_NO_SUCH_KEY", raising=False)
     with pytest.raises(ValueError, match="METEOR_NO_SUCH_KEY"):

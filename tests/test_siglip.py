@@ -14,12 +14,12 @@ import pytest
 import torch
 from transformers import CLIPVisionModel, LlamaForCausalLM, SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
-from meteor.config import CompressorConfig, ConfigError, MeteorConfig
+from meteor.model.configuration import CompressorConfig, ConfigError, MeteorConfig
 from meteor.demo.tiny import tiny_clip_vision_config, tiny_llama_config, tiny_llava_data, tiny_tokenizer
-from meteor.modeling import LlavaMeteor
+from meteor.model.modeling import LlavaMeteor
 from meteor.train import TrainConfig, train
-from meteor.vision import VisionTower
-from meteor.visual_expert import attention_received
+from meteor.model.vision import VisionTower
+from meteor.model.visual_expert import attention_received
 
 PATCH, NATIVE = 14, 56
 SIZES = [(NATIVE, NATIVE), (42, 70), (84, 28), (28, 28), (98, 112)]

@@ -1,4 +1,4 @@
-"""meteor.slicing: LLaVA-UHD geometry (SPEC §2), pixels → normalised views, prompt layout."""
+"""meteor.processing.slicing: LLaVA-UHD geometry (SPEC §2), pixels → normalised views, prompt layout."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from meteor.slicing import (
+from meteor.processing.slicing import (
     CLIP_MEAN,
     CLIP_STD,
     SlicePlan,

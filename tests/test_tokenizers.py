@@ -25,12 +25,12 @@ import pytest
 import torch
 from PIL import Image
 
-from meteor.config import MeteorConfig
-from meteor.conversation import IGNORE_INDEX, VICUNA_SYSTEM
+from meteor.model.configuration import MeteorConfig
+from meteor.processing.conversation import IGNORE_INDEX, VICUNA_SYSTEM
 from meteor.demo.tiny import tiny_clip_vision_config, tiny_llama_config, tiny_meteor_config, tiny_tokenizer
-from meteor.modeling import LlavaMeteor
-from meteor.processor import MeteorProcessor
-from meteor.vision import VisionTower
+from meteor.model.modeling import LlavaMeteor
+from meteor.processing.processor import MeteorProcessor
+from meteor.model.vision import VisionTower
 
 import sentencepiece as spm
 
@@ -389,7 +389,7 @@ def test_train_save_load_evaluate_with_a_vicuna_shaped_sentencepiece_folder(tmp_
     from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
     from meteor.demo.tiny import tiny_llava_data
-    from meteor.evaluation import EvalConfig, evaluate
+    from meteor.eval import EvalConfig, evaluate
     from meteor.train import TrainConfig, train
 
     torch.manual_seed(0)

@@ -7,9 +7,9 @@ equations, on a tiny config of the real class.
 import pytest
 import torch
 
-from meteor.config import CompressorConfig
-from meteor.projectors import TopDownCompression, count_parameters, parameter_report
-from meteor.projectors.top_down.selection import native_scores, visual_scores
+from meteor.model.configuration import CompressorConfig
+from meteor.model.projectors import TopDownCompression, count_parameters, parameter_report
+from meteor.model.projectors.top_down.selection import native_scores, visual_scores
 
 GRID = (3, 4)
 

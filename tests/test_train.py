@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meteor.modeling import LlavaMeteor
+from meteor.model.modeling import LlavaMeteor
 from meteor.demo.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
 from meteor.train.checkpoint import latest_loadable, list_checkpoints, save_checkpoint
@@ -220,7 +220,7 @@ def test_truncation_is_counted_and_reported(assets, tmp_path, capsys):
 
 
 def test_instruction_tuning_records_its_template_and_prompts_use_it(assets, tmp_path):
-    from meteor.config import MeteorConfig
+    from meteor.model.configuration import MeteorConfig
 
     result = train(_config(assets, tmp_path / "templated", stage=2, max_steps=1, template="auto"))
     saved = MeteorConfig.load(result.model_dir)

@@ -1,4 +1,4 @@
-"""Tests for meteor.vision on tiny random configs of the real transformers CLIP classes."""
+"""Tests for meteor.model.vision on tiny random configs of the real transformers CLIP classes."""
 
 import json
 
@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
-from meteor.vision import VisionOutput, VisionTower, cls_attention_row
+from meteor.model.vision import VisionOutput, VisionTower, cls_attention_row
 
 PATCH = 14
 NATIVE = 56  # a 4×4 native grid

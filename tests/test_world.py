@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meteor.config import ConfigError
-from meteor.slicing import plan_slices
+from meteor.model.configuration import ConfigError
+from meteor.processing.slicing import plan_slices
 from meteor.demo.world import (
     COLOURS,
     QUESTION_TYPES,

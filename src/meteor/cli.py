@@ -7,56 +7,31 @@ import sys
 from typing import Callable, Sequence, get_args
 
 def _params(args: argparse.Namespace) -> int:
-    from .projectors import parameter_report
+    from meteor.model.projectors import parameter_report
 
     print(parameter_report(args.vision_width, args.text_width, scan_mode=args.scan_mode,
                            fgf_layers=args.fgf_layers, direction_merge=args.direction_merge))
     return 0
 
 
-def _bench_script():
-    """benchmarks/bench_e2e.py of the source checkout this package runs from (an editable install),
-    or None when the package was installed without it."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_e2e.py"
-    if not path.is_file():
-        return None
-    name = "_bench_e2e"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module          # its dataclasses look their module up there
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
-
-
 def _bench(args: argparse.Namespace) -> int:
-    script = _bench_script()
-    if script is None:
-        raise FileNotFoundError("meteor bench runs benchmarks/bench_e2e.py of a source checkout; install "
-                                "the repository in editable mode (pip install -e .) or run the script itself")
-    script.check(args)
-    return script.run(args)
+    from meteor.bench import e2e
+
+    return e2e.main(args.options, prog="meteor bench")
 
 
 def _demo_config(args: argparse.Namespace):
     """The demo's configuration for ``--quick`` / ``--seed``, with ``--workers`` when given."""
     import dataclasses
 
-    from .demo import full_config, quick_config
+    from meteor.demo import full_config, quick_config
 
     config = quick_config(args.seed) if args.quick else full_config(args.seed)
     return config if args.workers is None else dataclasses.replace(config, workers=args.workers)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from meteor.demo import run_demo
 
     run_demo(out=args.out, seed=args.seed, force=args.force, config=_demo_config(args),
              rebuild=[name for name, wanted in (("language_model", args.pretrain_language_model),
@@ -65,8 +40,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from .demo import full_config, quick_config
-    from .demo.ablate import describe_variants, run_ablation
+    from meteor.demo import full_config, quick_config
+    from meteor.demo.ablate import describe_variants, run_ablation
 
     if args.list:
         config = quick_config(args.seed) if args.quick else full_config(args.seed)
@@ -85,8 +60,8 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .demo.world import WorldConfig, generate_world
-    from .options import dataclass_from_namespace
+    from meteor.demo.world import WorldConfig, generate_world
+    from meteor.options import dataclass_from_namespace
 
     world = generate_world(args.out, dataclass_from_namespace(WorldConfig, args, skip=SYNTH_SKIP),
                            overwrite=args.overwrite)
@@ -103,7 +78,7 @@ SYNTH_SKIP = ("question_types",)
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluation import EvalConfig, OpenAIGrader, evaluate
+    from meteor.eval import EvalConfig, OpenAIGrader, evaluate
 
     def progress(done: int, total: int) -> None:
         print(f"\r{done}/{total} questions", end="", file=sys.stderr, flush=True)
@@ -117,8 +92,8 @@ def _eval(args: argparse.Namespace) -> int:
                         tokens_per_slice=args.tokens_per_slice)
     overrides = compressor_overrides(args.compressor_override)
     if overrides:       # an all-tokens model compressed at load time (LlavaMeteor.from_pretrained)
-        from .evaluation import build_runner
-        from .modeling import LlavaMeteor
+        from meteor.eval import build_runner
+        from meteor.model.modeling import LlavaMeteor
 
         runner = build_runner(args.benchmark, config, args.annotations, grader)
         model, processor = LlavaMeteor.from_pretrained(args.model, compressor_overrides=overrides)
@@ -132,29 +107,29 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .chat import run_chat
+    from meteor.serve.chat import run_chat
 
     return run_chat(args.model, image=args.image, tokens_per_slice=args.tokens_per_slice,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .options import dataclass_from_namespace
-    from .serving import ServeConfig, serve
+    from meteor.options import dataclass_from_namespace
+    from meteor.serve import ServeConfig, serve
 
     return serve(args.model, dataclass_from_namespace(ServeConfig, args))
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from .explain import run_explain
+    from meteor.serve.explain import run_explain
 
     return run_explain(args.model, args.image, args.question, args.out, args.tokens_per_slice, args.max_new_tokens)
 
 
 def _add_talk_commands(commands) -> None:
-    """``chat``, ``serve`` and ``explain``: using a trained model (meteor.chat, meteor.serving, meteor.explain)."""
-    from .options import add_dataclass_arguments
-    from .serving.config import ServeConfig
+    """``chat``, ``serve`` and ``explain``: using a trained model (meteor.serve.chat, meteor.serve, meteor.serve.explain)."""
+    from meteor.options import add_dataclass_arguments
+    from meteor.serve.config import ServeConfig
 
     k_help = ("visual tokens kept per view, K′ ≤ a view's patch count (default: the K the model was trained "
               "with; selection has no parameters, so any K′ runs)")
@@ -206,14 +181,14 @@ def compressor_overrides(items: Sequence[str] | None) -> dict:
     return overrides
 
 
-# --- meteor convert: bring your own LLaVA (meteor.interop) ------------------------------------------
+# --- meteor convert: bring your own LLaVA (meteor.adapters.llava) ------------------------------------------
 def _convert(args: argparse.Namespace) -> int:
     import dataclasses
     import json
     from pathlib import Path
 
-    from .config import MeteorConfig
-    from .interop import convert_llava, export_model, inspect_llava, meteor_config_for
+    from meteor.model.configuration import MeteorConfig
+    from meteor.adapters.llava import convert_llava, export_model, inspect_llava, meteor_config_for
 
     if args.export is not None:
         out = export_model(args.export, args.out, overwrite=args.overwrite)
@@ -243,7 +218,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _add_convert(commands) -> None:
-    from .config import ProjectorName, VisualExpert
+    from meteor.model.configuration import ProjectorName, VisualExpert
 
     convert = commands.add_parser(
         "convert", help="a LLaVA checkpoint → a LLaVA-Meteor folder, or a Meteor model → transformers folders",
@@ -276,7 +251,7 @@ def _add_convert(commands) -> None:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from .evaluation.official.summary import write_table1
+    from meteor.eval.official.summary import write_table1
 
     runs = {}
     for row in args.row:
@@ -291,10 +266,10 @@ def _table(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import signal
 
-    from .demo.aids import TrainingAids
-    from .options import dataclass_from_namespace
-    from .train import train
-    from .train.args import from_namespace
+    from meteor.demo.aids import TrainingAids
+    from meteor.options import dataclass_from_namespace
+    from meteor.train import train
+    from meteor.train.args import from_namespace
 
     result = train(from_namespace(args), auxiliary=dataclass_from_namespace(TrainingAids, args).factories())
     if result.interrupted:
@@ -314,12 +289,12 @@ def _at_least_one(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .config import CompressorConfig, DirectionMerge, ScanMode
-    from .demo.aids import TrainingAids
-    from .demo.world import WorldConfig
-    from .evaluation import BENCHMARKS
-    from .options import add_dataclass_arguments
-    from .train.args import TrainConfig
+    from meteor.model.configuration import CompressorConfig, DirectionMerge, ScanMode
+    from meteor.demo.aids import TrainingAids
+    from meteor.demo.world import WorldConfig
+    from meteor.eval import BENCHMARKS
+    from meteor.options import add_dataclass_arguments
+    from meteor.train.args import TrainConfig
 
     parser = argparse.ArgumentParser(prog="meteor", description="LLaVA-Meteor: Top-Down Compression "
                                      "of visual tokens for LLaVA-style vision-language models.")
@@ -422,15 +397,12 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_talk_commands(commands)
 
-    bench = commands.add_parser("bench", help="end-to-end efficiency at the paper's widths (benchmarks/bench_e2e.py)",
+    bench = commands.add_parser("bench", help="end-to-end efficiency at the paper's widths (meteor.bench.e2e)", add_help=False,
                                 description="Vision, compression, prefill, decode, memory and training steps per "
-                                "projector at CLIP ViT-L / Vicuna-13B widths, beside the cost model (meteor.cost).")
-    try:
-        script = _bench_script()
-    except Exception:       # a broken benchmark script must not break the other commands; `bench` says why
-        script = None
-    if script is not None:
-        script.add_arguments(bench)
+                                "projector at CLIP ViT-L / Vicuna-13B widths, beside the cost model (meteor.bench.cost).")
+    # Its options are the benchmark's own (meteor.bench.e2e parses them), so building this parser
+    # imports no torch for the other commands.
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="see `meteor bench --help`")
     bench.set_defaults(run=_bench)
     return parser
 

@@ -4,7 +4,7 @@ Steps (each cached in ``out/`` and reused by a re-run with the same configuratio
 ``force``): the world (``meteor.demo.world``), a BPE tokenizer and a tiny LLaMA, a tiny CLIP trained
 contrastively on the captions (``meteor.demo.clip``; both shipped), stage 1 and stage 2 with
 ``meteor.train.train`` once per token budget, evaluation of each on the test split
-(``meteor.evaluation``), and the report folder ``out/report/``.
+(``meteor.eval``), and the report folder ``out/report/``.
 
     from meteor.demo import run_demo
     results = run_demo("meteor-demo", quick=True)
@@ -17,16 +17,16 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import DemoConfig, StageRun, full_config, quick_config
-from .pipeline import Pipeline, budget_name, open_pipeline
+from meteor.demo.config import DemoConfig, StageRun, full_config, quick_config
+from meteor.demo.pipeline import Pipeline, budget_name, open_pipeline
 
 
 def run_demo(out: str | Path = "meteor-demo", seed: int = 0, quick: bool = False, force: bool = False,
              config: DemoConfig | None = None, rebuild: Sequence[str] = ()) -> dict[str, Any]:
     """The whole demo in ``out``; ``rebuild`` names shipped assets to train here instead
     ("language_model", "clip")."""
-    from ..modeling import LlavaMeteor
-    from . import report
+    from meteor.model.modeling import LlavaMeteor
+    from meteor.demo import report
 
     config = config or (quick_config(seed) if quick else full_config(seed))
     pipe = open_pipeline(out, config, force, rebuild)
@@ -88,7 +88,7 @@ def run_budgets(pipe: Pipeline, world, clip: Path, language_model: Path, patches
                 ) -> list[dict[str, Any]]:
     """Stage 1, stage 2 and evaluation of every budget (``config.workers`` at a time); results in
     budget order."""
-    from . import report
+    from meteor.demo import report
 
     config = pipe.config
     parallel = config.workers > 1 and len(config.budgets) > 1

@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..train.args import TrainConfigError
-from ..train.auxiliary import AuxiliaryFactory
-from .distill import SceneDistillation
-from .glyphs import GlyphAlignment
+from meteor.train.args import TrainConfigError
+from meteor.train.auxiliary import AuxiliaryFactory
+from meteor.demo.distill import SceneDistillation
+from meteor.demo.glyphs import GlyphAlignment
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from ..images import load_image
-from ..train.schedule import warmup_cosine
+from meteor.processing.images import load_image
+from meteor.train.schedule import warmup_cosine
 
 DONE_FILE = "clip_pretrain.json"
 

@@ -6,10 +6,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .clip import ClipPretrainConfig
-from ..config import ConfigError
-from .world import WorldConfig
-from .language import LanguagePretraining
+from meteor.demo.clip import ClipPretrainConfig
+from meteor.model.configuration import ConfigError
+from meteor.demo.world import WorldConfig
+from meteor.demo.language import LanguagePretraining
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class StageRun:
     glyph_alignment: float = 0.0
     """Weight of the glyph-alignment loss (``meteor.demo.glyphs``; 0: off)."""
     single_turn: bool = False
-    """Train on one record per question (``meteor.data.split_turns``: each image with each of its
+    """Train on one record per question (``meteor.train.data.split_turns``: each image with each of its
     questions) instead of the world's multi-turn records, for models whose selection depends on the
     question. With ``epochs`` divided by the questions per image, it takes the same steps."""
 

@@ -27,11 +27,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..data import Example, LlavaDataset, RecordError, record_id
-from ..processor import Batch, MeteorProcessor, pad_batch
-from ..train.args import TrainConfigError
-from ..train.auxiliary import AuxiliaryTerm
-from .world.captions import scene_line
+from meteor.train.data import Example, LlavaDataset, RecordError, record_id
+from meteor.processing.processor import Batch, MeteorProcessor, pad_batch
+from meteor.train.args import TrainConfigError
+from meteor.train.auxiliary import AuxiliaryTerm
+from meteor.demo.world.captions import scene_line
 
 
 def records_without_meta(records: Sequence[dict]) -> list[str]:

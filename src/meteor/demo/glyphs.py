@@ -13,7 +13,7 @@ as text (``word "MAP"`` → ``MAP``).
 The loss is computed on the tokens before Visual-Native Selection, so the selection is not told
 which tokens to keep: a text whose patches are dropped still cannot be read. The MLP, Top-K and
 pooling baselines train the same way, on their raw patch tokens; LLaVA-UHD's resampler is not
-token-wise and cannot (``meteor.projectors.is_tokenwise``). Like scene distillation it needs each
+token-wise and cannot (``meteor.model.projectors.is_tokenwise``). Like scene distillation it needs each
 record's ``meta`` (where each text is), which only the synthetic world writes.
 """
 
@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data import Example, LlavaDataset, RecordError, record_id
-from ..processor import Batch, MeteorProcessor
-from ..projectors import TOKENWISE, is_tokenwise
-from ..slicing import SlicePlan, patch_overlap
-from ..train.args import TrainConfigError
-from ..train.auxiliary import AuxiliaryTerm
-from .distill import records_without_meta
+from meteor.train.data import Example, LlavaDataset, RecordError, record_id
+from meteor.processing.processor import Batch, MeteorProcessor
+from meteor.model.projectors import TOKENWISE, is_tokenwise
+from meteor.processing.slicing import SlicePlan, patch_overlap
+from meteor.train.args import TrainConfigError
+from meteor.train.auxiliary import AuxiliaryTerm
+from meteor.demo.distill import records_without_meta
 
 TEMPERATURE = 0.1
 """Divides the cosine similarities before the softmax (CLIP's learnt value is near 0.01; 0.1 keeps

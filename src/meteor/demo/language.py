@@ -25,13 +25,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..config import ConfigError
-from ..processor import pad_batch
-from ..train.schedule import warmup_cosine
-from .world import WorldConfig
-from .world.captions import caption, caption_request, scene_line
-from .world.questions import SplitState, ask_questions
-from .world.scene import Scene, make_scene
+from meteor.model.configuration import ConfigError
+from meteor.processing.processor import pad_batch
+from meteor.train.schedule import warmup_cosine
+from meteor.demo.world import WorldConfig
+from meteor.demo.world.captions import caption, caption_request, scene_line
+from meteor.demo.world.questions import SplitState, ask_questions
+from meteor.demo.world.scene import Scene, make_scene
 
 FIRST_INDEX = 100_000
 """Text scenes are train-split scenes from this index up: far beyond any drawn image."""

@@ -20,12 +20,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..config import CompressorConfig, MeteorConfig
-from ..data import split_turns
-from ..feature_cache import FeatureCache
-from .clip import pretrain_clip
-from .config import DemoConfig, StageRun
-from .world import WorldConfig, WorldManifest, generate_world, world_texts
+from meteor.model.configuration import CompressorConfig, MeteorConfig
+from meteor.train.data import split_turns
+from meteor.model.feature_cache import FeatureCache
+from meteor.demo.clip import pretrain_clip
+from meteor.demo.config import DemoConfig, StageRun
+from meteor.demo.world import WorldConfig, WorldManifest, generate_world, world_texts
 
 KEY_FILE = "key.json"
 ASSETS = {"language_model": Path(__file__).parent / "assets" / "language_model",
@@ -60,7 +60,7 @@ def _read_key(folder: Path) -> Any:
 def _text_processor(tokenizer):
     """A processor for text-only conversations (it adds the <image> and pad tokens the model's
     processor adds, so vocabulary sizes agree)."""
-    from ..processor import MeteorProcessor
+    from meteor.processing.processor import MeteorProcessor
 
     return MeteorProcessor(tokenizer, MeteorConfig(), patch_size=14, base_size=112)
 
@@ -139,8 +139,8 @@ class Pipeline:
         matches, else pretrained here; without it (``--quick``), it starts from random weights."""
         from transformers import LlamaForCausalLM
 
-        from .tiny import tiny_llama_config, tiny_tokenizer
-        from .language import focus_conversations, pretrain_language_model, text_conversations
+        from meteor.demo.tiny import tiny_llama_config, tiny_tokenizer
+        from meteor.demo.language import focus_conversations, pretrain_language_model, text_conversations
 
         recipe = self.config.language_pretraining
         if recipe is None:
@@ -197,7 +197,7 @@ class Pipeline:
         loss when ``config.clip_regions``."""
         from transformers import AutoTokenizer
 
-        from .world.captions import foil_caption, item_phrases
+        from meteor.demo.world.captions import foil_caption, item_phrases
 
         corpus_config = self.clip_corpus_config(world.config)
         step = CachedFolder(self.out / "clip", self.clip_key(world.config), self.force)
@@ -315,9 +315,9 @@ class Pipeline:
         variants differ only by ``meteor_config`` and the seed (or by the ``stages`` recipe given);
         each stage is reused when its key matches."""
         seed = self.config.seed if seed is None else seed
-        from ..projectors import is_tokenwise
-        from ..train import TrainConfig, train
-        from .aids import TrainingAids
+        from meteor.model.projectors import is_tokenwise
+        from meteor.train import TrainConfig, train
+        from meteor.demo.aids import TrainingAids
 
         stage_runs = stages or {1: self.config.stage1, 2: self.config.stage2}
         projector = meteor_config.compressor.projector
@@ -370,8 +370,8 @@ class Pipeline:
         """Scores of ``model_dir`` on the world's test split, in ``out/eval/<name>/`` (resumable);
         with ``tokens_per_slice``, run at that K′ instead of the K it was trained with; with
         ``compressor_overrides``, loaded with another projector (e.g. training-free CLS Top-K)."""
-        from ..evaluation import EvalConfig, WorldRunner
-        from ..modeling import LlavaMeteor
+        from meteor.eval import EvalConfig, WorldRunner
+        from meteor.model.modeling import LlavaMeteor
 
         key = {"model": _read_key(model_dir.parent), "batch": self.config.eval_batch_size}
         if tokens_per_slice is not None:

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..visualize import selection_figure  # noqa: F401  (the demo's Figure 4; drawn by the library)
+from meteor.serve.visualize import selection_figure  # noqa: F401  (the demo's Figure 4; drawn by the library)
 
 PAPER_DROP = (62.4, 59.3)
 """The paper's 12-benchmark average for Meteor at 144 and 32 tokens per slice (25 % → 5.6 %)."""

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ..config import CompressorConfig, MeteorConfig
-from ..conversation import VICUNA_SYSTEM
+from meteor.model.configuration import CompressorConfig, MeteorConfig
+from meteor.processing.conversation import VICUNA_SYSTEM
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
@@ -73,8 +73,8 @@ def tiny_model(config: MeteorConfig | None = None, seed: int = 0, texts: Iterabl
     import torch
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
-    from ..modeling import LlavaMeteor
-    from ..vision import VisionTower
+    from meteor.model.modeling import LlavaMeteor
+    from meteor.model.vision import VisionTower
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer(texts)

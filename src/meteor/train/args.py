@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from ..conversation import TEMPLATES, Template
-from ..options import add_dataclass_arguments, dataclass_from_namespace
+from meteor.processing.conversation import TEMPLATES, Template
+from meteor.options import add_dataclass_arguments, dataclass_from_namespace
 
 Stage = Literal[1, 2]
 DistributedMode = Literal["auto", "none", "ddp", "fsdp"]

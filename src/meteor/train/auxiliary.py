@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 import torch
 
 if TYPE_CHECKING:   # annotations only: the trainer's own modules import this one
-    from ..data import Example, LlavaDataset
-    from ..modeling import LlavaMeteor
-    from ..processor import Batch
+    from meteor.train.data import Example, LlavaDataset
+    from meteor.model.modeling import LlavaMeteor
+    from meteor.processing.processor import Batch
 
 
 @dataclass

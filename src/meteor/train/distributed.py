@@ -22,7 +22,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from .args import TrainConfig, TrainConfigError
+from meteor.train.args import TrainConfig, TrainConfigError
 
 
 @dataclass
@@ -74,7 +74,7 @@ class DistributedRun:
             return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
                                            else None, find_unused_parameters=True), groups
         if self.mode == "fsdp":
-            from .fsdp import CallTracker, shard_model
+            from meteor.train.fsdp import CallTracker, shard_model
 
             # Hold names, not the unsharded parameters, while sharding: each unit's full tensors
             # are then freed as soon as it is sharded (the groups are refilled in place).
@@ -149,7 +149,7 @@ class DistributedRun:
         """Full (unsharded) trainable tensors on the CPU: on every rank, except under FSDP where
         only the main process gets them ({} elsewhere). Collective under FSDP."""
         if self.mode == "fsdp":
-            from .fsdp import full_trainable_state
+            from meteor.train.fsdp import full_trainable_state
 
             return full_trainable_state(model)
         return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
@@ -157,7 +157,7 @@ class DistributedRun:
     def load_trainable(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         """Load full (unsharded) tensors, read by every rank from a checkpoint, into the model."""
         if self.mode == "fsdp":
-            from .fsdp import load_full_state
+            from meteor.train.fsdp import load_full_state
 
             load_full_state(model, weights)
             return
@@ -165,14 +165,14 @@ class DistributedRun:
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         if self.mode == "fsdp":
-            from .fsdp import full_optimizer_state
+            from meteor.train.fsdp import full_optimizer_state
 
             return full_optimizer_state(model, optimizer)
         return optimizer.state_dict()
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         if self.mode == "fsdp":
-            from .fsdp import load_full_optimizer_state
+            from meteor.train.fsdp import load_full_optimizer_state
 
             load_full_optimizer_state(model, optimizer, state)
             return
@@ -183,7 +183,7 @@ class DistributedRun:
         final save of an FSDP run into a plain, unsharded copy of the model."""
         if self.mode != "fsdp":
             return model.state_dict() if self.is_main else None
-        from .fsdp import full_model_state
+        from meteor.train.fsdp import full_model_state
 
         state = full_model_state(model)
         return state if self.is_main else None

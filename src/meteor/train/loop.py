@@ -22,15 +22,15 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..conversation import IGNORE_INDEX, resolve_template
-from ..data import Example, LlavaDataset, RecordError, SkipReport, collate
-from ..modeling import COMPRESSOR_FILE, LlavaMeteor, load_compressor
-from .args import TrainConfig, TrainConfigError
-from .auxiliary import AuxiliaryFactory, AuxiliaryLoss, log_entries
-from .checkpoint import latest_loadable, rng_state, save_checkpoint, set_rng_state
-from .distributed import DistributedRun
-from .logger import RunLogger
-from .schedule import warmup_cosine
+from meteor.processing.conversation import IGNORE_INDEX, resolve_template
+from meteor.train.data import Example, LlavaDataset, RecordError, SkipReport, collate
+from meteor.model.modeling import COMPRESSOR_FILE, LlavaMeteor, load_compressor
+from meteor.train.args import TrainConfig, TrainConfigError
+from meteor.train.auxiliary import AuxiliaryFactory, AuxiliaryLoss, log_entries
+from meteor.train.checkpoint import latest_loadable, rng_state, save_checkpoint, set_rng_state
+from meteor.train.distributed import DistributedRun
+from meteor.train.logger import RunLogger
+from meteor.train.schedule import warmup_cosine
 
 
 @dataclass
@@ -65,7 +65,7 @@ class StopFlag:
 
 
 def load_model(config: TrainConfig, dist: DistributedRun) -> tuple[LlavaMeteor, Any]:
-    from ..config import MeteorConfig
+    from meteor.model.configuration import MeteorConfig
 
     if config.model is not None:
         model, processor = LlavaMeteor.from_pretrained(config.model)
@@ -83,7 +83,7 @@ def load_model(config: TrainConfig, dist: DistributedRun) -> tuple[LlavaMeteor, 
             raise TrainConfigError(f"--compressor-from {source} does not fit this model's compressor "
                                    f"(different widths or options?): {err}") from err
     if config.feature_cache is not None:
-        from ..feature_cache import FeatureCache
+        from meteor.model.feature_cache import FeatureCache
 
         model.feature_cache = FeatureCache(None if config.feature_cache == "memory" else config.feature_cache)
     if dist.mode == "fsdp":   # fully_shard moves each unit to the device as it shards it
@@ -107,7 +107,7 @@ def set_trainable(model: LlavaMeteor, config: TrainConfig) -> list[dict[str, Any
     groups = [{"params": trainable, "lr": config.learning_rate}]
     if config.stage == 2:
         if config.lora:
-            from .lora import add_lora
+            from meteor.train.lora import add_lora
             lora_params = add_lora(model, config.lora_rank, config.lora_alpha)
             groups.append({"params": lora_params, "lr": config.lora_learning_rate})
         else:
@@ -384,7 +384,7 @@ def _save_final(output_dir, model, processor, config, dist) -> Path | None:
             set_trainable(model, config)
             model.load_state_dict(state)
     if config.lora and dist.is_main:   # only the main process saves (under FSDP, only it has a plain model)
-        from .lora import merge_lora
+        from meteor.train.lora import merge_lora
         merge_lora(model)
     folder = output_dir / "model"
     if dist.is_main:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .args import TrainConfigError
+from meteor.train.args import TrainConfigError
 
 # The LLaMA family's linear layers; other causal LMs fall back to every nn.Linear but the head.
 _LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

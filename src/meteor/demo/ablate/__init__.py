@@ -13,10 +13,10 @@ Writes ``out/ablation/results.json`` and ``out/ablation/tables.md``. Modules: ``
 registry), ``run`` (training, evaluation, summaries over seeds), ``tables`` (the Markdown).
 """
 
-from .run import (ELASTIC, correctness, measure, run_ablation, run_log, run_name, seed_counts, summarise_seeds,
+from meteor.demo.ablate.run import (ELASTIC, correctness, measure, run_ablation, run_log, run_name, seed_counts, summarise_seeds,
                   visual_tokens)
-from .tables import claim_verdicts, markdown
-from .variants import (CLAIMS, DEFAULT_VARIANT, PAPER_BUDGETS, PAPER_WIDTHS, TABLES, VARIANTS, PaperRow, Table,
+from meteor.demo.ablate.tables import claim_verdicts, markdown
+from meteor.demo.ablate.variants import (CLAIMS, DEFAULT_VARIANT, PAPER_BUDGETS, PAPER_WIDTHS, TABLES, VARIANTS, PaperRow, Table,
                        Variant, compressed_budgets, describe_variants, paper_width_config, select, variant_config,
                        variant_stages)
 

@@ -11,17 +11,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...config import MeteorConfig
-from ...projectors import count_parameters
-from ..config import DemoConfig, full_config, quick_config
-from .tables import markdown
-from .variants import (PAPER_BUDGETS, PAPER_WIDTHS, VARIANTS, Variant, compressed_budgets,
+from meteor.model.configuration import MeteorConfig
+from meteor.model.projectors import count_parameters
+from meteor.demo.config import DemoConfig, full_config, quick_config
+from meteor.demo.ablate.tables import markdown
+from meteor.demo.ablate.variants import (PAPER_BUDGETS, PAPER_WIDTHS, VARIANTS, Variant, compressed_budgets,
                        paper_width_config, select, variant_config, variant_stages)
 
 def visual_tokens(sizes: Sequence[tuple[int, int]], k: int | None, world_config: Any) -> dict[str, float]:
     """Mean visual tokens per view and per image over images of ``sizes`` (width, height), as the
     processor lays them out: K per view, or every patch of each view when K is None."""
-    from ...slicing import plan_slices, view_token_counts
+    from meteor.processing.slicing import plan_slices, view_token_counts
 
     views = tokens = 0
     for width, height in sizes:
@@ -154,7 +154,7 @@ def seed_counts(selected: Sequence[Variant], seeds: int | dict[str, int]) -> dic
 
 def correctness(predictions: Path) -> dict[Any, int]:
     """question_id → 1 when the prediction is right (the world's exact match), from predictions.jsonl."""
-    from ...evaluation import read_jsonl, world_exact_match
+    from meteor.eval import read_jsonl, world_exact_match
 
     return {row["question_id"]: int(world_exact_match(row["prediction"], row["answer"]))
             for row in read_jsonl(predictions)}
@@ -164,10 +164,10 @@ def summarise_seeds(per_seed: Sequence[dict[str, Any]], per_question: Sequence[d
                     reference: Sequence[dict[Any, int]] | None, types: dict[Any, str]) -> dict[str, Any]:
     """Per question type (and "all"): the mean accuracy over seeds ± its standard deviation, each
     seed's value, and, given the reference variant's per-question results, the paired difference
-    to it with its 95 % interval (``meteor.evaluation.compare``)."""
+    to it with its 95 % interval (``meteor.eval.compare``)."""
     import numpy as np
 
-    from ...evaluation.compare import paired_difference, seed_summary
+    from meteor.eval.compare import paired_difference, seed_summary
 
     questions = sorted(per_question[0], key=str)
     accuracy, comparison = {}, {}
@@ -193,7 +193,7 @@ def run_ablation(out: str | Path = "meteor-ablate", tables: Sequence[str] | None
     given) on the demo's world with the demo's recipe, each with ``seeds`` training seeds (the
     world, the CLIP and the LLaMA stay those of ``seed``); write ``out/ablation/``. Finished
     (variant, seed) runs are reused, so an interrupted ablation continues where it stopped."""
-    from ..pipeline import open_pipeline
+    from meteor.demo.pipeline import open_pipeline
 
     chosen, selected = select(tables, variants)
     config = config or (quick_config(seed) if quick else full_config(seed))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .variants import CLAIMS, IMPROVEMENTS, PAPER_BUDGETS, PAPER_WIDTHS, Table
+from meteor.demo.ablate.variants import CLAIMS, IMPROVEMENTS, PAPER_BUDGETS, PAPER_WIDTHS, Table
 
 def _number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"

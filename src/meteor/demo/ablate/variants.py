@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ...config import CompressorConfig, MeteorConfig
-from ..config import DemoConfig, full_config
+from meteor.model.configuration import CompressorConfig, MeteorConfig
+from meteor.demo.config import DemoConfig, full_config
 
 PAPER_WIDTHS = {"vision_width": 1024, "text_width": 5120}
 """C and D of the paper's model: CLIP ViT-L/14 and Vicuna-13B."""
@@ -75,7 +75,7 @@ class Table:
 
 
 SINGLE_TURN = {"single_turn": True}
-"""Stage 2 on one record per question (``meteor.data.split_turns``), over as many steps as the demo's
+"""Stage 2 on one record per question (``meteor.train.data.split_turns``), over as many steps as the demo's
 multi-turn recipe (``variant_stages`` divides its epochs by the world's questions per image)."""
 
 VARIANTS = {v.name: v for v in (

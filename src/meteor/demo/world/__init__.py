@@ -14,8 +14,8 @@ Modules: ``config`` (options and vocabulary), ``scene`` (what is in an image), `
 ``render`` (pixels), ``captions`` and ``questions`` (text), ``generate`` (files).
 """
 
-from .config import COLOURS, QUESTION_TYPES, SHAPES, SIZES, WORDS, WorldConfig
-from .generate import (
+from meteor.demo.world.config import COLOURS, QUESTION_TYPES, SHAPES, SIZES, WORDS, WorldConfig
+from meteor.demo.world.generate import (
     WorldManifest,
     WorldRecords,
     build_records,
@@ -24,9 +24,9 @@ from .generate import (
     vocabulary_text,
     world_texts,
 )
-from .questions import Question
-from .render import render_scene
-from .scene import Scene, SceneObject, SceneText, make_scene
+from meteor.demo.world.questions import Question
+from meteor.demo.world.render import render_scene
+from meteor.demo.world.scene import Scene, SceneObject, SceneText, make_scene
 
 __all__ = ["COLOURS", "QUESTION_TYPES", "SHAPES", "SIZES", "WORDS", "Question", "Scene", "SceneObject",
            "SceneText", "WorldConfig", "WorldManifest", "WorldRecords", "build_records", "generate_world",

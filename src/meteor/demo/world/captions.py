@@ -6,8 +6,8 @@ import random
 import re
 from collections import Counter
 
-from .config import PLURALS
-from .scene import Scene, SceneText
+from meteor.demo.world.config import PLURALS
+from meteor.demo.world.scene import Scene, SceneText
 
 CAPTION_REQUESTS = (
     "Describe the image briefly.",
@@ -113,7 +113,7 @@ def _centre(bbox: tuple[int, int, int, int]) -> tuple[float, float]:
 # --- foils: hard negatives for contrastive training ---------------------------------------------------
 
 def _foil_kinds() -> dict[str, tuple[str, ...]]:
-    from .config import COLOURS, SHAPES, SIZES
+    from meteor.demo.world.config import COLOURS, SHAPES, SIZES
     return {"shape": SHAPES, "plural": tuple(PLURALS[s] for s in SHAPES), "colour": tuple(COLOURS),
             "size": tuple(SIZES), "count": NUMBER_WORDS[2:7]}
 
@@ -149,7 +149,7 @@ def foil_caption(text: str, rng: random.Random) -> str | None:
                     (len(new) > 1 and new[0] == "0"):
                 pass
         else:
-            from .config import WORDS
+            from meteor.demo.world.config import WORDS
             new = rng.choice([w for w in WORDS if w != inner])
         replacement = f'"{new}"'
     else:

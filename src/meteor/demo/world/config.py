@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import ConfigError
-from ...evaluation.world import QUESTION_TYPES   # the world benchmark's types, defined with its runner
+from meteor.model.configuration import ConfigError
+from meteor.eval.world import QUESTION_TYPES   # the world benchmark's types, defined with its runner
 
 FORMAT_VERSION = 2
 """Bumped whenever the generator's output changes for the same config; part of the reuse check."""

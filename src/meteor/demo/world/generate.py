@@ -26,11 +26,11 @@ from typing import Any, Iterable
 
 import PIL
 
-from .captions import caption, caption_request
-from .config import COLOURS, FORMAT_VERSION, PLURALS, QUESTION_TYPES, SHAPES, SIZES, WORDS, WorldConfig
-from .questions import LETTERS, Question, SplitState, ask_questions
-from .render import render_scene
-from .scene import Scene, make_scene
+from meteor.demo.world.captions import caption, caption_request
+from meteor.demo.world.config import COLOURS, FORMAT_VERSION, PLURALS, QUESTION_TYPES, SHAPES, SIZES, WORDS, WorldConfig
+from meteor.demo.world.questions import LETTERS, Question, SplitState, ask_questions
+from meteor.demo.world.render import render_scene
+from meteor.demo.world.scene import Scene, make_scene
 
 IMAGE_TOKEN = "<image>"
 IMAGE_FOLDER = "images"

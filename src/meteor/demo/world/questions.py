@@ -17,9 +17,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .captions import article
-from .config import COLOURS, PLURALS, SHAPES, WORDS, WorldConfig
-from .scene import Scene, SceneObject
+from meteor.demo.world.captions import article
+from meteor.demo.world.config import COLOURS, PLURALS, SHAPES, WORDS, WorldConfig
+from meteor.demo.world.scene import Scene, SceneObject
 
 LETTERS = "ABCD"
 CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."

@@ -7,9 +7,9 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .config import COLOURS
-from .fonts import text_font, text_ink_box
-from .scene import Scene, SceneObject
+from meteor.demo.world.config import COLOURS
+from meteor.demo.world.fonts import text_font, text_ink_box
+from meteor.demo.world.scene import Scene, SceneObject
 
 
 def render_scene(scene: Scene) -> Image.Image:

@@ -12,10 +12,10 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from meteor.slicing import SlicePlan, plan_slices
+from meteor.processing.slicing import SlicePlan, plan_slices
 
-from .config import COLOURS, SHAPES, SIZE_JITTER, SIZES, WORDS, WorldConfig
-from .fonts import Box, cap_height, font_size_for_cap_height, text_ink_box
+from meteor.demo.world.config import COLOURS, SHAPES, SIZE_JITTER, SIZES, WORDS, WorldConfig
+from meteor.demo.world.fonts import Box, cap_height, font_size_for_cap_height, text_ink_box
 
 SPLITS = ("train", "test")
 BACKGROUNDS = ("plain", "noise", "gradient")

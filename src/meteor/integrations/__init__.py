@@ -1,1 +1,0 @@
-"""Adapters that let other evaluation harnesses run LLaVA-Meteor models (``lmms_eval``: lmms-eval)."""
