@@ -68,7 +68,7 @@ def measure(model, processor, records: Sequence[dict[str, Any]], image_folder: P
     """The figures of one model over ``records`` (grouped by image)."""
     from PIL import Image
 
-    from meteor.serve.visualize import expert_choices
+    from meteor.serve.visualize import expert_choices, image_selections
 
     by_image: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
@@ -81,8 +81,8 @@ def measure(model, processor, records: Sequence[dict[str, Any]], image_folder: P
             image = Image.open(image_folder / name).convert("RGB")
             kept_per_question = []
             for record in questions:
-                batch = processor([record["question"]], [image])
-                selections = model.prompt_selections(batch.input_ids[0], batch.images)
+                batch = processor.prompts([record["question"]], [image])
+                selections = image_selections(model, processor, batch.images, batch.input_ids[0].tolist())
                 if any(s.indices is None for s in selections):
                     raise ValueError("this model's projector keeps no patches (a mixing projector): nothing to score")
                 choices = [(s, expert_choices(s)) for s in selections]

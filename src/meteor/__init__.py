@@ -1,30 +1,139 @@
 """LLaVA-Meteor: Top-Down Compression of visual tokens for LLaVA-style models.
 
-    from meteor import LlavaMeteor
-    model, processor = LlavaMeteor.from_pretrained("path/to/folder")
-    batch = processor(["What is written on the sign?"], ["photo.jpg"])
-    answer_ids = model.generate(**batch.to_model_kwargs(), max_new_tokens=32)
+    import meteor                      # registers LLaVA-Meteor with transformers' Auto classes
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained("path/to/folder")
+    processor = AutoProcessor.from_pretrained("path/to/folder")
+    messages = [{"role": "user", "content": [{"type": "image", "path": "photo.jpg"},
+                                             {"type": "text", "text": "What is written on the sign?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    answer_ids = model.generate(**inputs, max_new_tokens=32)
+
+``import meteor`` itself stays cheap: the model code and transformers load on first use.
 """
 
 from meteor.model.configuration import CompressorConfig, ConfigError, MeteorConfig
 
-__version__ = "0.1.0"
-__all__ = ["CompressorConfig", "ConfigError", "MeteorConfig", "LlavaMeteor", "MeteorProcessor",
-           "TopDownCompression", "__version__"]
+__version__ = "0.2.0"
+__all__ = ["CompressorConfig", "ConfigError", "LlavaMeteorConfig", "LlavaMeteorForConditionalGeneration",
+           "LlavaMeteorImageProcessor", "LlavaMeteorProcessor", "MeteorConfig", "TopDownCompression", "build",
+           "compress", "load_pretrained", "register_with_transformers", "save_pretrained", "uncompress", "__version__"]
+
+_LAZY = {
+    "LlavaMeteorConfig": "meteor.model.configuration_llava_meteor",
+    "LlavaMeteorForConditionalGeneration": "meteor.model.modeling",
+    "LlavaMeteorProcessor": "meteor.processing.processor",
+    "LlavaMeteorImageProcessor": "meteor.processing.image_processor",
+    "TopDownCompression": "meteor.model.projectors",
+    "build": "meteor.pretrained",
+    "load_pretrained": "meteor.pretrained",
+    "save_pretrained": "meteor.pretrained",
+    "register_with_transformers": "meteor.pretrained",
+    "compress": "meteor.adapters.qwen_vl",  # training-free compression of transformers' Qwen2.5-VL / Qwen3-VL
+    "uncompress": "meteor.adapters.qwen_vl",
+    # the names before 0.2, deprecated (they warn when used)
+    "LlavaMeteor": "meteor.pretrained",
+    "MeteorProcessor": "meteor.processing.processor",
+}
 
 
 def __getattr__(name):
-    # The heavy modules (transformers) load on first use, so `import meteor` stays cheap.
-    if name == "LlavaMeteor":
-        from meteor.model.modeling import LlavaMeteor
-        return LlavaMeteor
-    if name == "MeteorProcessor":
-        from meteor.processing.processor import MeteorProcessor
-        return MeteorProcessor
-    if name == "TopDownCompression":
-        from meteor.model.projectors import TopDownCompression
-        return TopDownCompression
+    # The heavy modules (torch, transformers) load on first use, so `import meteor` stays cheap.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'meteor' has no attribute {name!r}")
+
+
+class _RegisterWithAutoClasses:
+    """Makes transformers' Auto classes know LLaVA-Meteor without ``import meteor`` importing
+    transformers: when one of their modules is imported (by whoever imports it first), its entry
+    points (``AutoConfig.from_pretrained``, every ``AutoModel*.from_pretrained`` / ``from_config``,
+    ``AutoProcessor.from_pretrained``, ``AutoImageProcessor.from_pretrained``) are wrapped to register
+    LLaVA-Meteor's classes before their first use (``meteor.pretrained.register_with_transformers``).
+    Registering at import time instead would import transformers' model code while transformers is
+    still importing it (its model files import the Auto modules half-way through)."""
+
+    ENTRY_POINTS = {
+        "transformers.models.auto.configuration_auto": {"AutoConfig": ("from_pretrained", "for_model")},
+        "transformers.models.auto.auto_factory": {"_BaseAutoModelClass": ("from_pretrained", "from_config")},
+        "transformers.models.auto.processing_auto": {"AutoProcessor": ("from_pretrained",)},
+        "transformers.models.auto.image_processing_auto": {"AutoImageProcessor": ("from_pretrained",)},
+    }
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.ENTRY_POINTS:
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        original = spec.loader.exec_module
+
+        def exec_module(module):
+            original(module)
+            _wrap_entry_points(module, self.ENTRY_POINTS[name])
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _wrap_entry_points(module, entry_points: dict) -> None:
+    import functools
+
+    for class_name, methods in entry_points.items():
+        owner = getattr(module, class_name, None)
+        for method in methods if owner is not None else ():
+            function = getattr(owner.__dict__.get(method), "__func__", None)
+            if function is None or getattr(function, "_meteor_registers", False):
+                continue
+
+            def make(function=function):
+                @functools.wraps(function)
+                def registering(cls, *args, **kwargs):
+                    _register()
+                    return function(cls, *args, **kwargs)
+                registering._meteor_registers = True
+                return classmethod(registering)
+
+            setattr(owner, method, make())
+
+
+_registering = False
+
+
+def _register() -> None:
+    global _registering
+    if _registering or _pretrained_registered():
+        return
+    _registering = True
+    try:
+        from meteor.pretrained import register_with_transformers
+
+        register_with_transformers()
+    finally:
+        _registering = False
+
+
+def _pretrained_registered() -> bool:
+    import sys
+
+    module = sys.modules.get("meteor.pretrained")
+    return module is not None and module._registered
+
+
+def _arrange_registration() -> None:
+    import importlib
+    import sys
+
+    finder = _RegisterWithAutoClasses()
+    for name, entry_points in finder.ENTRY_POINTS.items():
+        if name in sys.modules:
+            _wrap_entry_points(importlib.import_module(name), entry_points)
+    if not any(isinstance(f, _RegisterWithAutoClasses) for f in sys.meta_path):
+        sys.meta_path.insert(0, finder)
 
 
 # Modules that moved when the package was regrouped by architecture: their old names still import
@@ -55,6 +164,7 @@ MOVED = {
     "meteor.integrations": "meteor.adapters",
     "meteor.integrations.lmms_eval": "meteor.adapters.lmms_eval",
     "meteor.cost": "meteor.bench.cost",
+    "meteor.demo.tiny": "meteor.testing",
 }
 
 
@@ -100,3 +210,4 @@ def _install_finder() -> None:
 
 
 _install_finder()
+_arrange_registration()

@@ -93,10 +93,10 @@ def _eval(args: argparse.Namespace) -> int:
     overrides = compressor_overrides(args.compressor_override)
     if overrides:       # an all-tokens model compressed at load time (LlavaMeteor.from_pretrained)
         from meteor.eval import build_runner
-        from meteor.model.modeling import LlavaMeteor
+        from meteor.pretrained import load_pretrained
 
         runner = build_runner(args.benchmark, config, args.annotations, grader)
-        model, processor = LlavaMeteor.from_pretrained(args.model, compressor_overrides=overrides)
+        model, processor = load_pretrained(args.model, compressor_overrides=overrides)
         scores = runner.run(model, processor, args.data, args.image_folder, args.out, progress)
     else:
         scores = evaluate(args.benchmark, args.model, args.data, args.image_folder, args.out, config, progress,
@@ -188,8 +188,13 @@ def _convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from meteor.model.configuration import MeteorConfig
-    from meteor.adapters.llava import convert_llava, export_model, inspect_llava, meteor_config_for
+    from meteor.adapters.llava import convert_llava, export_model, inspect_llava, meteor_config_for, upgrade_model
 
+    if args.upgrade is not None:
+        out = upgrade_model(args.upgrade, args.out, overwrite=args.overwrite)
+        print(f"wrote {out}: config.json, model.safetensors, the processor and tokenizer files "
+              f"(AutoModelForImageTextToText / AutoProcessor load it after `import meteor`)")
+        return 0
     if args.export is not None:
         out = export_model(args.export, args.out, overwrite=args.overwrite)
         print(f"wrote {out}/language_model (AutoModelForCausalLM, AutoTokenizer), {out}/vision_tower "
@@ -210,7 +215,7 @@ def _convert(args: argparse.Namespace) -> int:
     out = convert_llava(args.from_llava, args.out, config, args.vision, dtype, overwrite=args.overwrite)
     for note in source.notes:
         print(f"note: {note}", file=sys.stderr)
-    saved = json.loads((Path(out) / "meteor_config.json").read_text())
+    saved = json.loads((Path(out) / "config.json").read_text())
     print(f"wrote {out} ({source.format}): projector {saved['compressor']['projector']}, tokens_per_slice "
           f"{saved['compressor']['tokens_per_slice']}, feature_layer {saved['feature_layer']}, "
           f"max_slices {saved['max_slices']}, visual_expert {saved['visual_expert']}")
@@ -228,10 +233,13 @@ def _add_convert(commands) -> None:
         "model computes what the LLaVA computes (projector mlp, every token, one view); --projector cls_topk "
         "--tokens-per-slice K compresses it without training; --projector meteor starts Top-Down Compression "
         "from it. --export: write a LLaVA-Meteor model's language model + tokenizer and vision tower as "
-        "folders plain transformers loads (the compressor stays compressor.safetensors).")
+        "folders plain transformers loads (the compressor stays compressor.safetensors). --upgrade: rewrite a "
+        "folder in the format before 0.2 (meteor_config.json, vision_tower/, language_model/) as one "
+        "transformers folder (config.json, model.safetensors).")
     source = convert.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-llava", default=None, metavar="PATH", help="a local LLaVA checkpoint folder")
     source.add_argument("--export", default=None, metavar="MODEL", help="a LLaVA-Meteor folder to export")
+    source.add_argument("--upgrade", default=None, metavar="MODEL", help="a folder in the format before 0.2")
     convert.add_argument("--out", required=True, help="the folder to write")
     convert.add_argument("--vision", default=None, metavar="PATH",
                          help="original LLaVA-1.5: the local folder of the vision tower its mm_vision_tower names "

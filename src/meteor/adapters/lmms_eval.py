@@ -32,14 +32,14 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 
 from meteor.processing.conversation import IGNORE_INDEX
-from meteor.model.modeling import LlavaMeteor
+from meteor.pretrained import load_pretrained
 
 MODEL_NAME = "llava_meteor"
 CLASS_PATH = "meteor.adapters.lmms_eval.LlavaMeteorLMMS"
 
 
 class LlavaMeteorLMMS(lmms):
-    """A LLaVA-Meteor folder (``LlavaMeteor.save_pretrained``) behind lmms-eval's ``lmms`` API."""
+    """A LLaVA-Meteor folder (``meteor.pretrained.save_pretrained``) behind lmms-eval's ``lmms`` API."""
 
     is_simple = True
 
@@ -53,7 +53,7 @@ class LlavaMeteorLMMS(lmms):
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size!r}")
         self.default_max_new_tokens = int(max_new_tokens)
         torch_dtype = None if dtype in (None, "auto") else getattr(torch, str(dtype))
-        self.model, self.processor = LlavaMeteor.from_pretrained(pretrained, dtype=torch_dtype)
+        self.model, self.processor = load_pretrained(pretrained, dtype=torch_dtype)
         self.model.to(device).eval()
         self.tokenizer = self.processor.tokenizer
         self._warned_multi_image = False
@@ -86,44 +86,26 @@ class LlavaMeteorLMMS(lmms):
 
     @torch.no_grad()
     def _generate_batch(self, requests: Sequence[Instance], positions: list[int], answers: list[str]) -> None:
+        from meteor.serve.streaming import AnswerStream, Sampling, generate_streamed
+
         gen_kwargs = dict(requests[positions[0]].args[1] or {})
         until = gen_kwargs.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
+        until = tuple(stop for stop in ([until] if isinstance(until, str) else until) if stop)
         temperature = float(gen_kwargs.pop("temperature", 0) or 0)
-        options = {"max_new_tokens": int(gen_kwargs.pop("max_new_tokens", self.default_max_new_tokens)),
-                   "do_sample": temperature > 0, "pad_token_id": self.tokenizer.pad_token_id,
-                   "eos_token_id": self.tokenizer.eos_token_id}
-        if temperature > 0:
-            options.update(temperature=temperature, top_p=gen_kwargs.pop("top_p", None) or 1.0)
+        sampling = Sampling(temperature=temperature, top_p=float(gen_kwargs.pop("top_p", None) or 1.0)) \
+            if temperature > 0 else Sampling()
+        max_new_tokens = int(gen_kwargs.pop("max_new_tokens", self.default_max_new_tokens))
         if int(gen_kwargs.pop("num_beams", 1) or 1) > 1:
             logger.warning("llava_meteor decodes greedily or by sampling; num_beams > 1 is ignored")
-        contexts, images = [], []
+        prompts = []
         for position in positions:
             context, _, doc_to_visual, doc_id, task, split = requests[position].args
-            contexts.append(context)
-            images.append(self._image(doc_to_visual, doc_id, task, split))
-        if any(image is None for image in images) and not all(image is None for image in images):
-            for position, context, image in zip(positions, contexts, images):   # mixed: one by one
-                answers[position] = self._cut(self._generate([context], [image], options), until)[0]
-            return
-        for position, text in zip(positions, self._cut(self._generate(contexts, images, options), until)):
-            answers[position] = text
-
-    def _generate(self, contexts: list[str], images: list, options: dict[str, Any]) -> list[str]:
-        """Left-padded batch generation; ``images`` holds one image or None per context."""
-        batch = self.processor(contexts, images)
-        new = self.model.generate(**batch.to_model_kwargs(), **options)
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
-
-    @staticmethod
-    def _cut(texts: list[str], until: list[str]) -> list[str]:
-        cut = []
-        for text in texts:
-            for stop in until:
-                if stop:
-                    text = text.split(stop)[0]
-            cut.append(text.strip())
-        return cut
+            prompts.append(self.processor.question_prompt(context, self._image(doc_to_visual, doc_id, task, split)))
+        # the project's one generation path; each answer stops before the first `until` string
+        rows = [AnswerStream(self.tokenizer, max_new_tokens, stop=until) for _ in prompts]
+        generate_streamed(self.model, self.processor, prompts, rows, sampling=sampling)
+        for position, row in zip(positions, rows):
+            answers[position] = row.text.strip()
 
     # --- likelihood ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -144,8 +126,9 @@ class LlavaMeteorLMMS(lmms):
                 context = f"{tag}\n{context}"
             ids, labels = self.processor.encode([{"from": "human", "value": context},
                                                  {"from": "gpt", "value": continuation}], images)
-            input_ids = torch.tensor([ids])
-            logits = self.model(input_ids=input_ids, images=images).logits[0, :-1].float()   # (T-1, V)
+            batch = self.processor.collate([(ids, labels)], images)
+            inputs = {k: v for k, v in batch.to_model_kwargs().items() if k != "labels"}
+            logits = self.model(**inputs).logits[0, :-1].float()                             # (T-1, V)
             targets = torch.tensor(labels[1:], device=logits.device)                        # (T-1,)
             scored = targets != IGNORE_INDEX
             log_probs = F.log_softmax(logits[scored], dim=-1)

@@ -383,30 +383,43 @@ def prompt(sliced, counts: list[int], before: int, after: int, setup: Setup, see
 
 def row_model(setup: Setup, row: Row, dtype: torch.dtype):
     from meteor.model.configuration import CompressorConfig, MeteorConfig
-    from meteor.model.modeling import LlavaMeteor
+    from meteor.pretrained import assemble
 
     config = MeteorConfig(compressor=CompressorConfig(projector=row.projector, tokens_per_slice=row.tokens_per_slice))
-    model = LlavaMeteor(config, setup.tower, setup.lm, setup.image_token_id)
+    model = assemble(setup.tower, setup.lm, config, setup.image_token_id)
     model.compressor.to(setup.device, dtype).eval()
     return model
+
+
+def image_inputs(sliced, device) -> dict[str, torch.Tensor]:
+    """One prepared image as the model takes it (pixel_values, view_grids, image_grids)."""
+    from meteor.processing.image_processor import image_tensors
+
+    inputs = image_tensors([sliced], sliced.plan.patch_size)
+    inputs.pop("image_sizes")
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
 # --- one row, inference ----------------------------------------------------------------------------------
 
 
-def measure_inference(model, setup: Setup, sliced, ids: torch.Tensor, decode_tokens: int) -> dict:
+def measure_inference(model, setup: Setup, sliced, ids: torch.Tensor, decode_tokens: int, cache=None) -> dict:
     """One run: vision, compression and prefill (time to first token) of one prompt, then
-    ``decode_tokens`` greedy tokens with the KV cache. LLM figures at the real depth."""
+    ``decode_tokens`` greedy tokens with the KV cache. LLM figures at the real depth. ``cache``: a
+    FeatureCache the vision tower's outputs are read from."""
     clock = Clock(setup.device)
     lm, layers = setup.lm, setup.lm.model.layers
-    vision = ModuleTimer([model.vision_tower], clock)
+    vision = ModuleTimer([model.model.tower], clock)
     compressor = ModuleTimer([model.compressor], clock)
     per_layer = ModuleTimer(layers, clock)
     scale = setup.depth / len(layers)
     try:
         with torch.inference_mode(), PeakMemory(setup.device) as memory:
             start = clock()
-            embeds = model.embed(ids.to(setup.device), [sliced])                 # (1, T, D)
+            inputs = image_inputs(sliced, setup.device)
+            towers = None if cache is None else cache.encode_views(model.model, inputs["pixel_values"],
+                                                                     inputs["view_grids"])
+            embeds, _ = model.model.embed(ids.to(setup.device), **inputs, tower_outputs=towers)   # (1, T, D)
             embedded = clock()
             out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1, keepdim=True)                   # (1, 1)
@@ -462,25 +475,27 @@ def measure_training(model, setup: Setup, sliced, ids: torch.Tensor, labels: tor
     clock = Clock(setup.device)
     layers = setup.lm.model.layers
     per_layer = ModuleTimer(layers, clock, backward=True)
-    vision = ModuleTimer([model.vision_tower], clock)
+    vision = ModuleTimer([model.model.tower], clock)
     scale = setup.depth / len(layers)
     model.train()
     setup.lm.requires_grad_(stage == 2)
     model.compressor.requires_grad_(True)
-    model.feature_cache = FeatureCache() if cached else None
+    cache = FeatureCache() if cached else None
     ids, labels = ids.to(setup.device), labels.to(setup.device)
+    inputs = image_inputs(sliced, setup.device)
     best: dict = {}
     try:
         if cached:
-            with torch.no_grad():
-                model.embed(ids, [sliced])                                   # fills the cache
+            cache.encode_views(model.model, inputs["pixel_values"], inputs["view_grids"])   # fills the cache
         for _ in range(repeats):
             model.zero_grad(set_to_none=True)
             per_layer.reset()
             vision.reset()
             with PeakMemory(setup.device) as memory:
                 start = clock()
-                loss = model(input_ids=ids, images=[sliced], labels=labels).loss
+                towers = None if cache is None else cache.encode_views(model.model, inputs["pixel_values"],
+                                                                         inputs["view_grids"])
+                loss = model(input_ids=ids, **inputs, labels=labels, tower_outputs=towers).loss
                 loss.backward()
                 done = clock()
             if not torch.isfinite(loss):
@@ -493,7 +508,6 @@ def measure_training(model, setup: Setup, sliced, ids: torch.Tensor, labels: tor
         per_layer.remove()
         vision.remove()
         model.zero_grad(set_to_none=True)
-        model.feature_cache = None
         model.eval()
         setup.lm.requires_grad_(False)
     return best
@@ -529,7 +543,7 @@ def inference_costs(model, setup: Setup, sliced, text: int, separators: int, ite
     from meteor.bench import cost
 
     vision, llm = shapes(model, setup)
-    return cost.inference(vision, llm, model.config.compressor, sliced.plan.view_patches, text, separators,
+    return cost.inference(vision, llm, model.meteor_config.compressor, sliced.plan.view_patches, text, separators,
                           itemsize, decode_context=decode_context)
 
 
@@ -631,13 +645,11 @@ def run_inference(args, setup: Setup, image, rows, dtype, between_rounds=None) -
             model, sliced, ids, _ = prepared[row.name]
             # The vision tower does the same work in every round: after the first, its outputs come
             # from a cache and only the projector and the LLM are timed again.
-            model.feature_cache = cache if round_ else None
-            run = measure_inference(model, setup, sliced, ids, args.decode_tokens)
-            model.feature_cache = None
+            run = measure_inference(model, setup, sliced, ids, args.decode_tokens, cache if round_ else None)
             if round_ == 0:
                 with torch.no_grad():
-                    for view in sliced.views():
-                        cache.encode(setup.tower, view[None].to(setup.device, setup.tower.dtype))
+                    inputs = image_inputs(sliced, setup.device)
+                    cache.encode_views(model.model, inputs["pixel_values"], inputs["view_grids"])
             else:
                 run["vision_s"] = runs[row.name][0]["vision_s"]
             runs[row.name].append(run)
@@ -705,7 +717,7 @@ def run_training(args, setup: Setup, image, rows, dtype) -> tuple[dict, dict]:
                 step = measure_training(model, setup, sliced, ids, labels, stage, cached, args.train_repeats)
                 step["tokens"] = ids.shape[1]
                 out[row.name][key] = step
-                costs[row.name][key] = cost.training_step(vision, llm, model.config.compressor,
+                costs[row.name][key] = cost.training_step(vision, llm, model.meteor_config.compressor,
                                                           sliced.plan.view_patches, text, separators, itemsize,
                                                           stage, cached)
                 print(f"  train {row.name} stage {stage} {'cached' if cached else 'uncached'}: "

@@ -25,7 +25,7 @@ def run_demo(out: str | Path = "meteor-demo", seed: int = 0, quick: bool = False
              config: DemoConfig | None = None, rebuild: Sequence[str] = ()) -> dict[str, Any]:
     """The whole demo in ``out``; ``rebuild`` names shipped assets to train here instead
     ("language_model", "clip")."""
-    from meteor.model.modeling import LlavaMeteor
+    from meteor.pretrained import load_pretrained
     from meteor.demo import report
 
     config = config or (quick_config(seed) if quick else full_config(seed))
@@ -53,7 +53,7 @@ def run_demo(out: str | Path = "meteor-demo", seed: int = 0, quick: bool = False
     report.loss_plot({budget_name(k): out / "runs" / budget_name(k) for k in config.budgets},
                      report_dir / "training_loss.png")
     shown = next((b for b in budgets if b["k"] is not None), budgets[0])
-    model, processor = LlavaMeteor.from_pretrained(shown["model"])
+    model, processor = load_pretrained(shown["model"])
     tests = [json.loads(line) for line in world.test_path.read_text().splitlines() if line.strip()]
     seen, figures = set(), []
     for record in tests:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from meteor.train.data import Example, LlavaDataset, RecordError, record_id
-from meteor.processing.processor import Batch, MeteorProcessor, pad_batch
+from meteor.processing.processor import Batch, LlavaMeteorProcessor, pad_batch
 from meteor.train.args import TrainConfigError
 from meteor.train.auxiliary import AuxiliaryTerm
 from meteor.demo.world.captions import scene_line
@@ -50,7 +50,7 @@ class SceneDistillation:
     needs_views = False
     logged = ()
 
-    def __init__(self, language_model: nn.Module, processor: MeteorProcessor, template: str,
+    def __init__(self, language_model: nn.Module, processor: LlavaMeteorProcessor, template: str,
                  records: Sequence[dict], weight: float = 1.0):
         missing = records_without_meta(records)
         if missing:

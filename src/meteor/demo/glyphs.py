@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from meteor.train.data import Example, LlavaDataset, RecordError, record_id
-from meteor.processing.processor import Batch, MeteorProcessor
+from meteor.processing.processor import Batch, LlavaMeteorProcessor
 from meteor.model.projectors import TOKENWISE, is_tokenwise
 from meteor.processing.slicing import SlicePlan, patch_overlap
 from meteor.train.args import TrainConfigError
@@ -84,7 +84,7 @@ class GlyphAlignment:
     needs_views = True
     logged = ("accuracy",)
 
-    def __init__(self, processor: MeteorProcessor, records: Sequence[dict], mlp: torch.nn.Module,
+    def __init__(self, processor: LlavaMeteorProcessor, records: Sequence[dict], mlp: torch.nn.Module,
                  embeddings: torch.nn.Module, weight: float = 1.0, cover: float = 0.3):
         """``mlp``: the projector's token-wise MLP; ``embeddings``: the LLM's input embeddings (the
         labels' table, not trained by this loss)."""
@@ -106,7 +106,7 @@ class GlyphAlignment:
     def factory(cls, weight: float, cover: float = 0.3):
         """What ``meteor.train.train`` takes in ``auxiliary``; refuses a projector that is not token-wise."""
         def build(model, dataset: LlavaDataset, template: str) -> "GlyphAlignment":
-            projector = model.config.compressor.projector
+            projector = model.meteor_config.compressor.projector
             if not is_tokenwise(projector):
                 raise TrainConfigError(f"glyph_alignment needs a projector that maps each patch token on its "
                                        f"own ({', '.join(TOKENWISE)}); this model's is {projector!r}. "

@@ -60,9 +60,9 @@ def _read_key(folder: Path) -> Any:
 def _text_processor(tokenizer):
     """A processor for text-only conversations (it adds the <image> and pad tokens the model's
     processor adds, so vocabulary sizes agree)."""
-    from meteor.processing.processor import MeteorProcessor
+    from meteor.processing.processor import build_processor
 
-    return MeteorProcessor(tokenizer, MeteorConfig(), patch_size=14, base_size=112)
+    return build_processor(tokenizer, MeteorConfig(), patch_size=14, base_size=112)
 
 
 def budget_name(k: int | None) -> str:
@@ -139,7 +139,7 @@ class Pipeline:
         matches, else pretrained here; without it (``--quick``), it starts from random weights."""
         from transformers import LlamaForCausalLM
 
-        from meteor.demo.tiny import tiny_llama_config, tiny_tokenizer
+        from meteor.testing import tiny_llama_config, tiny_tokenizer
         from meteor.demo.language import focus_conversations, pretrain_language_model, text_conversations
 
         recipe = self.config.language_pretraining
@@ -371,7 +371,7 @@ class Pipeline:
         with ``tokens_per_slice``, run at that K′ instead of the K it was trained with; with
         ``compressor_overrides``, loaded with another projector (e.g. training-free CLS Top-K)."""
         from meteor.eval import EvalConfig, WorldRunner
-        from meteor.model.modeling import LlavaMeteor
+        from meteor.pretrained import load_pretrained
 
         key = {"model": _read_key(model_dir.parent), "batch": self.config.eval_batch_size}
         if tokens_per_slice is not None:
@@ -386,9 +386,9 @@ class Pipeline:
         started = time.perf_counter()
         if _read_key(step.folder) != step.key or self.force:
             step.start()          # predictions of another model: start over; same model: resume
-        model, processor = LlavaMeteor.from_pretrained(model_dir, compressor_overrides=compressor_overrides)
-        model.feature_cache = FeatureCache(self.out / "features")
+        model, processor = load_pretrained(model_dir, compressor_overrides=compressor_overrides)
         runner = WorldRunner(EvalConfig(batch_size=self.config.eval_batch_size, tokens_per_slice=tokens_per_slice))
+        runner.feature_cache = FeatureCache(self.out / "features")
         (step.folder / KEY_FILE).write_text(json.dumps(step.key, indent=2, sort_keys=True) + "\n")
         scores = runner.run(model, processor, world.test_path, world.image_folder, step.folder)
         self._timed(f"eval/{name}", started)

@@ -56,10 +56,10 @@ def evaluate(benchmark: str, model_dir: str, data: str, image_folder: str | None
              config: EvalConfig = EvalConfig(), progress=None, annotations: str | Path | None = None,
              grader: Grader | None = None) -> dict:
     """Load a saved LLaVA-Meteor folder and run one benchmark on it; its scores."""
-    from meteor.model.modeling import LlavaMeteor
+    from meteor.pretrained import load_pretrained
 
     runner = build_runner(benchmark, config, annotations, grader)
-    model, processor = LlavaMeteor.from_pretrained(model_dir)
+    model, processor = load_pretrained(model_dir)
     return runner.run(model, processor, data, image_folder, out_dir, progress)
 
 

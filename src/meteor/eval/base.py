@@ -236,24 +236,28 @@ class Runner(ABC):
             f"Point {self.image_folder_option} at the folder the question file's image paths are relative to "
             f"(now {folder.resolve()}). Nothing was generated; predictions already written are kept.")
 
+    feature_cache = None
+    """A ``FeatureCache`` (``meteor.model.feature_cache``) the vision tower's outputs are read from and
+    kept in, set by whoever runs the benchmark (e.g. the demo, whose budgets share a frozen tower)."""
+
     @torch.no_grad()
     def answer(self, model, processor, questions: Sequence[dict[str, Any]],
                image_folder: str | Path | None) -> list[str]:
         """Greedy answers for one batch, decoded without special tokens and stripped."""
         images = [None if q.get("image") is None else
                   processor.prepare_image(Path(image_folder or ".") / q["image"]) for q in questions]
-        prompts = [self.prompt(q) for q in questions]
-        if any(image is None for image in images):   # mixed batches: one generate call per question
-            return [self._generate(model, processor, [p], [] if i is None else [i])[0]
-                    for p, i in zip(prompts, images)]
-        return self._generate(model, processor, prompts, images)
+        return self.generate(model, processor, [self.prompt(q) for q in questions], images)
 
-    def _generate(self, model, processor, prompts: list[str], images: list) -> list[str]:
-        batch = processor(prompts, images, tokens_per_slice=self.config.tokens_per_slice)
-        new = model.generate(**batch.to_model_kwargs(), max_new_tokens=self.max_new_tokens,
-                             do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
-                             eos_token_id=processor.tokenizer.eos_token_id)
-        return [text.strip() for text in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    def generate(self, model, processor, prompts: Sequence[str], images: Sequence[Any]) -> list[str]:
+        """Greedy answers to ``prompts`` (one image or None each) in one left-padded batch, through the
+        project's one generation path (``meteor.serve.streaming.generate_streamed``)."""
+        from meteor.serve.streaming import AnswerStream, generate_streamed
+
+        k = self.config.tokens_per_slice
+        prompt_ids = [processor.question_prompt(prompt, image, tokens_per_slice=k) for prompt, image in zip(prompts, images)]
+        rows = [AnswerStream(processor.tokenizer, self.max_new_tokens) for _ in prompt_ids]
+        generate_streamed(model, processor, prompt_ids, rows, k, feature_cache=self.feature_cache)
+        return [row.text.strip() for row in rows]
 
 
 def group_accuracy(rows: Iterable[dict[str, Any]], correct: Callable[[dict[str, Any]], bool],

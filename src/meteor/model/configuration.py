@@ -1,7 +1,7 @@
 """Every option of LLaVA-Meteor, declared once, typed, documented and validated.
 
-The defaults are those of the paper (see ``SPEC.md``); where the paper is silent the default is
-stated here with the reason, and nowhere else. ``MeteorConfig`` is serialised to JSON beside the
+The defaults are those of the paper (docs/design.md lists them); where the paper is silent the
+default is stated here with the reason, and nowhere else. ``MeteorConfig`` is serialised to JSON beside the
 weights, so a saved model says exactly how it was built.
 """
 
@@ -30,6 +30,10 @@ FastChat's ``vicuna_v1``, the tokenizer's own ``chat_template``, or ``auto`` (th
 when it has one, else vicuna_v1)."""
 
 CONFIG_NAME = "meteor_config.json"
+"""The file of a MeteorConfig in the folder format before the transformers-native one."""
+
+IGNORE_INDEX = -100
+"""Label of positions that are not supervised (transformers' and LLaVA's convention)."""
 
 
 class ConfigError(ValueError):
@@ -256,6 +260,28 @@ class MeteorConfig:
                f"attention_layer None, not {self.attention_layer}")
         _choice("template", self.template, get_args(Template))
 
+    def resolve_tokens_per_slice(self, requested: int | None = None, fewest_patches: int | None = None
+                                 ) -> int | None:
+        """K′, the visual tokens kept per view at inference: ``requested`` when given, else the
+        trained K (None: every token). The one place every entry point (processor, model, chat,
+        serve, explain, evaluation) resolves it, so all refuse the same impossible values: a K′ for
+        a projector that cannot keep another count than it was trained with (the all-tokens MLP,
+        the resampler), a K′ that is not a positive integer, or one above ``fewest_patches`` (the
+        patches of the smallest view it will be applied to)."""
+        compressor = self.compressor
+        if requested is None or requested == compressor.tokens_per_slice:
+            return compressor.tokens_per_slice
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ConfigError(f"tokens_per_slice (K′) must be a positive number of tokens per view, got {requested!r}")
+        if compressor.projector in ("mlp", "resampler"):
+            raise ConfigError(f"this model's {compressor.projector!r} projector cannot keep another number of "
+                              f"tokens per view than it was trained with ({compressor.tokens_per_slice or 'all'}); "
+                              f"leave tokens_per_slice out")
+        if fewest_patches is not None and requested > fewest_patches:
+            raise ConfigError(f"tokens_per_slice {requested} is more than the {fewest_patches} patches of the "
+                              f"smallest view: give at most {fewest_patches}")
+        return requested
+
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -303,3 +329,4 @@ def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(names)}")
     return dict(data)
+

@@ -1,6 +1,6 @@
 """A cache of the frozen vision tower's outputs, so each view is encoded once per run (or ever).
 
-The vision tower is frozen in both training stages (SPEC §5), so its output for a view depends only
+The vision tower is frozen in both training stages (docs/design.md), so its output for a view depends only
 on the view's pixels and the tower's weights. ``FeatureCache`` keys each view on a hash of its
 normalised pixels and keeps the patch tokens and the CLS-attention row:
 
@@ -96,6 +96,17 @@ class FeatureCache:
         device = pixels.device
         return VisionOutput(patch_tokens=torch.stack([item[0] for item in found]).to(device),
                             cls_attention=torch.stack([item[1] for item in found]).to(device), grid=grid)
+
+    def encode_views(self, model, pixel_values: Tensor, view_grids: Tensor) -> list[tuple[list[int], VisionOutput]]:
+        """``model.encode_views(pixel_values, view_grids)`` (a ``LlavaMeteorModel``: its tower's
+        outputs for a batch's views, grouped by size), computing only the views not cached: what its
+        ``forward`` takes as ``tower_outputs``."""
+        from meteor.model.modeling import view_batches
+
+        tower = model.tower
+        device = next(tower.encoder.parameters()).device
+        return [(positions, self.encode(tower, views.to(device, tower.dtype)))
+                for positions, views in view_batches(pixel_values, view_grids, tower.patch_size)]
 
     # --- storage ------------------------------------------------------------------------------------
     def _fingerprint(self, tower: VisionTower) -> str:

@@ -1,37 +1,40 @@
-"""LLaVA-Meteor: frozen CLIP vision tower → Top-Down Compression → any causal LM.
+"""LLaVA-Meteor as a transformers model: a frozen vision tower → Top-Down Compression → any causal LM.
 
-The model takes what `MeteorProcessor` produces: token ids in which every visual token of every
-image is one `<image>` id laid out in LLaVA-UHD's spatial schema, and the sliced images in the
-same order. It encodes each view, compresses it to K tokens, and writes them into the `<image>`
-positions of the LLM's input embeddings.
+Laid out as transformers' LLaVA (``LlavaForConditionalGeneration``), so tools that know that layout
+find things where they expect them: ``model.vision_tower`` (any ``AutoModel`` of the vision config:
+CLIP, SigLIP), ``model.multi_modal_projector`` (the compressor: Top-Down Compression or a baseline
+projector, ``meteor.model.projectors``), ``model.language_model`` (the decoder, any ``AutoModel``
+of the text config) and ``lm_head``.
+
+The model takes what ``LlavaMeteorProcessor`` makes (docs/design.md, "Tensors"): token ids in
+which every visual token is one ``<image>`` id, laid out in LLaVA-UHD's spatial schema; the pixels
+of every view as flattened patches ``pixel_values`` (P, 3·p·p); each view's patch grid
+``view_grids`` (V, 2) and each image's slice grid ``image_grids`` (I, 2). It encodes the views (views
+of one size as one batch), compresses each view to its K′ tokens and writes them into the
+``<image>`` positions of the language model's input embeddings. ``GenerationMixin.generate`` is
+the one generation path: the images are read at the prefill step only, then the KV cache runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from meteor.model.configuration import CONFIG_NAME, MeteorConfig
-from meteor.processing.conversation import IGNORE_INDEX
-from meteor.model.feature_cache import FeatureCache
-from meteor.model.projectors import CompressionOutput, build_projector
-from meteor.processing.processor import MeteorProcessor
-from meteor.processing.slicing import SlicedImage
-from meteor.model.vision import VisionTower
+from meteor.model.configuration import IGNORE_INDEX, ConfigError, MeteorConfig
+from meteor.model.configuration_llava_meteor import MODEL_TYPE, LlavaMeteorConfig
+from meteor.model.projectors import PROJECTORS, CompressionOutput, build_projector
+from meteor.model.vision import VisionOutput, VisionTower
 
-COMPRESSOR_FILE = "compressor.safetensors"
-VISION_DIR = "vision_tower"
-LANGUAGE_DIR = "language_model"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,149 +59,180 @@ class ViewGroup:
     """The projector's output for these views (with gradients, in training)."""
 
 
+TowerOutputs = list[tuple[list[int], VisionOutput]]
+"""The vision tower's outputs for a batch's views: per group of views of one size, the views'
+positions (in ``view_grids`` order) and their ``VisionOutput``. ``LlavaMeteorModel.encode_views``
+makes it; a feature cache can make the same (``meteor.model.feature_cache``) and hand it to
+``forward(tower_outputs=...)``."""
+
+
 @dataclass
-class MeteorCausalLMOutput(CausalLMOutputWithPast):
-    """The language model's output with the projector's per-view outputs (``return_views=True``):
-    what a training aid needs to add a loss on the compressed views (``meteor.train.auxiliary``)."""
+class LlavaMeteorCausalLMOutput(CausalLMOutputWithPast):
+    """The causal LM's output; with ``return_views=True`` also the projector's per-view outputs,
+    what a training aid adds a loss on (``meteor.train.auxiliary``)."""
     views: list[ViewGroup] | None = None
     """The batch's view groups in the order they ran."""
 
 
-class LlavaMeteor(nn.Module):
-    def __init__(self, config: MeteorConfig, vision_tower: VisionTower, language_model: nn.Module,
-                 image_token_id: int):
-        super().__init__()
-        compressor_config = dataclasses.replace(
-            config.compressor,
-            vision_width=vision_tower.hidden_size,
-            text_width=language_model.get_input_embeddings().embedding_dim,
-        )
-        self.config = dataclasses.replace(config, compressor=compressor_config)
-        self.vision_tower = vision_tower
-        self.compressor = build_projector(compressor_config)
-        self.language_model = language_model
-        self.image_token_id = image_token_id
-        self.training_progress: float | None = None
-        """Fraction of training done, set by the trainer; drives the native expert's warm-up."""
-        self.feature_cache: FeatureCache | None = None
-        """Where the frozen tower's outputs are kept between calls (``meteor.model.feature_cache``); None:
-        every view is encoded every time."""
+# --- tensors in, views out ---------------------------------------------------------------------------
 
-    # --- construction ---------------------------------------------------------------------------
-    @classmethod
-    def build(cls, vision: str | os.PathLike | VisionTower, language_model: str | os.PathLike | nn.Module,
-              tokenizer: Any, config: MeteorConfig | None = None, dtype: torch.dtype | None = None
-              ) -> tuple["LlavaMeteor", MeteorProcessor]:
-        """A new model from a CLIP folder (or tower) and a causal-LM folder (or model); the
-        compressor is freshly initialised. The widths C and D are read from the components."""
-        from transformers import AutoTokenizer
+def split_views(pixel_values: torch.Tensor, view_grids: torch.Tensor, patch_size: int) -> list[torch.Tensor]:
+    """Flattened patches → views: pixel_values (P, 3·p·p), each view's patches in raster order and
+    each patch as (channel, y, x); view_grids (V, 2) → V tensors (3, rows·p, cols·p)."""
+    grids = [tuple(int(v) for v in grid) for grid in view_grids.tolist()]
+    counts = [rows * cols for rows, cols in grids]
+    if sum(counts) != pixel_values.shape[0]:
+        raise ValueError(f"pixel_values holds {pixel_values.shape[0]} patches but view_grids describe "
+                         f"{sum(counts)} ({len(grids)} views): make both with the model's processor")
+    channels = pixel_values.shape[1] // (patch_size * patch_size)
+    if channels * patch_size * patch_size != pixel_values.shape[1]:
+        raise ValueError(f"pixel_values rows have {pixel_values.shape[1]} values, not 3·{patch_size}² for "
+                         f"{patch_size}-pixel patches: is the processor's patch_size the vision tower's?")
+    views = []
+    for (rows, cols), patches in zip(grids, pixel_values.split(counts)):
+        view = patches.view(rows, cols, channels, patch_size, patch_size)      # (r, c, 3, p, p)
+        views.append(view.permute(2, 0, 3, 1, 4).reshape(channels, rows * patch_size, cols * patch_size))
+    return views
 
-        config = config or MeteorConfig()
-        if not isinstance(vision, VisionTower):
-            vision = VisionTower.from_pretrained(vision, feature_layer=config.feature_layer,
-                                                 attention_layer=config.attention_layer, dtype=dtype,
-                                                 visual_expert=config.visual_expert)
-        elif vision.visual_expert != config.visual_expert:
-            raise ValueError(f"the vision tower computes the visual expert {vision.visual_expert!r} but the "
-                             f"config asks for {config.visual_expert!r}: build the tower with "
-                             f"visual_expert={config.visual_expert!r} or set MeteorConfig.visual_expert")
-        if isinstance(language_model, (str, os.PathLike)):
-            language_model = _load_causal_lm(language_model, dtype)
-        if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        processor = MeteorProcessor(tokenizer, config, patch_size=vision.patch_size,
-                                    base_size=vision.image_size, image_mean=vision.image_mean,
-                                    image_std=vision.image_std)
-        model = cls(config, vision, language_model, processor.image_token_id)
-        if dtype is not None:
-            model.compressor.to(dtype)
-        return model, processor
 
-    # --- vision → compressed tokens ---------------------------------------------------------------
-    def encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False,
-                      tokens_per_slice: int | None = None, questions: torch.Tensor | None = None
-                      ) -> tuple[list[torch.Tensor], list[ViewSelection]]:
-        """Each image → (its visual tokens in LLM order, D); views of one size run as one batch
-        through the vision tower and the projector. ``tokens_per_slice``: keep K′ tokens per view
-        instead of the trained K (the processor must lay prompts out with the same K′).
-        ``questions``: (images, D) pooled question embeddings, for a question-conditioned
-        instruction token (``question_embeddings`` computes them from a prompt)."""
-        tokens, selections, _ = self._encode_images(images, return_selection, tokens_per_slice, questions)
-        return tokens, selections
+def view_batches(pixel_values: torch.Tensor, view_grids: torch.Tensor, patch_size: int
+                 ) -> list[tuple[list[int], torch.Tensor]]:
+    """The views stacked by size, as the tower runs them: (their positions, (n, 3, h, w)) per size."""
+    views = split_views(pixel_values, view_grids, patch_size)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for position, view in enumerate(views):
+        groups.setdefault(tuple(view.shape[-2:]), []).append(position)
+    return [(positions, torch.stack([views[p] for p in positions])) for positions in groups.values()]
 
-    def prompt_selections(self, input_ids: torch.Tensor | Sequence[int], images: Sequence[SlicedImage],
-                          tokens_per_slice: int | None = None) -> list[ViewSelection]:
-        """What the compressor keeps of ``images`` when the model reads the prompt ``input_ids``
-        (one row, or a list of ids): ``encode_images(..., return_selection=True)``'s selections, with
-        a question-conditioned instruction token fed the prompt's question as ``forward`` feeds it
-        (for the paper's instruction token the prompt changes nothing)."""
-        ids = torch.as_tensor(input_ids).to(self._device())
-        ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
-        questions = self._questions(ids, self._text_embeds(ids), images, tokens_per_slice)
-        return self.encode_images(images, True, tokens_per_slice, questions)[1]
 
-    def _text_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The LLM's input embeddings of ``input_ids`` (B, T, D), `<image>` placeholders included."""
-        # The placeholder id may lie outside the LLM's vocabulary: look up a harmless id instead.
-        return self.language_model.get_input_embeddings()(input_ids.masked_fill(input_ids == self.image_token_id, 0))
+def views_per_image(image_grids: torch.Tensor) -> list[int]:
+    """Each image's number of views: its slices (rows · cols, 0 when unsliced) and the global view."""
+    return [int(rows) * int(cols) + 1 for rows, cols in image_grids.tolist()]
 
-    def _questions(self, input_ids: torch.Tensor, text_embeds: torch.Tensor, images: Sequence[SlicedImage],
-                   tokens_per_slice: int | None = None, labels: torch.Tensor | None = None,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-        """``question_embeddings`` for a question-conditioned instruction token; None for the paper's."""
-        if self.config.compressor.instruction != "question":
-            return None
-        return self.question_embeddings(input_ids, text_embeds, images, tokens_per_slice, labels, attention_mask)
 
-    def _encode_images(self, images: Sequence[SlicedImage], return_selection: bool = False,
-                       tokens_per_slice: int | None = None, questions: torch.Tensor | None = None
-                       ) -> tuple[list[torch.Tensor], list[ViewSelection], list[ViewGroup]]:
-        """`encode_images`, and the view groups as they ran."""
-        views, owners = [], []
-        for image_index, image in enumerate(images):
-            for view_index, view in enumerate(image.views()):
-                views.append(view)
-                owners.append((image_index, view_index, view_index == image.plan.num_slices))
-        device = self._device()
-        groups: dict[tuple[int, int], list[int]] = {}
-        for position, view in enumerate(views):
-            groups.setdefault(tuple(view.shape[-2:]), []).append(position)
-        per_view: list[torch.Tensor | None] = [None] * len(views)
+def view_token_counts(view_grids: torch.Tensor, tokens_per_slice: int | None) -> list[int]:
+    """Visual tokens of each view: K′, or every patch of the view when K′ is None (keep all)."""
+    if tokens_per_slice is not None:
+        return [tokens_per_slice] * len(view_grids)
+    return [int(rows) * int(cols) for rows, cols in view_grids.tolist()]
+
+
+# --- the model -----------------------------------------------------------------------------------------
+
+class LlavaMeteorPreTrainedModel(PreTrainedModel):
+    config_class = LlavaMeteorConfig
+    config: LlavaMeteorConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = [cls.__name__ for cls in PROJECTORS.values()]
+    """A projector runs its views as one piece: accelerate never splits it across devices."""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The vision tower and the language model are transformers models that initialise
+        # themselves (transformers dispatches to their own _init_weights). The projector draws its
+        # weights when it is built (Mamba's S4D-real A and Δ bias, the instruction token, ...), and
+        # from_pretrained refuses a folder that lacks any of them, so nothing here redraws them.
+        if module is getattr(self, "lm_head", None):
+            super()._init_weights(module)
+
+
+class LlavaMeteorModel(LlavaMeteorPreTrainedModel):
+    """The vision tower, the compressor and the decoder, without the language-modelling head."""
+
+    def __init__(self, config: LlavaMeteorConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = build_projector(config.compressor_config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    @property
+    def meteor_config(self) -> MeteorConfig:
+        return self.config.meteor
+
+    @property
+    def tower(self) -> VisionTower:
+        """``vision_tower`` read as the visual expert needs it (features and scores at the
+        configured layers); the same weights, not a second module."""
+        reader = self.__dict__.get("_tower_reader")
+        if reader is None or reader.encoder is not self.vision_tower:
+            config = self.config
+            reader = VisionTower(self.vision_tower, config.feature_layer, config.attention_layer,
+                                 visual_expert=config.visual_expert)
+            self.__dict__["_tower_reader"] = reader       # not a submodule: no second copy of the weights
+        return reader
+
+    def train(self, mode: bool = True) -> "LlavaMeteorModel":
+        super().train(mode)
+        self.vision_tower.train(False)        # frozen, no dropout, whatever the parent asks
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    # --- vision → compressed tokens -----------------------------------------------------------------
+    def encode_views(self, pixel_values: torch.Tensor, view_grids: torch.Tensor) -> TowerOutputs:
+        """The frozen tower's outputs for every view, views of one size run as one batch."""
+        tower = self.tower
+        device, dtype = self.vision_tower.device, tower.dtype
+        return [(positions, tower(views.to(device, dtype)))
+                for positions, views in view_batches(pixel_values, view_grids, tower.patch_size)]
+
+    def compress(self, tower_outputs: TowerOutputs, image_grids: torch.Tensor, tokens_per_slice: int | None = None,
+                 questions: torch.Tensor | None = None, training_progress: float | None = None,
+                 return_selection: bool = False) -> tuple[list[torch.Tensor], list[ViewSelection], list[ViewGroup]]:
+        """Each image → its visual tokens in LLM order (Σ views' K′, D); also, with
+        ``return_selection``, what each view kept; and the view groups as they ran. K′ =
+        ``tokens_per_slice``, else the trained K. ``questions``: (images, D) pooled question
+        embeddings for a question-conditioned instruction token. ``training_progress``: the
+        fraction of training done, which drives the native expert's warm-up (None at inference)."""
+        owners = []                                    # (image, view, is_global) per view position
+        for image, count in enumerate(views_per_image(image_grids)):
+            owners += [(image, view, view == count - 1) for view in range(count)]
+        total = sum(len(positions) for positions, _ in tower_outputs)
+        if total != len(owners):
+            raise ValueError(f"the tower encoded {total} views but image_grids describe {len(owners)}: make "
+                             f"pixel_values, view_grids and image_grids with one processor call")
+        progress = training_progress if self.training else None
+        per_view: list[torch.Tensor | None] = [None] * total
         selections: list[ViewSelection] = []
         ran: list[ViewGroup] = []
-        progress = self.training_progress if self.training else None
-        for positions in groups.values():
-            pixels = torch.stack([views[p] for p in positions]).to(device, self.vision_tower.dtype)
-            if self.feature_cache is None:
-                encoded = self.vision_tower(pixels)                  # tokens (n, HW, C), CLS row (n, HW)
-            else:
-                encoded = self.feature_cache.encode(self.vision_tower, pixels)
+        for positions, encoded in tower_outputs:
             extra = {} if questions is None else {"question": questions[[owners[p][0] for p in positions]]}
-            out: CompressionOutput = self.compressor(encoded.patch_tokens, encoded.cls_attention,
-                                                     encoded.grid, progress, tokens_per_slice, **extra)
+            out: CompressionOutput = self.multi_modal_projector(encoded.patch_tokens, encoded.cls_attention,
+                                                                encoded.grid, progress, tokens_per_slice, **extra)
             ran.append(ViewGroup([owners[p][:2] for p in positions], out))
             for row, position in enumerate(positions):
-                per_view[position] = out.tokens[row]                  # (K, D)
+                per_view[position] = out.tokens[row]                        # (K, D)
                 if return_selection:
-                    image_index, view_index, is_global = owners[position]
-                    selections.append(ViewSelection(
-                        image_index, view_index, is_global, encoded.grid, _row(out.indices, row),
-                        _row(out.visual_scores, row), _row(out.native_scores, row),
-                        _row(out.aggregate_scores, row)))
-        per_image: list[list[torch.Tensor]] = [[] for _ in images]
-        for (image_index, _, _), tokens in zip(owners, per_view):
-            per_image[image_index].append(tokens)
+                    image, view, is_global = owners[position]
+                    selections.append(ViewSelection(image, view, is_global, encoded.grid, _row(out.indices, row),
+                                                    _row(out.visual_scores, row), _row(out.native_scores, row),
+                                                    _row(out.aggregate_scores, row)))
+        per_image: list[list[torch.Tensor]] = [[] for _ in range(len(image_grids))]
+        for (image, _, _), tokens in zip(owners, per_view):
+            per_image[image].append(tokens)
         selections.sort(key=lambda s: (s.image_index, s.view_index))
         return [torch.cat(parts) for parts in per_image], selections, ran
 
-    def embed(self, input_ids: torch.Tensor, images: Sequence[SlicedImage] = (),
-              tokens_per_slice: int | None = None, labels: torch.Tensor | None = None,
-              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids with `<image>` placeholders → the LLM's input embeddings (B, T, D)."""
-        return self._embed(input_ids, images, tokens_per_slice, labels, attention_mask)[0]
+    def text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's input embeddings of ``input_ids`` (B, T, D), ``<image>`` placeholders included
+        (the placeholder may lie outside the decoder's vocabulary: a harmless id is looked up)."""
+        placeholder = self.config.image_token_id
+        ids = input_ids if placeholder is None else input_ids.masked_fill(input_ids == placeholder, 0)
+        return self.get_input_embeddings()(ids)
 
-    def question_embeddings(self, input_ids: torch.Tensor, text_embeds: torch.Tensor,
-                            images: Sequence[SlicedImage], tokens_per_slice: int | None = None,
+    def question_embeddings(self, input_ids: torch.Tensor, text_embeds: torch.Tensor, view_grids: torch.Tensor,
+                            image_grids: torch.Tensor, tokens_per_slice: int | None = None,
                             labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
                             ) -> torch.Tensor:
         """(images, D): for each image, the mean input embedding of its question: the tokens after
@@ -206,25 +240,20 @@ class LlavaMeteor(nn.Module):
         answer, in training) or the end of the sample. So a prompt "<image>\\n Q ASSISTANT:" gives
         the mean over "\\n Q ASSISTANT:", in training and at inference alike; without tokens after
         it, zeros. Detached: the question steers the selection, it is not trained through it."""
-        from meteor.processing.slicing import view_token_counts
-
-        k = self.config.compressor.tokens_per_slice if tokens_per_slice is None else tokens_per_slice
-        counts = [sum(view_token_counts(image.plan, k if k is not None else (lambda grid: grid[0] * grid[1])))
-                  for image in images]
-        image_mask = input_ids == self.image_token_id
+        per_view = view_token_counts(view_grids, tokens_per_slice)
+        counts, start = [], 0
+        for views in views_per_image(image_grids):
+            counts.append(sum(per_view[start:start + views]))
+            start += views
+        image_mask = input_ids == self.config.image_token_id
         vectors, image = [], 0
         for row in range(input_ids.shape[0]):
             positions = image_mask[row].nonzero().flatten().tolist()
             end = int(attention_mask[row].nonzero().max()) + 1 if attention_mask is not None else input_ids.shape[1]
-            if labels is not None:
-                supervised = (labels[row] != IGNORE_INDEX).nonzero().flatten().tolist()
-            else:
-                supervised = []
-            starts = []
+            supervised = (labels[row] != IGNORE_INDEX).nonzero().flatten().tolist() if labels is not None else []
             while positions:
-                if image >= len(images):
+                if image >= len(counts):
                     raise ValueError("the input holds more image tokens than the images given")
-                starts.append(positions[0])
                 last = positions[counts[image] - 1]
                 positions = positions[counts[image]:]
                 stop = min([end, *(p for p in supervised if p > last), *positions[:1]])
@@ -233,215 +262,238 @@ class LlavaMeteor(nn.Module):
                 image += 1
         return torch.stack(vectors).detach()
 
-    def _embed(self, input_ids: torch.Tensor, images: Sequence[SlicedImage] = (),
-               tokens_per_slice: int | None = None, labels: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[ViewGroup]]:
-        image_mask = input_ids == self.image_token_id                 # (B, T)
-        embeds = self._text_embeds(input_ids)                         # (B, T, D)
-        expected = int(image_mask.sum())
-        if not images:
-            if expected:
-                raise ValueError(f"the input has {expected} image tokens but no images were given")
-            return embeds, []
-        questions = self._questions(input_ids, embeds, images, tokens_per_slice, labels, attention_mask)
-        parts, _, groups = self._encode_images(images, tokens_per_slice=tokens_per_slice, questions=questions)
-        visual = torch.cat(parts)                                      # (Σ tokens, D)
-        if visual.shape[0] != expected:
-            raise ValueError(
-                f"image features and image tokens disagree: the images give {visual.shape[0]} visual "
-                f"tokens but the input has {expected} {self.config.image_token} tokens; build the "
-                f"input with the MeteorProcessor of this model (same tokens_per_slice and max_slices)")
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype)), groups
+    def image_features(self, input_ids: torch.Tensor, text_embeds: torch.Tensor, view_grids: torch.Tensor,
+                       image_grids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                       tower_outputs: TowerOutputs | None = None, tokens_per_slice: int | None = None,
+                       labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                       training_progress: float | None = None, return_selection: bool = False
+                       ) -> tuple[list[torch.Tensor], list[ViewSelection], list[ViewGroup]]:
+        """``compress`` of the views (encoded here unless ``tower_outputs`` are given), with the
+        question embeddings a question-conditioned instruction token reads."""
+        k = self.config.meteor.resolve_tokens_per_slice(tokens_per_slice)
+        if tower_outputs is None:
+            tower_outputs = self.encode_views(pixel_values, view_grids)
+        questions = None
+        if self.config.compressor["instruction"] == "question":
+            questions = self.question_embeddings(input_ids, text_embeds, view_grids, image_grids, k, labels,
+                                                 attention_mask)
+        return self.compress(tower_outputs, image_grids, k, questions, training_progress, return_selection)
 
-    # --- LLM ------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                images: Sequence[SlicedImage] = (), labels: torch.Tensor | None = None,
-                return_views: bool = False, tokens_per_slice: int | None = None, **kwargs):
-        """The causal LM's output; with `labels` (IGNORE_INDEX where unsupervised) its `loss`. With
-        `return_views`, a `MeteorCausalLMOutput` that also holds the projector's per-view outputs.
-        `tokens_per_slice`: K′ instead of the trained K (as the batch was laid out with)."""
-        device = self._device()
-        input_ids = input_ids.to(device)
-        labels = None if labels is None else labels.to(device)
-        mask = None if attention_mask is None else attention_mask.to(device)
-        embeds, groups = self._embed(input_ids, images, tokens_per_slice, labels, mask)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
-        if not return_views:
-            return out
-        unknown = set(out.keys()) - {f.name for f in dataclasses.fields(MeteorCausalLMOutput)}
-        if unknown:
-            raise ValueError(f"return_views=True cannot carry the language model's output field(s) "
-                             f"{sorted(unknown)}: ask for them without return_views")
-        return MeteorCausalLMOutput(**out, views=groups)
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              view_grids: torch.Tensor | None = None, image_grids: torch.Tensor | None = None,
+              tokens_per_slice: int | None = None, tower_outputs: TowerOutputs | None = None,
+              labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+              training_progress: float | None = None, decoding: bool = False
+              ) -> tuple[torch.Tensor, list[ViewGroup]]:
+        """Token ids with ``<image>`` placeholders → the decoder's input embeddings (B, T, D), the
+        compressed visual tokens written into the placeholders; and the view groups as they ran."""
+        inputs_embeds = self.text_embeddings(input_ids)                           # (B, T, D)
+        placeholders = int((input_ids == self.config.image_token_id).sum())
+        if pixel_values is None and tower_outputs is None:
+            if placeholders and not decoding:
+                raise ValueError(f"the input has {placeholders} image tokens but no images were given")
+            return inputs_embeds, []
+        if view_grids is None or image_grids is None:
+            raise ValueError("pixel_values come with view_grids and image_grids: pass every output of the "
+                             "model's processor")
+        parts, _, groups = self.image_features(input_ids, inputs_embeds, view_grids, image_grids, pixel_values,
+                                               tower_outputs, tokens_per_slice, labels, attention_mask,
+                                               training_progress)
+        visual = torch.cat(parts)                                                  # (Σ tokens, D)
+        if visual.shape[0] != placeholders:
+            raise ValueError(f"image features and image tokens disagree: the images give {visual.shape[0]} visual "
+                             f"tokens but the input has {placeholders} {self.config.image_token} tokens; make the "
+                             f"input with this model's processor, with the same tokens_per_slice")
+        mask = (input_ids == self.config.image_token_id).unsqueeze(-1)             # (B, T, 1)
+        inputs_embeds = inputs_embeds.masked_scatter(mask.to(inputs_embeds.device),
+                                                     visual.to(inputs_embeds.device, inputs_embeds.dtype))
+        return inputs_embeds, groups
 
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                view_grids: torch.Tensor | None = None, image_grids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                tokens_per_slice: int | None = None, training_progress: float | None = None,
+                tower_outputs: TowerOutputs | None = None, image_sizes: torch.Tensor | None = None, **kwargs):
+        """The decoder's output on the prompt with its images; ``(outputs, view groups)``.
+
+        ``image_sizes`` (the originals' sizes, which the processor also returns) is not needed here."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        groups: list[ViewGroup] = []
+        if inputs_embeds is None:
+            inputs_embeds, groups = self.embed(input_ids, pixel_values, view_grids, image_grids, tokens_per_slice,
+                                               tower_outputs, labels, attention_mask, training_progress,
+                                               decoding=_past_prefill(kwargs))
+        outputs = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, **kwargs)
+        return outputs, groups
+
+
+class LlavaMeteorForConditionalGeneration(LlavaMeteorPreTrainedModel, GenerationMixin):
+    """LLaVA-Meteor with its language-modelling head: the class ``AutoModelForImageTextToText`` loads
+    for a folder whose config.json says ``"model_type": "llava_meteor"``."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: LlavaMeteorConfig):
+        super().__init__(config)
+        self.model = LlavaMeteorModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    # names the rest of the project and users reach for
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.vision_tower
+
+    @property
+    def compressor(self) -> nn.Module:
+        """The vision-to-language projector (``model.multi_modal_projector``)."""
+        return self.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    @property
+    def meteor_config(self) -> MeteorConfig:
+        return self.config.meteor
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.language_model
+
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                view_grids: torch.Tensor | None = None, image_grids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                tokens_per_slice: int | None = None, training_progress: float | None = None,
+                tower_outputs: TowerOutputs | None = None, return_views: bool = False,
+                num_items_in_batch: float | torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+                image_sizes: torch.Tensor | None = None, **kwargs) -> LlavaMeteorCausalLMOutput:
+        """Logits for every position (the last ``logits_to_keep`` when set) and, with ``labels``
+        (IGNORE_INDEX where unsupervised), the next-token loss: the mean over supervised tokens, or
+        their sum divided by ``num_items_in_batch`` when given (the trainer's global token count).
+
+        ``tokens_per_slice``: K′ instead of the trained K (the processor must have laid the prompt out
+        with the same K′). ``training_progress``: the fraction of training done, which drives the
+        native expert's warm-up; None outside training. ``tower_outputs``: the vision tower's outputs
+        made elsewhere (a feature cache), in place of encoding ``pixel_values``. ``return_views``: also
+        the projector's per-view outputs (``views``)."""
+        outputs, groups = self.model(input_ids=input_ids, pixel_values=pixel_values, view_grids=view_grids,
+                                     image_grids=image_grids, attention_mask=attention_mask,
+                                     position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
+                                     tokens_per_slice=tokens_per_slice, training_progress=training_progress,
+                                     tower_outputs=tower_outputs, **kwargs)
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels.to(logits.device),
+                                      vocab_size=self.config.text_config.vocab_size,
+                                      num_items_in_batch=num_items_in_batch)
+        rest = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
+        return LlavaMeteorCausalLMOutput(loss=loss, logits=logits, **rest, views=groups if return_views else None)
+
+    # --- what the compressor keeps ---------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 images: Sequence[SlicedImage] = (), tokens_per_slice: int | None = None,
-                 **generate_kwargs) -> torch.Tensor:
-        """New token ids (B, T_new) for left-padded prompts; ``tokens_per_slice`` as in ``forward``."""
-        device = self._device()
-        input_ids = input_ids.to(device)
-        if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("generate needs left-padded prompts (the last position of every row "
-                             "must be a real token): use MeteorProcessor(...), which pads left")
-        mask = None if attention_mask is None else attention_mask.to(device)
-        embeds = self.embed(input_ids, images, tokens_per_slice, attention_mask=mask)
-        return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+    def image_selections(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, view_grids: torch.Tensor,
+                         image_grids: torch.Tensor, tokens_per_slice: int | None = None,
+                         attention_mask: torch.Tensor | None = None, tower_outputs: TowerOutputs | None = None,
+                         **_) -> list[ViewSelection]:
+        """What the compressor keeps of each view when the model reads this prompt (the processor's
+        outputs), as ``forward`` computes it: for a question-conditioned instruction token, each
+        image's question steers it; for the paper's token the prompt changes nothing."""
+        input_ids = torch.as_tensor(input_ids, device=self.device)
+        input_ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
+        embeds = self.model.text_embeddings(input_ids)
+        _, selections, _ = self.model.image_features(input_ids, embeds, view_grids, image_grids, pixel_values,
+                                                     tower_outputs, tokens_per_slice, None, attention_mask,
+                                                     return_selection=True)
+        return selections
 
-    def _device(self) -> torch.device:
-        return next(self.compressor.parameters()).device
+    # --- generation ----------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if "pixel_values" not in inputs and "tower_outputs" in inputs:
+            inputs.pop("tower_outputs")       # read at the prefill step only, as pixel_values is
+        return inputs
 
-    # --- persistence ------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike, processor: MeteorProcessor | None = None,
-                        overwrite: bool = False) -> Path:
-        """Write config, compressor, vision tower, language model (all safetensors) and tokenizer.
-
-        The folder is written beside its destination and moved into place at the end, so an
-        interrupted save never leaves a half-written model; an existing folder is replaced only
-        with overwrite=True."""
-        folder = Path(folder)
-        if folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise FileExistsError(f"{folder} exists and is not empty: choose another folder or pass "
-                                  f"overwrite=True to replace it")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            self.config.save(staging)
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.compressor.state_dict().items()},
-                      staging / COMPRESSOR_FILE, metadata={"format": "pt"})
-            self.vision_tower.save_pretrained(staging / VISION_DIR)
-            self.language_model.save_pretrained(staging / LANGUAGE_DIR)
-            if processor is not None:
-                processor.save_tokenizer(staging)   # the tokenizer's own files: it tokenises as it did
-            _replace_folder(staging, folder)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return folder
-
+    # --- loading -------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None,
-                        compressor_overrides: dict[str, Any] | None = None
-                        ) -> tuple["LlavaMeteor", MeteorProcessor]:
-        """Load a folder written by `save_pretrained` (no pickle anywhere).
-
-        ``compressor_overrides``: CompressorConfig fields to change at load time, e.g.
-        ``{"projector": "cls_topk", "tokens_per_slice": 16}`` to compress an all-tokens LLaVA-1.5
-        model without training (its ``mlp.*`` weights are what cls_topk uses), or
-        ``{"tokens_per_slice": 16, "expert_mode": "visual"}``. The new projector's weights must all
-        be in the saved file with the same shapes; saved weights it does not use are left out (and
-        logged)."""
-        from transformers import AutoTokenizer
-
-        folder = Path(folder)
-        if not (folder / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{folder} is not a LLaVA-Meteor model folder: {CONFIG_NAME} is "
-                                    f"missing (write one with LlavaMeteor.save_pretrained)")
-        config = MeteorConfig.load(folder)
-        saved_projector = config.compressor.projector
-        if compressor_overrides:
-            config = dataclasses.replace(config, compressor=_override_compressor(config.compressor,
-                                                                                 compressor_overrides))
-        vision = VisionTower.from_pretrained(folder / VISION_DIR, feature_layer=config.feature_layer,
-                                             attention_layer=config.attention_layer, dtype=dtype,
-                                             visual_expert=config.visual_expert)
-        language_model = _load_causal_lm(folder / LANGUAGE_DIR, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model, processor = cls.build(vision, language_model, tokenizer, config, dtype)
-        weights = load_compressor(folder / COMPRESSOR_FILE)
-        if compressor_overrides:
-            _load_overridden(model.compressor, weights, saved_projector, config.compressor.projector, folder)
-        else:
-            model.compressor.load_state_dict(weights)
-        return model, processor
-
-    @classmethod
-    def from_llava(cls, path: str | os.PathLike, config: MeteorConfig | None = None,
-                   vision: str | os.PathLike | None = None, dtype: torch.dtype | None = None
-                   ) -> tuple["LlavaMeteor", MeteorProcessor]:
-        """A LLaVA-Meteor model from a local llava-hf (``LlavaForConditionalGeneration``) or original
-        LLaVA-1.5 (``LlavaLlamaForCausalLM``) folder: its vision tower, language model and tokenizer,
-        and its mlp2x_gelu projector as the initial weights of the projector's MLP. ``config`` None
-        keeps LLaVA's own computation (projector "mlp", every token, one view); the feature layer
-        is always the checkpoint's. ``vision``: the local CLIP folder an original LLaVA-1.5 folder
-        names by hub id in ``mm_vision_tower``. See ``meteor.adapters.llava``."""
-        from meteor.adapters.llava.convert import load_projector_mlp, read_llava_for_meteor
-
-        config, parts = read_llava_for_meteor(path, config, vision, dtype)
-        model, processor = cls.build(parts.vision, parts.language_model, parts.tokenizer, config, dtype)
-        load_projector_mlp(model.compressor, parts.projector, str(path))
-        return model, processor
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' ``from_pretrained``; a local folder of another model type, one without weights,
+        one in the format before this class, or one missing compressor weights is refused with what
+        to do."""
+        folder = Path(str(pretrained_model_name_or_path))
+        if folder.is_dir():
+            check_folder(folder)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = sorted(key for key in info.get("missing_keys", ()) if ".multi_modal_projector." in f".{key}")
+        if missing:
+            raise ValueError(f"{pretrained_model_name_or_path} lacks the compressor weights {missing[:4]}"
+                             f"{' …' if len(missing) > 4 else ''}: was it saved with another projector? Load it "
+                             f"with the configuration it was trained with")
+        return (model, info) if wants_info else model
 
 
-_UNOVERRIDABLE = ("vision_width", "text_width")
+def check_folder(folder: Path) -> dict[str, Any]:
+    """A LLaVA-Meteor folder's config.json, read and checked: that it is one, and that it has weights."""
+    config_file = folder / "config.json"
+    if not config_file.is_file() and (folder / "meteor_config.json").is_file():
+        raise FileNotFoundError(f"{folder} is in LLaVA-Meteor's format before 0.2 (meteor_config.json): load it "
+                                f"with meteor.pretrained.load_pretrained, or rewrite it as a transformers folder "
+                                f"with `meteor convert --upgrade {folder} --out NEW_FOLDER`")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} holds no config.json: it is not a model folder (save one with "
+                                f"model.save_pretrained, or convert a LLaVA with `meteor convert --from-llava`)")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{config_file} is not valid JSON ({err})") from err
+    model_type = data.get("model_type")
+    if model_type != MODEL_TYPE:
+        hint = ("convert it with `meteor convert --from-llava " + str(folder) + " --out NEW_FOLDER`"
+                if model_type == "llava" or "mm_projector_type" in data else
+                "load it with the transformers class of that model type")
+        raise ConfigError(f"{config_file} describes a {model_type!r} model, not a LLaVA-Meteor one "
+                          f"({MODEL_TYPE!r}): {hint}")
+    weights = [name for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+               if (folder / name).is_file()]
+    if not weights:
+        raise FileNotFoundError(f"{folder} has config.json but no weights (model.safetensors or "
+                                f"model.safetensors.index.json): copy the weight files into it, or save the "
+                                f"model again with model.save_pretrained")
+    return data
 
 
-def _override_compressor(compressor, overrides: dict[str, Any]):
-    """``compressor`` with ``overrides`` applied and validated (CompressorConfig's own checks)."""
-    from meteor.model.configuration import ConfigError
-
-    known = {f.name for f in dataclasses.fields(compressor)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"unknown compressor option(s) {unknown} to override; known: {sorted(known)}")
-    fixed = sorted(set(overrides) & set(_UNOVERRIDABLE))
-    if fixed:
-        raise ConfigError(f"{fixed} are the widths of the vision tower and the LLM, read from them: they "
-                          f"cannot be overridden")
-    return dataclasses.replace(compressor, **overrides)
-
-
-def _load_overridden(compressor: nn.Module, weights: dict[str, torch.Tensor], saved: str, new: str,
-                     folder: Path) -> None:
-    """Load saved compressor weights into an overridden projector: every weight it has must be
-    saved with its shape; saved weights it lacks (another projector's) are logged and left out."""
-    import logging
-
-    own = compressor.state_dict()
-    missing = sorted(name for name in own if name not in weights)
-    if missing:
-        raise ValueError(f"the {saved!r} compressor saved in {folder} has no weights for the {new!r} "
-                         f"projector's {missing[:4]}{' …' if len(missing) > 4 else ''}: override to a "
-                         f"projector made of the saved one's parts (the token-wise ones share mlp.*)")
-    mismatched = [f"{name} {tuple(weights[name].shape)} vs {tuple(own[name].shape)}" for name in own
-                  if weights[name].shape != own[name].shape]
-    if mismatched:
-        raise ValueError(f"the saved compressor's weights do not fit the {new!r} projector: {mismatched[:3]}")
-    unused = sorted({name.split(".")[0] for name in weights if name not in own})
-    if unused:
-        logging.getLogger(__name__).warning("the %r projector loaded from %s's %r compressor leaves its %s "
-                                            "weights unused", new, folder, saved, ", ".join(unused))
-    compressor.load_state_dict({name: weights[name] for name in own}, strict=True)
-
-
-def load_compressor(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"compressor weights not found at {path}")
-    return load_file(str(path))
-
-
-def _load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | None):
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no causal language model at {path}: expected a Hugging Face folder "
-                                f"with config.json and weights (e.g. a local Vicuna checkout)")
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-
-
-def _replace_folder(staging: Path, folder: Path) -> None:
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-        staging.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(folder)
+def _past_prefill(kwargs: dict) -> bool:
+    """Whether this call continues from a KV cache (a decoding step): its ids are new tokens only."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
 
 
 def _row(scores: torch.Tensor | None, row: int) -> torch.Tensor | None:
     return None if scores is None else scores[row].detach().cpu()
+
+
+__all__ = ["IGNORE_INDEX", "LlavaMeteorCausalLMOutput", "LlavaMeteorForConditionalGeneration", "LlavaMeteorModel",
+           "LlavaMeteorPreTrainedModel", "TowerOutputs", "ViewGroup", "ViewSelection", "split_views", "view_batches",
+           "view_token_counts", "views_per_image"]

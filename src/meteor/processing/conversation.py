@@ -19,9 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence, get_args
 
-from meteor.model.configuration import Template
-
-IGNORE_INDEX = -100
+from meteor.model.configuration import IGNORE_INDEX, Template
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 TEMPLATES: tuple[str, ...] = get_args(Template)

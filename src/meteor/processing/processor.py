@@ -1,43 +1,88 @@
-"""From (text, images) to model inputs: slicing, the spatial-schema prompt, tokenisation, padding.
+"""``LlavaMeteorProcessor``: from (text, images) to model inputs: slicing, the spatial-schema prompt,
+tokenisation, padding.
 
 The conversation's text is tokenised as one string in the LLM's own format
-(``meteor.processing.conversation``), each image a single `<image>` placeholder there; then each placeholder is
-replaced by its image's layout, built as ids (LLaVA-UHD's spatial schema): one image id per kept
-visual token, slices row by row with the "," ids between slices and the newline ids after each row,
-the global view last. The separator ids are found once per tokenizer, as the separators tokenise
-inside running text; tokenising text around special tokens would give stray pieces instead (a
-sentencepiece tokenizer reads "," after `<image>` as a new word, "▁ ,"). The model then writes the
-compressed tokens into exactly the image positions, so text-only samples, one-slice and six-slice
-images batch together with plain padding.
+(``meteor.processing.conversation``), each image a single `<image>` placeholder there; then each
+placeholder is replaced by its image's layout, built as ids (LLaVA-UHD's spatial schema): one image
+id per kept visual token, slices row by row with the "," ids between slices and the newline ids
+after each row, the global view last. The separator ids are found once per tokenizer, as the
+separators tokenise inside running text; tokenising text around special tokens would give stray
+pieces instead (a sentencepiece tokenizer reads "," after `<image>` as a new word, "▁ ,"). The model
+then writes the compressed tokens into exactly the image positions, so text-only samples, one-slice
+and six-slice images batch together with plain padding.
+
+The images themselves become tensors in ``LlavaMeteorImageProcessor``
+(``meteor.processing.image_processor``). Two ways in:
+
+- transformers' way: ``processor(images=..., text=...)`` on text that already holds `<image>` tags
+  (a prompt made with ``apply_chat_template``), and ``apply_chat_template(messages)``, so
+  ``pipeline("image-text-to-text")`` works;
+- the project's way: ``encode`` (a LLaVA conversation → ids and labels, for training) and
+  ``prompts`` (questions → a left-padded ``Batch`` in the model's template).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections import Counter
+import dataclasses
+import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from transformers import BatchFeature, ProcessorMixin
 
-from meteor.model.configuration import MeteorConfig
-from meteor.processing.conversation import IGNORE_INDEX, VICUNA_SYSTEM, Turn, parse_turns, render, resolve_template, tokenize
-from meteor.processing.images import load_image
-from meteor.processing.slicing import SlicedImage, count_image_tokens, slice_image, view_token_counts
+from meteor.model.configuration import IGNORE_INDEX, MeteorConfig
+from meteor.processing.conversation import Turn, parse_turns, render, resolve_template, tokenize
+from meteor.processing.conversation import tokenize as tokenize_rendered
+from meteor.processing.image_processor import LlavaMeteorImageProcessor, flatten_images, image_tensors
+from meteor.processing.slicing import SlicedImage, SlicePlan, view_token_counts
+from meteor.processing.tokenizer import prepare_tokenizer, save_tokenizer, separator_ids
+
+PROCESSOR_CONFIG = "processor_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+# The conversation templates as Jinja, for tools that render prompts themselves (vLLM's chat
+# endpoint, tokenizer.apply_chat_template): the same text as meteor.processing.conversation renders.
+# Message content is a string, or a list of parts ({"type": "image"} / {"type": "text", "text"});
+# images come first, each as "<image>\n", as LLaVA trains.
+_CONTENT = ("{%- macro content(m) -%}{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}"
+            "{%- for part in m['content'] if part['type'] in ['image', 'image_url'] -%}<image>\n{%- endfor -%}"
+            "{%- for part in m['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+            "{%- endif -%}{%- endmacro -%}")
+CHAT_TEMPLATES = {
+    "vicuna_v1": _CONTENT + (
+        "{{ bos_token }}A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions. "
+        "{%- for m in messages -%}{%- if m['role'] == 'user' -%} USER: {{ content(m) }}"
+        "{%- elif m['role'] == 'assistant' -%} ASSISTANT: {{ content(m) }}{{ eos_token }}{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%} ASSISTANT:{%- endif -%}"),
+    "plain": _CONTENT + (
+        "{{ bos_token }}{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
+        "{%- if '<image>' in content(m) -%}<image>{%- else -%}{{ content(m) }}{%- endif -%}\n"
+        "{%- elif m['role'] == 'assistant' -%}{{ content(m) }}{{ eos_token }}{%- endif -%}{%- endfor -%}"),
+}
 
 
 @dataclass
 class Batch:
+    """Padded samples and their images, as the trainer and the runners pass them around."""
     input_ids: torch.Tensor          # (B, T)
     attention_mask: torch.Tensor     # (B, T)
     images: list[SlicedImage]        # in order of their <image> tokens across the batch
     labels: torch.Tensor | None = None  # (B, T), IGNORE_INDEX where unsupervised
     tokens_per_slice: int | None = None  # K′ the images were laid out with, when not the model's K
+    patch_size: int = 14
+
+    def image_inputs(self) -> dict[str, torch.Tensor]:
+        """The images as the model takes them (``pixel_values``, ``view_grids``, ``image_grids``,
+        ``image_sizes``); empty without images."""
+        return image_tensors(self.images, self.patch_size) if self.images else {}
 
     def to_model_kwargs(self) -> dict[str, Any]:
-        kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "images": self.images}
+        """Everything the model's ``forward`` / ``generate`` takes for this batch."""
+        kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.image_inputs()}
         if self.labels is not None:
             kwargs["labels"] = self.labels
         if self.tokens_per_slice is not None:
@@ -45,35 +90,67 @@ class Batch:
         return kwargs
 
 
-class MeteorProcessor:
-    """Holds the tokenizer and the image geometry; turns conversations into padded batches."""
+class LlavaMeteorProcessor(ProcessorMixin):
+    """The tokenizer, the image processor and the model's prompt options (``meteor_config``: the
+    ``MeteorConfig`` of the model, whose template, image token, separators and K it lays prompts out
+    with)."""
 
-    def __init__(self, tokenizer, config: MeteorConfig, patch_size: int = 14, base_size: int = 336,
-                 image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None):
-        self.tokenizer = tokenizer
-        self.config = config
-        self.patch_size = patch_size
-        self.base_size = base_size
-        self.image_mean = tuple(image_mean) if image_mean is not None else None
-        self.image_std = tuple(image_std) if image_std is not None else None
+    def __init__(self, image_processor=None, tokenizer=None, chat_template: str | None = None,
+                 meteor_config: MeteorConfig | dict | None = None, **kwargs):
+        if tokenizer is None:
+            raise ValueError("LlavaMeteorProcessor needs a tokenizer")
+        config = meteor_config if isinstance(meteor_config, MeteorConfig) else MeteorConfig.from_dict(meteor_config or {})
+        if image_processor is None:
+            image_processor = LlavaMeteorImageProcessor(max_slices=config.max_slices)
+        if image_processor.max_slices != config.max_slices:
+            raise ValueError(f"the image processor cuts images into at most {image_processor.max_slices} slices but "
+                             f"the model's configuration says max_slices={config.max_slices}: make them agree")
         self.image_token_id = prepare_tokenizer(tokenizer, config.image_token)
+        # "auto" is decided once, from the tokenizer as it comes (before a chat template of ours is
+        # attached to it), so a saved and reloaded processor renders as this one does.
+        config = dataclasses.replace(config, template=resolve_template(config.template, tokenizer))
+        if chat_template is None:
+            chat_template = (tokenizer.chat_template if config.template == "chat_template"
+                             else CHAT_TEMPLATES[config.template])
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.config = config
+        self.meteor_config = config.to_dict()
         self.slice_separator_ids = separator_ids(tokenizer, config.slice_separator)
         self.row_separator_ids = separator_ids(tokenizer, config.row_separator)
 
-    # --- images ---------------------------------------------------------------------------------
-    def prepare_image(self, image: Any) -> SlicedImage:
-        """Anything `meteor.processing.images.load_image` accepts → the normalised global view and slices."""
-        kwargs = {"max_slices": self.config.max_slices, "patch_size": self.patch_size,
-                  "base_size": self.base_size}
-        if self.image_mean is not None:
-            kwargs.update(image_mean=self.image_mean, image_std=self.image_std)
-        return slice_image(load_image(image), **kwargs)
+    # --- image geometry ----------------------------------------------------------------------------
+    @property
+    def patch_size(self) -> int:
+        return self.image_processor.patch_size
 
-    def image_layout(self, image: SlicedImage, tokens_per_slice: int | None = None) -> list[int]:
-        """The image's ids in the prompt: for a 2×2 grid and K = 2, ``I I , I I \\n I I , I I \\n I I``
-        (I the image id, "," and "\\n" the separator ids); K′ = ``tokens_per_slice`` if given."""
-        counts = view_token_counts(image.plan, self._per_view(image, tokens_per_slice))
-        rows, cols = image.plan.grid
+    @property
+    def base_size(self) -> int:
+        return self.image_processor.base_size
+
+    @property
+    def image_mean(self) -> tuple[float, ...]:
+        return tuple(self.image_processor.image_mean)
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        return tuple(self.image_processor.image_std)
+
+    def prepare_image(self, image: Any) -> SlicedImage:
+        """Anything ``meteor.processing.images.load_image`` accepts → the normalised global view and slices."""
+        return self.image_processor.prepare(image)
+
+    def tokens_per_slice(self, requested: int | None = None, images: Sequence[SlicedImage] = ()) -> int | None:
+        """K′ for these images: ``MeteorConfig.resolve_tokens_per_slice`` against their smallest view."""
+        fewest = min((rows * cols for image in images for rows, cols in image.plan.view_patches), default=None)
+        return self.config.resolve_tokens_per_slice(requested, fewest)
+
+    def layout_ids(self, plan: SlicePlan, tokens_per_slice: int | None = None) -> list[int]:
+        """The ids of an image with this slicing plan in the prompt: for a 2×2 grid and K = 2,
+        ``I I , I I \\n I I , I I \\n I I`` (I the image id, "," and "\\n" the separator ids); K′ =
+        ``tokens_per_slice`` if given, every patch of each view when the model keeps all."""
+        k = self.config.resolve_tokens_per_slice(tokens_per_slice)
+        counts = view_token_counts(plan, k if k is not None else (lambda grid: grid[0] * grid[1]))
+        rows, cols = plan.grid
         ids: list[int] = []
         for row in range(rows):
             for col in range(cols):
@@ -83,23 +160,21 @@ class MeteorProcessor:
             ids += self.row_separator_ids
         return ids + [self.image_token_id] * counts[-1]
 
-    def num_image_tokens(self, image: SlicedImage, tokens_per_slice: int | None = None) -> int:
-        return count_image_tokens(image.plan, self._per_view(image, tokens_per_slice))
+    def image_layout(self, image: SlicedImage, tokens_per_slice: int | None = None) -> list[int]:
+        return self.layout_ids(image.plan, tokens_per_slice)
 
-    def _per_view(self, image: SlicedImage, tokens_per_slice: int | None = None):
-        k = self.config.compressor.tokens_per_slice if tokens_per_slice is None else tokens_per_slice
-        if k is not None:
-            return k
-        # Keep-all mode: each view contributes its own patch count.
-        return [rows * cols for rows, cols in image.plan.view_patches]
+    def num_image_tokens(self, image: SlicedImage | SlicePlan, tokens_per_slice: int | None = None) -> int:
+        """How many ids the image takes in the prompt (visual tokens and separators)."""
+        plan = image.plan if isinstance(image, SlicedImage) else image
+        return len(self.layout_ids(plan, tokens_per_slice))
 
-    # --- text -----------------------------------------------------------------------------------
+    # --- text: the project's way -------------------------------------------------------------------
     def encode(self, conversations: Sequence[dict] | str, images: Sequence[SlicedImage] = (),
                template: str | None = None, for_generation: bool = False,
                tokens_per_slice: int | None = None) -> tuple[list[int], list[int]]:
-        """One sample → (input_ids, labels). `conversations` is LLaVA's list of turns, or a plain
+        """One sample → (input_ids, labels). ``conversations`` is LLaVA's list of turns, or a plain
         question string (for generation). Each <image> tag consumes the next image in order.
-        Raises `TokenizationMismatch` when an answer cannot be aligned with the ids. ``template``
+        Raises ``TokenizationMismatch`` when an answer cannot be aligned with the ids. ``template``
         defaults to the model's (``MeteorConfig.template``)."""
         template = resolve_template(self.config.template if template is None else template, self.tokenizer)
         if isinstance(conversations, str):
@@ -116,10 +191,16 @@ class MeteorProcessor:
             raise ValueError(f"the conversation has {tags} {tag} tag(s) but {len(images)} image(s) were "
                              f"given: put one {tag} in the human turn per image")
         text_ids, text_labels = tokenize(self.tokenizer, render(turns, template, self.tokenizer, tag))
+        return self._expand(text_ids, text_labels, images, tokens_per_slice, template)
+
+    def _expand(self, text_ids: list[int], text_labels: list[int], images: Sequence[SlicedImage],
+                tokens_per_slice: int | None, template: str = "") -> tuple[list[int], list[int]]:
+        """Each image placeholder id → its image's layout (labels IGNORE_INDEX there)."""
         placeholders = text_ids.count(self.image_token_id)
         if placeholders != len(images):
-            raise ValueError(f"the {template} prompt holds {placeholders} {tag} token(s) for {len(images)} "
-                             f"image(s): does the template drop or repeat the user's text?")
+            raise ValueError(f"the {template + ' ' if template else ''}prompt holds {placeholders} "
+                             f"{self.config.image_token} token(s) for {len(images)} image(s): "
+                             f"{'does the template drop or repeat the user text?' if template else 'give one image per tag'}")
         queue = iter(images)
         input_ids: list[int] = []
         labels: list[int] = []
@@ -137,12 +218,12 @@ class MeteorProcessor:
                 padding_side: str = "right") -> Batch:
         """Pad encoded samples into a batch (right padding for training, left for generation)."""
         input_ids, mask, labels = pad_batch(samples, self.tokenizer.pad_token_id, padding_side)
-        return Batch(input_ids, mask, list(images), labels)
+        return Batch(input_ids, mask, list(images), labels, patch_size=self.patch_size)
 
-    def __call__(self, questions: Sequence[str] | str, images: Sequence[Any] | None = None,
-                 template: str | None = None, tokens_per_slice: int | None = None) -> Batch:
+    def prompts(self, questions: Sequence[str] | str, images: Sequence[Any] | None = None,
+                template: str | None = None, tokens_per_slice: int | None = None) -> Batch:
         """Generation prompts in the model's template (or ``template``): one question per sample,
-        each with zero or one image (any format `load_image` accepts, or an already prepared
+        each with zero or one image (any format ``load_image`` accepts, or an already prepared
         SlicedImage). Left-padded. ``tokens_per_slice``: lay the images out with K′ tokens per view
         instead of the model's K (the batch carries it to the model)."""
         if isinstance(questions, str):
@@ -153,59 +234,193 @@ class MeteorProcessor:
                              f"(or None) per question")
         samples, prepared = [], []
         for question, image in zip(questions, images):
-            if image is None:
-                samples.append(self.encode(question, (), template))
-                continue
-            sliced = image if isinstance(image, SlicedImage) else self.prepare_image(image)
-            if self.config.image_token not in question:
-                question = f"{self.config.image_token}\n{question}"
-            samples.append(self.encode(question, [sliced], template, tokens_per_slice=tokens_per_slice))
-            prepared.append(sliced)
+            ids, own = self.question_prompt(question, image, template, tokens_per_slice)
+            samples.append((ids, ids))
+            prepared += own
         batch = self.collate(samples, prepared, padding_side="left")
+        batch.labels = None
         batch.tokens_per_slice = tokens_per_slice
         return batch
 
-    # --- persistence ----------------------------------------------------------------------------
-    def save_tokenizer(self, folder: str | Path) -> None:
-        """Write the tokenizer into ``folder`` so that loading it back (``AutoTokenizer`` plus this
-        processor's own additions, the `<image>` placeholder named in MeteorConfig and the pad token)
-        tokenises exactly as this one, checked by reloading.
+    def question_prompt(self, question: str, image: Any = None, template: str | None = None,
+                        tokens_per_slice: int | None = None) -> tuple[list[int], list[SlicedImage]]:
+        """One question (and its image, if any) as a generation prompt in the model's template (or
+        ``template``): its ids, the image laid out with K′ = ``tokens_per_slice``, and its prepared
+        images (the image first in the user turn when the question has no tag)."""
+        if image is None:
+            return self.encode(question, (), template)[0], []
+        sliced = self.prepare_image(image)
+        if self.config.image_token not in question:
+            question = f"{self.config.image_token}\n{question}"
+        return self.encode(question, [sliced], template, tokens_per_slice=tokens_per_slice)[0], [sliced]
 
-        A tokenizer loaded from a folder is saved as the files it came from, copied as they are:
-        re-serialising can change it (transformers 5 writes a sentencepiece LLaMA tokenizer back as
-        another tokenizer.json, without ``legacy``, which splits text differently). One built in
-        memory is saved with its own ``save_pretrained``."""
-        folder = Path(folder)
+    # --- text: transformers' way --------------------------------------------------------------------
+    def __call__(self, images: Any = None, text: str | Sequence[str] | None = None, tokens_per_slice: int | None = None,
+                 return_tensors: str | None = "pt", padding: bool | str = True, padding_side: str = "left",
+                 add_special_tokens: bool = True, **kwargs) -> BatchFeature:
+        """``text`` (one prompt or a batch) holding one ``<image>`` tag per image, and the images in
+        order (one, a list, or a list per prompt) → ``input_ids``, ``attention_mask`` (padded on
+        ``padding_side``, left by default: ready for ``generate``), ``pixel_values``, ``view_grids``,
+        ``image_grids``, ``image_sizes``. ``tokens_per_slice``: K′ for this call (pass the same to
+        the model). The text is used as given: render a conversation with ``apply_chat_template``."""
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"LlavaMeteorProcessor returns PyTorch tensors (return_tensors='pt'), not {return_tensors!r}")
+        if text is None:
+            raise ValueError("give the prompt text (with one <image> tag per image); for a chat, render it with "
+                             "processor.apply_chat_template(messages, add_generation_prompt=True) first")
+        texts = [text] if isinstance(text, str) else list(text)
+        prepared = [self.prepare_image(image) for image in flatten_images(images)]
+        k = self.tokens_per_slice(tokens_per_slice, prepared)
+        queue = iter(prepared)
+        samples = []
+        for prompt in texts:
+            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+            own = [next(queue, None) for _ in range(ids.count(self.image_token_id))]
+            if any(image is None for image in own):
+                raise ValueError(f"the text holds more {self.config.image_token} tags than the {len(prepared)} "
+                                 f"image(s) given: give one image per tag")
+            samples.append(self._expand(ids, [IGNORE_INDEX] * len(ids), own, k))
+        if next(queue, None) is not None:
+            raise ValueError(f"{len(prepared)} image(s) were given but the text holds fewer "
+                             f"{self.config.image_token} tags: put one tag per image where it belongs")
+        if not padding and len({len(ids) for ids, _ in samples}) > 1:
+            raise ValueError("prompts of different lengths need padding=True")
+        return self._features(samples, prepared, k if tokens_per_slice is not None else None, padding_side)
+
+    def _features(self, samples: Sequence[tuple[list[int], list[int]]], prepared: Sequence[SlicedImage],
+                  tokens_per_slice: int | None, padding_side: str = "left") -> BatchFeature:
+        input_ids, mask, _ = pad_batch(samples, self.tokenizer.pad_token_id, padding_side)
+        data = {"input_ids": input_ids, "attention_mask": mask}
+        if prepared:
+            data.update(image_tensors(prepared, self.patch_size))
+        if tokens_per_slice is not None:
+            data["tokens_per_slice"] = tokens_per_slice
+        return BatchFeature(data)
+
+    def apply_chat_template(self, conversation, chat_template: str | None = None, add_generation_prompt: bool = False,
+                            tokenize: bool = False, return_dict: bool = False, return_tensors: str | None = None,
+                            continue_final_message: bool = False, processor_kwargs: dict | None = None, **kwargs):
+        """A chat (OpenAI-style messages: ``content`` a string or a list of ``{"type": "image", ...}``
+        and ``{"type": "text", "text": ...}`` parts) rendered in the model's template, exactly as
+        ``encode`` renders it for training: each message's images first, each as ``<image>\\n``.
+        With ``tokenize=True``, the images given in the messages (``"image"``, ``"url"`` or ``"path"``
+        of each image part) are loaded and the processor's tensors returned."""
+        if chat_template is not None:
+            raise ValueError("LlavaMeteorProcessor renders chats in the model's own template; chat_template "
+                             "cannot be overridden here (render the text yourself and call the processor)")
+        if continue_final_message:
+            raise ValueError("continue_final_message is not supported: end the chat with a user message")
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        chats = conversation if batched else [conversation]
+        options = dict(processor_kwargs or {})
+        requested = options.pop("tokens_per_slice", None)
+        texts, samples, prepared = [], [], []
+        for chat in chats:
+            turns, sources = self._chat_turns(chat)
+            rendered = render(turns, self.config.template, self.tokenizer, self.config.image_token)
+            if not tokenize:
+                bos = self.tokenizer.bos_token if rendered.bos and self.tokenizer.bos_token else ""
+                texts.append(bos + rendered.text)
+                continue
+            own = [self.prepare_image(source) for source in sources]
+            ids, _ = tokenize_rendered(self.tokenizer, rendered)
+            samples.append((ids, own))
+            prepared += own
+        if not tokenize:
+            return texts if batched else texts[0]
+        k = self.tokens_per_slice(requested, prepared)
+        expanded = [self._expand(ids, [IGNORE_INDEX] * len(ids), own, k) for ids, own in samples]
+        out = self._features(expanded, prepared, k if requested is not None else None,
+                             options.pop("padding_side", "left"))
+        return out if return_dict else out["input_ids"]
+
+    def _chat_turns(self, chat: Sequence[dict]) -> tuple[list[Turn], list[Any]]:
+        """OpenAI-style messages → LLaVA turns ending with a user turn, and the images they hold."""
+        turns: list[Turn] = []
+        images: list[Any] = []
+        tag = self.config.image_token
+        for position, message in enumerate(chat):
+            role = {"user": "human", "assistant": "gpt"}.get(message.get("role"))
+            if role is None:
+                raise ValueError(f"message {position} has role {message.get('role')!r}; this model's template "
+                                 f"knows 'user' and 'assistant' turns")
+            content = message.get("content", "")
+            if isinstance(content, str):
+                text = content
+            else:
+                parts = [part for part in content if part.get("type") in ("image", "image_url")]
+                for part in parts:
+                    source = next((part[key] for key in ("image", "url", "path", "image_url") if key in part), None)
+                    if isinstance(source, dict):
+                        source = source.get("url")
+                    if source is None:
+                        raise ValueError(f"message {position} has an image part without 'image', 'url' or 'path'")
+                    images.append(source)
+                text = "".join(f"{tag}\n" for _ in parts) + "".join(
+                    part.get("text", "") for part in content if part.get("type") == "text")
+            if turns and turns[-1].role == role:
+                turns[-1] = Turn(role, turns[-1].text + "\n" + text)
+            else:
+                turns.append(Turn(role, text))
+        if not turns or turns[0].role != "human":
+            raise ValueError("a chat starts with a user message")
+        return turns, images
+
+    # --- persistence -------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> list[str]:
+        """The tokenizer (so that reloaded it tokenises exactly as now), ``preprocessor_config.json``,
+        ``processor_config.json`` and ``chat_template.jinja``."""
+        folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        source = _tokenizer_source(self.tokenizer)
-        names = TOKENIZER_FILES + tuple(getattr(self.tokenizer, "vocab_files_names", {}).values())
-        attempts = ([("its original files", lambda out: _copy_tokenizer_files(source, out, names))] if source else [])
-        attempts.append(("save_pretrained", self.tokenizer.save_pretrained))
-        problems = []
-        for how, write in attempts:
-            with tempfile.TemporaryDirectory() as scratch:
-                write(scratch)
-                problem = self._reload_difference(scratch)
-                if problem is None:
-                    _copy_tokenizer_files(Path(scratch), folder, names=[p.name for p in Path(scratch).iterdir()])
-                    return
-            problems.append(f"saved with {how}, it {problem}")
-        raise ValueError(f"the tokenizer {self.tokenizer.name_or_path or type(self.tokenizer).__name__} "
-                         f"cannot be saved so that it tokenises as it does now ({'; '.join(problems)}): "
-                         f"build the model from the tokenizer's folder (tokenizer=PATH) instead of a "
-                         f"modified tokenizer object")
+        save_tokenizer(self.tokenizer, folder, self.config.image_token)
+        self.image_processor.save_pretrained(folder)
+        (folder / PROCESSOR_CONFIG).write_text(json.dumps(
+            {"processor_class": type(self).__name__, "meteor_config": self.meteor_config}, indent=2) + "\n")
+        if self.chat_template:
+            (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
+        return [str(folder / name) for name in (PROCESSOR_CONFIG, CHAT_TEMPLATE_FILE)]
 
-    def _reload_difference(self, folder: str | Path) -> str | None:
-        """How the tokenizer saved in ``folder``, once loaded and prepared, differs from ours; None
-        if it does not."""
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "LlavaMeteorProcessor":
+        """A processor saved with ``save_pretrained`` (or a model folder holding one)."""
         from transformers import AutoTokenizer
 
-        try:
-            loaded = AutoTokenizer.from_pretrained(folder)
-            prepare_tokenizer(loaded, self.config.image_token)
-        except (OSError, ValueError, TypeError) as err:
-            return f"does not load ({err})"
-        return tokenizer_difference(self.tokenizer, loaded)
+        folder = Path(pretrained_model_name_or_path)
+        config_file = folder / PROCESSOR_CONFIG
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{folder} holds no {PROCESSOR_CONFIG}: it is not a LLaVA-Meteor folder "
+                                    f"(save one with processor.save_pretrained)")
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+        if "meteor_config" not in saved:
+            raise ValueError(f"{config_file} has no meteor_config: it was written by another processor "
+                             f"({saved.get('processor_class')}); load it with that class")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        image_processor = LlavaMeteorImageProcessor.from_pretrained(folder)
+        template_file = folder / CHAT_TEMPLATE_FILE
+        chat_template = template_file.read_text() if template_file.is_file() else None
+        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                   meteor_config=saved["meteor_config"])
+
+
+def MeteorProcessor(tokenizer, config: MeteorConfig, patch_size: int = 14, base_size: int = 336,
+                    image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None
+                    ) -> LlavaMeteorProcessor:
+    """Deprecated: ``LlavaMeteorProcessor(image_processor=LlavaMeteorImageProcessor(...), tokenizer=...,
+    meteor_config=...)`` replaces it (this builds exactly that)."""
+    warnings.warn("MeteorProcessor(tokenizer, config, ...) is deprecated: build a LlavaMeteorProcessor with a "
+                  "LlavaMeteorImageProcessor (meteor.processing)", DeprecationWarning, stacklevel=2)
+    return build_processor(tokenizer, config, patch_size, base_size, image_mean, image_std)
+
+
+def build_processor(tokenizer, config: MeteorConfig, patch_size: int = 14, base_size: int = 336,
+                    image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None
+                    ) -> LlavaMeteorProcessor:
+    """A processor for a tokenizer and a model's options, with the tower's patch and native size and
+    normalisation (OpenAI CLIP's when None)."""
+    statistics = {} if image_mean is None else {"image_mean": image_mean, "image_std": image_std}
+    image_processor = LlavaMeteorImageProcessor(patch_size=patch_size, base_size=base_size,
+                                                max_slices=config.max_slices, **statistics)
+    return LlavaMeteorProcessor(image_processor=image_processor, tokenizer=tokenizer, meteor_config=config)
 
 
 def pad_batch(samples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
@@ -221,112 +436,10 @@ def pad_batch(samples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: in
     mask = torch.zeros((len(samples), length), dtype=torch.long)
     for row, (ids, labs) in enumerate(samples):
         span = slice(0, len(ids)) if padding_side == "right" else slice(length - len(ids), length)
-        input_ids[row, span] = torch.tensor(ids)
-        labels[row, span] = torch.tensor(labs)
+        input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+        labels[row, span] = torch.tensor(labs, dtype=torch.long)
         mask[row, span] = 1
     return input_ids, mask, labels
 
 
-def prepare_tokenizer(tokenizer, image_token: str) -> int:
-    """What the processor adds to a tokenizer, the same when it is built and when it is loaded: the
-    image placeholder (`ensure_image_token`) and, where the tokenizer has none, a pad token (LLaMA
-    and Vicuna ship none; LLaVA pads with unk, and padded positions are masked anyway). Returns the
-    placeholder's id. Also checks that the placeholder and EOS each read as one id inside text."""
-    token_id = ensure_image_token(tokenizer, image_token)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"{type(tokenizer).__name__} {tokenizer.name_or_path!r} has no end-of-sequence token, "
-                         f"which ends every answer: give it one (eos_token in tokenizer_config.json)")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    for name, text, expected in (("image placeholder", image_token, token_id),
-                                 ("end-of-sequence token", tokenizer.eos_token, tokenizer.eos_token_id)):
-        ids = tokenizer(f"a{text}b", add_special_tokens=False)["input_ids"]
-        if ids.count(expected) != 1:
-            raise ValueError(f"the {name} {text!r} does not tokenise as its one id {expected} inside "
-                             f"text with {type(tokenizer).__name__} {tokenizer.name_or_path!r} (got "
-                             f"{tokenizer.convert_ids_to_tokens(ids)}): it must be a special token")
-    return token_id
-
-
-def separator_ids(tokenizer, separator: str) -> list[int]:
-    """The ids ``separator`` has inside running text: the ids that ``context + separator`` has
-    beyond ``context``'s, for several contexts, which must agree. (Tokenised alone or after a
-    special token, a sentencepiece tokenizer would prefix it with "▁".)"""
-    if not separator:
-        return []
-    found: Counter = Counter()
-    for context in ("a", "image", "The answer is x"):
-        base = tokenizer(context, add_special_tokens=False)["input_ids"]
-        full = tokenizer(context + separator, add_special_tokens=False)["input_ids"]
-        if len(full) > len(base) and full[:len(base)] == base:
-            found[tuple(full[len(base):])] += 1
-    if not found or found.most_common(1)[0][1] < 2:
-        raise ValueError(f"{type(tokenizer).__name__} {tokenizer.name_or_path!r} gives the separator "
-                         f"{separator!r} no stable ids inside text (it merges with the text before it): "
-                         f"choose another slice_separator / row_separator in MeteorConfig")
-    return list(found.most_common(1)[0][0])
-
-
-def ensure_image_token(tokenizer, image_token: str) -> int:
-    """Add the image placeholder as a special token if the tokenizer lacks it; return its id."""
-    if image_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
-    token_id = tokenizer.convert_tokens_to_ids(image_token)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"could not register {image_token!r} as a token of {type(tokenizer).__name__}")
-    return token_id
-
-
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "tekken.json",
-                   "chat_template.jinja", "chat_template.json", "additional_chat_templates")
-"""File names a Hugging Face tokenizer folder may hold (its class may name more)."""
-
-_PROBES = (
-    f"{VICUNA_SYSTEM} USER: <image>\nWhat is in the image? ASSISTANT: a red circle</s>USER: And? ASSISTANT:",
-    " leading space,  two spaces\n\nnew lines\ttab <image>, <image>\n<image> 0123456789",
-    "Ünïcödé café 中文 ½ → <s>x</s> <unk> ▁marker",
-)
-
-
-def tokenizer_difference(expected, actual) -> str | None:
-    """How ``actual`` tokenises differently from ``expected`` (vocabulary, special tokens, chat
-    template, ids of a few probe texts), in words; None if it does not."""
-    if expected.get_vocab() != actual.get_vocab():
-        extra = sorted(set(actual.get_vocab()) ^ set(expected.get_vocab()))[:5]
-        return f"has another vocabulary ({len(actual)} vs {len(expected)} tokens; e.g. {extra})"
-    for name in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id"):
-        if getattr(expected, name) != getattr(actual, name):
-            return f"has {name} {getattr(actual, name)} instead of {getattr(expected, name)}"
-    if getattr(expected, "chat_template", None) != getattr(actual, "chat_template", None):
-        return "has another chat template"
-    for text in _PROBES:
-        for special in (True, False):
-            want = expected(text, add_special_tokens=special)["input_ids"]
-            got = actual(text, add_special_tokens=special)["input_ids"]
-            if want != got:
-                return (f"tokenises {text!r} as {actual.convert_ids_to_tokens(got)} instead of "
-                        f"{expected.convert_ids_to_tokens(want)}")
-    return None
-
-
-def _tokenizer_source(tokenizer) -> Path | None:
-    """The local folder the tokenizer was loaded from, if any: its ``name_or_path``, or for one
-    loaded by hub name, the cached folder its vocabulary file lies in."""
-    kwargs = getattr(tokenizer, "init_kwargs", {}) or {}
-    files = [kwargs.get(key) for key in ("vocab_file", "tokenizer_file")]
-    candidates = [getattr(tokenizer, "name_or_path", "")] + [str(Path(f).parent) for f in files if f]
-    for name in candidates:
-        folder = Path(name) if name else None
-        if folder is not None and folder.is_dir() and any((folder / f).exists() for f in TOKENIZER_FILES):
-            return folder
-    return None
-
-
-def _copy_tokenizer_files(source: Path, out: str | Path, names: Sequence[str] = TOKENIZER_FILES) -> None:
-    for name in names:
-        path = source / name
-        if path.is_dir():
-            shutil.copytree(path, Path(out) / name, dirs_exist_ok=True)
-        elif path.is_file():
-            shutil.copy2(path, Path(out) / name)
+__all__ = ["Batch", "CHAT_TEMPLATES", "LlavaMeteorProcessor", "MeteorProcessor", "build_processor", "pad_batch"]

@@ -125,14 +125,14 @@ def run_chat(model_dir: str | os.PathLike, image: str | None = None, tokens_per_
 
     from meteor.processing.conversation import ConversationError, resolve_template
     from meteor.processing.images import ImageError
-    from meteor.model.modeling import LlavaMeteor
+    from meteor.pretrained import load_pretrained
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     interactive = stdin.isatty()
     info = stdout if interactive else stderr          # piped: only answers on standard output
     hf_logging.disable_progress_bar()
     print(f"meteor chat: loading {model_dir} ...", file=info, flush=True)
-    model, processor = LlavaMeteor.from_pretrained(model_dir)
+    model, processor = load_pretrained(model_dir)
     session = ChatSession(model, processor, tokens_per_slice, max_new_tokens, Sampling(temperature=temperature))
     template = resolve_template(processor.config.template, processor.tokenizer)
     trained = processor.config.compressor.tokens_per_slice

@@ -130,9 +130,9 @@ def run_explain(model_dir: str | os.PathLike, image: str, question: str, out: st
     """``meteor explain``: load, explain, print."""
     from transformers.utils import logging as hf_logging
 
-    from meteor.model.modeling import LlavaMeteor
+    from meteor.pretrained import load_pretrained
 
     hf_logging.disable_progress_bar()
-    model, processor = LlavaMeteor.from_pretrained(model_dir)
+    model, processor = load_pretrained(model_dir)
     print(format_explanation(explain(model, processor, image, question, out, tokens_per_slice, max_new_tokens)))
     return 0

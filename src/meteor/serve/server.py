@@ -27,13 +27,13 @@ def build_server(model_dir: str | os.PathLike, config: ServeConfig, warmup: bool
     """The model, its worker (started) and the ``Server`` the app and UI share."""
     from transformers.utils import logging as hf_logging
 
-    from meteor.model.modeling import LlavaMeteor
+    from meteor.pretrained import load_pretrained
     from meteor.serve.app import Server
     from meteor.serve.worker import BatchingWorker
 
     key = api_key(config)
     hf_logging.disable_progress_bar()
-    model, processor = LlavaMeteor.from_pretrained(model_dir)
+    model, processor = load_pretrained(model_dir)
     model.eval()
     worker = BatchingWorker(model, processor, config.max_batch_size, config.batch_window_ms / 1000,
                             config.queue_size, config.threads).start(warmup=warmup)

@@ -8,8 +8,8 @@ Shared by ``meteor chat``, the server of ``meteor serve`` (its batching worker a
 - ``AnswerStream``: one answer being generated: the tokens so far, the text a client may already
   be shown (an incomplete UTF-8 character, a possible start of a stop string and the leading white
   space the template leaves are held back), why it ended, and when each token came.
-- ``generate_streamed``: one left-padded batch of prompts through ``LlavaMeteor.generate`` with a
-  streamer that feeds each row's ``AnswerStream`` and a stopping criterion that ends each row on
+- ``generate_streamed``: one left-padded batch of prompts through the model's ``generate``
+  (transformers' ``GenerationMixin``, with its KV cache) with a streamer that feeds each row's ``AnswerStream`` and a stopping criterion that ends each row on
   its own (end token, its own token limit, a stop string, cancellation, a deadline).
 
 Answers from a batch equal the answers each prompt gets alone under greedy decoding: rows are
@@ -213,8 +213,8 @@ class Sampling:
 
 @dataclass
 class BatchTiming:
-    """When one ``generate_streamed`` call started, had its prompts ready (images encoded,
-    compressed and embedded) and ended, in ``time.perf_counter()`` seconds."""
+    """When one ``generate_streamed`` call started, had its first tokens (images encoded,
+    compressed, the prompts prefilled) and ended, in ``time.perf_counter()`` seconds."""
 
     started: float
     prompt_ready: float | None = None
@@ -226,16 +226,19 @@ class BatchTiming:
 
 
 class _Streamer(BaseStreamer):
-    """transformers' streamer interface: the first ``put`` is the prompt (with image embeddings
-    only, an empty (B, 0) tensor), each later one the batch's next tokens (B,)."""
+    """transformers' streamer interface: the first ``put`` is the prompt's ids (B, T), each later one
+    the batch's next tokens (B,)."""
 
     def __init__(self, rows: Sequence[AnswerStream], end_ids: Sequence[int], timing: BatchTiming):
         self.rows, self.end_ids, self.timing = rows, tuple(end_ids), timing
+        self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
         if self.timing.prompt_ready is None:
             self.timing.prompt_ready = time.perf_counter()
-            return
         for row, token in zip(self.rows, value.view(-1).tolist()):
             row.push(int(token), self.end_ids)
 
@@ -255,10 +258,12 @@ class _RowsDone(StoppingCriteria):
 
 def generate_streamed(model, processor, prompts: Sequence[tuple[list[int], Sequence[SlicedImage]]],
                       rows: Sequence[AnswerStream], tokens_per_slice: int | None = None,
-                      sampling: Sampling = Sampling(), timing: BatchTiming | None = None) -> BatchTiming:
+                      sampling: Sampling = Sampling(), timing: BatchTiming | None = None,
+                      feature_cache=None) -> BatchTiming:
     """Generate one answer per prompt ((ids, its images) as ``Conversation.prompt_ids`` lays them
     out with ``tokens_per_slice``), all in one left-padded batch, streaming into ``rows``.
-    ``timing``: filled in as the batch runs (a new one by default); returned."""
+    ``timing``: filled in as the batch runs (a new one by default); returned. ``feature_cache``: a
+    ``FeatureCache`` the vision tower's outputs are read from (and kept in)."""
     if len(prompts) != len(rows):
         raise ValueError(f"{len(prompts)} prompts but {len(rows)} answer streams: give one per prompt")
     tokenizer = processor.tokenizer
@@ -268,6 +273,8 @@ def generate_streamed(model, processor, prompts: Sequence[tuple[list[int], Seque
     batch.tokens_per_slice = tokens_per_slice
     kwargs = batch.to_model_kwargs()
     kwargs.pop("labels", None)
+    if feature_cache is not None and batch.images:
+        kwargs["tower_outputs"] = feature_cache.encode_views(model.model, kwargs["pixel_values"], kwargs["view_grids"])
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     model.eval()

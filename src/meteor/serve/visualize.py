@@ -2,7 +2,7 @@
 native expert alone and their aggregate (what the model keeps) would keep.
 
 Used by the demo's report, ``meteor explain`` and the web UI of ``meteor serve``. The drawing reads
-only what ``LlavaMeteor.encode_images(..., return_selection=True)`` returns (``ViewSelection``), so
+only what ``image_selections`` returns (the model's ``ViewSelection``s), so
 it needs no access to the model's internals:
 
     fig = draw_selection(sliced, selections, processor, title="photo.jpg")
@@ -121,14 +121,29 @@ def selection_figure(model, processor, image: Any, question: str | None, path: s
     plt = _plt()
     sliced = image if isinstance(image, SlicedImage) else processor.prepare_image(image)
     model.eval()
-    with torch.no_grad():
-        if prompt_ids is not None:
-            selections = model.prompt_selections(prompt_ids, [sliced], tokens_per_slice)
-        else:
-            _, selections = model.encode_images([sliced], return_selection=True, tokens_per_slice=tokens_per_slice)
+    selections = image_selections(model, processor, [sliced], prompt_ids, tokens_per_slice)
     if name is None:
         name = Path(image).name if isinstance(image, (str, os.PathLike)) else "image"
     fig = draw_selection(sliced, selections, processor, selection_title(name, selections, question))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return selections
+
+
+@torch.no_grad()
+def image_selections(model, processor, images: Sequence[Any], prompt_ids: Sequence[int] | None = None,
+                     tokens_per_slice: int | None = None, feature_cache=None) -> list:
+    """The ``ViewSelection`` of every view of ``images`` (prepared ``SlicedImage``s), image after
+    image: what the model keeps of them when it reads ``prompt_ids`` (the prompt with the images laid
+    out, so a question-conditioned instruction token selects for its question), or the images alone.
+    ``feature_cache``: a ``FeatureCache`` the vision tower's outputs are read from and kept in."""
+    from meteor.processing.image_processor import image_tensors
+
+    k = processor.tokens_per_slice(tokens_per_slice, images)
+    if prompt_ids is None:
+        prompt_ids = [token for image in images for token in processor.image_layout(image, k)]
+    inputs = image_tensors(images, processor.patch_size)
+    tower_outputs = None if feature_cache is None else \
+        feature_cache.encode_views(model.model, inputs["pixel_values"], inputs["view_grids"])
+    return model.image_selections(torch.tensor([list(prompt_ids)]), inputs["pixel_values"], inputs["view_grids"],
+                                  inputs["image_grids"], tokens_per_slice=k, tower_outputs=tower_outputs)

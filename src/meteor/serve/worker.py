@@ -19,7 +19,6 @@ on a machine that has not built it yet; ``ready`` is set after it (``/health`` r
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -31,6 +30,7 @@ import torch
 
 from meteor.model.feature_cache import FeatureCache
 from meteor.serve.streaming import AnswerStream, BatchTiming, Conversation, Sampling, generate_streamed
+from meteor.serve.visualize import image_selections
 from meteor.serve.protocol import APIError
 
 log = logging.getLogger("meteor.serve")
@@ -202,22 +202,15 @@ class BatchingWorker:
                                                      "(meteor serve --request-timeout)", None, "timeout",
                                                 "timeout_error")))
 
-    @contextlib.contextmanager
-    def _vision_once(self, jobs: list[Job]):
+    def _selection_cache_for(self, jobs: list[Job]):
         """A batch that reports a selection encodes its views twice (the selection, then the
-        answer): the worker's memory feature cache, attached for that batch only, lets the vision
-        tower run once per view (the tower's fingerprint is hashed once per worker). A model that
-        has its own cache keeps it."""
-        if self.model.feature_cache is not None or not any(job.want_selection for job in jobs):
-            yield
-            return
+        answer): the worker's memory feature cache, used for that batch, lets the vision tower run
+        once per view (the tower's fingerprint is hashed once per worker)."""
+        if not any(job.want_selection for job in jobs):
+            return None
         if self._selection_cache is None:
             self._selection_cache = FeatureCache(max_memory_bytes=SELECTION_CACHE_BYTES)
-        self.model.feature_cache = self._selection_cache
-        try:
-            yield
-        finally:
-            self.model.feature_cache = None
+        return self._selection_cache
 
     def _run(self, jobs: list[Job]) -> None:
         """Generate the batch; each job's "done" goes out as soon as its own answer ends."""
@@ -226,13 +219,15 @@ class BatchingWorker:
             job.batch_size, job.timing = len(jobs), timing
             job.stream.on_end = lambda job=job: job.on_event(("done", job))
         try:
-            with torch.no_grad(), self._vision_once(jobs):
+            cache = self._selection_cache_for(jobs)
+            with torch.no_grad():
                 for job in jobs:
                     if job.want_selection:
-                        job.selection = self.model.prompt_selections(job.prompt_ids, job.images,
-                                                                     job.tokens_per_slice)
+                        job.selection = image_selections(self.model, self.processor, job.images, job.prompt_ids,
+                                                         job.tokens_per_slice, cache)
                 generate_streamed(self.model, self.processor, [(j.prompt_ids, j.images) for j in jobs],
-                                  [j.stream for j in jobs], jobs[0].tokens_per_slice, jobs[0].sampling, timing)
+                                  [j.stream for j in jobs], jobs[0].tokens_per_slice, jobs[0].sampling, timing,
+                                  cache)
         except Exception as err:       # one bad batch must not stop the server
             log.exception("batch of %d failed", len(jobs))
             with self._cond:

@@ -21,7 +21,7 @@ import torch
 
 if TYPE_CHECKING:   # annotations only: the trainer's own modules import this one
     from meteor.train.data import Example, LlavaDataset
-    from meteor.model.modeling import LlavaMeteor
+    from meteor.model.modeling import LlavaMeteorForConditionalGeneration
     from meteor.processing.processor import Batch
 
 
@@ -63,14 +63,14 @@ class AuxiliaryLoss(Protocol):
 
     def loss(self, positions: Sequence[int], batch: Batch, output) -> AuxiliaryTerm:
         """The term over one micro-batch: ``positions`` are its records (in batch order), ``batch``
-        what the model read, ``output`` the model's output (``MeteorCausalLMOutput``)."""
+        what the model read, ``output`` the model's output (``LlavaMeteorCausalLMOutput``)."""
 
 
 class AuxiliaryFactory(Protocol):
     """Builds an auxiliary loss once the run's model and data exist, before the model is wrapped
     for DDP or FSDP (so it may keep a copy of a part of the model, as a teacher)."""
 
-    def __call__(self, model: LlavaMeteor, dataset: LlavaDataset, template: str) -> AuxiliaryLoss: ...
+    def __call__(self, model: LlavaMeteorForConditionalGeneration, dataset: LlavaDataset, template: str) -> AuxiliaryLoss: ...
 
 
 def log_entries(name: str, loss_sum: float, count: float, sums: dict[str, float]) -> dict[str, float]:

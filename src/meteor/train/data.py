@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from meteor.processing.conversation import IGNORE_INDEX, ConversationError, TokenizationMismatch, parse_turns
 from meteor.processing.images import ImageError
-from meteor.processing.processor import Batch, MeteorProcessor
+from meteor.processing.processor import Batch, LlavaMeteorProcessor
 from meteor.processing.slicing import SlicedImage
 
 
@@ -102,7 +102,7 @@ class LlavaDataset:
     """Records + image folder + processor → `Example`s. Indexing encodes on demand."""
 
     def __init__(self, records: Sequence[dict] | str | Path, image_folder: str | Path | None,
-                 processor: MeteorProcessor, template: str = "vicuna_v1", max_length: int = 2048):
+                 processor: LlavaMeteorProcessor, template: str = "vicuna_v1", max_length: int = 2048):
         self.records = read_records(records) if isinstance(records, (str, Path)) else list(records)
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.processor = processor
@@ -187,7 +187,7 @@ def truncate(input_ids: list[int], labels: list[int], max_length: int, image_tok
     return Truncation(ids, labs, True, True)
 
 
-def collate(processor: MeteorProcessor, examples: Sequence[Example]) -> Batch:
+def collate(processor: LlavaMeteorProcessor, examples: Sequence[Example]) -> Batch:
     """Examples → a right-padded `Batch` (images in the order of their samples)."""
     return processor.collate([(e.input_ids, e.labels) for e in examples],
                              [e.image for e in examples if e.image is not None])

@@ -82,11 +82,11 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 class CallTracker:
-    """Which direct children of the model (vision tower, compressor, LLM) ran during this step."""
+    """Which parts of the model (vision tower, compressor, LLM, head) ran during this step."""
 
     def __init__(self, model: nn.Module):
-        self.children = [(name, child) for name, child in model.named_children()
-                         if any(p.requires_grad for p in child.parameters())]
+        parts = list(model.model.named_children()) + [("lm_head", model.lm_head)]
+        self.children = [(name, child) for name, child in parts if any(p.requires_grad for p in child.parameters())]
         self.called = [False] * len(self.children)
         for index, (_, child) in enumerate(self.children):
             child.register_forward_pre_hook(self._hook(index))

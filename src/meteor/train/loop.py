@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from meteor.processing.conversation import IGNORE_INDEX, resolve_template
 from meteor.train.data import Example, LlavaDataset, RecordError, SkipReport, collate
-from meteor.model.modeling import COMPRESSOR_FILE, LlavaMeteor, load_compressor
+from meteor.pretrained import COMPRESSOR_FILE, build, load_compressor, load_pretrained, save_compressor, save_pretrained
 from meteor.train.args import TrainConfig, TrainConfigError
 from meteor.train.auxiliary import AuxiliaryFactory, AuxiliaryLoss, log_entries
 from meteor.train.checkpoint import latest_loadable, rng_state, save_checkpoint, set_rng_state
@@ -64,16 +63,17 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def load_model(config: TrainConfig, dist: DistributedRun) -> tuple[LlavaMeteor, Any]:
+def load_model(config: TrainConfig, dist: DistributedRun) -> tuple[Any, Any]:
+    """The model to train and its processor: a saved folder (``--model``), or built from a vision
+    tower and a language model (``--vision`` and ``--language-model``)."""
     from meteor.model.configuration import MeteorConfig
 
     if config.model is not None:
-        model, processor = LlavaMeteor.from_pretrained(config.model)
+        model, processor = load_pretrained(config.model)
     else:
         meteor_config = (MeteorConfig.from_json(Path(config.meteor_config).read_text())
                          if config.meteor_config else MeteorConfig())
-        model, processor = LlavaMeteor.build(config.vision, config.language_model, config.language_model,
-                                             meteor_config)
+        model, processor = build(config.vision, config.language_model, config.language_model, meteor_config)
     if config.compressor_from is not None:
         source = Path(config.compressor_from)
         weights = load_compressor(source / COMPRESSOR_FILE if source.is_dir() else source)
@@ -82,22 +82,18 @@ def load_model(config: TrainConfig, dist: DistributedRun) -> tuple[LlavaMeteor, 
         except RuntimeError as err:
             raise TrainConfigError(f"--compressor-from {source} does not fit this model's compressor "
                                    f"(different widths or options?): {err}") from err
-    if config.feature_cache is not None:
-        from meteor.model.feature_cache import FeatureCache
-
-        model.feature_cache = FeatureCache(None if config.feature_cache == "memory" else config.feature_cache)
     if dist.mode == "fsdp":   # fully_shard moves each unit to the device as it shards it
         return model, processor
     return model.to(dist.device), processor
 
 
-def set_trainable(model: LlavaMeteor, config: TrainConfig) -> list[dict[str, Any]]:
+def set_trainable(model, config: TrainConfig) -> list[dict[str, Any]]:
     """Freeze per stage; returns the optimizer's parameter groups."""
     model.requires_grad_(False)
     model.compressor.requires_grad_(True)
     if config.freeze_projector_mlp:
         if getattr(model.compressor, "mlp", None) is None:
-            raise TrainConfigError(f"--freeze-projector-mlp: the {model.config.compressor.projector!r} projector "
+            raise TrainConfigError(f"--freeze-projector-mlp: the {model.meteor_config.compressor.projector!r} projector "
                                    f"has no token-wise MLP to keep")
         model.compressor.mlp.requires_grad_(False)
     trainable = [p for p in model.compressor.parameters() if p.requires_grad]
@@ -112,7 +108,11 @@ def set_trainable(model: LlavaMeteor, config: TrainConfig) -> list[dict[str, Any
             groups.append({"params": lora_params, "lr": config.lora_learning_rate})
         else:
             model.language_model.requires_grad_(True)
-            groups.append({"params": list(model.language_model.parameters()), "lr": config.learning_rate})
+            model.lm_head.requires_grad_(True)
+            seen: set[int] = set()            # a head tied to the embeddings is one parameter
+            params = [p for p in [*model.language_model.parameters(), *model.lm_head.parameters()]
+                      if id(p) not in seen and not seen.add(id(p))]
+            groups.append({"params": params, "lr": config.learning_rate})
     return groups
 
 
@@ -131,15 +131,6 @@ class DataOrder:
         generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(self.size, generator=generator)
         return order[within * self.global_batch:(within + 1) * self.global_batch].tolist()
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Σ next-token cross-entropy over supervised positions, and their count."""
-    shifted = labels[:, 1:]                                             # (B, T-1)
-    count = int((shifted != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, count
 
 
 def _supervised(example: Example) -> int:
@@ -176,9 +167,13 @@ def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> Tr
     torch.manual_seed(config.seed)
     model, processor = load_model(config, dist)
     groups = set_trainable(model, config)
-    if config.gradient_checkpointing:
-        lm = model.language_model   # transformers ≥ 5 renamed it; older releases have the old name
-        (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
+    if config.gradient_checkpointing:   # transformers ≥ 5.2x calls it activation checkpointing
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    cache = None
+    if config.feature_cache is not None:   # the frozen tower's outputs, kept by the trainer, not the model
+        from meteor.model.feature_cache import FeatureCache
+
+        cache = FeatureCache(None if config.feature_cache == "memory" else config.feature_cache)
     dataset = LlavaDataset(config.data, config.image_folder, processor, config.template, config.max_length)
     _refuse_if_every_record_is_skipped(dataset, config)
     terms: list[AuxiliaryLoss] = [build(model, dataset, config.template) for build in auxiliary]  # before wrapping
@@ -219,7 +214,7 @@ def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> Tr
                                label="/".join(output_dir.resolve().parts[-2:]))
     try:
         while step < total_steps:
-            model.training_progress = step / total_steps
+            training_progress = step / total_steps
             started = time.perf_counter()
             records = order.step_records(step)[dist.rank::dist.world_size]
             examples: list[Example] = []
@@ -250,10 +245,18 @@ def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> Tr
                 else:   # keep every rank in step with the others: a zero-weight filler batch
                     batch, weight = processor.collate([filler], []), 0.0
                 sync = micro == micro_steps - 1
+                inputs = batch.to_model_kwargs()
+                if cache is not None and batch.images:
+                    inputs["tower_outputs"] = cache.encode_views(model.model, inputs["pixel_values"],
+                                                                 inputs["view_grids"])
+                # The model's loss is the sum over supervised tokens divided by this: the mean over the
+                # global batch, whatever the number of devices and micro-batches (module docstring).
+                share = max(global_tokens, 1.0) / dist.world_size
                 with dist.maybe_no_sync(wrapped, sync), dist.autocast(config.precision):
-                    out = wrapped(**batch.to_model_kwargs(), **forward_options)
-                    loss_sum, count = token_loss_sum(out.logits, batch.labels.to(out.logits.device))
-                    total = loss_sum * (weight * dist.world_size / max(global_tokens, 1.0))
+                    out = wrapped(**inputs, **forward_options, training_progress=training_progress,
+                                  num_items_in_batch=share)
+                    total = out.loss if weight else out.loss * 0.0
+                    count = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
                     if chunk:
                         for term, units in zip(terms, global_units):
                             part = term.loss(positions[span], batch, out)
@@ -270,7 +273,7 @@ def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> Tr
                     total = total + sum(p.sum() for g in groups for p in g["params"]) * 0.0
                 total.backward()
                 if weight:
-                    loss_sum_local += float(loss_sum.detach())
+                    loss_sum_local += float(out.loss.detach()) * share
                     tokens_local += count
                     visual_tokens += int((batch.input_ids == processor.image_token_id).sum())
                     samples += batch.input_ids.shape[0]
@@ -294,7 +297,7 @@ def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> Tr
                 "visual_tokens_per_sample": totals["visual_tokens"] / max(totals["samples"], 1.0),
                 "supervised_tokens": int(global_tokens),
                 "tokens_per_s": totals["input_tokens"] / elapsed,
-                "native_weight_progress": model.training_progress,
+                "native_weight_progress": training_progress,
                 "skipped": skipped.total,
                 "truncated": counters["truncated"],
             }
@@ -334,7 +337,7 @@ def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> Tr
     return result
 
 
-def _trainable_state(model: LlavaMeteor) -> dict[str, torch.Tensor]:
+def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -389,13 +392,12 @@ def _save_final(output_dir, model, processor, config, dist) -> Path | None:
     folder = output_dir / "model"
     if dist.is_main:
         if config.stage == 2:   # the model answers in the template it was instruction-tuned with
-            model.config = dataclasses.replace(model.config, template=resolve_template(config.template,
-                                                                                       processor.tokenizer))
-        model.save_pretrained(folder, processor, overwrite=True)
+            processor.config = dataclasses.replace(processor.config, template=resolve_template(config.template,
+                                                                                               processor.tokenizer))
+            processor.meteor_config = processor.config.to_dict()
+        save_pretrained(folder, model, processor, overwrite=True)
         if config.stage == 1:   # LLaVA's "projector file": what stage 2 starts from
-            from safetensors.torch import save_file
-            save_file({k: v.detach().contiguous().cpu() for k, v in model.compressor.state_dict().items()},
-                      output_dir / COMPRESSOR_FILE)
+            save_compressor(model, output_dir / COMPRESSOR_FILE)
         (output_dir / "DONE.json").write_text(json.dumps({"model": str(folder)}) + "\n")
     dist.barrier()
     return folder

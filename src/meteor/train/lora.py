@@ -18,18 +18,21 @@ def _targets(language_model: nn.Module) -> list[str]:
 
 
 def add_lora(model, rank: int, alpha: int) -> list[nn.Parameter]:
-    """Wrap `model.language_model` with LoRA adapters in place; returns their parameters."""
+    """Wrap the model's decoder (``model.model.language_model``) with peft's LoRA adapters in place;
+    returns their parameters."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
         raise TrainConfigError("--lora needs peft: pip install peft") from err
+    decoder = model.model.language_model
+    # FEATURE_EXTRACTION: the decoder without its head, called with inputs_embeds as the model calls it
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.05, bias="none",
-                        target_modules=_targets(model.language_model), task_type="CAUSAL_LM")
-    model.language_model = get_peft_model(model.language_model, config)
-    return [p for name, p in model.language_model.named_parameters() if "lora_" in name and p.requires_grad]
+                        target_modules=_targets(decoder), task_type="FEATURE_EXTRACTION")
+    model.model.language_model = get_peft_model(decoder, config)
+    return [p for name, p in model.model.language_model.named_parameters() if "lora_" in name and p.requires_grad]
 
 
 def merge_lora(model) -> None:
-    """Fold the adapters into the base weights so the saved model is a plain causal LM."""
-    if hasattr(model.language_model, "merge_and_unload"):
-        model.language_model = model.language_model.merge_and_unload()
+    """Fold the adapters into the base weights so the saved model is the plain decoder again."""
+    if hasattr(model.model.language_model, "merge_and_unload"):
+        model.model.language_model = model.model.language_model.merge_and_unload()

@@ -1,10 +1,10 @@
 """A LLaVA checkpoint → a LLaVA-Meteor model: its tower, its LLM and tokenizer, its projector's
 weights as the initial weights of Meteor's projector MLP (the same C → D → D shape).
 
-    model, processor = LlavaMeteor.from_llava("llava-1.5-7b-hf")          # the LLaVA as it is
-    model, processor = LlavaMeteor.from_llava("llava-v1.5-7b", vision="clip-vit-large-patch14-336",
-                                              config=MeteorConfig(compressor=CompressorConfig(
-                                                  projector="cls_topk", tokens_per_slice=64)))
+    model, processor = from_llava("llava-1.5-7b-hf")          # the LLaVA as it is
+    model, processor = from_llava("llava-v1.5-7b", vision="clip-vit-large-patch14-336",
+                                  config=MeteorConfig(compressor=CompressorConfig(projector="cls_topk",
+                                                                                  tokens_per_slice=64)))
 
 With ``projector="mlp"`` (the default: every token, one view) the converted model computes what
 the original computes. With ``"cls_topk"`` it keeps K tokens per view by the visual expert alone,
@@ -56,10 +56,26 @@ def load_projector_mlp(compressor: torch.nn.Module, projector: dict[str, torch.T
 
 def read_llava_for_meteor(path: str | os.PathLike, config: MeteorConfig | None = None,
                           vision: str | os.PathLike | None = None, dtype: torch.dtype | None = None):
-    """What ``LlavaMeteor.from_llava`` builds from: (the converted model's MeteorConfig, the loaded
+    """What ``from_llava`` builds from: (the converted model's MeteorConfig, the loaded
     LlavaParts). The folder is checked from its config files before any weight is read."""
     source = inspect_llava(path, vision)
     for note in source.notes:
         logger.warning("%s: %s", source.folder, note)
     config = meteor_config_for(source, config)
     return config, load_llava(source, config, dtype)
+
+
+def from_llava(path: str | os.PathLike, config: MeteorConfig | None = None, vision: str | os.PathLike | None = None,
+               dtype: torch.dtype | None = None):
+    """(model, processor): a LLaVA-Meteor ``LlavaMeteorForConditionalGeneration`` from a local llava-hf
+    (``LlavaForConditionalGeneration``) or original LLaVA-1.5 (``LlavaLlamaForCausalLM``) folder: its
+    vision tower, language model and tokenizer, and its mlp2x_gelu projector as the initial weights
+    of the projector's MLP. ``config`` None keeps LLaVA's own computation (projector "mlp", every
+    token, one view); the feature layer is always the checkpoint's. ``vision``: the local CLIP folder
+    an original LLaVA-1.5 folder names by hub id in ``mm_vision_tower``."""
+    from meteor.pretrained import build
+
+    config, parts = read_llava_for_meteor(path, config, vision, dtype)
+    model, processor = build(parts.vision, parts.language_model, parts.tokenizer, config, dtype)
+    load_projector_mlp(model.compressor, parts.projector, str(path))
+    return model, processor

@@ -3,10 +3,10 @@
     OUT/language_model/   the causal LM and its tokenizer (AutoModelForCausalLM, AutoTokenizer)
     OUT/vision_tower/     the CLIP / SigLIP vision model and its image processor
                           (CLIPVisionModel / SiglipVisionModel, AutoImageProcessor)
-    OUT/compressor.safetensors, OUT/meteor_config.json   the projector, in Meteor's own format
+    OUT/compressor.safetensors, OUT/meteor_config.json   the projector and the options, for reference
 
 Nothing of Meteor is needed to load the first two: the language model keeps its vocabulary (the
-``<image>`` placeholder is added by ``MeteorProcessor`` at load time and never reaches the LLM's
+``<image>`` placeholder is added by ``LlavaMeteorProcessor`` at load time and never reaches the LLM's
 embedding table), and the tokenizer files are the ones the model was built from, copied as they are.
 """
 
@@ -19,17 +19,18 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from meteor.processing.processor import MeteorProcessor
+from meteor.processing.processor import LlavaMeteorProcessor
+from meteor.processing.tokenizer import save_tokenizer
 
 EXPORT_LANGUAGE = "language_model"
 EXPORT_VISION = "vision_tower"
 
 
-def export_components(model, processor: MeteorProcessor, out: str | os.PathLike, overwrite: bool = False) -> Path:
+def export_components(model, processor: LlavaMeteorProcessor, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``model``'s language model (with the tokenizer), vision tower (with its image
     processor) and compressor into ``out`` (the layout above), each written to a scratch folder
     beside ``out`` and moved into place at the end."""
-    from meteor.model.modeling import COMPRESSOR_FILE
+    from meteor.pretrained import COMPRESSOR_FILE
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -37,10 +38,10 @@ def export_components(model, processor: MeteorProcessor, out: str | os.PathLike,
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.language_model.save_pretrained(staging / EXPORT_LANGUAGE)
-        processor.save_tokenizer(staging / EXPORT_LANGUAGE)
-        model.vision_tower.save_pretrained(staging / EXPORT_VISION)
-        model.config.save(staging)
+        causal_lm(model).save_pretrained(staging / EXPORT_LANGUAGE)
+        save_tokenizer(processor.tokenizer, staging / EXPORT_LANGUAGE, processor.config.image_token)
+        model.model.tower.save_pretrained(staging / EXPORT_VISION)
+        processor.config.save(staging)
         save_file({k: v.detach().contiguous().cpu() for k, v in model.compressor.state_dict().items()},
                   staging / COMPRESSOR_FILE, metadata={"format": "pt"})
         if out.exists():
@@ -50,3 +51,16 @@ def export_components(model, processor: MeteorProcessor, out: str | os.PathLike,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def causal_lm(model):
+    """The model's decoder and head as the causal LM of its text configuration (e.g. a
+    ``LlamaForCausalLM``), sharing their weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(model.config.text_config)
+    setattr(lm, lm.base_model_prefix, model.language_model)
+    lm.lm_head = model.lm_head
+    return lm

@@ -202,11 +202,7 @@ class OfficialRunner(Runner):
                      for q in questions]
         images = [self._prepare_image(processor, q, image_folder) if has else None
                   for q, has in zip(questions, has_image)]
-        prompts = [self.prompt(q) for q in questions]
-        if not all(has_image):   # text-only questions: one generate call each, as in the base
-            return [self._generate(model, processor, [p], [] if i is None else [i])[0]
-                    for p, i in zip(prompts, images)]
-        return self._generate(model, processor, prompts, images)
+        return self.generate(model, processor, [self.prompt(q) for q in questions], images)
 
     def _prepare_image(self, processor, question: dict[str, Any], image_folder: str | Path | None):
         try:

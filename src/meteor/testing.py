@@ -1,4 +1,4 @@
-"""Tiny configurations of the real Hugging Face classes, for tests and the embedded demo.
+"""Tiny configurations of the real Hugging Face classes, for tests (and the embedded demo's LLaMA).
 
 Nothing here is a stand-in: a `CLIPVisionModel`, a `LlamaForCausalLM` and a byte-level BPE
 tokenizer trained with `tokenizers`, only small enough to run on two CPU cores in seconds.
@@ -73,14 +73,14 @@ def tiny_model(config: MeteorConfig | None = None, seed: int = 0, texts: Iterabl
     import torch
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
-    from meteor.model.modeling import LlavaMeteor
     from meteor.model.vision import VisionTower
+    from meteor.pretrained import build
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer(texts)
     vision = VisionTower.from_model(CLIPVisionModel(tiny_clip_vision_config()))
     language_model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
-    return LlavaMeteor.build(vision, language_model, tokenizer, config or tiny_meteor_config())
+    return build(vision, language_model, tokenizer, config or tiny_meteor_config())
 
 
 _COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 40)}
