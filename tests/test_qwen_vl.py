@@ -31,7 +31,8 @@ from meteor.adapters.qwen_vl.report import draw_frames, item_frames, selection_t
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
             "<|video_pad|>"]
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-CHAT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+        "<|im_start|>assistant\n")
 """Qwen2.5-VL-Instruct's chat template, rendered: the images come first in the user's turn."""
 KINDS = ("qwen2.5-vl", "qwen3-vl")
 PATCH = {"qwen2.5-vl": 14, "qwen3-vl": 16}
@@ -264,6 +265,22 @@ def test_batched_generation_equals_one_by_one(kind, processors, models, compress
         assert len(new_single) == 6 or new_single[-1] == eos
         for step in range(len(new_single)):
             torch.testing.assert_close(together.logits[step][row], single.logits[step][0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_beams_and_several_sequences_per_prompt(kind, processors, models, compressed):
+    """generate repeats each prompt and its images for beams: the recorded scores follow."""
+    model, inputs = models[kind], batch(processors[kind])
+    settings = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    with torch.no_grad():
+        reference = model.generate(**inputs, **settings)
+        compressed(kind, keep=0.25)
+        with keeping(model, 1.0):
+            every = model.generate(**inputs, **settings)
+        quarter = model.generate(**inputs, **settings)
+    assert torch.equal(every, reference)
+    assert quarter.shape[0] == 4  # the report is of the rows the model ran: 3 beams per prompt
+    assert [s.row for s in selection_report(model)] == [0, 1, 2, 3, 3, 4, 4, 5, 5]
 
 
 def test_generation_keeps_the_positions_it_would_have_without_compression(processors, models, compressed):

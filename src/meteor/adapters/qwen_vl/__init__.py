@@ -1,9 +1,9 @@
 """Training-free Visual-Native Selection for transformers' Qwen2.5-VL and Qwen3-VL: two lines.
 
     import meteor
-    model = meteor.compress(model, keep=0.25)   # a Qwen2_5_VLForConditionalGeneration or Qwen3VLForConditionalGeneration
-    inputs = processor(text=..., images=..., return_tensors="pt", padding=True)   # unchanged
-    out = model.generate(**inputs, max_new_tokens=64)                              # as before, 4× fewer image tokens
+    model = meteor.compress(model, keep=0.25)  # a Qwen2_5_VLForConditionalGeneration or Qwen3VLForConditionalGeneration
+    inputs = processor(text=..., images=..., return_tensors="pt", padding=True)  # unchanged
+    out = model.generate(**inputs, max_new_tokens=64)  # as before, with a quarter of the image tokens
 
 ``keep``: a float in (0, 1], the share of each image's merged tokens kept (rounded, at least 1), or
 an int K, the tokens kept per image (all of a smaller image). Each video frame (temporal patch) is

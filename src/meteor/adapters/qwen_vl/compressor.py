@@ -25,7 +25,7 @@ import copy
 import inspect
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +49,8 @@ class FrameSelection:
     frame: int
     """0 for an image; the frame (temporal patch) of a video."""
     row: int
-    """The prompt (batch row) the item belongs to."""
+    """The batch row of the prompt holding it, in the batch the model ran (generate repeats each
+    prompt per beam or returned sequence)."""
     grid: tuple[int, int]
     """(rows, cols) of merged tokens: one LLM token per 2 × 2 patches."""
     kept: list[int]
@@ -70,13 +71,6 @@ class _Prompt:
     """Whether the shortened prompt has padding (else the model may run without a mask)."""
     full_mask: Tensor | None
     """(B, L) the caller's prompt mask (None: the caller passed none)."""
-
-
-@dataclass
-class _Call:
-    keep: Keep | list[Keep]
-    layer: int | None = None
-    selections: list[FrameSelection] = field(default_factory=list)
 
 
 class QwenVLCompressor:
@@ -164,20 +158,22 @@ class QwenVLCompressor:
                              "processor's output unchanged (Qwen processors return it)")
         mask = call.get("attention_mask")
         if mask is not None and mask.dim() != 2:
-            raise ValueError(f"meteor.compress needs a 2-D attention_mask (batch, length), got shape {tuple(mask.shape)}")
+            raise ValueError(f"meteor.compress needs a 2-D attention_mask (batch, length), got shape "
+                             f"{tuple(mask.shape)}")
         encoded = self._encode(call)
         grids = {modality: grid for modality, (_, grid, _) in encoded.items()}
         positions = call.get("position_ids")
         if positions is None:
-            rope_kwargs = {"second_per_grid_ts": call["second_per_grid_ts"]} if call.get("second_per_grid_ts") is not None else {}
+            seconds = call.get("second_per_grid_ts")  # Qwen2.5-VL's video timing
+            rope_kwargs = {} if seconds is None else {"second_per_grid_ts": seconds}
             positions, deltas = inner.get_rope_index(input_ids, mm_token_type_ids=types,
                                                      image_grid_thw=grids.get("image"),
                                                      video_grid_thw=grids.get("video"),
                                                      attention_mask=mask, **rope_kwargs)
             inner.rope_deltas = deltas  # as the model's compute_3d_position_ids does: decoding continues from it
         elif positions.dim() != 3 or positions.shape[-1] != input_ids.shape[-1]:
-            raise ValueError(f"position_ids of shape {tuple(positions.shape)} do not lay out the {input_ids.shape[-1]} "
-                             "prompt tokens in M-RoPE's (3 or 4, batch, length) form")
+            raise ValueError(f"position_ids of shape {tuple(positions.shape)} do not lay out the "
+                             f"{input_ids.shape[-1]} prompt tokens in M-RoPE's (3 or 4, batch, length) form")
 
         keep_columns = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool().clone()
         encoder_outputs, selections = self._select(encoded, input_ids, keep_columns)
@@ -214,7 +210,8 @@ class QwenVLCompressor:
             _, selections = self._select(encoded, input_ids, torch.ones_like(input_ids, dtype=torch.bool))
         return selections
 
-    def _select(self, encoded: dict, input_ids: Tensor, keep_columns: Tensor) -> tuple[dict, list[FrameSelection]]:
+    def _select(self, encoded: dict, input_ids: Tensor,
+                keep_columns: Tensor) -> tuple[dict, list[FrameSelection]]:
         """Each frame's Top-K; clears the dropped placeholders in ``keep_columns`` (B, L) in place.
         Returns (the encoder outputs with the kept tokens only, one FrameSelection per frame)."""
         keep = self.override[-1] if self.override else self.keep
@@ -256,7 +253,8 @@ class QwenVLCompressor:
             if scored is None:
                 raise ValueError(f"mm_encoder_outputs['{modality}'] was not encoded while meteor.compress was on, so "
                                  f"its tokens have no scores: pass {pixels_key} instead")
-            encoded[modality] = (output, *scored)
+            token = self.inner.config.image_token_id if modality == "image" else self.inner.config.video_token_id
+            encoded[modality] = (output, *_expanded(len(output.pooler_output), *scored, call["input_ids"] == token))
         self.recorder.forget()
         return encoded
 
@@ -273,16 +271,14 @@ class QwenVLCompressor:
             raise ValueError("meteor.compress needs 2-D attention masks (batch, length) while decoding from a "
                              "compressed prompt")
         if mask is not None and mask.shape[-1] != prompt.full_length + since:
-            raise ValueError(f"attention_mask has {mask.shape[-1]} columns; after the {prompt.full_length}-token prompt "
-                             f"this cache holds, {since} tokens were added, so it needs {prompt.full_length + since}: "
-                             "pass the mask of the whole prompt and every token since")
+            raise ValueError(f"attention_mask has {mask.shape[-1]} columns; after the {prompt.full_length}-token "
+                             f"prompt this cache holds, {since} tokens were added, so it needs "
+                             f"{prompt.full_length + since}: pass the mask of the whole prompt and every token since")
         new = dict(call)
         tail = (mask[:, prompt.full_length:] if mask is not None
                 else torch.ones(rows, since, dtype=prompt.mask.dtype, device=ids.device))
         new_mask = torch.cat([prompt.mask.to(tail.device, tail.dtype), tail], dim=-1)  # (B, cached + steps)
         new["attention_mask"] = new_mask if (mask is not None or prompt.padded) else None
-        encoded = self._encode(call)
-        grids = {modality: grid for modality, (_, grid, _) in encoded.items()}
         positions = call.get("position_ids")
         if positions is None:
             full = mask if mask is not None else torch.cat([
@@ -299,6 +295,32 @@ class QwenVLCompressor:
             positions[0] = (new_mask.long().cumsum(-1) - 1)[:, -steps:]
             new["position_ids"] = positions
         return new
+
+
+def _expanded(items: int, grid: Tensor, scores: list[Tensor], placeholders: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """The scores of the items as ``generate`` repeats them for beams or several sequences per prompt.
+
+    It repeats each prompt's row ``factor`` times (``input_ids.repeat_interleave``) and each prompt's
+    group of encoded items ``factor`` times in a row (``_expand_multimodal_outputs``), so the same is
+    done here to the scores recorded when the tower ran. placeholders: (B · factor, L) bool.
+    """
+    if items == len(scores):
+        return grid, scores
+    factor = items // len(scores)
+    if factor * len(scores) != items or placeholders.shape[0] % factor:
+        raise ValueError(f"{items} encoded images or videos reached the prompt, {len(scores)} went through the "
+                         "vision tower: meteor.compress only follows generate's own repetition (beams, "
+                         "num_return_sequences)")
+    counts = placeholders.sum(dim=-1).tolist()[::factor]  # placeholders of each original prompt
+    order, item = [], 0
+    for count in counts:
+        group = []
+        while count > 0:
+            group.append(item)
+            count -= scores[item].numel()
+            item += 1
+        order += group * factor
+    return grid[torch.tensor(order, device=grid.device)], [scores[i] for i in order]
 
 
 def _selected(output, indices: list[Tensor], scores: list[Tensor]):

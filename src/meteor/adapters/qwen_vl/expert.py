@@ -77,7 +77,8 @@ def tower_layout(visual: nn.Module, layer: int | None) -> TowerLayout:
             f"vision block {layer} attends within windows (window_size {visual.window_size} px), so its attention "
             f"does not rank tokens across the image: use one of the full-attention blocks {full} "
             "(fullatt_block_indexes), or layer=None for the last of them")
-    return TowerLayout(layer=layer, merge=int(visual.spatial_merge_size), windowed=hasattr(visual, "fullatt_block_indexes"))
+    return TowerLayout(layer=layer, merge=int(visual.spatial_merge_size),
+                       windowed=hasattr(visual, "fullatt_block_indexes"))
 
 
 def patch_scores(captured: dict, attention: nn.Module) -> Tensor:
@@ -95,7 +96,7 @@ def patch_scores(captured: dict, attention: nn.Module) -> Tensor:
     bounds = captured["cu_seqlens"].tolist()
     scores = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        segment_q = q[start:end].reshape(1, end - start, -1)  # (1, T, h · d), head-major as attention_received reads it
+        segment_q = q[start:end].reshape(1, end - start, -1)  # (1, T, h · d): head-major, as attention_received reads
         segment_k = k[start:end].reshape(1, end - start, -1)
         scores.append(attention_received(segment_q, segment_k, heads, attention.scaling)[0])  # (T,)
     return torch.cat(scores)
