@@ -109,7 +109,7 @@ def check_installed(sources: tuple[Source, ...], packages: tuple[str, ...] = REQ
         elif source.version is not None and found != source.version:
             missing.append(f"{source.package}=={source.version} (found {found})")
     if missing:
-        raise MissingPackages(missing)
+        raise MissingPackages(list(dict.fromkeys(missing)))     # each named once (the photos share one package)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
