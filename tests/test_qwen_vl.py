@@ -569,3 +569,17 @@ def test_compress_is_a_lazy_attribute_of_the_package():
             "print(json.dumps([before, f.__module__, meteor.uncompress.__module__]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == [False, "meteor.adapters.qwen_vl", "meteor.adapters.qwen_vl"]
+
+
+def test_the_benchmark_runs_and_its_prompts_shrink_as_asked(tmp_path):
+    """``python -m meteor.bench.qwen_vl --quick``: the real classes at small widths, one 336×224 image."""
+    from meteor.bench import qwen_vl as bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--layers", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    rows = results["rows"]
+    merged = results["grid_thw"][1] * results["grid_thw"][2] // 4
+    assert [r["visual_tokens"] for r in rows.values()] == [merged, round(merged / 4), max(1, int(0.11 * merged + 0.5))]
+    assert all(r["prompt_tokens"] == 52 + r["visual_tokens"] for r in rows.values())  # 50 text + vision start/end
+    assert all(r["vision_s"] > 0 and r["prefill_s"] > 0 and r["selection_s"] >= 0 for r in rows.values())

@@ -36,13 +36,12 @@ holds a prompt.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from torch import nn
 
-from meteor.adapters.qwen_vl.compressor import HOOKED, FrameSelection, QwenVLCompressor
+from meteor.adapters.qwen_vl.compressor import HOOKED, FrameSelection, QwenVLCompressor, forward_signature
 from meteor.adapters.qwen_vl.prompt import Keep, check_keep
 
 __all__ = ["FrameSelection", "compress", "keeping", "selection_report", "uncompress"]
@@ -134,7 +133,7 @@ def _check_transformers(inner: nn.Module) -> None:
     import transformers
 
     missing = []
-    parameters = inspect.signature(inner.forward).parameters
+    parameters = forward_signature(inner).parameters
     missing += [f"{type(inner).__name__}.forward({name}=...)" for name in HOOKED if name not in parameters]
     if "cache" not in parameters and "past_key_values" not in parameters:
         missing.append(f"{type(inner).__name__}.forward(cache=...)")

@@ -86,7 +86,7 @@ class QwenVLCompressor:
         self.override: list = []
         self.selections: list[FrameSelection] = []
         """The last prefill's selection, one entry per frame."""
-        self._signature = inspect.signature(inner.forward)
+        self._signature = forward_signature(inner)
         self._prompts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._pending: _Prompt | None = None
         self._handles = [inner.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -295,6 +295,13 @@ class QwenVLCompressor:
             positions[0] = (new_mask.long().cumsum(-1) - 1)[:, -steps:]
             new["position_ids"] = positions
         return new
+
+
+def forward_signature(inner: nn.Module) -> inspect.Signature:
+    """The parameters of the class's ``forward`` without ``self``: an instance's forward may be wrapped
+    (accelerate's device hooks replace it with a ``*args, **kwargs`` function)."""
+    signature = inspect.signature(type(inner).forward)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
 
 
 def _expanded(items: int, grid: Tensor, scores: list[Tensor], placeholders: Tensor) -> tuple[Tensor, list[Tensor]]:

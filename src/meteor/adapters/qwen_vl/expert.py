@@ -10,8 +10,9 @@ Why a full-attention block: Qwen2.5-VL attends within windows of 112 px (8 × 8 
 block but those of ``fullatt_block_indexes`` (7, 15, 23, 31 in the 7B tower), and a windowed
 block's attention only says which patch matters inside its window, not across the image. Every
 Qwen3-VL block attends over the whole frame. The default is the last full-attention block (the
-7B's block 31, its last; Qwen3-VL's last block), as VisionZip and FasterVLM read their encoders'
-attention near the output.
+7B's block 31, its last; Qwen3-VL's last block): the one nearest the features the language model
+receives, as the paper reads its CLS row at the feature layer; ``layer=`` picks another.
+Summing over heads and queries ranks tokens as the paper's average over heads does.
 
 What this reads from transformers' code, without changing it: the block's ``attn`` module is
 called with ``cu_seqlens`` (its attention segments: one per frame in a full-attention block) and
