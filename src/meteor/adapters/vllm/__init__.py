@@ -4,24 +4,27 @@ Installed with the package (``pip install "llava-meteor[vllm]"``), the entry poi
 group ``vllm.general_plugins`` runs in every vLLM process and registers, by name, the model class
 ``LlavaMeteorForConditionalGeneration`` with vLLM's ``ModelRegistry`` (its module, which also
 registers the multimodal processor, is imported only when vLLM loads such a folder) and the config's
-model_type "llava_meteor" with transformers' ``AutoConfig``. A saved folder then serves unchanged::
+model_type "llava_meteor" with transformers' ``AutoConfig``. A folder saved by
+``meteor.pretrained.save_pretrained`` then serves unchanged::
 
-    python -m vllm.entrypoints.openai.api_server --model FOLDER --limit-mm-per-prompt '{"image": 4}'
+    python -m vllm.entrypoints.openai.api_server --model FOLDER --limit-mm-per-prompt '{"image": 4}' \
+        --trust-request-mm-kwargs        # lets requests set K′ (extra_body={"mm_processor_kwargs": ...})
 
     from vllm import LLM
     llm = LLM(model=FOLDER)
-    llm.generate({"prompt": "USER: <image>\\nWhat is this? ASSISTANT:",
+    llm.generate({"prompt": processor.apply_chat_template(messages, add_generation_prompt=True),
                   "multi_modal_data": {"image": pil_image},
                   "mm_processor_kwargs": {"tokens_per_slice": 32}})     # K′ for this request
 
-Modules: ``config`` (what is read from config.json, what is refused and why), ``layout`` (the tensors
-between processor and model, each image's ids in the prompt), ``processing`` (vLLM's multimodal
-processor), ``model`` (the vLLM model).
+A folder the plugin cannot serve is refused when vLLM reads its config, before any process starts,
+with the reason (``config.UnservableFolder``). Modules: ``config`` (what is read from config.json, what
+is refused and why), ``processing`` (vLLM's multimodal processor around the folder's
+``LlavaMeteorProcessor``), ``model`` (the vLLM model).
 """
 
 from __future__ import annotations
 
-from meteor.adapters.vllm.config import ARCHITECTURE, register_config
+from meteor.adapters.vllm.config import ARCHITECTURE, register_config, serving_config
 
 MODEL_CLASS = f"meteor.adapters.vllm.model:{ARCHITECTURE}"
 
@@ -29,9 +32,20 @@ MODEL_CLASS = f"meteor.adapters.vllm.model:{ARCHITECTURE}"
 def register() -> None:
     """The ``vllm.general_plugins`` entry point; safe to call more than once."""
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
+    class CheckServable(VerifyAndUpdateConfig):
+        """vLLM's per-architecture check of the model config, run where the engine's configuration
+        is made (before any process starts): a folder the plugin cannot serve is refused there, with
+        the reason in the exception the user gets (``config.UnservableFolder``)."""
+
+        @staticmethod
+        def verify_and_update_model_config(model_config) -> None:
+            serving_config(model_config.hf_config)
 
     register_config()
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    MODELS_CONFIG_MAP[ARCHITECTURE] = CheckServable
 
 
 __all__ = ["ARCHITECTURE", "MODEL_CLASS", "register"]

@@ -1,13 +1,14 @@
 """LLaVA-Meteor as a vLLM model: the package's vision tower and Top-Down Compression make each image's
 embeddings, and vLLM's own implementation of the language model (LLaMA, Qwen2, ... as
-``text_config.architectures`` names it) reads them, so paged attention, the KV cache, prefix caching
-and continuous batching work as for any vLLM model.
+``text_config.architectures`` names it) reads them, with vLLM's paged attention and KV cache.
 
 The tower is transformers' model for ``vision_config`` (``AutoModel.from_config``: CLIPVisionModel or
-SiglipVisionModel) wrapped in ``meteor.model.vision.VisionTower``, which runs it to the feature layer
-and computes the visual expert's scores; the compressor is ``build_projector`` of the folder's
-``CompressorConfig``. Both are replicated on every tensor-parallel rank. Weights load from the
-folder's names (llava-hf's layout) through ``hf_to_vllm_mapper``.
+SiglipVisionModel) read through ``meteor.model.vision.VisionTower``, which runs it to the feature
+layer and computes the visual expert's scores; the compressor is ``build_projector`` of the folder's
+``CompressorConfig``: the same modules as the transformers class. They are plain torch modules, so
+they are not sharded across tensor-parallel ranks (each rank would hold a copy; not tested yet).
+Weights load from the folder's names (the transformers class's, llava-hf's layout) through
+``hf_to_vllm_mapper``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from meteor.adapters.vllm.config import CHAT_PLACEHOLDER, serving_config, text_architectures
-from meteor.adapters.vllm.layout import KEEP_ALL, unpack_views
-from meteor.adapters.vllm.processing import (MeteorDummyInputsBuilder, MeteorMultiModalProcessor,
+from meteor.adapters.vllm.processing import (KEEP_ALL, MeteorDummyInputsBuilder, MeteorMultiModalProcessor,
                                              MeteorProcessingInfo)
+from meteor.model.modeling import split_views
 from meteor.model.projectors import build_projector
 from meteor.model.vision import VisionTower
 
@@ -85,7 +86,7 @@ class LlavaMeteorForConditionalGeneration(nn.Module, SupportsMultiModal):
         view_grids = _cat(kwargs["view_grids"]).reshape(-1, 2).cpu()
         image_grids = _stack(kwargs["image_grids"]).reshape(-1, 2).cpu()
         budgets = _stack(kwargs["tokens_per_slice"]).reshape(-1).cpu().tolist()
-        views = unpack_views(patches, view_grids, self.serving.patch_size)
+        views = split_views(patches, view_grids, self.serving.patch_size)
         owners = []   # (image, K′) of each view, in order
         for image, ((rows, cols), k) in enumerate(zip(image_grids.tolist(), budgets)):
             owners += [(image, None if k == KEEP_ALL else int(k))] * (rows * cols + 1)
