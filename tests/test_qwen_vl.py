@@ -99,7 +99,7 @@ def tiny_model(kind: str, tokenizer):
                               Qwen3VLForConditionalGeneration)
 
     text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
                 eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), max_position_embeddings=512,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
     vision = dict(hidden_size=32, intermediate_size=64, num_heads=2, spatial_merge_size=2, temporal_patch_size=2,
@@ -454,6 +454,33 @@ def test_keep_as_a_count_per_image_and_per_call_lists(processors, models, compre
         model(**inputs)
         assert [len(s.kept) for s in selection_report(model)] == [max(1, int(0.11 * n + 0.5)) for n in sizes]
     assert tokens_to_keep(0.25, 2304) == 576 and tokens_to_keep(0.11, 1728) == 190 and tokens_to_keep(0.01, 4) == 1
+
+
+def test_threads_keep_their_own_settings_and_reports(processors, models, compressed):
+    """A server runs calls side by side: each thread's keeping() and report are its own."""
+    import threading
+
+    model, inputs = models["qwen2.5-vl"], batch(processors["qwen2.5-vl"])
+    compressed("qwen2.5-vl", keep=0.25)
+    reports, errors = {}, []
+
+    def run(keep: int) -> None:
+        try:
+            with keeping(model, keep), torch.no_grad():
+                for _ in range(3):
+                    model(**inputs)
+                    reports.setdefault(keep, []).append([len(s.kept) for s in selection_report(model)])
+        except Exception as error:  # surfaced below, with the thread's keep
+            errors.append((keep, error))
+
+    threads = [threading.Thread(target=run, args=(keep,)) for keep in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert reports == {1: [[1, 1, 1]] * 3, 2: [[2, 2, 2]] * 3}
+    assert [len(s.kept) for s in selection_report(model)] == []  # this thread ran nothing
 
 
 def test_shortening_keeps_each_rows_padding_side():

@@ -16,13 +16,15 @@ Steps after the prefill (decoding with the cache) are given the full layout's ``
 ``generate``; the hook swaps the prompt's part of it for the shortened prompt's, so the mask matches
 the cache. The position ids need nothing: ``generate`` continues them from the full layout, which
 is what the kept tokens were placed in. The link from a cache to its prompt is kept per cache object
-(weakly), so concurrent ``generate`` calls on different caches do not mix.
+(weakly), and ``keeping``, the report and a call's state per thread, so calls side by side (a server's
+threads, each with its own cache) do not mix.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,14 +85,35 @@ class QwenVLCompressor:
         self.inner = inner
         self.keep: Keep | list[Keep] = keep
         self.recorder = ScoreRecorder(inner.visual, tower_layout(inner.visual, layer))
-        self.override: list = []
-        self.selections: list[FrameSelection] = []
-        """The last prefill's selection, one entry per frame."""
+        self._local = threading.local()  # per thread: a server may run calls side by side
         self._signature = forward_signature(inner)
         self._prompts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._pending: _Prompt | None = None
         self._handles = [inner.register_forward_pre_hook(self._before, with_kwargs=True),
                          inner.register_forward_hook(self._after, with_kwargs=True)]
+
+    @property
+    def override(self) -> list:
+        """This thread's stack of ``keeping`` values (the innermost last)."""
+        if not hasattr(self._local, "override"):
+            self._local.override = []
+        return self._local.override
+
+    @property
+    def selections(self) -> list[FrameSelection]:
+        """This thread's last prefill's selection, one entry per frame."""
+        return getattr(self._local, "selections", [])
+
+    @selections.setter
+    def selections(self, value: list[FrameSelection]) -> None:
+        self._local.selections = value
+
+    @property
+    def _pending(self) -> _Prompt | None:
+        return getattr(self._local, "pending", None)
+
+    @_pending.setter
+    def _pending(self, value: _Prompt | None) -> None:
+        self._local.pending = value
 
     @property
     def layout(self) -> TowerLayout:
@@ -249,13 +272,12 @@ class QwenVLCompressor:
                 output = encode(pixels, grid, return_dict=True)
             if output is None:
                 continue
-            scored = self.recorder.scores_of(output)
+            scored = self.recorder.claim(output)
             if scored is None:
-                raise ValueError(f"mm_encoder_outputs['{modality}'] was not encoded while meteor.compress was on, so "
-                                 f"its tokens have no scores: pass {pixels_key} instead")
+                raise ValueError(f"mm_encoder_outputs['{modality}'] was not encoded while meteor.compress was on, or "
+                                 f"was used before (each encoding's scores are used once): pass {pixels_key}")
             token = self.inner.config.image_token_id if modality == "image" else self.inner.config.video_token_id
             encoded[modality] = (output, *_expanded(len(output.pooler_output), *scored, call["input_ids"] == token))
-        self.recorder.forget()
         return encoded
 
     # ------------------------------------------------------------------------- the decoding steps

@@ -26,6 +26,8 @@ tokens); the scores are put back in raster order, the order of ``get_image_featu
 from __future__ import annotations
 
 import sys
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -131,10 +133,14 @@ class ScoreRecorder:
     (``get_image_features``) before the prefill and hands the prefill the encoder outputs only.
     """
 
+    KEPT = 16
+    """Scored outputs kept for a prefill to claim, each once (the oldest dropped first): those of the
+    user's own ``get_image_features`` calls, which no prefill claims, cannot pile up."""
+
     def __init__(self, visual: nn.Module, layout: TowerLayout):
         self.visual, self.layout = visual, layout
-        self._records: dict[int, tuple] = {}
-        self._captured: dict = {}
+        self._records: OrderedDict[int, tuple] = OrderedDict()
+        self._local = threading.local()  # what one tower run captured, per thread
         block = visual.blocks[layout.layer]
         self._handles = [visual.register_forward_pre_hook(self._tower_starts, with_kwargs=True),
                          visual.register_forward_hook(self._tower_ends),
@@ -144,34 +150,37 @@ class ScoreRecorder:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self._records, self._captured = [], {}, {}
+        self._handles = []
+        self._records.clear()
 
-    def scores_of(self, output) -> tuple[Tensor, list[Tensor]] | None:
-        """(grid_thw, per-item scores) of a tower output this recorder saw, else None."""
-        record = self._records.get(id(output))
+    def claim(self, output) -> tuple[Tensor, list[Tensor]] | None:
+        """(grid_thw, per-item scores) of a tower output this recorder saw (then forgotten), else None."""
+        record = self._records.pop(id(output), None)
         return None if record is None or record[0] is not output else record[1:]
 
-    def forget(self) -> None:
-        self._records = {}
-
     def _tower_starts(self, module, args, kwargs):
-        self._captured = {"grid_thw": kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]}
+        self._local.captured = {"grid_thw": kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]}
 
     def _attention_starts(self, module, args, kwargs):
-        self._captured["cu_seqlens"] = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
-        self._captured["position_embeddings"] = kwargs.get("position_embeddings")
+        captured = getattr(self._local, "captured", None)
+        if captured is None:  # the block run on its own, not inside the tower
+            return
+        captured["cu_seqlens"] = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+        captured["position_embeddings"] = kwargs.get("position_embeddings")
 
     def _projected(self, module, args, output):
-        self._captured["qkv"] = output  # (patches, 3 · C)
+        captured = getattr(self._local, "captured", None)
+        if captured is not None:
+            captured["qkv"] = output  # (patches, 3 · C)
 
     def _tower_ends(self, module, args, output):
-        captured, self._captured = self._captured, {}
-        if "qkv" not in captured:
+        captured, self._local.captured = getattr(self._local, "captured", None), None
+        if not captured or "qkv" not in captured:
             return
         with torch.no_grad():
             scores = patch_scores(captured, self.visual.blocks[self.layout.layer].attn)
             per_item = merged_token_scores(scores, captured["grid_thw"], self.layout, self.visual)
-        if len(self._records) >= 8:  # outputs nobody asked about (e.g. the user's own encoder calls)
-            self._records = {}
         # The output object itself is kept with its scores, so its id cannot be reused meanwhile.
         self._records[id(output)] = (output, captured["grid_thw"], per_item)
+        while len(self._records) > self.KEPT:
+            self._records.popitem(last=False)
