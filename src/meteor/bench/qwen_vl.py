@@ -94,7 +94,7 @@ def prompt(grid: torch.Tensor, before: int, after: int, vocab: int, seed: int) -
 
 def measure(model, depth: int, inputs: dict, keep, device: torch.device) -> dict:
     """One run of a row: the tower, then the prefill with the encoded image, as ``generate`` runs them."""
-    import meteor
+    from meteor.adapters.qwen_vl import compress, uncompress
 
     clock = Clock(device)
     inner = model.model
@@ -105,7 +105,7 @@ def measure(model, depth: int, inputs: dict, keep, device: torch.device) -> dict
     language = ModuleTimer([inner.language_model], clock)
     per_layer = ModuleTimer(layers, clock)
     if keep is not None:
-        meteor.compress(model, keep=keep)
+        compress(model, keep=keep)
     try:
         with torch.inference_mode():
             start = clock()
@@ -118,7 +118,7 @@ def measure(model, depth: int, inputs: dict, keep, device: torch.device) -> dict
             done = clock()
             prompt_tokens = out.cache.get_seq_length()
     finally:
-        meteor.uncompress(model)
+        uncompress(model)
         for timer in (vision, whole, language, per_layer):
             timer.remove()
     measured_layers = per_layer.seconds
