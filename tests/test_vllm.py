@@ -14,9 +14,8 @@ transformers), as a subprocess:
   queried with the official ``openai`` client: images as data URLs and as local files under
   ``--allowed-local-media-path``, K′ per request in ``extra_body``.
 
-The reference is the transformers class: ``LlavaMeteorForConditionalGeneration.from_pretrained(FOLDER)``
-and its ``generate``, greedy, in fp32, on the same prompt (made by the processor the folder was saved
-with). Greedy token ids (and the expanded prompt ids) must be equal.
+The reference is the transformers class: ``load_pretrained(FOLDER)`` (LlavaMeteorForConditionalGeneration
+and LlavaMeteorProcessor) and its ``generate``, greedy, in fp32, on the same prompt. Greedy token ids (and the expanded prompt ids) must be equal.
 """
 
 from __future__ import annotations
@@ -63,8 +62,7 @@ def served(tmp_path_factory):
     from PIL import Image, ImageDraw
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
-    from meteor.model.modeling import LlavaMeteorForConditionalGeneration
-    from meteor.pretrained import build, save_pretrained
+    from meteor.pretrained import build, load_pretrained, save_pretrained
     from meteor.testing import tiny_clip_vision_config, tiny_llama_config, tiny_meteor_config, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("vllm")
@@ -76,7 +74,7 @@ def served(tmp_path_factory):
                                                         initializer_range=0.1))
     model, processor = build(vision, language_model, tokenizer, tiny_meteor_config())
     folder = save_pretrained(root / "tiny-meteor", model, processor)
-    model = LlavaMeteorForConditionalGeneration.from_pretrained(folder)     # the weights vLLM reads
+    model, processor = load_pretrained(folder)          # what vLLM reads: the folder's weights and processor
     images = {}
     for index, (name, (width, height)) in enumerate(SIZES.items()):
         image = Image.new("RGB", (width, height), (90 + 40 * index, 120, 160 - 30 * index))
