@@ -109,7 +109,8 @@ def measure(model, processor, records: Sequence[dict[str, Any]], image_folder: P
 
 def _model_folder(out: Path, name: str) -> Path:
     folder = Path(name)
-    return folder if (folder / "meteor_config.json").exists() else out / "runs" / name / "stage2" / "model"
+    is_model = (folder / "config.json").exists() or (folder / "meteor_config.json").exists()
+    return folder if is_model else out / "runs" / name / "stage2" / "model"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args(argv)
-    from meteor.model.modeling import LlavaMeteor
+    from meteor.pretrained import load_pretrained
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -134,8 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.models:
         folder = _model_folder(out, name)
         if not (folder / "meteor_config.json").exists():
-            parser.error(f"no model {name!r}: neither a LLaVA-Meteor folder (meteor_config.json) nor a run {folder}")
-        model, processor = LlavaMeteor.from_pretrained(folder)
+            parser.error(f"no model {name!r}: neither a LLaVA-Meteor folder (config.json) nor a run {folder}")
+        model, processor = load_pretrained(folder)
         results[name] = measure(model, processor, records, out / "world" / "images")
         figures = results[name]
         line = ", ".join(f"{e} {figures['targets_found'][e]['all']['share']:.3f}" for e in EXPERTS

@@ -17,13 +17,14 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from meteor.pretrained import save_pretrained
 
 
 def talkative_model(seed: int = 0):
     """``tiny_model`` with its LLM's matrices drawn at std 0.1 instead of 0.02: a random LLaMA
     that small answers almost every prompt alike; this one's greedy answers differ with the
     question and the image (14 of 16 test prompts), so comparing answers compares something."""
-    from meteor.demo.tiny import tiny_model
+    from meteor.testing import tiny_model
 
     model, processor = tiny_model(seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -37,7 +38,7 @@ def talkative_model(seed: int = 0):
 
 def save_talkative_model(folder: Path) -> Path:
     model, processor = talkative_model()
-    model.save_pretrained(folder, processor)
+    save_pretrained(folder, model, processor)
     return folder
 
 

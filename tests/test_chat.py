@@ -11,6 +11,7 @@ import torch
 from meteor.serve.chat import ChatSession
 from meteor.processing.conversation import ConversationError
 from meteor.serve.streaming import AnswerStream, Conversation, Sampling, generate_streamed
+from meteor.pretrained import load_pretrained
 from talk_helpers import ensure_kernel, noise_image, save_talkative_model, talkative_model
 
 
@@ -29,10 +30,10 @@ def greedy(model, processor, ids, images, k=None, max_new_tokens=8):
     tokenizer = processor.tokenizer
     batch = processor.collate([(ids, ids)], images, padding_side="left")
     with torch.no_grad():
-        out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, images=images,
+        out = model.generate(**batch.image_inputs(), input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              tokens_per_slice=k, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    row = out[0].tolist()
+    row = out[0, batch.input_ids.shape[1]:].tolist()
     return row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
 
 
@@ -43,7 +44,7 @@ def test_a_one_turn_conversation_is_the_processors_generation_prompt(talker):
     image = processor.prepare_image(noise_image(0, (112, 56)))
     conversation = Conversation()
     conversation.ask("What colour is the square?", [image])
-    batch = processor(["What colour is the square?"], [image], tokens_per_slice=2)
+    batch = processor.prompts(["What colour is the square?"], [image], tokens_per_slice=2)
     assert conversation.prompt_ids(processor, 2) == batch.input_ids[0].tolist()
     assert conversation.prompt_ids(processor).count(processor.image_token_id) == 4 * image.plan.num_views
 
@@ -196,9 +197,7 @@ def test_a_session_runs_at_another_k_and_samples_with_a_seed(talker):
 
 def expected_answers(model_dir, steps, max_new_tokens):
     """What the library says the CLI must print: (question or ('/image', path)) steps."""
-    from meteor.model.modeling import LlavaMeteor
-
-    model, processor = LlavaMeteor.from_pretrained(model_dir)
+    model, processor = load_pretrained(model_dir)
     session = ChatSession(model, processor, max_new_tokens=max_new_tokens)
     answers = []
     for step in steps:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from meteor.pretrained import save_pretrained
 
 
 def _meteor(*args, cwd=None):
@@ -64,7 +65,7 @@ def test_data_synth_text_options_reach_the_world_and_bad_ones_are_named(tmp_path
 def test_data_synth_then_eval_reach_each_stage_alone(tmp_path):
     import torch
 
-    from meteor.demo.tiny import tiny_model
+    from meteor.testing import tiny_model
 
     done = _meteor("data", "synth", "--out", "world", "--n-train-images", "2", "--n-test-images", "2",
                    "--base-size", "56", cwd=tmp_path)
@@ -72,7 +73,7 @@ def test_data_synth_then_eval_reach_each_stage_alone(tmp_path):
     assert (tmp_path / "world" / "test.jsonl").is_file() and "wrote world" in done.stdout
     torch.manual_seed(0)
     model, processor = tiny_model()
-    model.save_pretrained(tmp_path / "model", processor)
+    save_pretrained(tmp_path / "model", model, processor)
     done = _meteor("eval", "--benchmark", "world", "--model", "model", "--data", "world/test.jsonl",
                    "--image-folder", "world/images", "--out", "eval", "--limit", "3", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]

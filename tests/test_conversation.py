@@ -3,8 +3,8 @@
 import pytest
 
 from meteor.processing.conversation import (IGNORE_INDEX, VICUNA_SYSTEM, ConversationError, Rendered, TokenizationMismatch,
-                                 parse_turns, render, resolve_template, tokenize)
-from meteor.demo.tiny import tiny_tokenizer
+                                 Turn, parse_turns, render, resolve_template, tokenize)
+from meteor.testing import tiny_tokenizer
 
 QWEN2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -108,3 +108,29 @@ def test_a_generation_prompt_ending_in_a_space_keeps_the_space_with_the_answer(t
     ids, labels = tokenize(spaced, rendered)
     assert spaced.convert_ids_to_tokens([t for t, label in zip(ids, labels) if label != IGNORE_INDEX]) == ["Ġred", "</s>"]
     assert render(_turns("What colour?", "red")[:1], "chat_template", spaced).text == "USER: What colour? ASSISTANT:"
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "plain"])
+def test_the_jinja_templates_render_what_render_renders(template):
+    """chat_template.jinja of a saved model (what vLLM's chat endpoint and tokenizer.apply_chat_template
+    render with) gives the prompt text ``render`` gives, images as "<image>\\n" before the text."""
+    import jinja2
+
+    from meteor.processing.conversation import CHAT_TEMPLATES
+    from meteor.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    jinja = jinja2.Environment().from_string(CHAT_TEMPLATES[template])
+    chats = [([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+              [Turn("human", "<image>\nWhat is it?")]),
+             ([{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Both?"}]},
+               {"role": "assistant", "content": "two cats"}, {"role": "user", "content": "And  now?"}],
+              [Turn("human", "<image>\n<image>\nBoth?"), Turn("gpt", "two cats"), Turn("human", "And  now?")])]
+    if template == "plain":
+        chats = [([{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "a red cat"}],
+                  [Turn("human", "<image>\n"), Turn("gpt", "a red cat")])]
+    for messages, turns in chats:
+        generation = turns[-1].role == "human"
+        text = jinja.render(messages=messages, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                            add_generation_prompt=generation)
+        assert text == tokenizer.bos_token + render(turns, template, tokenizer).text

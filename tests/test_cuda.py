@@ -26,7 +26,7 @@ def _image(width, height, seed=0):
 
 
 def _tiny(dtype=torch.float32, projector="meteor"):
-    from meteor.demo.tiny import tiny_meteor_config, tiny_model
+    from meteor.testing import tiny_meteor_config, tiny_model
 
     config = tiny_meteor_config(projector=projector, tokens_per_slice=None if projector == "mlp" else 4)
     model, processor = tiny_model(config, seed=0)
@@ -43,14 +43,14 @@ def test_bf16_forward_and_generate_on_the_gpu():
     out = model(**batch.to_model_kwargs())
     assert out.logits.device.type == "cuda" and out.logits.dtype == torch.bfloat16
     assert torch.isfinite(out.loss)
-    prompt = processor(["What is it?"], [_image(112, 168)])
+    prompt = processor.prompts(["What is it?"], [_image(112, 168)])
     new = model.generate(prompt.input_ids, prompt.attention_mask, prompt.images, max_new_tokens=4, do_sample=False)
     assert new.shape[0] == 1 and 1 <= new.shape[1] <= 4
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_sdpa_and_eager_attention_give_the_same_tokens_and_cls_row(dtype, tolerance):
-    from meteor.demo.tiny import tiny_clip_vision_config
+    from meteor.testing import tiny_clip_vision_config
     from meteor.model.vision import VisionTower
 
     torch.manual_seed(0)

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from meteor.train.data import LlavaDataset, RecordError, SkipReport
-from meteor.demo.tiny import tiny_llava_data, tiny_model
+from meteor.testing import tiny_llava_data, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
+from meteor.pretrained import save_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_a_run_whose_every_record_is_skipped_stops_before_any_step(tiny, tmp_pat
     """Two malformed records: the run used to fail at its first step with 'element 0 of tensors
     does not require grad'."""
     model, processor = tiny
-    model.save_pretrained(tmp_path / "base", processor)
+    save_pretrained(tmp_path / "base", model, processor)
     records = json.loads(tiny_llava_data(tmp_path / "data", 2).read_text())
     records[0]["conversations"] = [{"from": "human", "value": "<image>\nhi"}]
     records[1]["image"] = "images/missing.png"

@@ -15,7 +15,7 @@ from meteor.demo import full_config
 from meteor.demo.language import (FIRST_INDEX, LanguagePretraining, describe_scene, focus_conversations,
                                   pretrain_language_model, text_conversations)
 from meteor.demo.pipeline import ASSETS, Pipeline, _text_processor
-from meteor.demo.tiny import tiny_llama_config, tiny_tokenizer
+from meteor.testing import tiny_llama_config, tiny_tokenizer
 from meteor.demo.world import WorldConfig, world_texts
 from meteor.demo.world.scene import make_scene
 

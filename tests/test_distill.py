@@ -7,20 +7,21 @@ import pytest
 import torch
 
 from meteor.train.data import LlavaDataset, collate
-from meteor.model.modeling import LlavaMeteor
-from meteor.demo.tiny import tiny_llava_data, tiny_model
+from meteor.testing import tiny_llava_data, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
 from meteor.demo.aids import TrainingAids
 from meteor.demo.distill import SceneDistillation
 from meteor.demo.world import WorldConfig, make_scene
 from meteor.demo.world.captions import region_phrase, scene_line
+from meteor.pretrained import save_pretrained
+from meteor.pretrained import load_pretrained
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     model, processor = tiny_model(seed=0)
-    model.save_pretrained(root / "base", processor)
+    save_pretrained(root / "base", model, processor)
     return {"base": root / "base", "images": root / "data",
             "plain": tiny_llava_data(root / "data", 16, seed=3),
             "meta": tiny_llava_data(root / "data", 16, seed=3, meta=True)}
@@ -56,7 +57,7 @@ def test_scene_line_lists_shapes_in_reading_order_then_texts():
 
 
 def test_the_teacher_reads_the_scene_where_the_image_was(assets):
-    model, processor = LlavaMeteor.from_pretrained(assets["base"])
+    model, processor = load_pretrained(assets["base"])
     records = json.loads(Path(assets["meta"]).read_text())
     distiller = SceneDistillation(model.language_model, processor, "vicuna_v1", records)
     ids = distiller.teacher_ids(0)
@@ -104,9 +105,9 @@ def test_training_pulls_the_hidden_states_towards_the_teacher(assets, tmp_path):
     first, last = sum(e["distill"] for e in log[:3]) / 3, sum(e["distill"] for e in log[-3:]) / 3
     assert last < 0.8 * first, [e["distill"] for e in log]
     # The frozen teacher is a copy: the saved LLM moved away from the starting one.
-    before, _ = LlavaMeteor.from_pretrained(assets["base"])
-    after, _ = LlavaMeteor.from_pretrained(result.model_dir)
-    assert not torch.equal(before.language_model.lm_head.weight, after.language_model.lm_head.weight)
+    before, _ = load_pretrained(assets["base"])
+    after, _ = load_pretrained(result.model_dir)
+    assert not torch.equal(before.lm_head.weight, after.lm_head.weight)
 
     train(_config(assets, tmp_path / "off", max_steps=2))
     assert all("distill" not in entry for entry in _log(tmp_path / "off"))
@@ -123,7 +124,7 @@ def test_text_only_records_train_on_their_tokens_alone(assets, tmp_path):
     log = _log(tmp_path / "mixed")
     assert [e["samples"] for e in log] == [8, 8] and all(e["skipped"] == 0 for e in log)
     assert sum(e["distill_count"] for e in log) == 8      # the 8 records with an image
-    model, processor = LlavaMeteor.from_pretrained(assets["base"])
+    model, processor = load_pretrained(assets["base"])
     distiller = SceneDistillation(model.language_model, processor, "vicuna_v1", records)
     assert distiller.teacher_ids(0) is None and distiller.teacher_ids(1) is not None
 

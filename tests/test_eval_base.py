@@ -10,7 +10,7 @@ from PIL import Image
 
 from meteor.eval import BENCHMARKS, EvalConfig, WorldRunner, build_runner, read_jsonl
 from meteor.eval.base import describe_sources
-from meteor.demo.tiny import tiny_model
+from meteor.testing import tiny_model
 from meteor.demo.world import WorldConfig, generate_world
 
 SHORT = "Answer the question using a single word or phrase."

@@ -14,7 +14,7 @@ from meteor.eval import EvalConfig, build_runner, read_jsonl
 from meteor.eval.official import OpenAIGrader
 from meteor.eval.official.mmbench_judge import (JUDGE_ATTEMPTS, ask_judge, judge_prompt, read_judge_reply)
 from meteor.eval.metrics import mmbench_can_infer
-from meteor.demo.tiny import tiny_model
+from meteor.testing import tiny_model
 
 from chat_endpoint import chat_endpoint
 

@@ -7,7 +7,7 @@ import torch
 
 from meteor.eval import EvalConfig, WorldRunner, normalize_answer, read_jsonl, world_exact_match
 from meteor.eval.base import PREDICTIONS_FILE
-from meteor.demo.tiny import tiny_model
+from meteor.testing import tiny_model
 from meteor.demo.world import WorldConfig, generate_world
 
 

@@ -29,7 +29,7 @@ def test_the_demo_report_draws_with_the_library():
 def test_the_experts_choices_are_their_top_k_and_the_aggregate_is_what_was_kept(talker):
     model, processor = talker
     sliced = processor.prepare_image(noise_image(0, (112, 56)))
-    _, selections = model.encode_images([sliced], return_selection=True, tokens_per_slice=3)
+    _, selections = model.encode_images(**processor.image_inputs([sliced]), return_selection=True, tokens_per_slice=3)
     for selection in selections:
         visual, native, kept = expert_choices(selection)
         assert torch.equal(kept, selection.indices) and len(visual) == len(native) == 3
@@ -42,7 +42,7 @@ def test_the_experts_choices_are_their_top_k_and_the_aggregate_is_what_was_kept(
 def test_the_figure_has_a_row_or_a_column_per_view(talker, by_view, shape):
     model, processor = talker
     sliced = processor.prepare_image(noise_image(1, (112, 56)))          # 1×2 slices + global: 3 views
-    _, selections = model.encode_images([sliced], return_selection=True)
+    _, selections = model.encode_images(**processor.image_inputs([sliced]), return_selection=True)
     fig = draw_selection(sliced, selections, processor, "title", by_view=by_view)
     axes = fig.axes
     assert len(axes) == 12
@@ -70,7 +70,7 @@ def test_explain_writes_the_figure_the_scores_and_answers(talker, tmp_path):
     result = explain(model, processor, image, "What is in the image?", tmp_path / "out" / "photo_sel.png",
                      tokens_per_slice=3, max_new_tokens=6)
     sliced = processor.prepare_image(image)
-    _, selections = model.encode_images([sliced], return_selection=True, tokens_per_slice=3)
+    _, selections = model.encode_images(**processor.image_inputs([sliced]), return_selection=True, tokens_per_slice=3)
     assert [v.kept for v in result.views] == [s.indices.tolist() for s in selections]
     assert [v.view for v in result.views] == ["slice 1", "slice 2", "slice 3", "slice 4", "global"]
     assert result.views[0].region == (0, 0, 56, 56) and result.views[-1].region == (0, 0, 112, 112)
@@ -79,10 +79,11 @@ def test_explain_writes_the_figure_the_scores_and_answers(talker, tmp_path):
         assert 0 < view.aggregate_mass_kept <= 1 and abs(sum(view.aggregate_scores) - 1) < 1e-4
         assert len(view.visual_scores) == view.grid[0] * view.grid[1]
     # the answer is the model's greedy answer to the question about that image at K′ = 3
-    batch = processor(["What is in the image?"], [sliced], tokens_per_slice=3)
+    batch = processor.prompts(["What is in the image?"], [sliced], tokens_per_slice=3)
     out = model.generate(**batch.to_model_kwargs(), max_new_tokens=6, do_sample=False,
                          pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=processor.tokenizer.eos_token_id)
-    assert result.answer == processor.tokenizer.decode(out[0], skip_special_tokens=True).lstrip()
+    new = out[0, batch.input_ids.shape[1]:]
+    assert result.answer == processor.tokenizer.decode(new, skip_special_tokens=True).lstrip()
     written = json.loads((tmp_path / "out" / "photo_sel.json").read_text())
     assert written["views"][2]["kept"] == result.views[2].kept and written["tokens_per_slice"] == 3
     assert (tmp_path / "out" / "photo_sel.png").stat().st_size > 10_000

@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from meteor.train.data import LlavaDataset, collate
-from meteor.model.modeling import LlavaMeteor
-from meteor.demo.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
+from meteor.testing import tiny_llava_data, tiny_meteor_config, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
 from meteor.train.loop import DataOrder
 from meteor.demo.aids import TrainingAids
 from meteor.demo.glyphs import TEMPERATURE, GlyphAlignment, glyph_loss, text_token, view_glyphs
 from meteor.demo.world import WorldConfig, generate_world, world_texts
+from meteor.pretrained import save_pretrained
+from meteor.pretrained import load_pretrained
 
 WORLD = WorldConfig(seed=5, n_train_images=24, n_test_images=2, base_size=112, number_digits=1,
                     text_height_patches=(2.0, 2.5), text_stroke=0.05, questions_per_image=2)
@@ -26,11 +27,11 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("glyphs")
     world = generate_world(root / "world", WORLD)
     model, processor = tiny_model(seed=0, texts=world_texts(WORLD))
-    model.save_pretrained(root / "base", processor)
+    save_pretrained(root / "base", model, processor)
     for projector, k in (("mlp", None), ("resampler", 4)):
         other, other_processor = tiny_model(tiny_meteor_config(projector=projector, tokens_per_slice=k), seed=0,
                                             texts=world_texts(WORLD))
-        other.save_pretrained(root / projector, other_processor)
+        save_pretrained(root / projector, other, other_processor)
     return {"root": root, "world": world, "base": root / "base", "mlp": root / "mlp", "resampler": root / "resampler",
             "plain": tiny_llava_data(root / "plain", 8, seed=1, meta=True)}
 
@@ -58,7 +59,7 @@ def _log(run: Path) -> list[dict]:
 
 
 def test_a_texts_token_is_the_one_the_scene_line_gives_it(assets):
-    _, processor = LlavaMeteor.from_pretrained(assets["base"])
+    _, processor = load_pretrained(assets["base"])
     tokenizer = processor.tokenizer
     for text in ("CAT", "MAP", "7", "0"):
         token = text_token(tokenizer, text)
@@ -83,7 +84,7 @@ def _coverage(meta: dict, box, step_x: float, step_y: float, row: int, col: int,
 
 
 def test_the_targets_are_the_patches_each_text_covers_in_every_view(assets):
-    _, processor = LlavaMeteor.from_pretrained(assets["base"])
+    _, processor = load_pretrained(assets["base"])
     world = assets["world"]
     cover, checked, sliced_seen = 0.3, 0, False
     for record in _records(assets)[:12]:
@@ -128,7 +129,7 @@ def test_the_loss_is_the_cross_entropy_of_cosine_similarities():
 
 
 def test_the_loss_scores_the_text_patches_and_trains_only_the_compressor(assets):
-    model, processor = LlavaMeteor.from_pretrained(assets["base"])
+    model, processor = load_pretrained(assets["base"])
     records = _records(assets)
     dataset = LlavaDataset(records, assets["world"].image_folder, processor, "vicuna_v1")
     term = GlyphAlignment.factory(1.0)(model, dataset, "vicuna_v1")
@@ -175,8 +176,8 @@ def test_the_mlp_baseline_aligns_its_raw_patch_tokens(assets, tmp_path):
     assert len(log) == 2
     # Each step's count is the covered patches of that step's records; the first step's loss (before
     # any update) is the term's over those records on the untrained model, micro-batch by micro-batch.
-    model, processor = LlavaMeteor.from_pretrained(assets["mlp"])
-    assert model.config.compressor.projector == "mlp"
+    model, processor = load_pretrained(assets["mlp"])
+    assert model.meteor_config.compressor.projector == "mlp"
     dataset = LlavaDataset(config.data, config.image_folder, processor, config.template, config.max_length)
     term = GlyphAlignment.factory(1.0)(model, dataset, config.template)
     order = DataOrder(len(dataset), config.global_batch_size, config.seed)

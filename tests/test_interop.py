@@ -25,11 +25,13 @@ from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenize
 
 from meteor.cli import compressor_overrides, main
 from meteor.model.configuration import CompressorConfig, ConfigError, MeteorConfig
-from meteor.demo.tiny import tiny_clip_vision_config, tiny_llama_config, tiny_tokenizer
+from meteor.testing import tiny_clip_vision_config, tiny_llama_config, tiny_tokenizer
 from meteor.adapters.llava import (CheckpointWeights, PickleCheckpointError, UnsupportedCheckpoint, export_components,
                             inspect_llava)
-from meteor.model.modeling import LlavaMeteor
 from meteor.processing.slicing import SlicedImage, plan_slices
+from meteor.pretrained import save_pretrained
+from meteor.pretrained import load_pretrained
+from meteor.adapters.llava import from_llava
 
 SIDE = 56          # the tiny towers' native size: a 4×4 grid of 14-px patches
 PATCHES = 16
@@ -87,7 +89,7 @@ def hf_clip(tmp_path_factory):
 @pytest.mark.parametrize("tower", ["clip", "siglip"])
 def test_llava_hf_conversion_equals_transformers_llava(tmp_path, tower):
     reference, tokenizer = llava_hf_folder(tmp_path, tower)
-    model, processor = LlavaMeteor.from_llava(tmp_path)
+    model, processor = from_llava(tmp_path)
     model.eval()
 
     # the projector, the tower and the LLM are the checkpoint's, bit for bit
@@ -95,12 +97,12 @@ def test_llava_hf_conversion_equals_transformers_llava(tmp_path, tower):
     for ours, theirs in ((model.compressor.mlp.fc1, projector.linear_1), (model.compressor.mlp.fc2, projector.linear_2)):
         assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
     theirs = reference.model.vision_tower.state_dict()
-    assert all(torch.equal(t, theirs[name]) for name, t in model.vision_tower.clip.state_dict().items())
-    assert torch.equal(model.language_model.lm_head.weight, reference.lm_head.weight)
-    assert model.config.compressor.projector == "mlp" and model.config.compressor.tokens_per_slice is None
-    assert model.config.max_slices == 1
-    assert model.config.feature_layer == (-2 if tower == "clip" else -1)
-    assert model.config.visual_expert == ("cls" if tower == "clip" else "attention_received")
+    assert all(torch.equal(t, theirs[name]) for name, t in model.vision_tower.state_dict().items())
+    assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
+    assert model.meteor_config.compressor.projector == "mlp" and model.meteor_config.compressor.tokens_per_slice is None
+    assert model.meteor_config.max_slices == 1
+    assert model.meteor_config.feature_layer == (-2 if tower == "clip" else -1)
+    assert model.meteor_config.visual_expert == ("cls" if tower == "clip" else "attention_received")
 
     # one unsliced view, the same pixels as transformers' own image processor gives
     image = random_image()
@@ -115,7 +117,7 @@ def test_llava_hf_conversion_equals_transformers_llava(tmp_path, tower):
     ids = prompt_ids(tokenizer, image_id)
     with torch.no_grad():
         expected = reference(input_ids=ids, pixel_values=hf_pixels).logits
-        got = model(input_ids=ids, images=[sliced]).logits
+        got = model(input_ids=ids, **processor.image_inputs([sliced])).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -140,12 +142,12 @@ def test_llava_hf_weight_name_generations_convert_alike(tmp_path, hf_clip, layou
         if file.name != "model.safetensors":
             (copy / file.name).write_bytes(file.read_bytes())
     save_file(renamed, copy / "model.safetensors", metadata={"format": "pt"})
-    model, processor = LlavaMeteor.from_llava(copy)
+    model, processor = from_llava(copy)
     sliced = processor.prepare_image(random_image(1))
     ids = prompt_ids(tokenizer, processor.image_token_id)
     with torch.no_grad():
         expected = reference(input_ids=ids, pixel_values=sliced.global_view[None]).logits
-        got = model.eval()(input_ids=ids, images=[sliced]).logits
+        got = model.eval()(input_ids=ids, **processor.image_inputs([sliced])).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -157,7 +159,7 @@ def test_llava_hf_weight_name_generations_convert_alike(tmp_path, hf_clip, layou
 def test_llava_hf_settings_meteor_does_not_reproduce_are_refused(tmp_path, overrides, message):
     llava_hf_folder(tmp_path, **overrides)
     with pytest.raises(UnsupportedCheckpoint, match=message):
-        LlavaMeteor.from_llava(tmp_path)
+        from_llava(tmp_path)
 
 
 def test_llava_next_and_foreign_folders_are_refused(tmp_path):
@@ -251,17 +253,17 @@ def llava15_reference_logits(parts, pixels: torch.Tensor, ids: torch.Tensor, ima
 @pytest.mark.parametrize("weights", ["safetensors", "bin-shards"])
 def test_original_llava15_conversion_equals_llava(tmp_path, weights):
     folder, vision_folder, parts = llava15_folder(tmp_path, weights)
-    model, processor = LlavaMeteor.from_llava(folder, vision=vision_folder)
+    model, processor = from_llava(folder, vision=vision_folder)
     model.eval()
     projector = parts[2]
     assert torch.equal(model.compressor.mlp.fc1.weight, projector[0].weight)
     assert torch.equal(model.compressor.mlp.fc2.bias, projector[2].bias)
-    assert model.config.feature_layer == -2 and model.config.max_slices == 1
+    assert model.meteor_config.feature_layer == -2 and model.meteor_config.max_slices == 1
     image = random_image(2)
     sliced = processor.prepare_image(image)
     hf_pixels = AutoImageProcessor.from_pretrained(vision_folder)(image, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(sliced.global_view, hf_pixels[0], rtol=0, atol=1e-6)
-    batch = processor("What colour is the square?", [sliced])
+    batch = processor.prompts("What colour is the square?", [sliced])
     ids = batch.input_ids
     image_positions = ids == processor.image_token_id
     assert int(image_positions.sum()) == PATCHES
@@ -274,7 +276,7 @@ def test_original_llava15_conversion_equals_llava(tmp_path, weights):
 def test_original_llava15_names_the_vision_tower_it_needs(tmp_path):
     folder, _, _ = llava15_folder(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"openai/clip-vit-large-patch14-336.*--vision"):
-        LlavaMeteor.from_llava(folder)
+        from_llava(folder)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -288,13 +290,13 @@ def test_original_llava15_names_the_vision_tower_it_needs(tmp_path):
 def test_original_llava15_unsupported_settings_are_refused(tmp_path, overrides, message):
     folder, vision_folder, _ = llava15_folder(tmp_path, **overrides)
     with pytest.raises(UnsupportedCheckpoint, match=message):
-        LlavaMeteor.from_llava(folder, vision=vision_folder)
+        from_llava(folder, vision=vision_folder)
 
 
 def test_original_llava15_with_the_wrong_tower_width_is_refused(tmp_path):
     folder, vision_folder, _ = llava15_folder(tmp_path, mm_hidden_size=1024)
     with pytest.raises(ValueError, match=r"width 32.*mm_hidden_size 1024"):
-        LlavaMeteor.from_llava(folder, vision=vision_folder)
+        from_llava(folder, vision=vision_folder)
 
 
 class _Opaque:
@@ -310,7 +312,7 @@ def test_a_checkpoint_that_needs_pickle_is_refused_with_how_to_convert(tmp_path)
     with pytest.raises(PickleCheckpointError,
                        match=r"(?s)pytorch_model-00001-of-00002\.bin can only be loaded with pickle.*"
                              r"weights_only=True.*convert it once to safetensors.*save_file"):
-        LlavaMeteor.from_llava(folder, vision=vision_folder)
+        from_llava(folder, vision=vision_folder)
 
 
 def test_plain_tensor_bin_files_load_without_pickle(tmp_path):
@@ -332,9 +334,9 @@ def test_cls_topk_on_a_converted_llava_is_its_mlp_on_the_top_k_patches(hf_clip):
     attends to most, nothing trained."""
     folder, reference, tokenizer = hf_clip
     config = MeteorConfig(compressor=CompressorConfig(projector="cls_topk", tokens_per_slice=5), max_slices=1)
-    model, processor = LlavaMeteor.from_llava(folder, config=config)
+    model, processor = from_llava(folder, config=config)
     sliced = processor.prepare_image(random_image(3))
-    tokens, selections = model.encode_images([sliced], return_selection=True)
+    tokens, selections = model.encode_images(**processor.image_inputs([sliced]), return_selection=True)
     pixels = sliced.global_view[None]
     eager_tower = CLIPVisionModel(reference.config.vision_config)
     eager_tower.load_state_dict(reference.model.vision_tower.state_dict())
@@ -347,40 +349,40 @@ def test_cls_topk_on_a_converted_llava_is_its_mlp_on_the_top_k_patches(hf_clip):
     with torch.no_grad():
         expected = reference.model.multi_modal_projector(out.hidden_states[-2][0, 1:][kept])
     torch.testing.assert_close(tokens[0], expected, rtol=1e-5, atol=1e-5)
-    batch = processor("What colour is the square?", [sliced])
+    batch = processor.prompts("What colour is the square?", [sliced])
     assert int((batch.input_ids == processor.image_token_id).sum()) == 5
-    new = model.generate(**batch.to_model_kwargs(), max_new_tokens=3, do_sample=False)
+    new = model.generate(**batch.to_model_kwargs(), max_new_tokens=3, do_sample=False)[:, batch.input_ids.shape[1]:]
     assert new.shape[0] == 1 and 1 <= new.shape[1] <= 3
 
 
 def test_load_time_override_compresses_a_saved_all_tokens_model(hf_clip, tmp_path):
     folder, _, _ = hf_clip
-    model, processor = LlavaMeteor.from_llava(folder)
-    model.save_pretrained(tmp_path / "llava", processor)
-    compressed, processor = LlavaMeteor.from_pretrained(
+    model, processor = from_llava(folder)
+    save_pretrained(tmp_path / "llava", model, processor)
+    compressed, processor = load_pretrained(
         tmp_path / "llava", compressor_overrides={"projector": "cls_topk", "tokens_per_slice": 6})
-    assert compressed.config.compressor.projector == "cls_topk" and compressed.config.compressor.tokens_per_slice == 6
+    assert compressed.meteor_config.compressor.projector == "cls_topk" and compressed.meteor_config.compressor.tokens_per_slice == 6
     for name, tensor in model.compressor.state_dict().items():
         assert torch.equal(compressed.compressor.state_dict()[name], tensor)
-    batch = processor("What colour is the square?", [random_image(4)])
+    batch = processor.prompts("What colour is the square?", [random_image(4)])
     assert int((batch.input_ids == processor.image_token_id).sum()) == 6
     compressed.generate(**batch.to_model_kwargs(), max_new_tokens=2, do_sample=False)
     with pytest.raises(ValueError, match=r"no weights for the 'meteor' projector's \['fusion"):
-        LlavaMeteor.from_pretrained(tmp_path / "llava", compressor_overrides={"projector": "meteor", "tokens_per_slice": 4})
+        load_pretrained(tmp_path / "llava", compressor_overrides={"projector": "meteor", "tokens_per_slice": 4})
     with pytest.raises(ConfigError, match=r"unknown compressor option\(s\) \['k'\]"):
-        LlavaMeteor.from_pretrained(tmp_path / "llava", compressor_overrides={"k": 4})
+        load_pretrained(tmp_path / "llava", compressor_overrides={"k": 4})
     with pytest.raises(ConfigError, match="text_width"):
-        LlavaMeteor.from_pretrained(tmp_path / "llava", compressor_overrides={"text_width": 8})
+        load_pretrained(tmp_path / "llava", compressor_overrides={"text_width": 8})
 
 
 def test_meteor_projector_starts_from_the_llava_mlp(hf_clip):
     folder, reference, _ = hf_clip
     config = MeteorConfig(compressor=CompressorConfig(tokens_per_slice=4, d_state=8))
-    model, _ = LlavaMeteor.from_llava(folder, config=config)
-    assert model.config.compressor.projector == "meteor" and model.config.max_slices == 6
+    model, _ = from_llava(folder, config=config)
+    assert model.meteor_config.compressor.projector == "meteor" and model.meteor_config.max_slices == 6
     assert torch.equal(model.compressor.mlp.fc1.weight, reference.model.multi_modal_projector.linear_1.weight)
     with pytest.raises(ValueError, match="no token-wise MLP"):
-        LlavaMeteor.from_llava(folder, config=MeteorConfig(compressor=CompressorConfig(
+        from_llava(folder, config=MeteorConfig(compressor=CompressorConfig(
             projector="resampler", tokens_per_slice=4, resampler_heads=4)))
 
 
@@ -402,7 +404,7 @@ def test_convert_from_llava_and_export_through_the_cli(tmp_path, capsys):
     printed = capsys.readouterr()
     assert "projector cls_topk, tokens_per_slice 4, feature_layer -2, max_slices 1" in printed.out
     assert "pads a non-square image" in printed.err
-    model, processor = LlavaMeteor.from_pretrained(out)
+    model, processor = load_pretrained(out)
     assert torch.equal(model.compressor.mlp.fc1.weight, parts[2][0].weight)
     assert (out / "tokenizer.model").read_bytes() == (folder / "tokenizer.model").read_bytes()
     assert main(["convert", "--from-llava", str(folder), "--out", str(tmp_path / "bad")]) == 2
@@ -415,14 +417,14 @@ def test_convert_from_llava_and_export_through_the_cli(tmp_path, capsys):
     ids = tokenizer("What colour is the square?", return_tensors="pt")["input_ids"]
     assert ids.tolist() == processor.tokenizer("What colour is the square?", return_tensors="pt")["input_ids"].tolist()
     with torch.no_grad():
-        torch.testing.assert_close(language(ids).logits, model.language_model(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(language(ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def test_export_components_load_in_plain_transformers(tmp_path):
     reference_folder = tmp_path / "llava-hf"
     reference_folder.mkdir()
     llava_hf_folder(reference_folder, "siglip")
-    model, processor = LlavaMeteor.from_llava(reference_folder)
+    model, processor = from_llava(reference_folder)
     out = export_components(model, processor, tmp_path / "out")
     vision = SiglipVisionModel.from_pretrained(out / "vision_tower").eval()
     image_processor = AutoImageProcessor.from_pretrained(out / "vision_tower")
@@ -431,7 +433,7 @@ def test_export_components_load_in_plain_transformers(tmp_path):
     torch.testing.assert_close(pixels[0], processor.prepare_image(image).global_view, rtol=0, atol=1e-6)
     with torch.no_grad():
         theirs = vision(pixels, output_hidden_states=True).hidden_states[-1]
-    torch.testing.assert_close(model.vision_tower(pixels).patch_tokens, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.model.tower(pixels).patch_tokens, theirs, rtol=1e-5, atol=1e-5)
     assert load_file(out / "compressor.safetensors").keys() == model.compressor.state_dict().keys()
     assert MeteorConfig.load(out).visual_expert == "attention_received"
     with pytest.raises(FileExistsError, match="overwrite"):

@@ -13,7 +13,8 @@ from lmms_eval.api.model import lmms  # noqa: E402
 
 from meteor.processing.conversation import IGNORE_INDEX  # noqa: E402
 from meteor.adapters.lmms_eval import MODEL_NAME, LlavaMeteorLMMS, lmms_eval_manifest, register  # noqa: E402
-from meteor.demo.tiny import tiny_model  # noqa: E402
+from meteor.testing import tiny_model  # noqa: E402
+from meteor.pretrained import save_pretrained
 
 TASK, SPLIT = "tiny_shapes", "test"
 
@@ -26,7 +27,7 @@ def _doc_to_visual(doc):
 def adapter(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model") / "tiny-meteor"
     model, processor = tiny_model(seed=0)
-    model.save_pretrained(folder, processor)
+    save_pretrained(folder, model, processor)
     adapter = LlavaMeteorLMMS.create_from_arg_string(f"pretrained={folder},batch_size=2,max_new_tokens=4")
     adapter.task_dict = {TASK: {SPLIT: [
         {"question": "What colour is the square?", "image": Image.new("RGB", (56, 56), (220, 40, 40)), "answer": "red"},
@@ -73,12 +74,12 @@ def test_loglikelihood_gives_a_finite_log_probability_and_a_greedy_flag(adapter)
         assert labels[start:] == ids[start:]
         assert processor.tokenizer.decode(ids[start:]) == f" {doc['answer']}</s>"
         # the continuation follows exactly the prompt that generation would be given
-        assert processor([doc["question"]], [doc["image"]]).input_ids[0].tolist() == ids[:start]
+        assert processor.prompts([doc["question"]], [doc["image"]]).input_ids[0].tolist() == ids[:start]
         # token by token: the log-softmax of the next-token logits after each prefix
         expected, argmax_hits = 0.0, []
         with torch.no_grad():
             for t in range(start, len(ids)):
-                logits = model(input_ids=torch.tensor([ids[:t]]), images=[sliced]).logits[0, -1].float()
+                logits = model(input_ids=torch.tensor([ids[:t]]), **processor.image_inputs([sliced])).logits[0, -1].float()
                 log_probs = F.log_softmax(logits, dim=-1)
                 expected += float(log_probs[ids[t]])
                 argmax_hits.append(int(log_probs.argmax()) == ids[t])
@@ -119,7 +120,7 @@ def test_lmms_evals_simple_evaluate_runs_llava_meteor_on_a_local_task(tmp_path):
     from lmms_eval.tasks import TaskManager
 
     model, processor = tiny_model(seed=0)
-    model.save_pretrained(tmp_path / "model", processor)
+    save_pretrained(tmp_path / "model", model, processor)
     docs = {"question": ["What colour is the square?", "How many shapes are there?", "Is the shape round?"],
             "image": [Image.new("RGB", (56, 56), (220, 40, 40)), Image.new("RGB", (112, 56), (40, 80, 220)),
                       Image.new("RGB", (56, 112), (40, 170, 60))],

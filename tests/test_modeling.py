@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from meteor.processing.conversation import IGNORE_INDEX
-from meteor.model.modeling import LlavaMeteor
-from meteor.demo.tiny import tiny_meteor_config, tiny_model
+from meteor.testing import tiny_meteor_config, tiny_model
+from meteor.pretrained import save_pretrained
+from meteor.pretrained import load_pretrained
 
 
 def _image(width, height, seed=0):
@@ -46,7 +47,7 @@ def test_prompt_layout_has_one_placeholder_per_kept_token(tiny):
     sliced = processor.prepare_image(_image(112, 168))     # the paper's 672×1008 at a 56-px base
     assert sliced.plan.grid == (3, 2) and sliced.plan.num_slices == 6
     ids, labels = processor.encode(_conversation(), [sliced])
-    k = model.config.compressor.tokens_per_slice
+    k = model.meteor_config.compressor.tokens_per_slice
     assert ids.count(processor.image_token_id) == k * (sliced.plan.num_slices + 1)
     layout = processor.tokenizer.decode(processor.image_layout(sliced))
     rows, cols = sliced.plan.grid
@@ -110,29 +111,32 @@ def test_placeholder_mismatch_is_a_loud_error(tiny):
 def test_generate_and_save_load_round_trip(tiny, tmp_path):
     model, processor = tiny
     model.eval()
-    batch = processor(["What is it?", "Describe the image."], [_image(112, 168), None])
+    batch = processor.prompts(["What is it?", "Describe the image."], [_image(112, 168), None])
     torch.manual_seed(0)
     out = model.generate(**batch.to_model_kwargs(), max_new_tokens=5, do_sample=False)
-    assert out.shape[0] == 2 and 1 <= out.shape[1] <= 5
+    prompt = batch.input_ids.shape[1]
+    assert out.shape[0] == 2 and 1 <= out.shape[1] - prompt <= 5 and torch.equal(out[:, :prompt], batch.input_ids)
     with torch.no_grad():
         logits = model(**batch.to_model_kwargs()).logits
-    folder = model.save_pretrained(tmp_path / "saved", processor)
-    assert (folder / "compressor.safetensors").is_file() and not list(folder.rglob("*.bin"))
-    reloaded, reprocessor = LlavaMeteor.from_pretrained(folder)
+    folder = save_pretrained(tmp_path / "saved", model, processor)
+    assert {"config.json", "model.safetensors", "processor_config.json", "preprocessor_config.json",
+            "chat_template.jinja", "generation_config.json"} <= {f.name for f in folder.iterdir()}
+    assert not list(folder.rglob("*.bin"))
+    reloaded, reprocessor = load_pretrained(folder)
     reloaded.eval()
-    again = reprocessor(["What is it?", "Describe the image."], [_image(112, 168), None])
+    again = reprocessor.prompts(["What is it?", "Describe the image."], [_image(112, 168), None])
     assert torch.equal(again.input_ids, batch.input_ids)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**again.to_model_kwargs()).logits, logits, rtol=0, atol=0)
     assert torch.equal(reloaded.generate(**again.to_model_kwargs(), max_new_tokens=5, do_sample=False), out)
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        model.save_pretrained(folder, processor)
+        save_pretrained(folder, model, processor)
 
 
 def test_keep_all_tokens_mode(tmp_path):
     model, processor = tiny_model(tiny_meteor_config(tokens_per_slice=None))
     sliced = processor.prepare_image(_image(112, 168))
-    tokens, selections = model.encode_images([sliced], return_selection=True)
+    tokens, selections = model.encode_images(**processor.image_inputs([sliced]), return_selection=True)
     assert tokens[0].shape[0] == sum(s.grid[0] * s.grid[1] for s in selections)
     ids, labels = processor.encode(_conversation(), [sliced])
     assert ids.count(processor.image_token_id) == tokens[0].shape[0]
@@ -146,9 +150,9 @@ def test_keep_all_tokens_mode(tmp_path):
 def test_selection_details_cover_every_view(tiny):
     model, processor = tiny
     sliced = processor.prepare_image(_image(112, 168))
-    _, selections = model.encode_images([sliced], return_selection=True)
+    _, selections = model.encode_images(**processor.image_inputs([sliced]), return_selection=True)
     assert len(selections) == sliced.plan.num_slices + 1 and selections[-1].is_global
-    k = model.config.compressor.tokens_per_slice
+    k = model.meteor_config.compressor.tokens_per_slice
     assert [s.view_index for s in selections] == list(range(sliced.plan.num_slices + 1))
     for s in selections:
         torch.testing.assert_close(s.visual_scores.sum(), torch.tensor(1.0))
@@ -161,8 +165,8 @@ def test_selection_details_cover_every_view(tiny):
 
 
 def test_missing_folders_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a LLaVA-Meteor model folder"):
-        LlavaMeteor.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        load_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("size", [(20, 600), (600, 20), (1, 300)])
@@ -183,7 +187,7 @@ def test_a_tokenizer_without_an_image_token_gets_one(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     from meteor.model.configuration import MeteorConfig
-    from meteor.processing.processor import MeteorProcessor
+    from meteor.processing.processor import build_processor
 
     core = Tokenizer(models.BPE(unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -193,7 +197,7 @@ def test_a_tokenizer_without_an_image_token_gets_one(tmp_path):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     before = len(tokenizer)
-    processor = MeteorProcessor(tokenizer, MeteorConfig())
+    processor = build_processor(tokenizer, MeteorConfig())
     assert len(tokenizer) == before + 1 and processor.image_token_id == before
     assert tokenizer("a<image><image>", add_special_tokens=False)["input_ids"][-2:] == [before, before]
     assert tokenizer.pad_token == "<unk>"
@@ -205,19 +209,19 @@ def test_a_model_runs_at_another_k_than_it_was_trained_with():
     model, processor = tiny_model(seed=0)
     model.eval()
     image = Image.new("RGB", (112, 56), (90, 30, 200))        # 2 slices + global: 3 views
-    default = processor(["What colour?"], [image])
+    default = processor.prompts(["What colour?"], [image])
     assert int((default.input_ids == processor.image_token_id).sum()) == 3 * 4
     for k in (2, 15):
-        batch = processor(["What colour?"], [image], tokens_per_slice=k)
+        batch = processor.prompts(["What colour?"], [image], tokens_per_slice=k)
         assert int((batch.input_ids == processor.image_token_id).sum()) == 3 * k
-        tokens, selections = model.encode_images(batch.images, return_selection=True, tokens_per_slice=k)
+        tokens, selections = model.encode_images(**processor.image_inputs(batch.images), return_selection=True, tokens_per_slice=k)
         assert tokens[0].shape[0] == 3 * k and all(len(s.indices) == k for s in selections)
         logits = model(**batch.to_model_kwargs()).logits
         assert logits.shape[1] == batch.input_ids.shape[1]
     # the kept K′ = 2 are the two best of the trained K = 4 (same scores, a shorter Top-K)
-    _, at4 = model.encode_images(default.images, return_selection=True)
-    _, at2 = model.encode_images(default.images, return_selection=True, tokens_per_slice=2)
+    _, at4 = model.encode_images(**processor.image_inputs(default.images), return_selection=True)
+    _, at2 = model.encode_images(**processor.image_inputs(default.images), return_selection=True, tokens_per_slice=2)
     for four, two in zip(at4, at2):
         assert set(two.indices.tolist()) <= set(four.indices.tolist())
     with pytest.raises(ValueError, match="cannot keep K=16 tokens from a view of 15 patch tokens"):
-        model.encode_images(default.images, tokens_per_slice=16)
+        model.encode_images(**processor.image_inputs(default.images), tokens_per_slice=16)

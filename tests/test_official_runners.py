@@ -19,9 +19,10 @@ from meteor.eval.official import BenchmarkFileError, MMVetRunner, OpenAIGrader
 from meteor.eval.official.mmmu_open import eval_open, parse_open_response
 from meteor.eval.official.mmvet import GRADING_PROMPT, grading_prompt, read_grade
 from meteor.eval.official.summary import TABLE1_COLUMNS, collect_headlines, write_table1
-from meteor.demo.tiny import tiny_model
+from meteor.testing import tiny_model
 from meteor.eval.metrics import (anls, evalai_normalize, exact_match, extract_choice, mmbench_can_infer, pope_scores,
-                            relaxed_accuracy, textvqa_accuracy, vqa_accuracy)
+                                 relaxed_accuracy, textvqa_accuracy, vqa_accuracy)
+from meteor.pretrained import save_pretrained
 
 from chat_endpoint import chat_endpoint
 
@@ -275,7 +276,7 @@ def test_runner_end_to_end_and_an_interrupted_run_resumes_to_the_same_scores(nam
     whole = build_runner(benchmark, config, annotations).run(model, processor, data, images, tmp_path / "whole")
 
     interrupted = build_runner(benchmark, config, annotations)
-    real_generate, calls = interrupted._generate, []
+    real_generate, calls = interrupted.generate, []
 
     def stop_at_second_batch(*args):
         calls.append(1)
@@ -283,7 +284,7 @@ def test_runner_end_to_end_and_an_interrupted_run_resumes_to_the_same_scores(nam
             raise SimulatedCrash("the machine went down")
         return real_generate(*args)
 
-    interrupted._generate = stop_at_second_batch
+    interrupted.generate = stop_at_second_batch
     with pytest.raises(SimulatedCrash):
         interrupted.run(model, processor, data, images, tmp_path / "resumed")
     assert len(read_jsonl(tmp_path / "resumed" / "predictions.jsonl")) == 2   # the first batch was kept
@@ -609,7 +610,7 @@ def test_meteor_eval_and_table_through_the_real_entry_point(tiny, tmp_path):
     import sys
 
     model, processor = tiny
-    model.save_pretrained(tmp_path / "model", processor)
+    save_pretrained(tmp_path / "model", model, processor)
     data, images, annotations = make_pope(tmp_path / "pope")
     command = [sys.executable, "-m", "meteor", "eval", "--benchmark", "pope", "--model", str(tmp_path / "model"),
                "--data", str(data), "--annotations", str(annotations), "--image-folder", str(images),

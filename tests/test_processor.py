@@ -5,12 +5,13 @@ from PIL import Image
 
 from meteor.model.configuration import MeteorConfig
 from meteor.processing.conversation import IGNORE_INDEX
-from meteor.demo.tiny import tiny_meteor_config, tiny_tokenizer
-from meteor.processing.processor import MeteorProcessor, separator_ids
+from meteor.testing import tiny_meteor_config, tiny_tokenizer
+from meteor.processing.processor import build_processor
+from meteor.processing.tokenizer import separator_ids
 
 
 def _processor(tokenizer=None, **compressor):
-    return MeteorProcessor(tokenizer or tiny_tokenizer(), tiny_meteor_config(**compressor), patch_size=14,
+    return build_processor(tokenizer or tiny_tokenizer(), tiny_meteor_config(**compressor), patch_size=14,
                            base_size=56)
 
 
@@ -89,7 +90,7 @@ def test_a_tokenizer_without_an_end_of_sequence_token_is_refused():
         show_progress=False))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
     with pytest.raises(ValueError, match="has no end-of-sequence token, which ends every answer"):
-        MeteorProcessor(tokenizer, MeteorConfig())
+        build_processor(tokenizer, MeteorConfig())
 
 
 def test_a_tokenizer_from_a_folder_is_saved_as_its_files(tmp_path):

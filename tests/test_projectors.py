@@ -6,8 +6,10 @@ import torch
 from meteor.model.projectors import build_projector, count_parameters
 from meteor.model.configuration import CompressorConfig
 from meteor.model.projectors.baselines import pooled_grid, sincos_2d
-from meteor.demo.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
+from meteor.testing import tiny_llava_data, tiny_meteor_config, tiny_model
 from meteor.train import TrainConfig, train
+from meteor.pretrained import save_pretrained
+from meteor.pretrained import load_pretrained
 
 VARIANTS = [("meteor", 4), ("mlp", None), ("resampler", 4), ("avgpool", 4), ("cls_topk", 4), ("random_topk", 4)]
 
@@ -99,19 +101,18 @@ def test_parameter_counts_at_the_papers_widths():
 @pytest.mark.parametrize("projector, k", VARIANTS)
 def test_every_variant_trains_and_answers(projector, k, tmp_path):
     model, processor = tiny_model(tiny_meteor_config(projector=projector, tokens_per_slice=k))
-    model.save_pretrained(tmp_path / "base", processor)
+    save_pretrained(tmp_path / "base", model, processor)
     data = tiny_llava_data(tmp_path / "data", 8)
     result = train(TrainConfig(stage=2, data=str(data), image_folder=str(tmp_path / "data"),
                                model=str(tmp_path / "base"), output_dir=str(tmp_path / "run"),
                                global_batch_size=4, per_device_batch_size=4, max_steps=2,
                                learning_rate=1e-3))
     assert result.steps_done == 2 and result.final_loss == result.final_loss
-    from meteor.model.modeling import LlavaMeteor
-    trained, processor = LlavaMeteor.from_pretrained(result.model_dir)
-    assert trained.config.compressor.projector == projector
+    trained, processor = load_pretrained(result.model_dir)
+    assert trained.meteor_config.compressor.projector == projector
     # Two steps at lr 1e-3 move every tensor of the projector that the loss reaches (all of them).
     before, after = model.compressor.state_dict(), trained.compressor.state_dict()
     assert before.keys() == after.keys()
     assert [name for name in before if torch.equal(before[name], after[name])] == []
-    batch = processor(["What colour is the square?"], [tmp_path / "data" / "images" / "0004.png"])
+    batch = processor.prompts(["What colour is the square?"], [tmp_path / "data" / "images" / "0004.png"])
     assert trained.eval().generate(**batch.to_model_kwargs(), max_new_tokens=3, do_sample=False).shape[1] >= 1

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from meteor.model.configuration import CompressorConfig, ConfigError
-from meteor.demo.tiny import tiny_meteor_config, tiny_model
+from meteor.testing import tiny_meteor_config, tiny_model
 from meteor.model.projectors import count_parameters
 
 
@@ -21,7 +21,7 @@ def test_it_starts_as_the_papers_model_and_costs_one_d_by_c_map():
     shared = {k: v for k, v in asking.state_dict().items() if "question_map" not in k}
     assert all(torch.equal(v, paper.state_dict()[k]) for k, v in shared.items())   # same seed, same weights
     assert torch.count_nonzero(asking.compressor.question_map.weight) == 0
-    batch = processor(["What colour is the square?"], [Image.new("RGB", (112, 56), (200, 30, 30))])
+    batch = processor.prompts(["What colour is the square?"], [Image.new("RGB", (112, 56), (200, 30, 30))])
     torch.testing.assert_close(asking(**batch.to_model_kwargs()).logits, paper(**batch.to_model_kwargs()).logits)
     counts = count_parameters(CompressorConfig(instruction="question", vision_width=1024, text_width=5120))
     assert counts["question_map"] == 5120 * 1024
@@ -36,17 +36,19 @@ def test_the_question_is_the_text_between_the_image_and_the_answer():
     ids, labels = processor.encode(conversation, [image], "vicuna_v1")
     ids, labels = torch.tensor([ids]), torch.tensor([labels])
     embeds = asking.language_model.get_input_embeddings()(ids.masked_fill(ids == processor.image_token_id, 0))
-    (vector,) = asking.question_embeddings(ids, embeds, [image], labels=labels)
+    grids = processor.image_inputs([image])
+    (vector,) = asking.model.question_embeddings(ids, embeds, grids["view_grids"], grids["image_grids"], labels=labels)
     last = int((ids[0] == processor.image_token_id).nonzero().max())
     first_answer = int((labels[0] != -100).nonzero().min())
     torch.testing.assert_close(vector, embeds[0, last + 1:first_answer].mean(0))
     text = processor.tokenizer.decode(ids[0, last + 1:first_answer])
     assert "What colour is the square?" in text and "Is it big" not in text
     # at inference the prompt ends with the question: the same span, up to the end
-    prompt = processor(["What colour is the square?"], [image])
+    prompt = processor.prompts(["What colour is the square?"], [image])
     prompt_ids = prompt.input_ids
     prompt_embeds = asking.language_model.get_input_embeddings()(prompt_ids.masked_fill(prompt_ids == processor.image_token_id, 0))
-    (inference,) = asking.question_embeddings(prompt_ids, prompt_embeds, [image], attention_mask=prompt.attention_mask)
+    (inference,) = asking.model.question_embeddings(prompt_ids, prompt_embeds, grids["view_grids"], grids["image_grids"],
+                                                    attention_mask=prompt.attention_mask)
     torch.testing.assert_close(inference, vector)
 
 
@@ -58,12 +60,14 @@ def test_other_questions_select_other_patches_once_the_map_has_learnt():
     image = Image.new("RGB", (56, 56), (120, 120, 120))
     kept = []
     for question in ("What colour is the square?", "How many circles are there?", "Is there a word?"):
-        batch = processor([question], [image])
+        batch = processor.prompts([question], [image])
         mask = batch.attention_mask
         ids = batch.input_ids
         embeds = asking.language_model.get_input_embeddings()(ids.masked_fill(ids == processor.image_token_id, 0))
-        questions = asking.question_embeddings(ids, embeds, batch.images, attention_mask=mask)
-        _, selections = asking.encode_images(batch.images, return_selection=True, questions=questions)
+        grids = processor.image_inputs(batch.images)
+        questions = asking.model.question_embeddings(ids, embeds, grids["view_grids"], grids["image_grids"],
+                                                     attention_mask=mask)
+        _, selections = asking.encode_images(**processor.image_inputs(batch.images), return_selection=True, questions=questions)
         kept.append(tuple(selections[0].indices.tolist()))
     assert len(set(kept)) > 1
 
@@ -84,6 +88,7 @@ def test_explain_and_prompt_selections_keep_what_forward_keeps_for_each_question
     # The figure of `meteor explain` (and the serve UI's picture) must show the patches the model
     # keeps when it answers *this* question, not the selection made without one.
     from meteor.serve.explain import explain
+    from meteor.serve.visualize import image_selections
 
     _, asking, processor = _models()
     torch.manual_seed(1)
@@ -94,15 +99,15 @@ def test_explain_and_prompt_selections_keep_what_forward_keeps_for_each_question
     explained = []
     for number, question in enumerate(("What colour is the square?", "How many circles are there?",
                                        "Is there a word?")):
-        batch = processor([question], [Image.open(image_path)])
+        batch = processor.prompts([question], [Image.open(image_path)])
         with torch.no_grad():
             views = asking(**batch.to_model_kwargs(), return_views=True).views
         forward_kept = views[0].output.indices[0].sort().values.tolist()
-        from_prompt = asking.prompt_selections(batch.input_ids[0], batch.images)
+        from_prompt = image_selections(asking, processor, batch.images, batch.input_ids[0].tolist())
         assert from_prompt[0].indices.sort().values.tolist() == forward_kept
         result = explain(asking, processor, image_path, question, tmp_path / f"q{number}.png", max_new_tokens=2)
         assert sorted(result.views[0].kept) == forward_kept
         explained.append(tuple(sorted(result.views[0].kept)))
     assert len(set(explained)) > 1                      # the selection follows the question
     with pytest.raises(ValueError, match="pass each view's pooled question embeddings"):
-        asking.encode_images([processor.prepare_image(image_path)], return_selection=True)
+        asking.encode_images(**processor.image_inputs([image_path]), return_selection=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks import selection_targets
+from meteor.pretrained import save_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +38,17 @@ def test_targets_are_the_named_objects_or_the_answer_text(bench):
 
 
 def test_on_a_world_the_papers_token_keeps_one_set_per_image_and_a_question_token_does_not(bench, tmp_path):
-    from meteor.demo.tiny import tiny_meteor_config, tiny_model
+    from meteor.testing import tiny_meteor_config, tiny_model
     from meteor.demo.world import WorldConfig, generate_world
 
     generate_world(tmp_path / "out" / "world", WorldConfig(n_train_images=1, n_test_images=3, seed=3))
     paper, processor = tiny_model(seed=0)
-    paper.save_pretrained(tmp_path / "paper", processor)
+    save_pretrained(tmp_path / "paper", paper, processor)
     asking, processor = tiny_model(tiny_meteor_config(instruction="question"), seed=0)
     torch.manual_seed(1)
     with torch.no_grad():
         asking.compressor.question_map.weight.normal_(0, 5.0)
-    asking.save_pretrained(tmp_path / "asking", processor)
+    save_pretrained(tmp_path / "asking", asking, processor)
     out = tmp_path / "figures.json"
     assert bench.main(["--out", str(tmp_path / "out"), "--models", str(tmp_path / "paper"), str(tmp_path / "asking"),
                        "--images", "3", "--json", str(out)]) == 0

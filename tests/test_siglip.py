@@ -15,11 +15,13 @@ import torch
 from transformers import CLIPVisionModel, LlamaForCausalLM, SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
 from meteor.model.configuration import CompressorConfig, ConfigError, MeteorConfig
-from meteor.demo.tiny import tiny_clip_vision_config, tiny_llama_config, tiny_llava_data, tiny_tokenizer
-from meteor.model.modeling import LlavaMeteor
+from meteor.testing import tiny_clip_vision_config, tiny_llama_config, tiny_llava_data, tiny_tokenizer
 from meteor.train import TrainConfig, train
 from meteor.model.vision import VisionTower
 from meteor.model.visual_expert import attention_received
+from meteor.pretrained import save_pretrained
+from meteor.pretrained import load_pretrained
+from meteor.pretrained import build
 
 PATCH, NATIVE = 14, 56
 SIZES = [(NATIVE, NATIVE), (42, 70), (84, 28), (28, 28), (98, 112)]
@@ -172,7 +174,7 @@ def siglip_meteor(visual_expert: str = "attention_received", seed: int = 0):
     vision = VisionTower.from_model(SiglipVisionModel(siglip_config(num_hidden_layers=4)), visual_expert=visual_expert)
     language_model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
     config = MeteorConfig(compressor=CompressorConfig(tokens_per_slice=4, d_state=8), visual_expert=visual_expert)
-    return LlavaMeteor.build(vision, language_model, tokenizer, config)
+    return build(vision, language_model, tokenizer, config)
 
 
 def test_the_config_and_the_tower_must_agree_on_the_expert():
@@ -180,32 +182,32 @@ def test_the_config_and_the_tower_must_agree_on_the_expert():
     tokenizer = tiny_tokenizer()
     vision = VisionTower.from_model(SiglipVisionModel(siglip_config()), visual_expert="attention_received")
     with pytest.raises(ValueError, match=r"tower computes the visual expert 'attention_received'.*asks for 'cls'"):
-        LlavaMeteor.build(vision, LlamaForCausalLM(tiny_llama_config(len(tokenizer))), tokenizer, MeteorConfig())
+        build(vision, LlamaForCausalLM(tiny_llama_config(len(tokenizer))), tokenizer, MeteorConfig())
 
 
 @pytest.mark.parametrize("visual_expert", ["attention_received", "pooling_head"])
 def test_a_siglip_meteor_trains_and_generates(tmp_path, visual_expert):
     model, processor = siglip_meteor(visual_expert)
-    model.save_pretrained(tmp_path / "base", processor)
+    save_pretrained(tmp_path / "base", model, processor)
     data = tiny_llava_data(tmp_path / "data", 16, seed=1)
     result = train(TrainConfig(stage=2, data=str(data), image_folder=str(tmp_path / "data"),
                                model=str(tmp_path / "base"), output_dir=str(tmp_path / "run"), global_batch_size=8,
                                per_device_batch_size=4, max_steps=3, save_every=100, learning_rate=1e-3,
                                progress="none"))
     assert result.steps_done == 3 and result.final_loss is not None and result.final_loss == result.final_loss
-    trained, processor = LlavaMeteor.from_pretrained(result.model_dir)
-    assert trained.config.visual_expert == visual_expert and not trained.vision_tower.has_cls
+    trained, processor = load_pretrained(result.model_dir)
+    assert trained.meteor_config.visual_expert == visual_expert and not trained.model.tower.has_cls
     before = model.compressor.state_dict()
     assert any(not torch.equal(t, before[n]) for n, t in trained.compressor.state_dict().items())
 
     image = tmp_path / "data" / "images" / "0004.png"          # a sliced image: slices and a global view
-    batch = processor("What colour is the square?", [str(image)])
+    batch = processor.prompts("What colour is the square?", [str(image)])
     sliced = batch.images[0]
     assert sliced.plan.num_slices > 1
-    _, selections = trained.encode_images([sliced], return_selection=True)
+    _, selections = trained.encode_images(**processor.image_inputs([sliced]), return_selection=True)
     assert len(selections) == sliced.plan.num_views
     for selection in selections:
         torch.testing.assert_close(selection.visual_scores.sum(), torch.tensor(1.0))
         assert selection.indices.shape == (4,)
-    new = trained.generate(**batch.to_model_kwargs(), max_new_tokens=3, do_sample=False)
+    new = trained.generate(**batch.to_model_kwargs(), max_new_tokens=3, do_sample=False)[:, batch.input_ids.shape[1]:]
     assert new.shape[0] == 1 and 1 <= new.shape[1] <= 3

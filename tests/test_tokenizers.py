@@ -14,7 +14,7 @@ Tokenizers (tiny vocabularies, the real classes and file layouts):
 - ``llama3``: byte-level BPE with LLaMA-3's split pattern, special tokens and Meta-Llama-3-8B-
   Instruct's chat template; ``qwen2``: ``Qwen2Tokenizer`` with Qwen2-7B-Instruct's chat template;
   ``mistral``: the sentencepiece folder with Mistral-7B-Instruct-v0.2's chat template.
-- ``demo-bpe``: the demo's byte-level BPE (``meteor.demo.tiny.tiny_tokenizer``).
+- ``demo-bpe``: the demo's byte-level BPE (``meteor.testing.tiny_tokenizer``).
 """
 
 import json
@@ -27,10 +27,12 @@ from PIL import Image
 
 from meteor.model.configuration import MeteorConfig
 from meteor.processing.conversation import IGNORE_INDEX, VICUNA_SYSTEM
-from meteor.demo.tiny import tiny_clip_vision_config, tiny_llama_config, tiny_meteor_config, tiny_tokenizer
-from meteor.model.modeling import LlavaMeteor
-from meteor.processing.processor import MeteorProcessor
+from meteor.testing import tiny_clip_vision_config, tiny_llama_config, tiny_meteor_config, tiny_tokenizer
+from meteor.processing.processor import LlavaMeteorProcessor, build_processor
 from meteor.model.vision import VisionTower
+from meteor.pretrained import save_pretrained
+from meteor.pretrained import load_pretrained
+from meteor.pretrained import build
 
 import sentencepiece as spm
 
@@ -161,10 +163,10 @@ def folders(tmp_path_factory):
     return {kind: build_folder(kind, root / "built") for kind in KINDS}
 
 
-def _processor(folder: Path) -> MeteorProcessor:
+def _processor(folder: Path) -> LlavaMeteorProcessor:
     from transformers import AutoTokenizer
 
-    return MeteorProcessor(AutoTokenizer.from_pretrained(folder), tiny_meteor_config(), patch_size=14, base_size=56)
+    return build_processor(AutoTokenizer.from_pretrained(folder), tiny_meteor_config(), patch_size=14, base_size=56)
 
 
 def _image(processor, width=112, height=168):
@@ -326,7 +328,7 @@ def test_ids_are_identical_after_save_pretrained_and_from_pretrained(folders, ki
     tokenizer = AutoTokenizer.from_pretrained(folders[kind])
     vision = VisionTower.from_model(CLIPVisionModel(tiny_clip_vision_config()))
     language_model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
-    model, processor = LlavaMeteor.build(vision, language_model, folders[kind], tiny_meteor_config())
+    model, processor = build(vision, language_model, folders[kind], tiny_meteor_config())
     template = _templates(kind)[-1]
     photo = Image.new("RGB", (112, 168), (200, 60, 60))
 
@@ -334,13 +336,13 @@ def test_ids_are_identical_after_save_pretrained_and_from_pretrained(folders, ki
         image = proc.prepare_image(photo)
         return ([proc.encode(_conversation(), [image], t) for t in ("vicuna_v1", template)]
                 + [proc.encode(_conversation()[:2], [image], "plain")]
-                + [proc(["What is in the image?", "Describe it."], [photo, None], template).input_ids.tolist()])
+                + [proc.prompts(["What is in the image?", "Describe it."], [photo, None], template).input_ids.tolist()])
 
     before = encodings(processor)
-    folder = model.save_pretrained(tmp_path / "saved", processor)
+    folder = save_pretrained(tmp_path / "saved", model, processor)
     for source in sorted(folders[kind].iterdir()):   # the user's files, as they are
         assert (folder / source.name).read_bytes() == source.read_bytes(), source.name
-    _, reloaded = LlavaMeteor.from_pretrained(folder)
+    _, reloaded = load_pretrained(folder)
     assert encodings(reloaded) == before
     assert reloaded.image_token_id == processor.image_token_id
     if kind != "demo-bpe":   # the placeholder is added after the LLM's vocabulary, as it was in training
@@ -388,7 +390,7 @@ def test_train_save_load_evaluate_with_a_vicuna_shaped_sentencepiece_folder(tmp_
     it was trained with; the world benchmark runs on it."""
     from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
-    from meteor.demo.tiny import tiny_llava_data
+    from meteor.testing import tiny_llava_data
     from meteor.eval import EvalConfig, evaluate
     from meteor.train import TrainConfig, train
 
@@ -412,11 +414,11 @@ def test_train_save_load_evaluate_with_a_vicuna_shaped_sentencepiece_folder(tmp_
     for name, content in tokenizer_files.items():
         assert (stage2.model_dir / name).read_bytes() == content, name
 
-    model, processor = LlavaMeteor.from_pretrained(stage2.model_dir)
-    trained = MeteorProcessor(AutoTokenizer.from_pretrained(vicuna), model.config, patch_size=14, base_size=56)
+    model, processor = load_pretrained(stage2.model_dir)
+    trained = build_processor(AutoTokenizer.from_pretrained(vicuna), model.meteor_config, patch_size=14, base_size=56)
     photo = tmp_path / "data" / "images" / "0004.png"
     question = ["What colour is the square?"]
-    assert processor(question, [photo]).input_ids.tolist() == trained(question, [photo]).input_ids.tolist()
+    assert processor.prompts(question, [photo]).input_ids.tolist() == trained.prompts(question, [photo]).input_ids.tolist()
     records = json.loads(instruct.read_text())
     assert processor.encode(records[0]["conversations"], [processor.prepare_image(tmp_path / "data" / records[0]["image"])]) == \
         trained.encode(records[0]["conversations"], [trained.prepare_image(tmp_path / "data" / records[0]["image"])])

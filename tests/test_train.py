@@ -13,17 +13,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meteor.model.modeling import LlavaMeteor
-from meteor.demo.tiny import tiny_llava_data, tiny_meteor_config, tiny_model
+from meteor.testing import tiny_llava_data, tiny_meteor_config, tiny_model
 from meteor.train import TrainConfig, TrainConfigError, train
 from meteor.train.checkpoint import latest_loadable, list_checkpoints, save_checkpoint
+from meteor.pretrained import save_pretrained
+from meteor.pretrained import load_pretrained
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     model, processor = tiny_model(seed=0)
-    model.save_pretrained(root / "base", processor)
+    save_pretrained(root / "base", model, processor)
     return {"root": root, "base": root / "base",
             "captions": tiny_llava_data(root / "data", 32, seed=1, caption=True),
             "instruct": tiny_llava_data(root / "data", 32, seed=1), "images": root / "data"}
@@ -41,12 +42,24 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+PARTS = {"model.multi_modal_projector.": "compressor.", "model.vision_tower.": "vision_tower.",
+         "model.language_model.": "language_model.", "lm_head.": "language_model.lm_head."}
+
+
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {f"compressor.{k}": v for k, v in load_file(folder / "compressor.safetensors").items()}
-    for sub in ("vision_tower", "language_model"):
-        for file in sorted((folder / sub).glob("*.safetensors")):
-            tensors.update({f"{sub}.{k}": v for k, v in load_file(file).items()})
+    """A saved model's weights by part: compressor.*, vision_tower.*, language_model.* (with its head)."""
+    tensors = {}
+    for name, tensor in load_file(folder / "model.safetensors").items():
+        prefix = next(p for p in PARTS if name.startswith(p))
+        tensors[PARTS[prefix] + name[len(prefix):]] = tensor
     return tensors
+
+
+def _compressor(folder: Path) -> dict[str, torch.Tensor]:
+    """The compressor's weights of a saved model (its own names), or a stage-1 run's compressor file."""
+    if (folder / "compressor.safetensors").is_file() and not (folder / "model.safetensors").is_file():
+        return load_file(folder / "compressor.safetensors")
+    return {k[len("compressor."):]: v for k, v in _tensors(folder).items() if k.startswith("compressor.")}
 
 
 def test_presets_are_the_papers_and_overridable():
@@ -81,18 +94,18 @@ def test_stage2_loss_falls_and_the_model_loads_for_inference(assets, tmp_path):
     losses = _losses(tmp_path / "s2")
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
-    model, processor = LlavaMeteor.from_pretrained(result.model_dir)
-    first = load_file(tmp_path / "s1" / "compressor.safetensors")
+    model, processor = load_pretrained(result.model_dir)
+    first = _compressor(tmp_path / "s1")
     assert stage1.model_dir is not None and first.keys() == model.compressor.state_dict().keys()
-    saved = load_file(result.model_dir / "compressor.safetensors")
+    saved = _compressor(result.model_dir)
     loaded = model.compressor.state_dict()
     assert saved.keys() == loaded.keys()
     assert all(torch.equal(loaded[name], saved[name]) for name in saved)     # what was saved is what runs
     assert any(not torch.equal(saved[name], first[name]) for name in saved)  # and stage 2 moved it on
-    batch = processor(["What colour is the square?"], [assets["images"] / "images" / "0000.png"])
+    batch = processor.prompts(["What colour is the square?"], [assets["images"] / "images" / "0000.png"])
     model.eval()
     answer = model.generate(**batch.to_model_kwargs(), max_new_tokens=4, do_sample=False)
-    assert 1 <= answer.shape[1] <= 4
+    assert 1 <= answer.shape[1] - batch.input_ids.shape[1] <= 4
     assert torch.equal(model.generate(**batch.to_model_kwargs(), max_new_tokens=4, do_sample=False), answer)
 
 
@@ -220,15 +233,14 @@ def test_truncation_is_counted_and_reported(assets, tmp_path, capsys):
 
 
 def test_instruction_tuning_records_its_template_and_prompts_use_it(assets, tmp_path):
-    from meteor.model.configuration import MeteorConfig
-
     result = train(_config(assets, tmp_path / "templated", stage=2, max_steps=1, template="auto"))
-    saved = MeteorConfig.load(result.model_dir)
-    assert saved.template == "vicuna_v1"          # auto, resolved: the tiny BPE has no chat template
-    model, processor = LlavaMeteor.from_pretrained(result.model_dir)
-    vicuna = processor(["What colour is the square?"], template="vicuna_v1").input_ids
-    assert torch.equal(processor(["What colour is the square?"]).input_ids, vicuna)
-    plain = processor(["What colour is the square?"], template="plain").input_ids
+    saved = json.loads((result.model_dir / "config.json").read_text())
+    assert saved["template"] == "vicuna_v1"          # auto, resolved: the tiny BPE has no chat template
+    model, processor = load_pretrained(result.model_dir)
+    assert processor.config.template == "vicuna_v1"
+    vicuna = processor.prompts(["What colour is the square?"], template="vicuna_v1").input_ids
+    assert torch.equal(processor.prompts(["What colour is the square?"]).input_ids, vicuna)
+    plain = processor.prompts(["What colour is the square?"], template="plain").input_ids
     assert not torch.equal(plain, vicuna)
 
 
@@ -251,13 +263,13 @@ def test_freezing_the_projector_mlp_trains_only_the_fusion(assets, tmp_path):
     Fusion and the instruction token move."""
     result = train(_config(assets, tmp_path / "frozen", stage=1, data=str(assets["captions"]), max_steps=2,
                            freeze_projector_mlp=True))
-    before = load_file(assets["base"] / "compressor.safetensors")
-    after = load_file(result.model_dir / "compressor.safetensors")
+    before = _compressor(assets["base"])
+    after = _compressor(result.model_dir)
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(not k.startswith("mlp.") for k in moved)
     assert any(k.startswith("fusion.") for k in moved)
     with pytest.raises(TrainConfigError, match="train nothing"):
         tiny, processor = tiny_model(tiny_meteor_config(projector="cls_topk"))
-        tiny.save_pretrained(tmp_path / "topk", processor)
+        save_pretrained(tmp_path / "topk", tiny, processor)
         train(_config(assets, tmp_path / "topk_run", stage=1, model=str(tmp_path / "topk"),
                       data=str(assets["captions"]), freeze_projector_mlp=True))

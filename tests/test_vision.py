@@ -231,7 +231,7 @@ def test_bad_layer_indices():
         ((3, 56, 56), r"\(n, 3, h, w\).*unsqueeze"),
         ((1, 1, 56, 56), "1 channels.*RGB"),
         ((1, 2, 56, 56), "2 channels"),
-        ((1, 3, 50, 56), r"height 50 not a multiple of the patch size 14.*meteor\.slicing"),
+        ((1, 3, 50, 56), r"height 50 not a multiple of the patch size 14.*meteor\.processing\.slicing"),
         ((1, 3, 56, 60), "width 60"),
         ((1, 3, 0, 56), "at least one patch"),
     ],

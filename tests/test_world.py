@@ -404,7 +404,7 @@ def test_foil_captions_change_exactly_one_detail_and_cover_every_kind():
 
 def test_clip_training_puts_each_captions_foil_beside_it(tmp_path):
     from meteor.demo.clip import ClipPretrainConfig, pretrain_clip
-    from meteor.demo.tiny import tiny_tokenizer
+    from meteor.testing import tiny_tokenizer
     from meteor.demo.world import generate_world, world_texts
     from meteor.demo.world.captions import foil_caption
     world = generate_world(tmp_path / "w", WorldConfig(n_train_images=8, n_test_images=1, slice_mix=(0,)))
@@ -447,7 +447,7 @@ def test_clip_region_loss_trains_the_patch_tokens_of_its_layer(tmp_path):
     import dataclasses
 
     from meteor.demo.clip import ClipPretrainConfig, pretrain_clip
-    from meteor.demo.tiny import tiny_tokenizer
+    from meteor.testing import tiny_tokenizer
     from meteor.demo.world import generate_world, world_texts
     from meteor.demo.world.captions import foil_caption, item_phrases
     world = generate_world(tmp_path / "w", WorldConfig(n_train_images=8, n_test_images=1, slice_mix=(0,)))

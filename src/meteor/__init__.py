@@ -12,6 +12,10 @@
 ``import meteor`` itself stays cheap: the model code and transformers load on first use.
 """
 
+# Loaded before the import hooks below exist: those hooks use it, and it must not pass through them.
+import importlib.machinery
+import importlib.util
+
 from meteor.model.configuration import CompressorConfig, ConfigError, MeteorConfig
 
 __version__ = "0.2.0"
@@ -32,7 +36,7 @@ _LAZY = {
     "compress": "meteor.adapters.qwen_vl",  # training-free compression of transformers' Qwen2.5-VL / Qwen3-VL
     "uncompress": "meteor.adapters.qwen_vl",
     # the names before 0.2, deprecated (they warn when used)
-    "LlavaMeteor": "meteor.pretrained",
+    "LlavaMeteor": "meteor.adapters.legacy",
     "MeteorProcessor": "meteor.processing.processor",
 }
 
@@ -94,11 +98,26 @@ def _wrap_entry_points(module, entry_points: dict) -> None:
                 @functools.wraps(function)
                 def registering(cls, *args, **kwargs):
                     _register()
+                    _refuse_the_format_before(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
                     return function(cls, *args, **kwargs)
                 registering._meteor_registers = True
                 return classmethod(registering)
 
             setattr(owner, method, make())
+
+
+def _refuse_the_format_before(path) -> None:
+    """A LLaVA-Meteor folder in the format before 0.2 has no config.json: say so, with the fix,
+    instead of transformers' "Unrecognized model"."""
+    import os
+    from pathlib import Path
+
+    if isinstance(path, (str, os.PathLike)):
+        folder = Path(path)
+        if (folder / "meteor_config.json").is_file() and not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} is in LLaVA-Meteor's format before 0.2 (meteor_config.json): load it "
+                                    f"with meteor.pretrained.load_pretrained, or rewrite it as a transformers folder "
+                                    f"with `meteor convert --upgrade {folder} --out NEW_FOLDER`")
 
 
 _registering = False

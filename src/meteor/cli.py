@@ -14,12 +14,6 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from meteor.bench import e2e
-
-    return e2e.main(args.options, prog="meteor bench")
-
-
 def _demo_config(args: argparse.Namespace):
     """The demo's configuration for ``--quick`` / ``--seed``, with ``--workers`` when given."""
     import dataclasses
@@ -91,7 +85,7 @@ def _eval(args: argparse.Namespace) -> int:
     config = EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                         tokens_per_slice=args.tokens_per_slice)
     overrides = compressor_overrides(args.compressor_override)
-    if overrides:       # an all-tokens model compressed at load time (LlavaMeteor.from_pretrained)
+    if overrides:       # an all-tokens model compressed at load time (meteor.pretrained.load_pretrained)
         from meteor.eval import build_runner
         from meteor.pretrained import load_pretrained
 
@@ -425,17 +419,20 @@ def _parser() -> argparse.ArgumentParser:
     weights.add_argument("--force", action="store_true", help="rebuild even when DIR is up to date")
     weights.set_defaults(run=_weights)
 
-    bench = commands.add_parser("bench", help="end-to-end efficiency at the paper's widths (meteor.bench.e2e)", add_help=False,
+    commands.add_parser("bench", help="end-to-end efficiency at the paper's widths (meteor.bench.e2e)",
                                 description="Vision, compression, prefill, decode, memory and training steps per "
                                 "projector at CLIP ViT-L / Vicuna-13B widths, beside the cost model (meteor.bench.cost).")
-    # Its options are the benchmark's own (meteor.bench.e2e parses them), so building this parser
-    # imports no torch for the other commands.
-    bench.add_argument("options", nargs=argparse.REMAINDER, help="see `meteor bench --help`")
-    bench.set_defaults(run=_bench)
+    # Its options are the benchmark's own: `main` hands them to meteor.bench.e2e, so building this
+    # parser imports no torch for the other commands.
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:       # the benchmark parses its own options (`meteor bench --help`)
+        from meteor.bench import e2e
+
+        return e2e.main(argv[1:], prog="meteor bench")
     args = _parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:

@@ -26,7 +26,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +88,9 @@ def build(vision, language_model, tokenizer, config: MeteorConfig | None = None,
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     processor = build_processor(tokenizer, config, tower.patch_size, tower.image_size, tower.image_mean, tower.image_std)
-    return assemble(tower, causal_lm, processor.config, processor.image_token_id, dtype), processor
+    model = assemble(tower, causal_lm, processor.config, processor.image_token_id, dtype)
+    processor.set_config(model.config.meteor)              # the same options, with the parts' widths
+    return model, processor
 
 
 def assemble(tower, causal_lm, config: MeteorConfig, image_token_id: int, dtype: torch.dtype | None = None):
@@ -101,6 +102,8 @@ def assemble(tower, causal_lm, config: MeteorConfig, image_token_id: int, dtype:
 
     hf_config = LlavaMeteorConfig.from_parts(tower.encoder.config, causal_lm.config, config,
                                              image_token_id=image_token_id)
+    if not hf_config.text_config.architectures:   # so tools (vLLM) find the causal LM class of the decoder
+        hf_config.text_config.architectures = [type(causal_lm).__name__]
     with torch.device("meta"):                  # a shell: every part is replaced below
         model = LlavaMeteorForConditionalGeneration(hf_config)
     model.model.vision_tower = tower.encoder
@@ -240,8 +243,7 @@ def _override_compressor(model, processor, overrides: dict[str, Any], folder: Pa
     meteor = dataclasses.replace(model.config.meteor, compressor=new)
     model.model.multi_modal_projector = projector.to(model.device)
     model.config = model.model.config = model.config.with_meteor(meteor)
-    processor.config = meteor
-    processor.meteor_config = meteor.to_dict()
+    processor.set_config(meteor)
 
 
 # --- saving -------------------------------------------------------------------------------------------
@@ -300,35 +302,5 @@ def _replace_folder(staging: Path, folder: Path) -> None:
         staging.rename(folder)
 
 
-# --- the names before 0.2 -----------------------------------------------------------------------------
-
-class LlavaMeteor:
-    """Deprecated: the model class before 0.2. ``LlavaMeteorForConditionalGeneration`` replaces it;
-    these class methods still give ``(model, processor)`` of the new classes, with a warning."""
-
-    @staticmethod
-    def _warn(replacement: str) -> None:
-        warnings.warn(f"LlavaMeteor is deprecated: use {replacement}", DeprecationWarning, stacklevel=3)
-
-    @classmethod
-    def build(cls, vision, language_model, tokenizer, config: MeteorConfig | None = None,
-              dtype: torch.dtype | None = None):
-        cls._warn("meteor.pretrained.build")
-        return build(vision, language_model, tokenizer, config, dtype)
-
-    @classmethod
-    def from_pretrained(cls, folder, dtype: torch.dtype | None = None,
-                        compressor_overrides: dict[str, Any] | None = None):
-        cls._warn("meteor.pretrained.load_pretrained (or AutoModelForImageTextToText / AutoProcessor)")
-        return load_pretrained(folder, dtype, compressor_overrides)
-
-    @classmethod
-    def from_llava(cls, path, config: MeteorConfig | None = None, vision=None, dtype: torch.dtype | None = None):
-        cls._warn("meteor.adapters.llava.from_llava")
-        from meteor.adapters.llava import from_llava
-
-        return from_llava(path, config, vision, dtype)
-
-
-__all__ = ["COMPRESSOR_FILE", "LlavaMeteor", "assemble", "build", "is_legacy_folder", "load_compressor", "load_pretrained",
+__all__ = ["COMPRESSOR_FILE", "assemble", "build", "is_legacy_folder", "load_compressor", "load_pretrained",
            "register_with_transformers", "save_compressor", "save_pretrained"]

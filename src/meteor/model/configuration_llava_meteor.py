@@ -11,6 +11,7 @@ sub-configurations), the rest at the top level, and ``image_token_id``, the toke
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -78,7 +79,7 @@ class LlavaMeteorConfig(PreTrainedConfig):
 def _sub_config(value: Any, default_type: str, name: str) -> PreTrainedConfig:
     """A sub-configuration from a config object, a dict (its ``model_type`` picks the class) or None."""
     if isinstance(value, PreTrainedConfig):
-        return value
+        return copy.deepcopy(value)     # ours to change (transformers sets attention options on sub-configs)
     if value is not None and not isinstance(value, dict):
         raise ConfigError(f"{name} must be a transformers configuration or a dict, got {type(value).__name__}")
     data = dict(value or {})

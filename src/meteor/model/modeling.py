@@ -240,7 +240,7 @@ class LlavaMeteorModel(LlavaMeteorPreTrainedModel):
         answer, in training) or the end of the sample. So a prompt "<image>\\n Q ASSISTANT:" gives
         the mean over "\\n Q ASSISTANT:", in training and at inference alike; without tokens after
         it, zeros. Detached: the question steers the selection, it is not trained through it."""
-        per_view = view_token_counts(view_grids, tokens_per_slice)
+        per_view = view_token_counts(view_grids, self.config.meteor.resolve_tokens_per_slice(tokens_per_slice))
         counts, start = [], 0
         for views in views_per_image(image_grids):
             counts.append(sum(per_view[start:start + views]))
@@ -412,6 +412,20 @@ class LlavaMeteorForConditionalGeneration(LlavaMeteorPreTrainedModel, Generation
         return LlavaMeteorCausalLMOutput(loss=loss, logits=logits, **rest, views=groups if return_views else None)
 
     # --- what the compressor keeps ---------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor, view_grids: torch.Tensor, image_grids: torch.Tensor,
+                      tokens_per_slice: int | None = None, return_selection: bool = False,
+                      tower_outputs: TowerOutputs | None = None, questions: torch.Tensor | None = None,
+                      **_) -> tuple[list[torch.Tensor], list[ViewSelection]]:
+        """Each image's visual tokens in LLM order (Σ views' K′, D), and with ``return_selection`` what
+        each view kept, for images read without a prompt: a question-conditioned instruction token
+        needs ``questions`` ((images, D), ``model.question_embeddings``), or use ``image_selections``."""
+        k = self.config.meteor.resolve_tokens_per_slice(tokens_per_slice)
+        if tower_outputs is None:
+            tower_outputs = self.model.encode_views(pixel_values, view_grids)
+        tokens, selections, _ = self.model.compress(tower_outputs, image_grids, k, questions,
+                                                    return_selection=return_selection)
+        return tokens, selections
+
     @torch.no_grad()
     def image_selections(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, view_grids: torch.Tensor,
                          image_grids: torch.Tensor, tokens_per_slice: int | None = None,

@@ -20,12 +20,37 @@ from dataclasses import dataclass
 from typing import Sequence, get_args
 
 from meteor.model.configuration import IGNORE_INDEX, Template
+
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 TEMPLATES: tuple[str, ...] = get_args(Template)
 """plain: the image, then the caption (stage 1). vicuna_v1: FastChat's Vicuna v1.1 format (stage 2).
 chat_template: the tokenizer's own (``apply_chat_template``: LLaMA-3, Qwen2, Mistral, …). auto:
 chat_template when the tokenizer has one, vicuna_v1 otherwise."""
+
+
+# The conversation templates as Jinja, for tools that render prompts themselves (vLLM's chat
+# endpoint, tokenizer.apply_chat_template): the same text as ``render`` gives (tests/test_conversation.py).
+# Message content is a string, or a list of parts ({"type": "image"} / {"type": "text", "text"});
+# images come first, each as "<image>\n", as LLaVA trains.
+_CONTENT = ("{%- macro content(m) -%}{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}"
+            "{%- for part in m['content'] if part['type'] in ['image', 'image_url'] -%}{{ '<image>\\n' }}{%- endfor -%}"
+            "{%- for part in m['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+            "{%- endif -%}{%- endmacro -%}")
+# Literal text goes through {{ '...' }} so the whitespace control of the tags around it cannot eat its
+# spaces and newlines.
+CHAT_TEMPLATES = {
+    "vicuna_v1": _CONTENT + (
+        "{{- bos_token + 'A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user\\'s questions. ' -}}"
+        "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{ 'USER: ' + content(m) + ' ' }}"
+        "{%- elif m['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + content(m) + eos_token }}{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"),
+    "plain": _CONTENT + (
+        "{{- bos_token -}}{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
+        "{%- if '<image>' in content(m) -%}{{ '<image>\\n' }}{%- else -%}{{ content(m) + '\\n' }}{%- endif -%}"
+        "{%- elif m['role'] == 'assistant' -%}{{ content(m) + eos_token }}{%- endif -%}{%- endfor -%}"),
+}
 
 
 class ConversationError(ValueError):
@@ -84,9 +109,12 @@ def resolve_template(template: str, tokenizer) -> str:
     """``auto`` → chat_template when the tokenizer has one, else vicuna_v1; others are checked."""
     if template not in TEMPLATES:
         raise ConversationError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
-    has_own = bool(getattr(tokenizer, "chat_template", None))
+    own = getattr(tokenizer, "chat_template", None)
+    has_own = bool(own)
     if template == "auto":
-        return "chat_template" if has_own else "vicuna_v1"
+        # a template of ours that a saved model folder gave the tokenizer (chat_template.jinja) is not
+        # the tokenizer's own: such a model answers in the template it records
+        return "chat_template" if has_own and own not in CHAT_TEMPLATES.values() else "vicuna_v1"
     if template == "chat_template" and not has_own:
         raise ConversationError(f"template 'chat_template' needs a tokenizer with a chat template, and "
                                 f"{type(tokenizer).__name__} ({tokenizer.name_or_path or 'built in memory'}) "

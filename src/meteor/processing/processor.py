@@ -34,7 +34,7 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from meteor.model.configuration import IGNORE_INDEX, MeteorConfig
-from meteor.processing.conversation import Turn, parse_turns, render, resolve_template, tokenize
+from meteor.processing.conversation import CHAT_TEMPLATES, Turn, parse_turns, render, resolve_template, tokenize
 from meteor.processing.conversation import tokenize as tokenize_rendered
 from meteor.processing.image_processor import LlavaMeteorImageProcessor, flatten_images, image_tensors
 from meteor.processing.slicing import SlicedImage, SlicePlan, view_token_counts
@@ -42,28 +42,6 @@ from meteor.processing.tokenizer import prepare_tokenizer, save_tokenizer, separ
 
 PROCESSOR_CONFIG = "processor_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-
-# The conversation templates as Jinja, for tools that render prompts themselves (vLLM's chat
-# endpoint, tokenizer.apply_chat_template): the same text as meteor.processing.conversation renders.
-# Message content is a string, or a list of parts ({"type": "image"} / {"type": "text", "text"});
-# images come first, each as "<image>\n", as LLaVA trains.
-_CONTENT = ("{%- macro content(m) -%}{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}"
-            "{%- for part in m['content'] if part['type'] in ['image', 'image_url'] -%}<image>\n{%- endfor -%}"
-            "{%- for part in m['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
-            "{%- endif -%}{%- endmacro -%}")
-CHAT_TEMPLATES = {
-    "vicuna_v1": _CONTENT + (
-        "{{ bos_token }}A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions. "
-        "{%- for m in messages -%}{%- if m['role'] == 'user' -%} USER: {{ content(m) }}"
-        "{%- elif m['role'] == 'assistant' -%} ASSISTANT: {{ content(m) }}{{ eos_token }}{%- endif -%}{%- endfor -%}"
-        "{%- if add_generation_prompt -%} ASSISTANT:{%- endif -%}"),
-    "plain": _CONTENT + (
-        "{{ bos_token }}{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
-        "{%- if '<image>' in content(m) -%}<image>{%- else -%}{{ content(m) }}{%- endif -%}\n"
-        "{%- elif m['role'] == 'assistant' -%}{{ content(m) }}{{ eos_token }}{%- endif -%}{%- endfor -%}"),
-}
-
 
 @dataclass
 class Batch:
@@ -118,6 +96,16 @@ class LlavaMeteorProcessor(ProcessorMixin):
         self.slice_separator_ids = separator_ids(tokenizer, config.slice_separator)
         self.row_separator_ids = separator_ids(tokenizer, config.row_separator)
 
+    def set_config(self, config: MeteorConfig) -> None:
+        """Use another ``MeteorConfig`` (the model's, e.g. with its widths or a new template); its
+        image token and slicing must be this processor's."""
+        if (config.image_token, config.max_slices) != (self.config.image_token, self.config.max_slices):
+            raise ValueError("a processor's image token and max_slices are fixed when it is built: build another")
+        self.config = dataclasses.replace(config, template=resolve_template(config.template, self.tokenizer))
+        self.meteor_config = self.config.to_dict()
+        self.slice_separator_ids = separator_ids(self.tokenizer, config.slice_separator)
+        self.row_separator_ids = separator_ids(self.tokenizer, config.row_separator)
+
     # --- image geometry ----------------------------------------------------------------------------
     @property
     def patch_size(self) -> int:
@@ -138,6 +126,11 @@ class LlavaMeteorProcessor(ProcessorMixin):
     def prepare_image(self, image: Any) -> SlicedImage:
         """Anything ``meteor.processing.images.load_image`` accepts → the normalised global view and slices."""
         return self.image_processor.prepare(image)
+
+    def image_inputs(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Images (prepared ``SlicedImage``s, or anything ``prepare_image`` takes) as the model takes
+        them: ``pixel_values``, ``view_grids``, ``image_grids``, ``image_sizes``."""
+        return image_tensors([self.prepare_image(image) for image in images], self.patch_size)
 
     def tokens_per_slice(self, requested: int | None = None, images: Sequence[SlicedImage] = ()) -> int | None:
         """K′ for these images: ``MeteorConfig.resolve_tokens_per_slice`` against their smallest view."""
@@ -164,9 +157,10 @@ class LlavaMeteorProcessor(ProcessorMixin):
         return self.layout_ids(image.plan, tokens_per_slice)
 
     def num_image_tokens(self, image: SlicedImage | SlicePlan, tokens_per_slice: int | None = None) -> int:
-        """How many ids the image takes in the prompt (visual tokens and separators)."""
+        """How many visual tokens the image gives the model (its ``<image>`` ids in the prompt; the
+        separators come on top: ``len(layout_ids(...))``)."""
         plan = image.plan if isinstance(image, SlicedImage) else image
-        return len(self.layout_ids(plan, tokens_per_slice))
+        return self.layout_ids(plan, tokens_per_slice).count(self.image_token_id)
 
     # --- text: the project's way -------------------------------------------------------------------
     def encode(self, conversations: Sequence[dict] | str, images: Sequence[SlicedImage] = (),
@@ -379,6 +373,11 @@ class LlavaMeteorProcessor(ProcessorMixin):
         if self.chat_template:
             (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
         return [str(folder / name) for name in (PROCESSOR_CONFIG, CHAT_TEMPLATE_FILE)]
+
+    def save_tokenizer(self, folder: str | Path) -> None:
+        """The tokenizer alone, so that loaded back and prepared it tokenises as now
+        (``meteor.processing.tokenizer.save_tokenizer``)."""
+        save_tokenizer(self.tokenizer, folder, self.config.image_token)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "LlavaMeteorProcessor":

@@ -69,8 +69,7 @@ class ChatSession:
     @property
     def k(self) -> int | None:
         """K′ in use: the flag's, else the model's trained K."""
-        return self.tokens_per_slice if self.tokens_per_slice is not None \
-            else self.processor.config.compressor.tokens_per_slice
+        return self.processor.config.resolve_tokens_per_slice(self.tokens_per_slice)
 
     def set_image(self, source: Any):
         """Prepare ``source`` (a path or anything ``load_image`` takes) for the next question."""
@@ -135,7 +134,7 @@ def run_chat(model_dir: str | os.PathLike, image: str | None = None, tokens_per_
     model, processor = load_pretrained(model_dir)
     session = ChatSession(model, processor, tokens_per_slice, max_new_tokens, Sampling(temperature=temperature))
     template = resolve_template(processor.config.template, processor.tokenizer)
-    trained = processor.config.compressor.tokens_per_slice
+    trained = processor.config.resolve_tokens_per_slice()
     print(f"model {Path(model_dir).name}: template {template}, trained K={trained} per view"
           + (f", answering with K′={tokens_per_slice}" if tokens_per_slice is not None else "")
           + f". {HELP}.", file=info, flush=True)

@@ -99,7 +99,7 @@ def explain(model, processor, image: str | os.PathLike, question: str, out: str 
     row = AnswerStream(processor.tokenizer, max_new_tokens)
     with torch.no_grad():
         generate_streamed(model, processor, [(prompt_ids, [sliced])], [row], tokens_per_slice)
-    k = tokens_per_slice if tokens_per_slice is not None else processor.config.compressor.tokens_per_slice
+    k = processor.tokens_per_slice(tokens_per_slice, [sliced])
     scores = out.with_suffix(".json")
     result = Explanation(str(image), question, row.text, k, view_reports(sliced, selections), str(out), str(scores))
     scores.write_text(json.dumps(asdict(result), indent=1) + "\n")

@@ -392,9 +392,8 @@ def _save_final(output_dir, model, processor, config, dist) -> Path | None:
     folder = output_dir / "model"
     if dist.is_main:
         if config.stage == 2:   # the model answers in the template it was instruction-tuned with
-            processor.config = dataclasses.replace(processor.config, template=resolve_template(config.template,
-                                                                                               processor.tokenizer))
-            processor.meteor_config = processor.config.to_dict()
+            processor.set_config(dataclasses.replace(processor.config, template=resolve_template(config.template,
+                                                                                                  processor.tokenizer)))
         save_pretrained(folder, model, processor, overwrite=True)
         if config.stage == 1:   # LLaVA's "projector file": what stage 2 starts from
             save_compressor(model, output_dir / COMPRESSOR_FILE)

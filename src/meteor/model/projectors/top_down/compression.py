@@ -50,7 +50,7 @@ class TopDownCompression(nn.Module):
             if question is None:
                 raise ValueError("this compressor conditions its instruction token on the question "
                                  "(instruction='question'): pass each view's pooled question embeddings "
-                                 "(LlavaMeteor does it from the prompt)")
+                                 "(LlavaMeteorForConditionalGeneration does it from the prompt)")
             instruction = self.fusion.instruction_token + self.question_map(question.to(dtype))   # (B, C)
         fused = self.fusion(patch_tokens.to(dtype), grid, instruction)      # F (B, HW, C), INS' (B, C)
         selected = self.selection(fused.fused, fused.instruction, cls_attention, progress, tokens_per_slice)
