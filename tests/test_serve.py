@@ -16,6 +16,7 @@ from meteor.serve.streaming import AnswerStream, Conversation, Sampling
 from meteor.serve.images import ImageResolver
 from meteor.serve.protocol import APIError, ImagePart, parse_chat_request
 from meteor.serve.worker import BatchingWorker, Job, QueueFull
+from meteor.pretrained import load_pretrained
 from talk_helpers import (data_url, meteor_server, noise_image, png_bytes, save_talkative_model,
                           talkative_model)
 
@@ -70,6 +71,8 @@ def test_a_request_becomes_alternating_turns_with_images_before_their_text():
     (body(n=2), 400, "n", None),
     (body(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
     (body(seed="7"), 400, "seed", None),
+    (body(seed=2 ** 80), 400, "seed", None),
+    (body(seed=-(2 ** 63) - 1), 400, "seed", None),
     (body(stream="yes"), 400, "stream", None),
     (body(tokens_per_slice=0), 400, "tokens_per_slice", None),
     (body(tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
@@ -132,6 +135,15 @@ def test_broken_truncated_bomb_and_non_image_data_are_refused(image_root):
     assert refusal(resolver, data_url(b"<html>404</html>")).code == "invalid_image"
 
 
+def test_an_image_above_pillows_own_limit_is_refused_naming_the_servers_limit():
+    from PIL import Image
+
+    huge = png_bytes(Image.new("1", (20_000, 10_000)))        # 200 Mpixels, above Pillow's 2 × 89 M
+    refused = refusal(ImageResolver(None, max_pixels=40_000_000), data_url(huge))
+    assert "200,000,000 pixels" in refused.message and "40,000,000" in refused.message
+    assert "--max-image-pixels" in refused.message and "PIL" not in refused.message
+
+
 # --- the batching worker, in process ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -187,7 +199,7 @@ def test_a_request_for_the_selection_runs_the_vision_tower_once_per_view(talker)
     model, processor = talker
     image = processor.prepare_image(noise_image(3, (168, 112)))          # 2×3 slices + the global view
     encoded = []
-    hook = model.vision_tower.clip.embeddings.register_forward_hook(lambda m, i, out: encoded.append(out.shape[0]))
+    hook = model.vision_tower.embeddings.register_forward_hook(lambda m, i, out: encoded.append(out.shape[0]))
     try:
         answers = []
         for want in (False, True):
@@ -201,7 +213,6 @@ def test_a_request_for_the_selection_runs_the_vision_tower_once_per_view(talker)
             answers.append(job.stream.token_ids)
             assert sum(encoded) == len(image.views()), (want, encoded)   # the selection reused the views
         assert answers[0] == answers[1] and len(job.selection) == len(image.views())
-        assert model.feature_cache is None                                 # attached for that batch only
     finally:
         hook.remove()
 
@@ -230,27 +241,74 @@ def test_the_queue_is_bounded_and_expired_or_cancelled_requests_leave_it(talker)
     worker.start(warmup=False)
     kind, error = wait_done(late_events)
     assert kind == "error" and error.status == 408 and error.body()["error"]["code"] == "timeout"
-    time.sleep(0.2)
-    assert gone_events == [] and worker.stats()["queued"] == 0
+    wait_done(gone_events)
+    assert gone_events == [("done", gone)] and gone.stream.finish_reason == "cancelled"
+    assert gone.batch_size == 0 and worker.stats()["queued"] == 0
+    stats = worker.stats()
     worker.close()
+    assert (stats["timeouts"], stats["cancelled"], stats["answered"], stats["rejected_queue_full"]) == (1, 1, 0, 1)
 
 
-def test_a_seeded_sampled_request_runs_alone_and_repeats(talker):
+def test_a_request_cancelled_behind_others_leaves_the_queue(talker):
+    """Found by the soak: a cancelled request behind another one in the queue (the first compared)
+    must leave it without the worker comparing the two requests' images."""
     model, processor = talker
-    a, _ = make_job(processor, "Hi", sampling=Sampling(1.0, 0.9, seed=5))
-    b, _ = make_job(processor, "Hi", sampling=Sampling(1.0, 0.9, seed=5))
-    c, _ = make_job(processor, "Hi", sampling=Sampling(1.0, 0.9))
-    d, _ = make_job(processor, "Hi", sampling=Sampling(1.0, 0.9))
-    assert a.key() != b.key() and c.key() == d.key() and c.key() != make_job(processor, "Hi")[0].key()
+    worker = BatchingWorker(model, processor, max_batch_size=1, batch_window=0.0)
+    first, first_events = make_job(processor, "What is it?", processor.prepare_image(noise_image(4, (112, 56))))
+    gone, gone_events = make_job(processor, "What is it?", processor.prepare_image(noise_image(4, (112, 56))))
+    worker.submit(first)
+    worker.submit(gone)
+    gone.stream.cancel()
+    worker.start(warmup=False)
+    assert wait_done(gone_events)[0] == "done" and wait_done(first_events)[0] == "done"
+    worker.close()
+    assert first.stream.finish_reason == "length" and gone.stream.finish_reason == "cancelled"
+
+
+def test_a_seeded_request_leaves_the_process_generator_alone(talker):
+    """A seed is the request's own: torch's global generator is neither reseeded nor drawn from,
+    so sampled requests after it (and any other user of torch's generator) are unaffected."""
+    model, processor = talker
+    torch.manual_seed(1234)
+    state = torch.random.get_rng_state()
     worker = BatchingWorker(model, processor, batch_window=0.0).start(warmup=False)
-    events = []
-    for job in (a, b):
-        job.on_event = events.append
+    answers = []
+    for sampling in (Sampling(1.0, 0.9, seed=5), Sampling(1.0, 0.9), Sampling(1.0, 0.9, seed=5), Sampling(1.0, 0.9)):
+        job, events = make_job(processor, "Hi", sampling=sampling, max_tokens=12)
         worker.submit(job)
         wait_done(events)
-        events.clear()
+        answers.append(job.stream.token_ids)
     worker.close()
-    assert a.stream.token_ids == b.stream.token_ids and a.batch_size == b.batch_size == 1
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert answers[0] == answers[2] and answers[1] != answers[3]
+
+
+def test_rows_of_one_batch_sample_each_with_its_own_seed_and_temperature(talker):
+    """Greedy, seeded and unseeded sampled requests share a batch; a seeded row gives what it gives
+    alone (its own generator), a greedy row its greedy answer."""
+    model, processor = talker
+    specs = [("Hi", Sampling(1.0, 0.9, seed=5)), ("What is it?", Sampling()), ("Hello", Sampling(0.7, 1.0, seed=11)),
+             ("Hi", Sampling(1.0, 0.9))]
+    alone = []
+    worker = BatchingWorker(model, processor, batch_window=0.0).start(warmup=False)
+    for question, sampling in specs:
+        job, events = make_job(processor, question, sampling=sampling, max_tokens=10)
+        worker.submit(job)
+        wait_done(events)
+        alone.append(job.stream.token_ids)
+    worker.close()
+    assert len({job.key() for job, _ in (make_job(processor, q, sampling=s) for q, s in specs)}) == 1
+    worker = BatchingWorker(model, processor, batch_window=0.5)
+    jobs = [make_job(processor, question, sampling=sampling, max_tokens=10) for question, sampling in specs]
+    for job, _ in jobs:
+        worker.submit(job)
+    worker.start(warmup=False)
+    for _, events in jobs:
+        assert wait_done(events)[0] == "done"
+    worker.close()
+    assert [job.batch_size for job, _ in jobs] == [4] * 4
+    together = [job.stream.token_ids for job, _ in jobs]
+    assert together[:3] == alone[:3]
 
 
 # --- a real server ------------------------------------------------------------------------------------
@@ -273,9 +331,7 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local(served):
     """The same model in this process, to say what the server must answer."""
-    from meteor.model.modeling import LlavaMeteor
-
-    return LlavaMeteor.from_pretrained(served["model_dir"])
+    return load_pretrained(served["model_dir"])
 
 
 @pytest.fixture(scope="module")
@@ -292,10 +348,10 @@ def local_answer(local, question, image=None, k=None, max_tokens=8):
     ids = conversation.prompt_ids(processor, k)
     batch = processor.collate([(ids, ids)], sliced, padding_side="left")
     with torch.no_grad():
-        out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, images=sliced,
+        out = model.generate(**batch.image_inputs(), input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              tokens_per_slice=k, max_new_tokens=max_tokens, do_sample=False,
                              pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=processor.tokenizer.eos_token_id)
-    tokens = out[0].tolist()
+    tokens = out[0, batch.input_ids.shape[1]:].tolist()
     if processor.tokenizer.eos_token_id in tokens:
         tokens = tokens[:tokens.index(processor.tokenizer.eos_token_id) + 1]
     text = processor.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
@@ -346,7 +402,7 @@ def test_the_openai_client_gets_models_answers_streams_images_and_usage(served, 
     assert fewer.usage.visual_tokens == 2 * 7 and fewer.meteor["tokens_per_slice"] == 2
     model, processor = local
     sliced = processor.prepare_image(image)
-    _, selections = model.encode_images([sliced], return_selection=True, tokens_per_slice=2)
+    _, selections = model.encode_images(**processor.image_inputs([sliced]), return_selection=True, tokens_per_slice=2)
     assert [(v["view"], v["is_global"], v["grid"], v["kept"]) for v in fewer.selection] == \
         [(s.view_index, s.is_global, list(s.grid), s.indices.tolist()) for s in selections]
     assert fewer.selection[-1]["region"] == [0, 0, 168, 112]
@@ -388,7 +444,7 @@ def test_sixteen_concurrent_requests_are_batched_and_answer_as_they_do_alone(ser
     assert len({r.choices[0].message.content for r in alone}) >= 12     # the answers do differ
     sizes_seen = [r.meteor["batch_size"] for r in together]
     assert max(sizes_seen) > 1, sizes_seen
-    metrics = httpx.get(served["base"] + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).json()
+    metrics = httpx.get(served["base"] + "/metrics?format=json", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert any(int(size) > 1 for size in metrics["batch_sizes"]) and metrics["ready"]
     assert "batch of " in served["log"].read_text()
 
@@ -485,7 +541,7 @@ def test_health_and_metrics(served):
     health = httpx.get(served["base"] + "/health")
     assert health.status_code == 200 and health.json() == {"status": "ok", "model": "tiny"}
     assert httpx.get(served["base"] + "/metrics").status_code == 401
-    metrics = httpx.get(served["base"] + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).json()
+    metrics = httpx.get(served["base"] + "/metrics?format=json", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert metrics["max_batch_size"] == 8 and metrics["queue_size"] == 16 and metrics["warmup_seconds"] > 0
     assert "warm-up done" in served["log"].read_text()
 

@@ -4,6 +4,7 @@ generated from this class)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class ServeConfig:
     max_image_pixels: int = 40_000_000
     """Largest image (width × height, read from its header before decoding: Pillow's
     decompression-bomb guard at this limit); larger ones are answered 400."""
+    limit_images_per_request: int = 8
+    """Most images one request may carry (vLLM's --limit-mm-per-prompt); more are answered 400.
+    With --max-image-pixels it bounds the decoding one request can ask for."""
     max_prompt_tokens: int = 4096
     """Longest prompt, visual tokens included; longer ones are answered 400."""
     max_tokens_limit: int = 1024
@@ -48,17 +52,24 @@ class ServeConfig:
     threads: int | None = None
     """Torch threads of the model worker. Default: all of torch's but one (at least one), which
     is left to the HTTP side (requests, images, tokenising; each of those runs single-threaded)."""
+    worker: Literal["process", "thread"] = "process"
+    """Where the model runs: "process", a process of its own, so that generating never waits for
+    the interpreter lock the HTTP side holds (and the other way round); "thread", a thread of the
+    server's process (one interpreter: less memory, slower under load)."""
     ui: bool = True
     """Mount the web UI (Gradio) at /ui."""
 
     def __post_init__(self) -> None:
         for name, low in (("port", 0), ("max_batch_size", 1), ("queue_size", 1), ("max_image_pixels", 1),
-                          ("max_prompt_tokens", 1), ("max_tokens_limit", 1)):
+                          ("max_prompt_tokens", 1), ("max_tokens_limit", 1),
+                          ("limit_images_per_request", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be a whole number ≥ {low}, got {value!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a whole number ≥ 1 (or none: torch's but one), got {self.threads!r}")
+        if self.worker not in ("process", "thread"):
+            raise ValueError(f"worker must be 'process' or 'thread', got {self.worker!r}")
         if not self.batch_window_ms >= 0:
             raise ValueError(f"batch_window_ms must be ≥ 0 (0: no waiting for others), got {self.batch_window_ms!r}")
         for name, unit in (("max_body_mb", "megabytes"), ("request_timeout", "seconds")):

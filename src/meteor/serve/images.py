@@ -4,7 +4,9 @@ The server fetches nothing: an http(s) URL is refused with what to send instead.
 ``file://`` URL) is read only when the server runs with ``--image-root`` and the path, with every
 link followed, lies inside that folder. Every image is decoded by ``meteor.processing.images.load_image``,
 which reads its size from the header and refuses one above ``max_pixels`` before decoding it (a
-decompression bomb), and refuses truncated or corrupt data.
+decompression bomb), and refuses truncated or corrupt data. The server raises Pillow's own guard to
+its ``--max-image-pixels`` when that is higher (``allow_pixels``), and names that flag whichever guard
+refuses an image.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ from meteor.serve.protocol import APIError, ImagePart, invalid
 
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<base64>;base64)?,(?P<data>.*)",
                        re.DOTALL)
+
+
+def allow_pixels(max_pixels: int) -> None:
+    """Pillow refuses images above twice ``PIL.Image.MAX_IMAGE_PIXELS`` before any check of ours:
+    raise its limit to the server's, so that ``--max-image-pixels`` is the one that decides."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 class ImageResolver:
@@ -79,8 +88,23 @@ class ImageResolver:
         try:
             return load_image(data, max_pixels=self.max_pixels)
         except ImageError as err:
-            hint = " (the server's limit: meteor serve --max-image-pixels)" if "above the limit" in str(err) else ""
-            raise invalid(f"{part.param}: {err}{hint}", part.param, "invalid_image") from None
+            text = str(err)
+            if "above the limit" in text or "decompression bomb" in text:
+                # Pillow's own guard refuses some before ours: either way it is the server's limit
+                # that the client meets, and its operator's flag that moves it
+                raise invalid(f"{part.param}: the image is {_pixels(text)}, above this server's limit of "
+                              f"{self.max_pixels:,} pixels (meteor serve --max-image-pixels); send a smaller "
+                              f"image", part.param, "invalid_image") from None
+            raise invalid(f"{part.param}: {err}", part.param, "invalid_image") from None
+
+
+def _pixels(message: str) -> str:
+    """The image's size as ``load_image`` or Pillow's decompression-bomb guard wrote it."""
+    found = re.search(r"(\d+)×(\d+) = ([\d,]+) pixels", message)
+    if found:
+        return f"{found[1]}×{found[2]} = {found[3]} pixels"
+    found = re.search(r"Image size \((\d+) pixels\)", message)
+    return f"{int(found[1]):,} pixels" if found else "too many pixels"
 
 
 __all__ = ["APIError", "ImageResolver"]

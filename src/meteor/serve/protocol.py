@@ -21,6 +21,7 @@ sees what was wrong. What is read:
 
 from __future__ import annotations
 
+import reprlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,9 +34,11 @@ class APIError(Exception):
     """A request the server will not run: its HTTP status and OpenAI's error fields."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", *, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
+        """Response headers to send with it (``Retry-After`` on a 429 or 503)."""
 
     def body(self) -> dict[str, Any]:
         """``{"error": {"message", "type", "param", "code"}}``, as OpenAI answers."""
@@ -84,15 +87,17 @@ UNSUPPORTED = {"tools": "tool calls", "tool_choice": "tool calls", "functions": 
 """Fields of features this server does not have: refused when set to anything but their 'off' value."""
 
 
-def parse_chat_request(payload: Any, model_name: str, max_tokens_limit: int) -> ChatRequest:
-    """Check an OpenAI chat-completions body (parsed JSON) against the protocol and the limits."""
+def parse_chat_request(payload: Any, model_name: str, max_tokens_limit: int,
+                       max_images: int | None = None) -> ChatRequest:
+    """Check an OpenAI chat-completions body (parsed JSON) against the protocol and the limits
+    (``max_images``: the most images one request may carry; None: no limit)."""
     if not isinstance(payload, dict):
         raise invalid(f"the request body must be a JSON object, got {type(payload).__name__}")
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise invalid("'model' is required: the model's id, as GET /v1/models lists it", "model")
     if model != model_name:
-        raise APIError(404, f"the model {model!r} does not exist here: this server serves {model_name!r}",
+        raise APIError(404, f"the model {_show(model)} does not exist here: this server serves {model_name!r}",
                        "model", "model_not_found")
     for name, feature in UNSUPPORTED.items():
         if payload.get(name) not in (None, False, [], {}, "none"):
@@ -103,14 +108,14 @@ def parse_chat_request(payload: Any, model_name: str, max_tokens_limit: int) -> 
                       "response_format", "unsupported_parameter")
     n = payload.get("n", 1)
     if n not in (None, 1) or isinstance(n, bool):
-        raise invalid(f"only one choice per request is supported ('n' must be 1, got {n!r})", "n")
+        raise invalid(f"only one choice per request is supported ('n' must be 1, got {_show(n)})", "n")
 
     max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
     which = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
     if max_tokens is None:
         max_tokens = max_tokens_limit
     elif not _is_int(max_tokens) or max_tokens < 1:
-        raise invalid(f"'{which}' must be a whole number ≥ 1, got {max_tokens!r}", which)
+        raise invalid(f"'{which}' must be a whole number ≥ 1, got {_show(max_tokens)}", which)
     elif max_tokens > max_tokens_limit:
         raise invalid(f"'{which}' is {max_tokens}, above this server's limit of {max_tokens_limit} "
                       f"(meteor serve --max-tokens-limit)", which, "max_tokens_exceeded")
@@ -119,17 +124,24 @@ def parse_chat_request(payload: Any, model_name: str, max_tokens_limit: int) -> 
     if top_p == 0:
         raise invalid("'top_p' must be above 0 (1 keeps every token)", "top_p")
     seed = payload.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise invalid(f"'seed' must be a whole number, got {seed!r}", "seed")
+    if seed is not None and (not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise invalid(f"'seed' must be a whole number that fits in 64 bits (from {SEED_RANGE[0]} to "
+                      f"{SEED_RANGE[1]}), got {_show(seed)}", "seed")
     stream = _flag(payload, "stream")
     options = payload.get("stream_options")
     if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
         raise invalid("'stream_options' must be an object such as {\"include_usage\": true}", "stream_options")
     k = payload.get("tokens_per_slice")
     if k is not None and (not _is_int(k) or k < 1):
-        raise invalid(f"'tokens_per_slice' must be a whole number ≥ 1 (visual tokens kept per view), got {k!r}",
+        raise invalid(f"'tokens_per_slice' must be a whole number ≥ 1 (visual tokens kept per view), got {_show(k)}",
                       "tokens_per_slice")
-    return ChatRequest(model=model, messages=parse_messages(payload.get("messages")), max_tokens=max_tokens,
+    messages = parse_messages(payload.get("messages"))
+    images = sum(len(message.images) for message in messages)
+    if max_images is not None and images > max_images:
+        raise invalid(f"the request carries {images} images, above this server's limit of {max_images} per "
+                      f"request (meteor serve --limit-images-per-request); send fewer images, or ask about "
+                      f"them in separate requests", "messages", "too_many_images")
+    return ChatRequest(model=model, messages=messages, max_tokens=max_tokens,
                        sampling=Sampling(temperature, top_p, seed), stop=_stop(payload.get("stop")), stream=stream,
                        include_usage=bool(stream and options and options.get("include_usage")),
                        tokens_per_slice=k, return_selection=_flag(payload, "return_selection"))
@@ -150,7 +162,7 @@ def parse_messages(messages: Any) -> list[Message]:
             raise invalid(f"{where} must be an object with 'role' and 'content'", where)
         role = message.get("role")
         if role not in ROLES:
-            raise invalid(f"{where}.role is {role!r}; use one of {', '.join(ROLES)}", f"{where}.role")
+            raise invalid(f"{where}.role is {_show(role)}; use one of {', '.join(ROLES)}", f"{where}.role")
         if "content" not in message or message["content"] is None:
             raise invalid(f"{where}.content is missing: give the message's text (or a list of parts)",
                           f"{where}.content")
@@ -196,8 +208,20 @@ def _content(content: Any, where: str) -> tuple[str, list[ImagePart]]:
                 raise invalid(f"{at}.image_url must be {{\"url\": \"data:image/png;base64,...\"}}", f"{at}.image_url")
             images.append(ImagePart(url, f"{at}.image_url"))
         else:
-            raise invalid(f"{at}.type is {kind!r}; this server reads 'text' and 'image_url' parts", f"{at}.type")
+            raise invalid(f"{at}.type is {_show(kind)}; this server reads 'text' and 'image_url' parts", f"{at}.type")
     return "\n".join(texts), images
+
+
+SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)
+"""Seeds a request may give: OpenAI's seed is a 64-bit integer, and so is torch's."""
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlong = 2, 60, 60, 4, 4, 40
+
+
+def _show(value: Any) -> str:
+    """A client's value in an error message, cut short (a field may hold megabytes, or nest deep)."""
+    return _SHORT.repr(value)
 
 
 def _is_int(value: Any) -> bool:
@@ -209,7 +233,7 @@ def _number(payload: dict, name: str, default: float, low: float, high: float) -
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise invalid(f"'{name}' must be a number from {low:g} to {high:g}, got {value!r}", name)
+        raise invalid(f"'{name}' must be a number from {low:g} to {high:g}, got {_show(value)}", name)
     return float(value)
 
 
@@ -218,7 +242,7 @@ def _flag(payload: dict, name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise invalid(f"'{name}' must be true or false, got {value!r}", name)
+        raise invalid(f"'{name}' must be true or false, got {_show(value)}", name)
     return value
 
 
@@ -227,7 +251,7 @@ def _stop(stop: Any) -> tuple[str, ...]:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-        raise invalid(f"'stop' must be a non-empty string or a list of up to 4, got {stop!r}", "stop")
+        raise invalid(f"'stop' must be a non-empty string or a list of up to 4, got {_show(stop)}", "stop")
     return tuple(stops)
 
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
+                          TemperatureLogitsWarper, TopPLogitsWarper)
 from transformers.generation.streamers import BaseStreamer
 
 from meteor.processing.conversation import ConversationError
@@ -99,8 +100,13 @@ class AnswerStream:
     finish_reason: str | None = None
     """None while generating; "stop" (end token or a stop string), "length" (``max_new_tokens``),
     "cancelled" or "timeout"."""
+    on_first_token: Callable[[], None] | None = None
+    """Called once with the first token (in the generating thread)."""
     first_token_at: float | None = None
     last_token_at: float | None = None
+    cancelled_at_tokens: int | None = None
+    """How many tokens the answer had when ``cancel`` was called (how many came after it tells how
+    fast a cancellation takes: at most the one step already running)."""
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -109,6 +115,8 @@ class AnswerStream:
 
     def cancel(self) -> None:
         """Ask for the answer to end at the next token (from any thread)."""
+        if self.cancelled_at_tokens is None:
+            self.cancelled_at_tokens = len(self.token_ids)
         self._cancel.set()
 
     def check(self) -> bool:
@@ -125,9 +133,12 @@ class AnswerStream:
         if self.done:
             return
         now = time.perf_counter()
-        self.first_token_at = self.first_token_at or now
         self.last_token_at = now
         self.token_ids.append(token_id)
+        if self.first_token_at is None:
+            self.first_token_at = now
+            if self.on_first_token is not None:
+                self.on_first_token()
         if token_id in end_ids:
             self._finish("stop")
         elif len(self.token_ids) >= self.max_new_tokens:
@@ -194,21 +205,62 @@ def _stop_prefix(text: str, stops: Sequence[str]) -> int:
 
 @dataclass
 class Sampling:
-    """How tokens are chosen: greedy for temperature 0, else sampling with temperature and top-p."""
+    """How tokens are chosen: greedy for temperature 0, else sampling with temperature and top-p
+    from the request's own random generator (``generator``)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
-    """Seeds torch's generator before the batch (a seeded sampled request runs alone)."""
+    """Seeds this request's generator: the same seed and prompt give the same tokens (in a batch or
+    alone, up to float rounding of the batch's logits). None: a generator seeded from the system's
+    entropy. Torch's global generator is never used, so a seed touches no other request."""
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def generate_kwargs(self) -> dict:
+    def generator(self) -> torch.Generator | None:
+        """A new generator for one answer (None when greedy)."""
         if self.greedy:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+            return None
+        generator = torch.Generator()
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.seed)
+        return generator
+
+
+class RowSampler(LogitsProcessor):
+    """Chooses each row's next token by its own ``Sampling``: a sampled row draws from its
+    temperature- and top-p-shaped distribution (transformers' ``TemperatureLogitsWarper`` and
+    ``TopPLogitsWarper``) with its own ``torch.Generator``; a greedy row is left as it is. A sampled
+    row's scores become -inf but at the drawn token, so ``generate`` runs greedy
+    (``do_sample=False``) and takes the draws: rows of one batch sample independently, each with its
+    own parameters, and never from torch's global generator."""
+
+    def __init__(self, samplings: Sequence[Sampling]):
+        self.samplings = list(samplings)
+        self.generators = [s.generator() for s in self.samplings]
+        self.warpers = [None if s.greedy else (TemperatureLogitsWarper(s.temperature), TopPLogitsWarper(s.top_p))
+                        for s in self.samplings]
+
+    @property
+    def greedy(self) -> bool:
+        return all(s.greedy for s in self.samplings)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for row, (warpers, generator) in enumerate(zip(self.warpers, self.generators)):
+            if warpers is None:
+                continue
+            logits = scores[row:row + 1]                                      # (1, V)
+            for warper in warpers:
+                logits = warper(input_ids[row:row + 1], logits)
+            probabilities = torch.softmax(logits.float(), dim=-1)
+            token = torch.multinomial(probabilities[0], 1, generator=generator)   # (1,)
+            scores[row] = float("-inf")
+            scores[row, token] = 0.0
+        return scores
 
 
 @dataclass
@@ -258,14 +310,19 @@ class _RowsDone(StoppingCriteria):
 
 def generate_streamed(model, processor, prompts: Sequence[tuple[list[int], Sequence[SlicedImage]]],
                       rows: Sequence[AnswerStream], tokens_per_slice: int | None = None,
-                      sampling: Sampling = Sampling(), timing: BatchTiming | None = None,
-                      feature_cache=None) -> BatchTiming:
+                      sampling: Sampling | Sequence[Sampling] = Sampling(),
+                      timing: BatchTiming | None = None, feature_cache=None) -> BatchTiming:
     """Generate one answer per prompt ((ids, its images) as ``Conversation.prompt_ids`` lays them
     out with ``tokens_per_slice``), all in one left-padded batch, streaming into ``rows``.
-    ``timing``: filled in as the batch runs (a new one by default); returned. ``feature_cache``: a
-    ``FeatureCache`` the vision tower's outputs are read from (and kept in)."""
+    ``sampling``: one for every row, or one per row (``RowSampler``). ``timing``: filled in as the
+    batch runs (a new one by default); returned. ``feature_cache``: a ``FeatureCache`` the vision
+    tower's outputs are read from (and kept in)."""
     if len(prompts) != len(rows):
         raise ValueError(f"{len(prompts)} prompts but {len(rows)} answer streams: give one per prompt")
+    samplings = [sampling] * len(rows) if isinstance(sampling, Sampling) else list(sampling)
+    if len(samplings) != len(rows):
+        raise ValueError(f"{len(samplings)} samplings for {len(rows)} rows: give one, or one per row")
+    sampler = RowSampler(samplings)
     tokenizer = processor.tokenizer
     timing = timing or BatchTiming(time.perf_counter())
     batch = processor.collate([(ids, ids) for ids, _ in prompts], [im for _, ims in prompts for im in ims],
@@ -275,13 +332,12 @@ def generate_streamed(model, processor, prompts: Sequence[tuple[list[int], Seque
     kwargs.pop("labels", None)
     if feature_cache is not None and batch.images:
         kwargs["tower_outputs"] = feature_cache.encode_views(model.model, kwargs["pixel_values"], kwargs["view_grids"])
-    if sampling.seed is not None:
-        torch.manual_seed(sampling.seed)
     model.eval()
     model.generate(**kwargs, max_new_tokens=max(row.max_new_tokens for row in rows),
                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                    streamer=_Streamer(rows, [tokenizer.eos_token_id], timing),
-                   stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), **sampling.generate_kwargs())
+                   stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), do_sample=False,
+                   logits_processor=LogitsProcessorList([] if sampler.greedy else [sampler]))
     for row in rows:
         row.end()
     timing.ended = time.perf_counter()

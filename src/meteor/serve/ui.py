@@ -73,8 +73,8 @@ def build_ui(server):
             prompt = await server.off_loop(server.layout, conversation, tokens)
             request = ChatRequest(model=server.model_name, messages=[], max_tokens=int(max_tokens), sampling=Sampling(),
                                   stream=True)
-            job, events = server.submit(prompt, request, time.monotonic() + server.config.request_timeout,
-                                        want_selection=bool(conversation.images))
+            ticket, events = server.submit(prompt, request, time.monotonic() + server.config.request_timeout,
+                                           want_selection=bool(conversation.images))
         except (APIError, ImageError, ConversationError) as err:
             message = err.message if isinstance(err, APIError) else str(err)
             yield history + [{"role": "assistant", "content": f"⚠️ {message}"}], state, "", "", gr.update()
@@ -94,20 +94,20 @@ def build_ui(server):
                 break
             if time.monotonic() - shown >= UPDATE_EVERY:
                 shown = time.monotonic()
-                history[-1] = {"role": "assistant", "content": job.stream.text}
+                history[-1] = {"role": "assistant", "content": ticket.text}
                 yield history, state, "", "", gr.update()
-        conversation.answer(job.stream.text)
-        history[-1] = {"role": "assistant", "content": job.stream.text or "(empty answer)"}
+        conversation.answer(ticket.text)
+        history[-1] = {"role": "assistant", "content": ticket.text or "(empty answer)"}
         state.update(conversation=conversation, image_path=image_path if new_image else state.get("image_path"))
-        counts = server.counts(job)
+        counts = server.counts(ticket)
         used = prompt.tokens_per_slice if prompt.tokens_per_slice is not None else trained
         stats = (f"{counts['visual_tokens']} visual tokens (K′={used} per view) · {counts['completion_tokens']} "
-                 f"answer tokens · encode {job.timing.encode_seconds:.2f} s · batch of {job.batch_size} · "
-                 f"finish: {job.stream.finish_reason}")
+                 f"answer tokens · encode {ticket.encode_seconds or 0:.2f} s · batch of {ticket.batch_size} · "
+                 f"finish: {ticket.finish_reason}")
         path = None
-        if job.selection:
+        if ticket.selection:
             newest = len(conversation.images) - 1
-            mine = [s for s in job.selection if s.image_index == newest]
+            mine = [s for s in ticket.selection if s.image_index == newest]
             path = await server.off_loop(_figure, server, conversation.images[newest], mine, figures)
             history.append({"role": "assistant", "content": gr.Image(path, label="kept patches", show_label=True)})
         yield history, state, "", stats, path
