@@ -73,11 +73,16 @@ def register_with_transformers() -> None:
 
 # --- building from parts ------------------------------------------------------------------------------
 
-def build(vision, language_model, tokenizer, config: MeteorConfig | None = None, dtype: torch.dtype | None = None):
+def build(vision, language_model, tokenizer, config: MeteorConfig | None = None, dtype: torch.dtype | None = None,
+          base_size: int | None = None):
     """A new model and its processor from a vision tower and a causal LM (the paper's recipe: a CLIP
     folder and a Vicuna folder); the compressor is freshly initialised, everything else is the
-    parts' own weights. ``vision``: a CLIP / SigLIP folder, a ``VisionTower`` or a transformers vision
-    model; ``language_model``: a causal-LM folder or model; ``tokenizer``: a folder or a tokenizer."""
+    parts' own weights. ``vision``: a CLIP / SigLIP / DINOv2 folder, a ``VisionTower`` or a
+    transformers vision model; ``language_model``: a causal-LM folder or model; ``tokenizer``: a
+    folder or a tokenizer. ``base_size``: the side in pixels that UHD slicing sizes every view to
+    (about ``base_size``² pixels each), a multiple of the patch size; None: the tower's native side
+    (336 for CLIP ViT-L/14-336, 518 for DINOv2), whose position table the tower interpolates to any
+    other. The processor saved with the model keeps it."""
     from transformers import AutoTokenizer
 
     from meteor.processing.processor import build_processor
@@ -87,7 +92,13 @@ def build(vision, language_model, tokenizer, config: MeteorConfig | None = None,
     causal_lm = _causal_lm(language_model, dtype)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    processor = build_processor(tokenizer, config, tower.patch_size, tower.image_size, tower.image_mean, tower.image_std)
+    if base_size is None:
+        base_size = tower.image_size
+    elif isinstance(base_size, bool) or not isinstance(base_size, int) or base_size < tower.patch_size \
+            or base_size % tower.patch_size:
+        raise ValueError(f"base_size must be a positive multiple of the tower's {tower.patch_size}-pixel patch, got "
+                         f"{base_size!r}; None keeps the tower's native {tower.image_size} px")
+    processor = build_processor(tokenizer, config, tower.patch_size, base_size, tower.image_mean, tower.image_std)
     model = assemble(tower, causal_lm, processor.config, processor.image_token_id, dtype)
     processor.set_config(model.config.meteor)              # the same options, with the parts' widths
     return model, processor

@@ -18,19 +18,29 @@ ViT-L counted from 1) gives both the features and, by default, the CLS attention
 Index 0 (the embeddings) is rejected: no attention produces it. Layers after the deepest one needed
 are never run (with the defaults the last layer is skipped).
 
-Encoders. CLIP (``CLIPVisionModel``, the paper's) and SigLIP (``SiglipVisionModel``, as in
-LLaVA-OneVision and PaliGemma). SigLIP has no CLS token and no pre-layernorm: every token is a
+Encoders. CLIP (``CLIPVisionModel``, the paper's), SigLIP (``SiglipVisionModel``, as in
+LLaVA-OneVision and PaliGemma) and DINOv2 (``Dinov2Model`` and ``Dinov2WithRegistersModel``, as in
+Cambrian and Prismatic). SigLIP has no CLS token and no pre-layernorm: every token is a
 patch, ``hidden_states[0]`` is the embedding output, and its learned position table (a square
 grid, no CLS entry) is interpolated the same way by transformers' ``interpolate_pos_encoding``
 (bicubic, ``align_corners=False``, to the view's (rows, cols); the table as is at the native
 square size). A SigLIP whose ``image_size`` is not a multiple of its patch (384 px at 14 px)
 covers ``image_size // patch_size`` patches per side: ``image_size`` here is that grid in pixels.
+DINOv2's sequence is its CLS token, then its register tokens (``Dinov2WithRegistersModel`` only:
+transformers puts them between the CLS token and the patches), then the patches; it has no
+pre-layernorm, and its embeddings always interpolate the position table (bicubic,
+``align_corners=False``, to the view's (rows, cols); ``Dinov2WithRegistersModel`` with
+``antialias=True``; the table as is at the native square size: 518 px, a 37×37 grid, for the
+released checkpoints). Its final ``layernorm`` applies to the last hidden state only, so
+``hidden_states[j]`` are the raw layer outputs, as transformers returns them.
 
 The visual expert (``visual_expert``, ``meteor.model.visual_expert``): "cls" (the CLS row, the paper's;
-CLIP only), "attention_received" (the attention each patch receives at ``attention_layer``, for
-towers without CLS), or "pooling_head" (SigLIP's attention-pooling head's probe over the last
+CLIP and DINOv2), "attention_received" (the attention each patch receives at ``attention_layer``, for
+towers without CLS; defined for every tower), or "pooling_head" (SigLIP's attention-pooling head's probe over the last
 layer, after ``post_layernorm``; every layer then runs). Whichever it is, ``VisionOutput``
-carries it as ``cls_attention``, the name the projectors read.
+carries it as ``cls_attention``, the name the projectors read. The CLS token and DINOv2's register
+tokens are never patch tokens: they are left out of the features, and out of the scores as keys
+(and, for "attention_received", as queries).
 """
 
 from __future__ import annotations
@@ -44,20 +54,26 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, SiglipConfig, SiglipModel,
+from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
+                          Dinov2WithRegistersConfig, Dinov2WithRegistersModel, SiglipConfig, SiglipModel,
                           SiglipVisionConfig, SiglipVisionModel)
 from transformers.utils import logging as hf_logging
-from transformers.utils.constants import (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN,
-                                          OPENAI_CLIP_STD)
+from transformers.utils.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_STANDARD_MEAN,
+                                          IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 from meteor.model.configuration import VisualExpert
 from meteor.model.visual_expert import attention_received, cls_attention_row, pooling_head_attention
 
 _CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
 _SIGLIP_MODEL_TYPES = ("siglip", "siglip_vision_model")
+_DINOV2_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+VISION_MODEL_TYPES = _CLIP_MODEL_TYPES + _SIGLIP_MODEL_TYPES + _DINOV2_MODEL_TYPES
+"""The ``model_type`` of every checkpoint folder ``VisionTower.from_pretrained`` loads."""
 # Keys of a full CLIP / SigLIP checkpoint that a vision tower has no use for.
 _TEXT_SIDE_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
-EncoderModel = CLIPVisionModel | SiglipVisionModel
+EncoderModel = CLIPVisionModel | SiglipVisionModel | Dinov2Model | Dinov2WithRegistersModel
+_ENCODERS = (CLIPVisionModel, SiglipVisionModel, Dinov2Model, Dinov2WithRegistersModel)
+_DINOV2_ENCODERS = (Dinov2Model, Dinov2WithRegistersModel)
 _DTYPE_ALIASES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -69,7 +85,8 @@ class VisionOutput:
     """
 
     patch_tokens: Tensor
-    """(n, L, C) hidden states of ``feature_layer`` without the CLS token, in the tower's dtype."""
+    """(n, L, C) hidden states of ``feature_layer`` without the CLS (and register) tokens, in the
+    tower's dtype."""
     cls_attention: Tensor
     """(n, L) float32 visual-expert scores VS (Eq. 3), every row summing to 1: with the default
     visual expert "cls", CLS→patch attention averaged over heads, CLS→CLS excluded, renormalised;
@@ -79,14 +96,14 @@ class VisionOutput:
 
 
 class VisionTower(nn.Module):
-    """A frozen ``CLIPVisionModel`` or ``SiglipVisionModel`` that encodes views of any patch-multiple
-    size (SPEC §1, §2, §4).
+    """A frozen ``CLIPVisionModel``, ``SiglipVisionModel``, ``Dinov2Model`` or
+    ``Dinov2WithRegistersModel`` that encodes views of any patch-multiple size.
 
     Build it with ``from_pretrained`` (a local folder), ``from_config`` (random init, for tests) or
     ``from_model``. Parameters never require grad and the module stays in eval mode, even when a
     parent calls ``.train()``. See the module docstring for the layer numbering, the encoders and
     the visual experts. ``image_mean``/``image_std`` None: the encoder's usual ones (OpenAI CLIP's;
-    0.5 for SigLIP).
+    0.5 for SigLIP; ImageNet's for DINOv2).
     """
 
     def __init__(
@@ -99,15 +116,18 @@ class VisionTower(nn.Module):
         visual_expert: VisualExpert = "cls",
     ):
         super().__init__()
-        if not isinstance(model, (CLIPVisionModel, SiglipVisionModel)):
+        if not isinstance(model, _ENCODERS):
             raise TypeError(
-                f"VisionTower wraps a transformers CLIPVisionModel or SiglipVisionModel, got "
-                f"{type(model).__name__}; use VisionTower.from_model, which also accepts a full "
-                "CLIPModel or SiglipModel"
+                f"VisionTower wraps a transformers CLIPVisionModel, SiglipVisionModel, Dinov2Model or "
+                f"Dinov2WithRegistersModel, got {type(model).__name__}; use VisionTower.from_model, which also "
+                "accepts a full CLIPModel or SiglipModel"
             )
         self.clip = model
-        """The wrapped encoder (the name is historical: a SiglipVisionModel for SigLIP towers)."""
-        self.has_cls = isinstance(model, CLIPVisionModel)
+        """The wrapped encoder (the name is historical: whichever encoder the tower wraps)."""
+        self.has_cls = not isinstance(model, SiglipVisionModel)
+        self.num_prefix = (1 + getattr(model.config, "num_register_tokens", 0)) if self.has_cls else 0
+        """Tokens before the patches in the encoder's sequence: the CLS token and, for a DINOv2 with
+        registers, its register tokens; 0 for SigLIP."""
         self.visual_expert = _check_visual_expert(visual_expert, model, attention_layer)
         num_layers = model.config.num_hidden_layers
         self.feature_layer = _resolve_layer(feature_layer, num_layers, "feature_layer")
@@ -135,15 +155,15 @@ class VisionTower(nn.Module):
         attn_implementation: str = "sdpa",
         visual_expert: VisualExpert = "cls",
     ) -> VisionTower:
-        """Load a local CLIPVisionModel or SiglipVisionModel folder, or the vision half of a full
-        CLIPModel or SiglipModel folder.
+        """Load a local CLIPVisionModel, SiglipVisionModel, Dinov2Model or Dinov2WithRegistersModel
+        folder, or the vision half of a full CLIPModel or SiglipModel folder.
 
         ``dtype`` None means float32. ``image_mean``/``image_std`` come from the folder's
         ``preprocessor_config.json`` when it has one, the encoder's usual ones otherwise.
         """
         folder = Path(path)
         model_type = _vision_model_type(folder)
-        model_class = CLIPVisionModel if model_type in _CLIP_MODEL_TYPES else SiglipVisionModel
+        model_class = _model_class(model_type)
         # A full CLIP checkpoint carries the text tower too; its keys are expected to go unused, so
         # transformers' long "UNEXPECTED" load report would only be noise: drop that one record.
         # (Raising the logger's level instead makes transformers log a tensor-parallel warning.)
@@ -162,7 +182,7 @@ class VisionTower(nn.Module):
         finally:
             if drop_report is not None:
                 loader_logger.removeFilter(drop_report)
-        encoder = "CLIP" if model_class is CLIPVisionModel else "SigLIP"
+        encoder = _ENCODER_NAMES[model_class]
         if info["missing_keys"]:
             raise ValueError(
                 f"the checkpoint in {folder} lacks {len(info['missing_keys'])} vision weights "
@@ -180,7 +200,8 @@ class VisionTower(nn.Module):
     @classmethod
     def from_config(
         cls,
-        config: CLIPVisionConfig | CLIPConfig | SiglipVisionConfig | SiglipConfig,
+        config: CLIPVisionConfig | CLIPConfig | SiglipVisionConfig | SiglipConfig | Dinov2Config
+        | Dinov2WithRegistersConfig,
         feature_layer: int = -2,
         attention_layer: int | None = None,
         dtype: torch.dtype | str | None = None,
@@ -191,10 +212,15 @@ class VisionTower(nn.Module):
         if isinstance(config, (CLIPConfig, SiglipConfig)):
             config = config.vision_config
         # A copy of the config: set_attn_implementation must not change the caller's.
-        if isinstance(config, SiglipVisionConfig):
-            model = SiglipVisionModel(SiglipVisionConfig.from_dict(config.to_dict()))
+        for config_class, model_class in ((SiglipVisionConfig, SiglipVisionModel), (Dinov2Config, Dinov2Model),
+                                          (Dinov2WithRegistersConfig, Dinov2WithRegistersModel),
+                                          (CLIPVisionConfig, CLIPVisionModel)):
+            if isinstance(config, config_class):
+                model = model_class(config_class.from_dict(config.to_dict()))
+                break
         else:
-            model = CLIPVisionModel(CLIPVisionConfig.from_dict(config.to_dict()))
+            raise TypeError(f"VisionTower.from_config takes a CLIP, SigLIP or DINOv2 configuration, got "
+                            f"{type(config).__name__}")
         model.set_attn_implementation(attn_implementation)
         return cls(model.to(_resolve_dtype(dtype)), feature_layer, attention_layer, visual_expert=visual_expert)
 
@@ -222,7 +248,7 @@ class VisionTower(nn.Module):
     # ------------------------------------------------------------------------------- properties
 
     @property
-    def config(self) -> CLIPVisionConfig | SiglipVisionConfig:
+    def config(self) -> CLIPVisionConfig | SiglipVisionConfig | Dinov2Config | Dinov2WithRegistersConfig:
         return self.clip.config
 
     @property
@@ -236,7 +262,7 @@ class VisionTower(nn.Module):
     @property
     def image_size(self) -> int:
         """The native view side in pixels: the square grid the position table was learnt on
-        (``image_size`` rounded down to whole patches; 336 for CLIP ViT-L/14-336)."""
+        (``image_size`` rounded down to whole patches; 336 for CLIP ViT-L/14-336, 518 for DINOv2)."""
         return self.config.image_size // self.patch_size * self.patch_size
 
     @property
@@ -246,7 +272,15 @@ class VisionTower(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.clip.embeddings.patch_embedding.weight.dtype
+        return self._patch_projection().weight.dtype
+
+    def _patch_projection(self) -> nn.Conv2d:
+        embeddings = self.clip.embeddings
+        return embeddings.patch_embeddings.projection if self.is_dinov2 else embeddings.patch_embedding
+
+    @property
+    def is_dinov2(self) -> bool:
+        return isinstance(self.clip, _DINOV2_ENCODERS)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the vision model (safetensors) and its normalisation, loadable by
@@ -258,12 +292,16 @@ class VisionTower(nn.Module):
 
     def image_processor_config(self) -> dict:
         """A ``preprocessor_config.json`` for transformers' own image processor of this encoder
-        (CLIPImageProcessor / SiglipImageProcessor) at the native size with this tower's
-        normalisation: what a plain transformers user of the saved tower would load."""
+        (CLIPImageProcessor / SiglipImageProcessor / DINOv2's BitImageProcessor) at the native size
+        with this tower's normalisation: what a plain transformers user of the saved tower would
+        load."""
         side = self.image_size
         common = {"image_mean": list(self.image_mean), "image_std": list(self.image_std), "do_resize": True,
                   "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
                   "resample": 3}
+        if self.is_dinov2:
+            return {"image_processor_type": "BitImageProcessor", **common, "size": {"shortest_edge": side},
+                    "do_center_crop": True, "crop_size": {"height": side, "width": side}}
         if self.has_cls:
             return {"image_processor_type": "CLIPImageProcessor", **common, "size": {"shortest_edge": side},
                     "do_center_crop": True, "crop_size": {"height": side, "width": side}}
@@ -283,31 +321,39 @@ class VisionTower(nn.Module):
         ``image_mean``/``image_std``, h and w multiples of the patch size (the grid may differ from
         the native one and be non-square)."""
         rows, cols = self._check_pixel_values(pixel_values)
-        hidden = self.clip.embeddings(pixel_values, interpolate_pos_encoding=True)  # (n, T, C), T = 1+L or L
-        if self.has_cls:
-            hidden = self.clip.pre_layrnorm(hidden)  # hidden_states[0]
-        prefix = 1 if self.has_cls else 0  # the CLS token leads CLIP's sequence; SigLIP has none
+        if self.is_dinov2:
+            # DINOv2's embeddings always interpolate; CLS, then any registers, then the patches
+            hidden = self.clip.embeddings(pixel_values.to(self.dtype))  # (n, T, C) = hidden_states[0]
+            layers = self.clip.encoder.layer
+        else:
+            hidden = self.clip.embeddings(pixel_values, interpolate_pos_encoding=True)  # (n, T, C)
+            if self.has_cls:
+                hidden = self.clip.pre_layrnorm(hidden)  # hidden_states[0]
+            layers = self.clip.encoder.layers
+        prefix = self.num_prefix  # CLS (and registers) lead the sequence; SigLIP has none
         features = scores = None
-        for index, layer in enumerate(self.clip.encoder.layers[: self.num_layers_run], start=1):
+        for index, layer in enumerate(layers[: self.num_layers_run], start=1):
             if index == self.attention_layer and self.visual_expert != "pooling_head":
-                with _capture_query_key(layer.self_attn) as projections:
+                attention = _self_attention(layer)
+                with _capture_query_key(attention) as projections:
                     hidden = layer(hidden, None)  # hidden_states[index]
-                scores = self._attention_scores(projections, layer.self_attn)  # (n, L)
+                scores = self._attention_scores(projections, attention)  # (n, L)
             else:
                 hidden = layer(hidden, None)  # hidden_states[index]
             if index == self.feature_layer:
-                features = hidden[:, prefix:] if prefix else hidden  # (n, L, C): CLS dropped
+                features = hidden[:, prefix:] if prefix else hidden  # (n, L, C): CLS and registers dropped
         if self.visual_expert == "pooling_head":
             scores = pooling_head_attention(self.clip.head, self.clip.post_layernorm(hidden))  # (n, L)
         return VisionOutput(patch_tokens=features, cls_attention=scores, grid=(rows, cols))
 
     def _attention_scores(self, projections: dict[str, Tensor], attention: nn.Module) -> Tensor:
         """The "cls" or "attention_received" scores (n, L) from one layer's q/k projections."""
+        heads, scale = _heads_and_scale(attention)
         if self.visual_expert == "cls":
-            return cls_attention_row(projections["query"][:, 0], projections["key"], attention.num_heads,
-                                     attention.scale)
-        return attention_received(projections["query"], projections["key"], attention.num_heads,
-                                  attention.scale, num_prefix=1 if self.has_cls else 0)
+            return cls_attention_row(projections["query"][:, 0], projections["key"], heads, scale,
+                                     num_prefix=self.num_prefix)
+        return attention_received(projections["query"], projections["key"], heads, scale,
+                                  num_prefix=self.num_prefix)
 
     def encode_views(self, views: Sequence[Tensor]) -> list[VisionOutput]:
         """Encode views of possibly different sizes, each (3, h, w).
@@ -395,6 +441,33 @@ def _capture_query_key(attention: nn.Module) -> Iterator[dict[str, Tensor]]:
             handle.remove()
 
 
+def _self_attention(layer: nn.Module) -> nn.Module:
+    """An encoder layer's self-attention module (``self_attn`` in CLIP / SigLIP, ``attention`` in
+    DINOv2); each has ``q_proj`` and ``k_proj``."""
+    attention = getattr(layer, "self_attn", None)
+    return attention if attention is not None else layer.attention
+
+
+def _heads_and_scale(attention: nn.Module) -> tuple[int, float]:
+    """(heads, softmax scale) of a CLIP / SigLIP (``num_heads``, ``scale``) or DINOv2
+    (``num_attention_heads``, ``scaling``) attention module."""
+    heads = getattr(attention, "num_heads", None) or attention.num_attention_heads
+    scale = getattr(attention, "scale", None)
+    return heads, float(attention.scaling if scale is None else scale)
+
+
+_ENCODER_NAMES = {CLIPVisionModel: "CLIP", SiglipVisionModel: "SigLIP", Dinov2Model: "DINOv2",
+                  Dinov2WithRegistersModel: "DINOv2 (with registers)"}
+
+
+def _model_class(model_type: str) -> type:
+    if model_type in _CLIP_MODEL_TYPES:
+        return CLIPVisionModel
+    if model_type in _SIGLIP_MODEL_TYPES:
+        return SiglipVisionModel
+    return Dinov2WithRegistersModel if model_type == "dinov2_with_registers" else Dinov2Model
+
+
 class _DropLoadReport(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "LOAD REPORT" not in record.getMessage()
@@ -427,31 +500,34 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 
 def _vision_model_type(folder: Path) -> str:
-    """Check that ``folder`` holds a CLIP or SigLIP checkpoint; returns its model_type."""
+    """Check that ``folder`` holds a CLIP, SigLIP or DINOv2 checkpoint; returns its model_type."""
     config_file = folder / "config.json"
     if not folder.is_dir():
         problem = "is a file, not a folder" if folder.exists() else "does not exist"
         raise FileNotFoundError(
-            f"vision tower folder {folder} {problem}; pass a local folder holding a CLIP or SigLIP "
+            f"vision tower folder {folder} {problem}; pass a local folder holding a CLIP, SigLIP or DINOv2 "
             "checkpoint (config.json + weights), e.g. a download of openai/clip-vit-large-patch14-336"
         )
     if not config_file.is_file():
         raise FileNotFoundError(
-            f"{folder} has no config.json, so it is not a transformers CLIP or SigLIP checkpoint folder"
+            f"{folder} has no config.json, so it is not a transformers CLIP, SigLIP or DINOv2 checkpoint folder"
         )
     model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type not in _CLIP_MODEL_TYPES + _SIGLIP_MODEL_TYPES:
+    if model_type not in VISION_MODEL_TYPES:
         raise ValueError(
-            f"{config_file} has model_type {model_type!r}; the vision tower loads a CLIP or SigLIP "
-            f"checkpoint (model_type one of {_CLIP_MODEL_TYPES + _SIGLIP_MODEL_TYPES})"
+            f"{config_file} has model_type {model_type!r}; the vision tower loads a CLIP, SigLIP or DINOv2 "
+            f"checkpoint (model_type one of {VISION_MODEL_TYPES})"
         )
     return model_type
 
 
 def _default_normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The encoder's usual image_mean / image_std: OpenAI CLIP's, or SigLIP's 0.5 / 0.5."""
+    """The encoder's usual image_mean / image_std: OpenAI CLIP's, SigLIP's 0.5 / 0.5, or DINOv2's
+    ImageNet statistics."""
     if isinstance(model, SiglipVisionModel):
         return tuple(IMAGENET_STANDARD_MEAN), tuple(IMAGENET_STANDARD_STD)
+    if isinstance(model, _DINOV2_ENCODERS):
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
     return tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)
 
 
@@ -470,7 +546,7 @@ def _read_normalisation(folder: Path, model: nn.Module) -> tuple[tuple[float, ..
 def _check_visual_expert(visual_expert: str, model: nn.Module, attention_layer: int | None) -> str:
     """Refuse a visual expert the encoder cannot give, naming the ones it can."""
     name = type(model).__name__
-    if visual_expert == "cls" and not isinstance(model, CLIPVisionModel):
+    if visual_expert == "cls" and isinstance(model, SiglipVisionModel):
         raise ValueError(
             f"visual_expert='cls' needs a CLS token, and {name} has none: use "
             "visual_expert='attention_received' (the attention each patch receives) or, for a SigLIP with "
@@ -481,7 +557,7 @@ def _check_visual_expert(visual_expert: str, model: nn.Module, attention_layer: 
             raise ValueError(
                 f"visual_expert='pooling_head' reads SigLIP's attention-pooling head, and this {name} has "
                 f"none (vision_use_head is false, or it is not a SigLIP): use 'attention_received'"
-                + (" or 'cls'" if isinstance(model, CLIPVisionModel) else "")
+                + (" or 'cls'" if not isinstance(model, SiglipVisionModel) else "")
             )
         if attention_layer is not None:
             raise ValueError(

@@ -6,7 +6,8 @@ output), so it works with SDPA, which never returns attention weights. Every fun
 float32 scores over the L patches of each view, each row summing to 1:
 
 * ``cls_attention_row`` ("cls", the paper's, as FasterVLM): the CLS token's attention to each
-  patch, averaged over heads, CLS→CLS excluded, renormalised. Needs a CLS token (CLIP).
+  patch, averaged over heads, CLS→CLS (and CLS→register, for DINOv2 with registers) excluded,
+  renormalised. Needs a CLS token (CLIP, DINOv2).
 * ``attention_received`` ("attention_received"): the attention each patch receives, averaged over
   every patch query and every head, the CLS token (where there is one) excluded as query and as
   key, renormalised. For encoders without a CLS token (SigLIP); defined for CLIP too.
@@ -21,19 +22,20 @@ import torch
 from torch import Tensor, nn
 
 
-def cls_attention_row(cls_query: Tensor, keys: Tensor, num_heads: int, scale: float) -> Tensor:
+def cls_attention_row(cls_query: Tensor, keys: Tensor, num_heads: int, scale: float, num_prefix: int = 1) -> Tensor:
     """The visual-expert scores VS of Eq. 3 from one attention layer's projections.
 
-    cls_query: (n, C) the CLS token's query projection; keys: (n, 1 + L, C) all key projections,
-    CLS first. Returns (n, L) float32: softmax(q·kᵀ·scale) per head over all 1 + L keys (as the
-    encoder computes it), averaged over heads, the CLS→CLS entry dropped, renormalised to sum 1.
+    cls_query: (n, C) the CLS token's query projection; keys: (n, P + L, C) all key projections,
+    the ``num_prefix`` = P non-patch tokens first (the CLS token, then DINOv2's registers, if any).
+    Returns (n, L) float32: softmax(q·kᵀ·scale) per head over all P + L keys (as the encoder
+    computes it), averaged over heads, the P prefix columns dropped, renormalised to sum 1.
     """
     n, tokens, width = keys.shape
     head_dim = width // num_heads
     q = cls_query.float().view(n, num_heads, 1, head_dim)  # (n, h, 1, d)
     k = keys.float().view(n, tokens, num_heads, head_dim).transpose(1, 2)  # (n, h, 1+L, d)
     weights = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)  # (n, h, 1, 1+L)
-    to_patches = weights.mean(dim=1)[:, 0, 1:]  # (n, L): head average, CLS→CLS dropped
+    to_patches = weights.mean(dim=1)[:, 0, num_prefix:]  # (n, L): head average, CLS→CLS (and registers) dropped
     return to_patches / to_patches.sum(dim=-1, keepdim=True)  # Eq. 3
 
 
@@ -42,7 +44,7 @@ def attention_received(queries: Tensor, keys: Tensor, num_heads: int, scale: flo
     """The attention each patch receives, averaged over patch queries and heads, renormalised.
 
     queries, keys: (n, T, C) one attention layer's projections, T = num_prefix + L (num_prefix = 1
-    for CLIP's CLS token, 0 for SigLIP). Each query's softmax runs over all T keys, as the encoder
+    for CLIP's and DINOv2's CLS token, 1 + registers for DINOv2 with registers, 0 for SigLIP). Each query's softmax runs over all T keys, as the encoder
     computes it; the prefix tokens' rows (as queries) and columns (as keys) are then dropped and
     the column sums renormalised. Returns (n, L) float32 summing to 1. Queries go ``chunk`` at a
     time, so memory is O(n · h · chunk · T), not O(n · h · T²); the result does not depend on it.
