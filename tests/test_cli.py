@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from meteor.pretrained import save_pretrained
 
 
@@ -26,51 +25,14 @@ def test_params_refuses_impossible_widths_clearly():
     assert done.returncode == 2 and "vision_width must be positive" in done.stderr
 
 
-def test_demo_help_lists_its_options():
-    done = _meteor("demo", "--help")
-    assert done.returncode == 0 and all(flag in done.stdout for flag in ("--quick", "--out", "--force"))
-
-
-def test_ablate_help_names_every_table_and_an_unknown_one_is_refused(tmp_path):
-    from meteor.demo.ablate import TABLES
-
-    done = _meteor("ablate", "--help")
-    text = " ".join(done.stdout.split())
-    assert done.returncode == 0
-    assert all(name in text for name in TABLES if not name.startswith("table")) and "table1-table4" in text
-    refused = _meteor("ablate", "--table", "table9", "--out", "x", cwd=tmp_path)
-    assert refused.returncode != 0 and "unknown table(s) ['table9']" in refused.stderr
-    assert not (tmp_path / "x").exists()
-
-
-@pytest.mark.parametrize("command", ["demo", "ablate"])
-def test_workers_must_be_at_least_one(tmp_path, command):
-    done = _meteor(command, "--workers", "0", "--out", "x", cwd=tmp_path)
-    assert done.returncode == 2 and "--workers: must be a whole number ≥ 1, got '0'" in done.stderr
-    assert not (tmp_path / "x").exists()
-
-
-def test_data_synth_text_options_reach_the_world_and_bad_ones_are_named(tmp_path):
-    done = _meteor("data", "synth", "--out", "world", "--n-train-images", "3", "--n-test-images", "1",
-                   "--number-digits", "1", "--text-height-patches", "1.5", "2", "--text-stroke", "0.05", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    config = json.loads((tmp_path / "world" / "manifest.json").read_text())["config"]
-    assert config["number_digits"] == 1 and config["text_height_patches"] == [1.5, 2.0]
-    assert config["text_stroke"] == 0.05
-    done = _meteor("data", "synth", "--out", "other", "--number-digits", "7", cwd=tmp_path)
-    assert done.returncode != 0 and "number_digits must lie in 1..4" in done.stderr
-    assert not (tmp_path / "other").exists()
-
-
-def test_data_synth_then_eval_reach_each_stage_alone(tmp_path):
+def test_eval_answers_a_world_split_and_scores_what_it_wrote(tmp_path):
+    """``meteor eval --benchmark world`` on a test split in the world's format (written by
+    ``meteor.testing.tiny_world_split``, as ``meteor data synth`` writes one)."""
     import torch
 
-    from meteor.testing import tiny_model
+    from meteor.testing import tiny_model, tiny_world_split
 
-    done = _meteor("data", "synth", "--out", "world", "--n-train-images", "2", "--n-test-images", "2",
-                   "--base-size", "56", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert (tmp_path / "world" / "test.jsonl").is_file() and "wrote world" in done.stdout
+    tiny_world_split(tmp_path / "world", images=2)
     torch.manual_seed(0)
     model, processor = tiny_model()
     save_pretrained(tmp_path / "model", model, processor)

@@ -6,14 +6,9 @@ import json
 import pytest
 
 from meteor.train.data import LlavaDataset, RecordError, SkipReport
-from meteor.testing import tiny_llava_data, tiny_model
+from meteor.testing import tiny_llava_data
 from meteor.train import TrainConfig, TrainConfigError, train
 from meteor.pretrained import save_pretrained
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model(seed=0)
 
 
 def test_a_sample_whose_answer_cannot_be_aligned_is_skipped_and_named(tiny):

@@ -10,20 +10,8 @@ from PIL import Image
 
 from meteor.eval import BENCHMARKS, EvalConfig, WorldRunner, build_runner, read_jsonl
 from meteor.eval.base import describe_sources
-from meteor.testing import tiny_model
-from meteor.demo.world import WorldConfig, generate_world
 
 SHORT = "Answer the question using a single word or phrase."
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model(seed=0)
-
-
-@pytest.fixture
-def world(tmp_path):
-    return generate_world(tmp_path / "world", WorldConfig(seed=1, n_train_images=2, n_test_images=3, base_size=56))
 
 
 class GenerateSpy:
@@ -71,11 +59,11 @@ def test_each_runner_has_its_own_default_answer_length_and_the_config_overrides_
         EvalConfig(max_new_tokens=0)
 
 
-def test_generate_gets_the_runners_default_and_scores_record_it(world, tiny, tmp_path):
+def test_generate_gets_the_runners_default_and_scores_record_it(world_split, tiny, tmp_path):
     model, processor = tiny
     with GenerateSpy(model) as spy:
         scores = WorldRunner(EvalConfig(batch_size=6, limit=6)).run(
-            model, processor, world.test_path, world.image_folder, tmp_path / "world_out")
+            model, processor, world_split.test_path, world_split.image_folder, tmp_path / "world_out")
     assert [call["max_new_tokens"] for call in spy.calls] == [8]
     assert scores["max_new_tokens"] == 8
     data, images = _gqa(tmp_path / "gqa", 2)
@@ -86,10 +74,10 @@ def test_generate_gets_the_runners_default_and_scores_record_it(world, tiny, tmp
 
 
 # --- the benchmark in every prediction row ------------------------------------------------------------------
-def test_every_prediction_row_names_its_benchmark_and_another_benchmarks_folder_is_refused(world, tiny, tmp_path):
+def test_every_prediction_row_names_its_benchmark_and_another_benchmarks_folder_is_refused(world_split, tiny, tmp_path):
     model, processor = tiny
     config = EvalConfig(batch_size=6, max_new_tokens=2, limit=6)
-    WorldRunner(config).run(model, processor, world.test_path, world.image_folder, tmp_path / "out")
+    WorldRunner(config).run(model, processor, world_split.test_path, world_split.image_folder, tmp_path / "out")
     rows = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert len(rows) == 6 and {row["benchmark"] for row in rows} == {"world"}
 
@@ -98,7 +86,7 @@ def test_every_prediction_row_names_its_benchmark_and_another_benchmarks_folder_
     before = (tmp_path / "gqa_out" / "predictions.jsonl").read_text()
     assert {row["benchmark"] for row in read_jsonl(tmp_path / "gqa_out" / "predictions.jsonl")} == {"gqa"}
     with pytest.raises(ValueError, match=r"predictions.jsonl:1: this prediction is for benchmark 'gqa', not 'world'"):
-        WorldRunner(config).run(model, processor, world.test_path, world.image_folder, tmp_path / "gqa_out")
+        WorldRunner(config).run(model, processor, world_split.test_path, world_split.image_folder, tmp_path / "gqa_out")
     assert (tmp_path / "gqa_out" / "predictions.jsonl").read_text() == before
 
 
@@ -120,24 +108,24 @@ def test_every_missing_image_is_reported_before_any_generation(tiny, tmp_path):
     assert "Point --image-folder at the folder the question file's image paths are relative to" in message
 
 
-def test_missing_images_of_a_world_file_are_located_by_line_and_finished_questions_need_none(world, tiny, tmp_path):
+def test_missing_images_of_a_world_file_are_located_by_line_and_finished_questions_need_none(world_split, tiny, tmp_path):
     model, processor = tiny
     config = EvalConfig(batch_size=4, max_new_tokens=2)
-    questions = read_jsonl(world.test_path)
+    questions = read_jsonl(world_split.test_path)
     WorldRunner(EvalConfig(batch_size=4, max_new_tokens=2, limit=4)).run(   # the first 4 are answered
-        model, processor, world.test_path, world.image_folder, tmp_path / "out")
+        model, processor, world_split.test_path, world_split.image_folder, tmp_path / "out")
     gone = questions[-1]["image"]
     lines = [n for n, q in enumerate(questions, start=1) if q["image"] == gone]
     assert lines[0] > 4
-    (world.image_folder / gone).unlink()
+    (world_split.image_folder / gone).unlink()
     with pytest.raises(FileNotFoundError, match=rf"missing images: {len(lines)} of the {len(questions) - 4} "
                                                 rf"questions.*test\.jsonl lines {lines[0]}-{lines[-1]}\)"):
-        WorldRunner(config).run(model, processor, world.test_path, world.image_folder, tmp_path / "out")
+        WorldRunner(config).run(model, processor, world_split.test_path, world_split.image_folder, tmp_path / "out")
     # Once those questions are answered, their image is no longer needed: resuming checks only the rest.
     done = [{**q, "benchmark": "world", "prediction": "yes"} for q in questions if q["image"] == gone]
     with (tmp_path / "out" / "predictions.jsonl").open("a") as sink:
         sink.write("".join(json.dumps(row) + "\n" for row in done))
-    scores = WorldRunner(config).run(model, processor, world.test_path, world.image_folder, tmp_path / "out")
+    scores = WorldRunner(config).run(model, processor, world_split.test_path, world_split.image_folder, tmp_path / "out")
     assert scores["answered_now"] == len(questions) - 4 - len(lines) and scores["questions"] == len(questions)
 
 

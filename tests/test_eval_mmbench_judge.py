@@ -14,7 +14,6 @@ from meteor.eval import EvalConfig, build_runner, read_jsonl
 from meteor.eval.official import OpenAIGrader
 from meteor.eval.official.mmbench_judge import (JUDGE_ATTEMPTS, ask_judge, judge_prompt, read_judge_reply)
 from meteor.eval.metrics import mmbench_can_infer
-from meteor.testing import tiny_model
 
 from chat_endpoint import chat_endpoint
 
@@ -93,11 +92,6 @@ def endpoint(monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "k-123")
     with chat_endpoint(reply) as served:
         yield served
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model(seed=0)
 
 
 def _prompts_for(received, answer):

@@ -8,7 +8,6 @@ import torch
 from meteor.eval import EvalConfig, WorldRunner, normalize_answer, read_jsonl, world_exact_match
 from meteor.eval.base import PREDICTIONS_FILE
 from meteor.testing import tiny_model
-from meteor.demo.world import WorldConfig, generate_world
 
 
 def test_normalisation_is_light_and_symmetric():
@@ -51,13 +50,8 @@ class CountingRunner(WorldRunner):
         return super().answer(model, processor, questions, image_folder)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return generate_world(tmp_path_factory.mktemp("world"),
-                          WorldConfig(seed=1, n_train_images=2, n_test_images=3, base_size=56))
-
-
-def test_runner_writes_predictions_and_resumes_without_redoing(world, tmp_path):
+def test_runner_writes_predictions_and_resumes_without_redoing(world_split, tmp_path):
+    world = world_split
     torch.manual_seed(0)
     model, processor = tiny_model()
     config = EvalConfig(batch_size=4, max_new_tokens=3)
@@ -68,7 +62,7 @@ def test_runner_writes_predictions_and_resumes_without_redoing(world, tmp_path):
     assert len(written) == 4 and all("prediction" in row and "meta" not in row for row in written)
     resumed = CountingRunner(config)
     scores = resumed.run(model, processor, world.test_path, world.image_folder, tmp_path)
-    total = world.counts["test_questions"]
+    total = world.questions
     assert resumed.asked == total - 4 and scores["answered_now"] == total - 4
     rows = read_jsonl(tmp_path / PREDICTIONS_FILE)
     questions = {q["question_id"]: q for q in read_jsonl(world.test_path)}

@@ -1,5 +1,5 @@
-"""meteor.serve.visualize (the Figure-4 drawing, moved from the demo's report), `meteor explain`, and
-tokens per slice at inference in `meteor eval`."""
+"""meteor.serve.visualize (the Figure-4 drawing), `meteor explain`, and tokens per slice at inference
+in `meteor eval`. The demo's report draws with the same functions (tests/demo/test_demo_report.py)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,7 @@ from PIL import Image
 
 from meteor.serve.explain import explain, format_explanation, view_reports
 from meteor.serve.visualize import COLUMNS, draw_selection, expert_choices, selection_figure
-from talk_helpers import noise_image, save_talkative_model, talkative_model
-
-
-@pytest.fixture(scope="module")
-def talker():
-    return talkative_model()
-
-
-def test_the_demo_report_draws_with_the_library():
-    import meteor.demo.report as report
-    import meteor.serve.visualize as visualize
-
-    assert report.selection_figure is visualize.selection_figure
+from talk_helpers import noise_image, save_talkative_model
 
 
 def test_the_experts_choices_are_their_top_k_and_the_aggregate_is_what_was_kept(talker):
@@ -122,10 +110,10 @@ def test_view_reports_of_a_mixing_projector_have_no_expert_columns():
 
 def test_eval_answers_with_k_prime_tags_its_rows_and_will_not_resume_across_k(tmp_path, talker):
     from meteor.eval import EvalConfig, WorldRunner
-    from meteor.demo.world import WorldConfig, generate_world
+    from meteor.testing import tiny_world_split
 
     model, processor = talker
-    world = generate_world(tmp_path / "world", WorldConfig(seed=1, n_train_images=2, n_test_images=2, base_size=56))
+    world = tiny_world_split(tmp_path / "world", images=2, seed=1)
     calls = []
     real = model.generate
 

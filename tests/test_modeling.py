@@ -17,12 +17,6 @@ def _image(width, height, seed=0):
     return Image.fromarray(pixels)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model, processor = tiny_model(seed=0)
-    return model, processor
-
-
 def _conversation(question="What is it?", answer="a red circle"):
     return [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
 

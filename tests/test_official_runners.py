@@ -19,7 +19,6 @@ from meteor.eval.official import BenchmarkFileError, MMVetRunner, OpenAIGrader
 from meteor.eval.official.mmmu_open import eval_open, parse_open_response
 from meteor.eval.official.mmvet import GRADING_PROMPT, grading_prompt, read_grade
 from meteor.eval.official.summary import TABLE1_COLUMNS, collect_headlines, write_table1
-from meteor.testing import tiny_model
 from meteor.eval.metrics import (anls, evalai_normalize, exact_match, extract_choice, mmbench_can_infer, pope_scores,
                                  relaxed_accuracy, textvqa_accuracy, vqa_accuracy)
 from meteor.pretrained import save_pretrained
@@ -186,11 +185,6 @@ MAKERS = {"textvqa": make_textvqa, "docvqa": make_docvqa, "chartqa": make_chartq
 
 class SimulatedCrash(RuntimeError):
     pass
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model(seed=0)
 
 
 def _stable(scores):

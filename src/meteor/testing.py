@@ -1,11 +1,16 @@
-"""Tiny configurations of the real Hugging Face classes, for tests (and the embedded demo's LLaMA).
+"""Tiny configurations of the real Hugging Face classes, for tests (and the embedded demo's LLaMA),
+and the small data files the tests feed them.
 
 Nothing here is a stand-in: a `CLIPVisionModel`, a `LlamaForCausalLM` and a byte-level BPE
-tokenizer trained with `tokenizers`, only small enough to run on two CPU cores in seconds.
+tokenizer trained with `tokenizers`, only small enough to run on two CPU cores in seconds; the
+data are real files in the formats the library reads (LLaVA's JSON, the synthetic world's test
+split), drawn here so that the library's tests need nothing of the demo.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 from meteor.model.configuration import CompressorConfig, MeteorConfig
@@ -127,3 +132,66 @@ def tiny_llava_data(folder, count: int = 24, seed: int = 0, caption: bool = Fals
     path = folder / (("captions" if caption else "instruct") + ("_meta" if meta else "") + ".json")
     path.write_text(json.dumps(records, indent=1))
     return path
+
+
+_POSITIONS = ("left", "right")
+
+
+@dataclass
+class TinyWorldSplit:
+    """Where ``tiny_world_split`` wrote its files (named as the demo's ``WorldManifest`` names them)."""
+
+    test_path: Path
+    """``test.jsonl``: one question per line."""
+    image_folder: Path
+    """The folder the rows' ``image`` paths are relative to."""
+    questions: int
+    """How many questions ``test.jsonl`` holds."""
+
+
+def tiny_world_split(folder, images: int = 3, seed: int = 0):
+    """A small test split in the synthetic world's format, the file ``meteor.eval.WorldRunner`` reads
+    (``test.jsonl`` beside ``images/``, as ``meteor demo`` writes it), drawn here without the demo:
+    per image, one to three coloured squares on grey (sizes from one view to a sliced image at the
+    tiny tower's 56-px base) and four questions about them, a "colour", a "count", an "exist" and a
+    "position" one, with the answers the drawing gives. The rows carry the fields the runner needs
+    (``question_id``, ``image_id``, ``image``, ``question_type``, ``question``, ``answer``), each
+    image's questions together, images in order. Returns a ``TinyWorldSplit``."""
+    import json
+    import random
+
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    (folder / "images" / "test").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    sizes = [(56, 56), (112, 56), (84, 112)]
+    rows = []
+    for index in range(images):
+        width, height = sizes[index % len(sizes)]
+        colour = rng.choice(sorted(_COLOURS))
+        count = rng.randint(1, 3)
+        half = rng.choice(_POSITIONS)           # the half of the image the squares are drawn in
+        picture = Image.new("RGB", (width, height), (128, 128, 128))
+        draw = ImageDraw.Draw(picture)
+        side = min(width // 2, height) // 3
+        for n in range(count):
+            left = (0 if half == "left" else width // 2) + rng.randint(0, width // 2 - side)
+            top = n * (height // count) + rng.randint(0, height // count - side)
+            draw.rectangle([left, top, left + side - 1, top + side - 1], fill=_COLOURS[colour])
+        image_id = f"test-{index:06d}"
+        name = f"test/{index:06d}.png"
+        picture.save(folder / "images" / name)
+        other = rng.choice(sorted(set(_COLOURS) - {colour}))
+        asked = rng.choice([colour, other])
+        questions = [("colour", "What colour are the squares?", colour),
+                     ("count", "How many squares are there?", str(count)),
+                     ("exist", f"Is there a {asked} square in the image?", "yes" if asked == colour else "no"),
+                     ("position", "Are the squares on the left or on the right?", half)]
+        rows += [{"question_id": f"{image_id}-q{n}", "image_id": image_id, "image": name, "question_type": kind,
+                  "question": question, "answer": answer}
+                 for n, (kind, question, answer) in enumerate(questions)]
+    test_path = folder / "test.jsonl"
+    test_path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return TinyWorldSplit(test_path, folder / "images", len(rows))
+

@@ -1,4 +1,4 @@
-"""The demo report's findings: which gaps count as "clearly above" a baseline."""
+"""The demo report: which gaps count as "clearly above" a baseline, its notes, and its drawing."""
 
 import math
 
@@ -84,3 +84,10 @@ def test_the_report_names_the_stages_trained_with_scene_distillation():
     assert "Not in the paper: stage 2 (weight 2) adds scene distillation" in note and "stage 1" not in note
     both = distillation_note({"stage1": {"scene_distillation": 1.0}, "stage2": {"scene_distillation": 2.0}})
     assert "stage 1 (weight 1) and stage 2 (weight 2) add scene distillation" in both
+
+
+def test_the_report_draws_with_the_library():
+    import meteor.demo.report as report
+    import meteor.serve.visualize as visualize
+
+    assert report.selection_figure is visualize.selection_figure
