@@ -381,6 +381,52 @@ def test_mmbench_reads_the_four_refusal_phrases_as_z(answer):
     assert extract_choice(answer, OPTIONS, "mmbench") is None
 
 
+# can_infer_option's refusal list in VLMEvalKit's vlmeval/utils/matching_util.py at e8e78f05 (lines
+# 24-27; the same four phrases in vlmeval/dataset/utils/corecognition.py), written out here from
+# that source, not read from meteor's code: an answer holding one of them is option "Z".
+VLMEVALKIT_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+                       "I'm sorry, but without the image provided", "Cannot determine the answer")
+
+
+def test_the_rule_stage_knows_exactly_vlmevalkits_refusal_phrases():
+    assert set(choice._MMBENCH_REFUSALS) == set(VLMEVALKIT_REFUSALS)
+
+
+@pytest.mark.parametrize("phrase", VLMEVALKIT_REFUSALS)
+@pytest.mark.parametrize("around", ["{}", "{} B", "B. {}", "The answer is C. {}", "(A) {} (D)", "{}\nA dog."])
+def test_each_vlmevalkit_refusal_phrase_is_z_wherever_it_stands(phrase, around):
+    """Alone, before or after a letter the rules would read, beside option texts: "Z" (checked
+    before any letter rule, line 28-30), for the model's answer and for a judge's reply alike."""
+    from meteor.eval.official.mmbench_judge import read_judge_reply
+
+    answer = around.format(phrase)
+    assert mmbench_can_infer(answer, OPTIONS) == "Z"
+    assert extract_choice(answer, OPTIONS, "mmbench") is None        # "Z" picks no option
+    assert read_judge_reply(answer, OPTIONS) == "Z"                  # a judge refusing decides too
+
+
+@pytest.mark.parametrize("phrase", VLMEVALKIT_REFUSALS)
+def test_a_refused_variant_decides_its_mmbench_question_wrong_without_the_judge(phrase):
+    from meteor.eval.official.mmbench_judge import circular_verdict
+
+    def judge(row):
+        raise AssertionError(f"the judge was asked about {row['prediction']!r}")
+
+    variants = [{"question_id": k, "round": k, "options": OPTIONS, "answer": "BCDA"[k], "prediction": prediction}
+                for k, prediction in enumerate(["B", phrase, "D", "A"])]
+    verdict = circular_verdict(variants, judge)
+    assert (verdict.hit, verdict.stage, verdict.letters[1]) == (False, "rule", "Z")
+
+
+@pytest.mark.parametrize("answer, read_as", [
+    ("Failed to obtain answer via API. Cannot determine the answer", None),  # the API marker is checked first
+    ("I\u2019m sorry, but without the image provided", None),                  # a typographic apostrophe: not the phrase
+    ("cannot determine the answer", None),                                     # case-sensitive
+])
+def test_only_vlmevalkits_exact_refusal_phrases_give_z(answer, read_as):
+    assert mmbench_can_infer(answer, OPTIONS) == read_as
+
+
 @pytest.mark.parametrize("answer, read_as", [
     ("I cannot determine the answer", None),          # phrases match exactly: "cannot" is not "Cannot"
     ("I cannot tell", None),                          # not on the list at all
