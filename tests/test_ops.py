@@ -1,7 +1,10 @@
 """Tests for meteor.model.ops: every selective-scan path equals the reference on outputs and all gradients.
 
-The C++ kernel is compiled on first use (about 25 s once per machine, cached afterwards); a build
-failure makes these tests fail rather than skip, because auto mode would then silently be slow.
+The C++ kernel is compiled on first use for each instruction set (about 30 s each, once per Python
+environment, cached afterwards); a build failure makes these tests fail rather than skip, because auto
+mode would then silently be slow. Every instruction-set build this CPU can run is tested (on an AVX-512
+machine: avx512, avx2 and default; on an AVX2-only CI machine the avx512 cases are skipped and say so).
+Build-cache and selection tests are in test_scan_build.py.
 """
 
 import importlib
@@ -11,13 +14,14 @@ import pytest
 import torch
 
 from meteor.model import ops
-from meteor.model.ops import selective_scan, selective_scan_ref, scan_backend
-from meteor.model.ops._build import compile_variant
+from meteor.model.ops import _build, scan_backend, scan_isa, selective_scan, selective_scan_ref
 
 scan_module = importlib.import_module("meteor.model.ops.selective_scan")  # the package attribute is the function
 
 OPTIONAL = ("D", "z", "delta_bias")
-FAST_PATHS = ("cpp", "torch")
+# The pure-PyTorch loop, and the C++ kernel built for each instruction set (forced with METEOR_SCAN_ISA).
+FAST_PATHS = ("torch", *(f"cpp-{isa}" for isa in _build.ISAS))
+LANES = {"avx512": 16, "avx2": 8}
 
 
 def make_inputs(batch=2, dim=16, dstate=16, length=70, groups=None, dtype=torch.float32, seed=0):
@@ -77,14 +81,30 @@ def assert_paths_equal(got, want, rel=2e-5):
 
 @pytest.fixture(params=FAST_PATHS)
 def fast_path(request, monkeypatch):
-    monkeypatch.setenv(ops.ENV_VAR, request.param)
+    if request.param == "torch":
+        monkeypatch.setenv(ops.ENV_VAR, "torch")
+        return request.param
+    isa = request.param.removeprefix("cpp-")
+    if isa not in _build.cpu_isas():
+        pytest.skip(f"this CPU ({_build.cpu_name()}) cannot run the {isa} build: it runs "
+                    f"{', '.join(_build.cpu_isas())}")
+    monkeypatch.setenv(ops.ENV_VAR, "cpp")
+    monkeypatch.setenv(ops.ISA_ENV_VAR, isa)
+    kernels = _build.build_extension()
+    assert scan_isa("cpu") == kernels.isa == isa  # the forced build is the one that runs
+    if isa in LANES:
+        assert kernels.lanes == LANES[isa]
     return request.param
 
 
 # (batch, dim, N, L, groups): L = 70 and 129 span 2 and 3 checkpoint chunks with ragged ends; L = 1 and
-# L = 64 are the edges; dim 24 is not a multiple of the 16-channel blocks, N = 5 runs the generic loop.
+# L = 64 are the edges; no L but 64 is a multiple of the 8 or 16 lanes' transposes. dim 24, 20 and 36
+# are not multiples of 16 (20 not of 8 either): blocks narrower than a vector. N = 5 and 20 run the
+# generic loop (20: two lane-sum groups, the second padded); N = 8 and 4 are narrower than AVX-512's
+# lane-sum tree. Grouped B/C: 2 groups of 16 channels, 3 groups of 12, 2 groups of 20.
 SHAPES = [(2, 16, 16, 70, None), (2, 24, 5, 33, None), (1, 32, 8, 1, None), (2, 8, 4, 64, None),
-          (1, 16, 16, 129, None), (2, 32, 16, 40, 2)]
+          (1, 16, 16, 129, None), (2, 32, 16, 40, 2), (1, 20, 16, 37, None), (2, 36, 16, 19, 3),
+          (1, 40, 20, 67, 2)]
 # Each optional argument alone, all, none; softplus on and off; with and without the last state.
 OPTION_SETS = [(OPTIONAL, True, True), ((), False, False), (("D",), True, False), (("z",), False, True),
                (("delta_bias",), True, True), (OPTIONAL, False, False)]
@@ -105,6 +125,16 @@ def test_no_grad_forward_matches(fast_path):
     with torch.no_grad():
         got = run(selective_scan, inputs, return_last_state=True, grad=False)
     want = run(selective_scan_ref, inputs, return_last_state=True, grad=False)
+    assert_paths_equal(got, want)
+
+
+def test_steps_large_enough_to_underflow_the_decay(fast_path):
+    # dt * A * log2(e) below -126 (the decay exp(dt A) underflows to ~0): the AVX2 build's exp then
+    # takes its clamped version, the others saturate by construction; all must match the reference.
+    inputs = make_inputs(batch=1, dim=24, length=45)
+    inputs["delta"] = inputs["delta"].abs() * 20 + 60  # dt in [60, ~100], A in [-2.05, -0.05]
+    got = run(selective_scan, inputs, use=("D", "z"), delta_softplus=False, return_last_state=True)
+    want = run(selective_scan_ref, inputs, use=("D", "z"), delta_softplus=False, return_last_state=True)
     assert_paths_equal(got, want)
 
 
@@ -150,11 +180,19 @@ def test_reference_matches_closed_form_single_step():
 def test_backend_follows_environment(monkeypatch, mode, backend):
     monkeypatch.setenv(ops.ENV_VAR, mode)
     assert scan_backend("cpu") == backend
+    assert scan_isa("cpu") == (_build.selected_isa() if mode == "cpp" else None)
 
 
-def test_auto_uses_cpp_on_cpu(monkeypatch):
+def test_auto_uses_cpp_on_cpu_with_the_best_build_the_cpu_runs(monkeypatch):
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    monkeypatch.delenv(ops.ISA_ENV_VAR, raising=False)
     assert scan_backend(torch.device("cpu")) == "cpu-cpp"
+    best = _build.cpu_isas()[0]
+    torch_choice = _build.torch_isa()  # no higher than torch's own choice (ATEN_CPU_CAPABILITY lowers it)
+    expected = best if _build.ISAS.index(best) >= _build.ISAS.index(torch_choice) else torch_choice
+    assert scan_isa("cpu") == expected == _build.build_extension().isa
+    print(f"auto runs the {expected} build on this CPU ({_build.cpu_name()}; runnable: "
+          f"{', '.join(_build.cpu_isas())})")
 
 
 def test_invalid_mode_and_cpp_on_cuda_raise(monkeypatch):
@@ -167,7 +205,7 @@ def test_invalid_mode_and_cpp_on_cuda_raise(monkeypatch):
 
 
 def test_failed_build_falls_back_once_under_auto_and_raises_when_forced(monkeypatch):
-    def broken_build(verbose=False):
+    def broken_build(verbose=False, isa=None):
         raise RuntimeError("Error building extension\nselective_scan.cpp:1:1: error: simulated failure")
 
     monkeypatch.setattr(scan_module, "build_extension", broken_build)
@@ -220,25 +258,6 @@ def test_cpp_refuses_float64_with_advice(monkeypatch):
         selective_scan(*args, **kwargs)
 
 
-@pytest.mark.slow
-def test_portable_kernel_matches_reference():
-    # The non-AVX-512 code (GCC generic vectors, bit-twiddled exp) compiled on this machine on purpose.
-    kernels = compile_variant(["-O3", "-ffp-contract=fast", "-fopenmp", "-DMETEOR_SCAN_PORTABLE"])
-    assert kernels.simd == "generic-vector"
-    inputs = make_inputs(dim=24, length=70)
-    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    Bg, Cg = leaves["B"].unsqueeze(1), leaves["C"].unsqueeze(1)
-    out, _ = scan_module._SelectiveScanFn.apply(kernels, leaves["u"], leaves["delta"], leaves["A"], Bg, Cg,
-                                                leaves["D"], leaves["z"], leaves["delta_bias"], True)
-    out.sum().backward()
-    ref_leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    ref = selective_scan_ref(*(ref_leaves[k] for k in ("u", "delta", "A", "B", "C")), D=ref_leaves["D"],
-                             z=ref_leaves["z"], delta_bias=ref_leaves["delta_bias"], delta_softplus=True)
-    ref.sum().backward()
-    assert_paths_equal((out.detach(), None, {k: v.grad for k, v in leaves.items()}),
-                       (ref.detach(), None, {k: v.grad for k, v in ref_leaves.items()}))
-
-
 def test_channel_contiguous_operands_are_read_in_place(fast_path):
     # A Mamba block hands over delta and z as transposed (batch, L, d_inner) tensors; dout may come
     # back in that layout too. The kernel reads them without copies and must give the same answers.
@@ -248,13 +267,3 @@ def test_channel_contiguous_operands_are_read_in_place(fast_path):
     assert transposed["delta"].stride(1) == 1
     assert_paths_equal(run(selective_scan, transposed, return_last_state=True),
                        run(selective_scan_ref, inputs, return_last_state=True))
-
-
-def test_a_machine_without_the_compiled_kernel_is_told_before_it_compiles(tmp_path, monkeypatch):
-    from meteor.model.ops import _build
-
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert not _build.is_built()           # an empty extensions folder: the next use compiles (and says so)
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
-    _build.build_extension()
-    assert _build.is_built()               # the default folder holds the build this test suite uses

@@ -18,12 +18,15 @@ that support it). With ``return_last_state`` the result is ``(out, h_L)``, h_L (
 
 Paths (``scan_backend(device)`` names the one ``selective_scan`` takes on a device):
     "mamba_ssm-cuda"  CUDA tensors and mamba_ssm importable: its fused CUDA kernel.
-    "cpu-cpp"         CPU: csrc/selective_scan.cpp, JIT-compiled on first use (see _build.py).
+    "cpu-cpp"         CPU: csrc/selective_scan.cpp, JIT-compiled on first use for the CPU's instruction
+                      set (avx512, avx2 or default; ``scan_isa()`` says which, see _build.py).
     "torch-loop"      the same checkpointed algorithm in PyTorch: any device, slower; used when the
                       C++ build fails (with one warning) or on CUDA without mamba_ssm.
     "reference"       selective_scan_ref, the step-by-step loop under autograd.
 Set ``METEOR_SELECTIVE_SCAN`` to ``auto`` (default), ``cpp``, ``torch`` or ``reference`` to force one;
-a forced ``cpp`` that cannot build raises with the compiler's error instead of falling back.
+a forced ``cpp`` that cannot build raises with the compiler's error instead of falling back. Set
+``METEOR_SCAN_ISA`` to ``avx512``, ``avx2`` or ``default`` (alias ``scalar``) to force the cpu-cpp
+path's instruction set; one this CPU cannot run raises, naming those it can.
 
 The cpu-cpp path reads u, delta, z (and the incoming gradient) in place when they are contiguous or
 channel-contiguous (transposed (batch, L, d_inner) tensors, as a Mamba block makes delta and z);
@@ -43,7 +46,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from meteor.model.ops._build import build_extension, error_gist
+from meteor.model.ops._build import build_extension, error_gist, selected_isa
 
 ENV_VAR = "METEOR_SELECTIVE_SCAN"
 MODES = ("auto", "cpp", "torch", "reference")
@@ -305,8 +308,9 @@ def _mode() -> str:
 def scan_backend(device: torch.device | str) -> str:
     """Name of the path ``selective_scan`` takes for tensors on ``device`` (see the module docstring).
 
-    On CPU under ``auto`` this builds the C++ extension if it is not built yet (about 25 s the first
-    time on a machine, cached afterwards).
+    On CPU under ``auto`` this builds the C++ extension if it is not built yet (about 30 s the first
+    time in an environment, cached afterwards). Raises when ``METEOR_SCAN_ISA`` names an instruction
+    set this CPU cannot run (also under ``auto``: a forced choice is never silently replaced).
     """
     device = torch.device(device)
     mode = _mode()
@@ -318,27 +322,36 @@ def scan_backend(device: torch.device | str) -> str:
         if device.type != "cpu":
             raise ValueError(f"{ENV_VAR}=cpp forces the CPU kernel but the tensors are on {device}; "
                              f"unset it or use {ENV_VAR}=torch")
+        isa = selected_isa()
         try:
-            build_extension()
+            build_extension(isa=isa)
         except Exception as exc:
-            raise RuntimeError(f"{ENV_VAR}=cpp but the CPU selective-scan kernel failed to build: "
+            raise RuntimeError(f"{ENV_VAR}=cpp but the CPU selective-scan kernel ({isa}) failed to build: "
                                f"{error_gist(exc)}\n(full error above; unset {ENV_VAR} to fall back to the "
                                "pure-PyTorch loop)") from exc
         return "cpu-cpp"
     if device.type == "cuda" and importlib.util.find_spec("mamba_ssm") is not None:
         return "mamba_ssm-cuda"
     if device.type == "cpu":
+        isa = selected_isa()
         try:
-            build_extension()
+            build_extension(isa=isa)
             return "cpu-cpp"
         except Exception as exc:
-            _warn_once("cpp", "meteor.model.ops: the CPU selective-scan kernel failed to build, using the slower "
-                              f"pure-PyTorch loop instead. Compiler said: {error_gist(exc)}. "
+            _warn_once("cpp", f"meteor.model.ops: the CPU selective-scan kernel ({isa}) failed to build, using the "
+                              f"slower pure-PyTorch loop instead. Compiler said: {error_gist(exc)}. "
                               f"Set {ENV_VAR}=cpp to see the full error.")
             return "torch-loop"
     _warn_once(f"torch-{device.type}", f"meteor.model.ops: no fused selective scan for {device.type} tensors "
                                        "(mamba_ssm is not installed): using the pure-PyTorch loop")
     return "torch-loop"
+
+
+def scan_isa(device: torch.device | str = "cpu") -> str | None:
+    """The instruction set of the kernel ``selective_scan`` runs on ``device`` ("avx512", "avx2" or
+    "default"), or None when the path taken is not the CPU kernel (``scan_backend`` names it).
+    ``METEOR_SCAN_ISA`` forces one; see _build.py."""
+    return selected_isa() if scan_backend(device) == "cpu-cpp" else None
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -348,7 +361,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     u, delta, z: (batch, d_inner, L); A: (d_inner, N); B, C: (batch, N, L) or (batch, G, N, L);
     D, delta_bias: (d_inner,). Returns out (batch, d_inner, L) in u's dtype, and the last state
     (batch, d_inner, N) if ``return_last_state``. Gradients flow to every tensor argument.
-    ``scan_backend(u.device)`` says which path runs; ``METEOR_SELECTIVE_SCAN`` forces one.
+    ``scan_backend(u.device)`` says which path runs (``scan_isa()``: which CPU instruction set);
+    ``METEOR_SELECTIVE_SCAN`` and ``METEOR_SCAN_ISA`` force them.
     """
     backend = scan_backend(u.device)
     args = (u, delta, A, B, C, D, z, delta_bias)
@@ -368,6 +382,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         kernels = build_extension()
     else:
         kernels = _TORCH_LOOP
+    return scan_with(kernels, *args, delta_softplus=delta_softplus, return_last_state=return_last_state, dtype=dtype)
+
+
+def scan_with(kernels, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+              return_last_state=False, dtype=torch.float32):
+    """``selective_scan`` on given kernels (a module from ``_build.load_isa``, or another build with
+    the same ``forward``/``backward`` contract), inputs already validated; computes in ``dtype``.
+    ``selective_scan`` calls it; benchmarks call it to time one build against another."""
 
     def prepared(t):
         return None if t is None else t.to(dtype).contiguous()

@@ -9,40 +9,57 @@
 //   h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t    (per channel, per state n)
 //   y_t = sum_n C_t[n] h_t[n];   out = (y + D * u) * silu(z)
 //
-// Why it is organised this way (figures in /work/shared/PERFORMANCE.md):
+// One source, several instruction sets. The arithmetic is written on at::vec::Vectorized<float>,
+// PyTorch's portable SIMD type, whose width W is 16 floats under AVX-512, 8 under AVX2, and the
+// baseline's (8 floats as plain arrays on x86-64, 4 NEON lanes on aarch64) otherwise. _build.py
+// compiles this file once per instruction set, as PyTorch compiles its own CPU kernels:
+//   -DCPU_CAPABILITY=AVX512 -DCPU_CAPABILITY_AVX512 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma
+//   -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 -mavx2 -mfma -mf16c
+//   -DCPU_CAPABILITY=DEFAULT                  (no extension beyond the architecture's baseline)
+// and loads the one the CPU runs. Nothing depends on the machine that compiled it beyond those
+// flags. A few helpers have explicit AVX-512 / AVX2 bodies (exp2, 1/x, the lane-sum shuffle tree);
+// each has a plain version used by the baseline build.
+//
+// Why it is organised this way:
 //  * The scan is compute-bound (~2.4 GFLOP at the FGF shape, dominated by the exp) and batch x channels
-//    already gives hundreds of independent recurrences for 2 cores, so time stays sequential. We
-//    vectorise over 16 neighbouring channels: one 16-float vector per state n, all N states of a block
-//    held in registers, and B_t[n], C_t[n] are scalars broadcast to all lanes, so the forward needs no
-//    horizontal sums.
-//  * Contiguous inputs run along time per channel. Each 16-channel block is transposed once (16x16
-//    in-register transposes) into an (L, 16) "tile" that stays in L2, and results are transposed back
-//    at the end; channel-contiguous inputs are copied into the tile as they are. Elementwise work
-//    (bias, softplus, D, z gating) is done on the tiles, fused with those passes.
+//    already gives hundreds of independent recurrences for a few cores, so time stays sequential. We
+//    vectorise over W neighbouring channels: one W-float vector per state n, all N states of a block
+//    held in registers (as many as fit), and B_t[n], C_t[n] are scalars broadcast to all lanes, so the
+//    forward needs no horizontal sums.
+//  * Contiguous inputs run along time per channel. Each W-channel block is transposed once (W x W
+//    in-register transposes) into an (L, W) "tile" that stays in L2, and results are transposed back
+//    at the end; channel-contiguous inputs are copied into the tile as they are. Elementwise work is
+//    done on the tiles: bias, softplus and silu(z) in one pass before the recurrence (four steps at a
+//    time, interleaved: see Pack), D and the gate as each step's output is stored.
 //  * Outputs come from a small pool of reused blocks (OutputPool): fresh 66 MB tensors cost more in
 //    page faults than the rest of the forward's overhead.
-//  * exp(x) = 2^(x log2 e): a degree-5 polynomial of the fraction, the exponent applied with vscalefps.
+//  * exp(x) = 2^(x log2 e): a degree-5 polynomial of the fraction, times 2^floor. The recurrence is
+//    bound by the FMA units (9 of its 14-16 instructions per state and step use them under AVX2).
 //  * The forward stores the state every `chunk` steps. The backward recomputes one chunk at a time from
 //    its checkpoint (decays and states into a small buffer), then runs the adjoint recurrence in
 //    reverse, so nothing of size (batch, dim, L, N) is ever stored.
-//  * dB and dC sum over channels: each reverse step reduces 16 lane-vectors with a shuffle tree into
+//  * dB and dC sum over channels: each reverse step reduces W lane-vectors with a shuffle tree into
 //    one vector over n, accumulated into a per-thread (L, N) buffer, summed over threads at the end.
-//
-// Build: JIT-compiled by meteor/ops/_build.py with -O3 -march=native -fopenmp -ffp-contract=fast.
-// Without AVX-512 (or with -DMETEOR_SCAN_PORTABLE) the same code uses GCC's generic vectors and a
-// bit-manipulation exp; only exp2v() differs between the two.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
-#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <iterator>
+#include <mutex>
 #include <new>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -50,203 +67,423 @@
 #include <sys/mman.h>
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(METEOR_SCAN_PORTABLE)
-#include <immintrin.h>
-#define METEOR_SCAN_AVX512 1
+#if defined(CPU_CAPABILITY_AVX512)
+#define METEOR_SCAN_ISA "avx512"
+#elif defined(CPU_CAPABILITY_AVX2)
+#define METEOR_SCAN_ISA "avx2"
+#else
+#define METEOR_SCAN_ISA "default"
 #endif
 
 #define INLINE inline __attribute__((always_inline))
 
 namespace {
 
-constexpr int W = 16;                  // lanes per vector = channels per block
+using Vec = at::vec::Vectorized<float>;
+constexpr int W = Vec::size();         // lanes per vector = channels per block
+static_assert(W == 4 || W == 8 || W == 16, "the lane-sum tree and the tiles expect 4, 8 or 16 lanes");
 constexpr int kMaxGenericState = 256;  // N beyond the specialised sizes runs the generic loop
 constexpr float kLog2e = 1.4426950408889634f;
 
-typedef float V __attribute__((vector_size(64), __may_alias__));
-typedef float Vu __attribute__((vector_size(64), aligned(4), __may_alias__));  // unaligned access
-typedef int32_t VI __attribute__((vector_size(64), __may_alias__));
-
-inline V load(const float* p) { return *reinterpret_cast<const V*>(p); }  // p 64-byte aligned
-inline void store(float* p, V v) { *reinterpret_cast<V*>(p) = v; }
-inline V loadu(const float* p) { return *reinterpret_cast<const Vu*>(p); }
-inline void storeu(float* p, V v) { *reinterpret_cast<Vu*>(p) = v; }
-inline V splat(float x) { return V{} + x; }
-inline V vabs(V x) { return (V)((VI)x & 0x7fffffff); }
-inline V vmax0(V x) { return x > V{} ? x : V{}; }
+INLINE Vec load(const float* p) { return Vec::loadu(p); }
+INLINE void store(float* p, const Vec& v) { v.store(p); }
+INLINE Vec splat(float x) { return Vec(x); }
+INLINE Vec zeros() { return Vec(0.f); }
+INLINE Vec fma(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }  // a * b + c
 
 // ---------------------------------------------------------------------------------------------
-// exp and friends
+// exp and friends, on packs of K independent vectors
+//
+// The elementwise passes (softplus, the z gate) are long dependency chains per vector (exp, a
+// reciprocal, a polynomial: ~90 cycles), and one chain after another fills the core's out-of-order
+// window long before the FMA units are busy. So these functions take a Pack of K vectors and apply
+// each operation to all K before the next, interleaving K chains in the instruction stream. Measured
+// under AVX2: 6.3 ns per 8 softplus one vector at a time, 3.8 with K = 4 (the FMA bound is ~3.5).
+// The recurrences call them with K = 1.
+
+template <int K>
+struct Pack {
+  Vec v[K];
+};
+
+template <int K>
+INLINE Pack<K> broadcast(const Vec& x) {
+  Pack<K> r;
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) r.v[k] = x;
+  return r;
+}
+
+template <int K, typename F>
+INLINE Pack<K> map(const F& f, const Pack<K>& a) {
+  Pack<K> r;
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) r.v[k] = f(a.v[k]);
+  return r;
+}
+
+template <int K, typename F>
+INLINE Pack<K> map(const F& f, const Pack<K>& a, const Pack<K>& b) {
+  Pack<K> r;
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) r.v[k] = f(a.v[k], b.v[k]);
+  return r;
+}
+
+template <int K, typename F>
+INLINE Pack<K> map(const F& f, const Pack<K>& a, const Pack<K>& b, const Pack<K>& c) {
+  Pack<K> r;
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) r.v[k] = f(a.v[k], b.v[k], c.v[k]);
+  return r;
+}
+
+#define METEOR_PACK_OPERATOR(op)                                                                       \
+  template <int K>                                                                                     \
+  INLINE Pack<K> operator op(const Pack<K>& a, const Pack<K>& b) {                                     \
+    return map([](const Vec& x, const Vec& y) { return x op y; }, a, b);                               \
+  }                                                                                                    \
+  template <int K>                                                                                     \
+  INLINE Pack<K> operator op(const Pack<K>& a, const Vec& b) {                                         \
+    return map([&b](const Vec& x) { return x op b; }, a);                                              \
+  }
+METEOR_PACK_OPERATOR(+)
+METEOR_PACK_OPERATOR(-)
+METEOR_PACK_OPERATOR(*)
+METEOR_PACK_OPERATOR(/)
+#undef METEOR_PACK_OPERATOR
+
+template <int K>
+INLINE Pack<K> fma(const Pack<K>& a, const Pack<K>& b, const Pack<K>& c) {  // a * b + c
+  return map([](const Vec& x, const Vec& y, const Vec& z) { return fma(x, y, z); }, a, b, c);
+}
+
+template <int K>
+INLINE Pack<K> fma(const Pack<K>& a, const Pack<K>& b, const Vec& c) {
+  return map([&c](const Vec& x, const Vec& y) { return fma(x, y, c); }, a, b);
+}
+
+template <int K>
+INLINE Pack<K> fnmadd(const Pack<K>& a, const Pack<K>& b, const Vec& c) {  // c - a * b
+  return map([&c](const Vec& x, const Vec& y) { return at::vec::fnmadd(x, y, c); }, a, b);
+}
+
+// Horner's rule, coefficients from the highest degree down.
+template <int K, size_t M>
+INLINE Pack<K> horner(const Pack<K>& x, const float (&c)[M]) {
+  Pack<K> p = fma(broadcast<K>(splat(c[0])), x, splat(c[1]));
+#pragma GCC unroll 16
+  for (size_t i = 2; i < M; ++i) p = fma(p, x, splat(c[i]));
+  return p;
+}
 
 // 2^f for f in [0, 1): minimax polynomial for the relative error, max 1.6e-7 after float32
 // rounding (about 1.3 ulp; mamba's CUDA kernel uses the hardware exp2f approximation, ~2 ulp).
-INLINE V exp2_fraction(V f) {
-  V p = splat(0.0018775767f);
-  p = p * f + 0.00898934f;
-  p = p * f + 0.055826318f;
-  p = p * f + 0.24015361f;
-  p = p * f + 0.6931531f;
-  return p * f + 0.99999994f;
-}
+constexpr float kExp2Poly[] = {0.0018775767f, 0.00898934f, 0.055826318f, 0.24015361f, 0.6931531f, 0.99999994f};
 
-INLINE V exp2v(V x) {
-#ifdef METEOR_SCAN_AVX512
+#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
+// Baseline: split x = k + f with k = floor(x), build 2^k in the exponent bits. Written per lane
+// on plain floats without branches, so that the compiler vectorises it for the baseline's SIMD (SSE2,
+// NEON).
+inline Vec exp2_lanes(const Vec& x) {
+  alignas(64) float v[W], out[W];
+  x.store(v);
+  for (int i = 0; i < W; ++i) {
+    const float xi = v[i];
+    const bool nan = !(xi == xi);
+    float xc = xi < -127.f ? -127.f : xi > 128.f ? 128.f : xi;
+    xc = nan ? 0.f : xc;
+    int32_t k = static_cast<int32_t>(xc);                  // truncation ...
+    k -= static_cast<int32_t>(static_cast<float>(k) > xc);  // ... rounded down for negative x
+    const float f = xc - static_cast<float>(k);
+    float p = kExp2Poly[0];
+    for (size_t j = 1; j < std::size(kExp2Poly); ++j) p = p * f + kExp2Poly[j];
+    const int32_t bits = (k + 127) << 23;  // k = -127: 0.0f; k = 128: inf
+    float two_k;
+    std::memcpy(&two_k, &bits, sizeof(two_k));
+    out[i] = nan ? xi : p * two_k;  // NaN stays NaN
+  }
+  return Vec::loadu(out);
+}
+#endif
+
+// 2^x. Safe: the caller has checked that x lies in [-126, 127] (see exp_args_in_range), which lets
+// the AVX2 version skip its clamps (two of its sixteen instructions per state and step). Ignored
+// elsewhere.
+template <bool Safe, int K>
+INLINE Pack<K> exp2v(const Pack<K>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
   // vreduceps gives x - floor(x) in one instruction and vscalefps multiplies by 2^floor(x) with
   // correct saturation to 0 and inf, so no clamping is needed: 7 instructions per 16 exps.
-  const __m512 xm = (__m512)x;
-  const V f = (V)_mm512_reduce_ps(xm, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  return (V)_mm512_scalef_ps((__m512)exp2_fraction(f), xm);
+  const Pack<K> f = map([](const Vec& v) { return Vec(_mm512_reduce_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)); }, x);
+  return map([](const Vec& p, const Vec& v) { return Vec(_mm512_scalef_ps(p, v)); }, horner(f, kExp2Poly), x);
+#elif defined(CPU_CAPABILITY_AVX2)
+  // x = k + f, k = floor(x) clamped to [-126, 127], and 2^k added to the polynomial's exponent
+  // field (an integer add instead of a multiply: the FMA ports are the bottleneck here). Below -126
+  // the result is 2^-126 * 2^f (< 2.4e-38 where the true value is smaller still); the upper clamp
+  // is at 127.99999, so an overflowing exp returns ~3.4e38 instead of inf. x is the second operand of
+  // max/min so that a NaN passes through.
+  Pack<K> xc = x;
+  if constexpr (!Safe)
+    xc = map([](const Vec& v) {
+      return Vec(_mm256_min_ps(_mm256_set1_ps(127.99999f), _mm256_max_ps(_mm256_set1_ps(-126.f), v)));
+    }, x);
+  const Pack<K> k = map([](const Vec& v) { return Vec(_mm256_floor_ps(v)); }, xc);
+  return map([](const Vec& p, const Vec& kf) {
+    const __m256i scale = _mm256_slli_epi32(_mm256_cvttps_epi32(kf), 23);
+    return Vec(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale)));
+  }, horner(xc - k, kExp2Poly), k);
 #else
-  // Portable: split x = k + f by truncation and correction, build 2^k in the exponent bits.
-  // Below -127 the result flushes to 0 (true value < 6e-39); above 128 it is inf.
-  V xc = x < splat(-127.f) ? splat(-127.f) : x;
-  xc = xc > splat(128.f) ? splat(128.f) : xc;
-  VI k = __builtin_convertvector(xc, VI);
-  k += (VI)(__builtin_convertvector(k, V) > xc);  // truncation rounded up a negative x: k -= 1
-  const V f = xc - __builtin_convertvector(k, V);
-  return exp2_fraction(f) * (V)((k + 127) << 23);
+  return map([](const Vec& v) { return exp2_lanes(v); }, x);
 #endif
 }
 
-inline V expv(V x) { return exp2v(x * kLog2e); }
+template <bool Safe = false>
+INLINE Vec exp2v(const Vec& x) {
+  return exp2v<Safe>(Pack<1>{{x}}).v[0];
+}
 
-// 1 / x to about 1 ulp: rcp14 and one Newton step. A vdivps would stall the elementwise loops.
-INLINE V reciprocal(V x) {
-#ifdef METEOR_SCAN_AVX512
-  const V r = (V)_mm512_rcp14_ps((__m512)x);
-  return r + r * (1.f - x * r);
+template <int K>
+INLINE Pack<K> expv(const Pack<K>& x) {
+  return exp2v<false>(x * splat(kLog2e));
+}
+
+// 1 / x for x in [1, 3] (all its callers): the hardware estimate (rcp14 under AVX-512, 2^-14; rcpps
+// under AVX2, 1.5 * 2^-12) and one Newton step, about 1 and 2 ulp; a vdivps would stall the
+// elementwise loops. Elsewhere a division.
+template <int K>
+INLINE Pack<K> reciprocal(const Pack<K>& x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const Pack<K> r = map([](const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return Vec(_mm512_rcp14_ps(v));
 #else
-  return 1.f / x;
+    return Vec(_mm256_rcp_ps(v));
+#endif
+  }, x);
+  return fma(r, fnmadd(x, r, splat(1.f)), r);  // r + r (1 - x r)
+#else
+  return broadcast<K>(splat(1.f)) / x;
 #endif
 }
 
 // log(1 + e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) <= 1/3, series to s^13 (rel. err 1e-8).
-inline V log1p_unit(V e) {
-  const V s = e * reciprocal(e + 2.f);
-  const V s2 = s * s;
-  V p = splat(1.f / 13.f);
-  p = p * s2 + 1.f / 11.f;
-  p = p * s2 + 1.f / 9.f;
-  p = p * s2 + 1.f / 7.f;
-  p = p * s2 + 1.f / 5.f;
-  p = p * s2 + 1.f / 3.f;
-  p = p * s2 + 1.f;
-  return 2.f * s * p;
+template <int K>
+INLINE Pack<K> log1p_unit(const Pack<K>& e) {
+  constexpr float kSeries[] = {1.f / 13.f, 1.f / 11.f, 1.f / 9.f, 1.f / 7.f, 1.f / 5.f, 1.f / 3.f, 1.f};
+  const Pack<K> s = e * reciprocal(e + splat(2.f));
+  return (s * splat(2.f)) * horner(s * s, kSeries);
+}
+
+// -|x|: one OR of the sign bit.
+template <int K>
+INLINE Pack<K> neg_abs(const Pack<K>& x) {
+  return map([](const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return Vec(_mm512_or_ps(v, _mm512_set1_ps(-0.f)));
+#elif defined(CPU_CAPABILITY_AVX2)
+    return Vec(_mm256_or_ps(v, _mm256_set1_ps(-0.f)));
+#else
+    return zeros() - v.abs();
+#endif
+  }, x);
+}
+
+// x >= 0 ? if_nonneg : otherwise, per lane.
+template <int K>
+INLINE Pack<K> select_nonneg(const Pack<K>& x, const Pack<K>& if_nonneg, const Pack<K>& otherwise) {
+  return map([](const Vec& v, const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return Vec(_mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ), b, a));
+#else
+    return Vec::blendv(b, a, v >= zeros());
+#endif
+  }, x, if_nonneg, otherwise);
 }
 
 // sigmoid(x) from e = exp(-|x|), stable for any x.
-inline V sigmoid_from(V x, V e) {
-  const V r = reciprocal(1.f + e);
-  return x >= V{} ? r : e * r;
+template <int K>
+INLINE Pack<K> sigmoid_from(const Pack<K>& x, const Pack<K>& e) {
+  const Pack<K> r = reciprocal(e + splat(1.f));
+  return select_nonneg(x, r, e * r);
+}
+
+template <int K>
+INLINE Pack<K> vmax0(const Pack<K>& x) {
+  return map([](const Vec& v) { return at::vec::clamp_min(v, zeros()); }, x);
+}
+
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)): equals torch's softplus (threshold 20) to float32 rounding.
+template <int K>
+INLINE Pack<K> softplus(const Pack<K>& x) {
+  return vmax0(x) + log1p_unit(expv(neg_abs(x)));
+}
+
+template <int K>
+INLINE Pack<K> load_pack(const float* p) {  // K consecutive vectors (steps of an (L, W) tile)
+  Pack<K> r;
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) r.v[k] = load(p + k * W);
+  return r;
+}
+
+template <int K>
+INLINE void store_pack(float* p, const Pack<K>& x) {
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) store(p + k * W, x.v[k]);
+}
+
+// body(t, pack size) over the steps [0, L) of a tile: four at a time, then one at a time.
+template <typename F>
+INLINE void by_fours(int64_t L, const F& body) {
+  int64_t t = 0;
+  for (; t + 4 <= L; t += 4) body(t, std::integral_constant<int, 4>{});
+  for (; t < L; ++t) body(t, std::integral_constant<int, 1>{});
 }
 
 // ---------------------------------------------------------------------------------------------
-// Register shuffles: 16x16 transpose and "lane sums" (lane j of the result = sum of vector j)
+// Lane sums: W vectors in, one vector out whose lane j is the sum of vector j's lanes.
+//
+// Under AVX2 / AVX-512 a shuffle tree: level 0 and 1 pair up neighbouring lanes inside each 128-bit
+// lane (as vhaddps does), levels 2 and 3 fold 128-bit lanes together; every level halves the number
+// of vectors and keeps lane order, so vector j's total lands in lane j. LaneSums::push feeds vectors
+// one at a time and combines pairs as soon as they exist, so at most log2(W) + 1 partial vectors are
+// live (the reverse loop already holds N carried adjoints in registers). The baseline keeps a plain
+// array and sums it at the end.
 
-template <int S, bool Second>
-constexpr int transpose_index(int j) {
-  // One stage swaps the off-diagonal S x S blocks of each 2S x 2S block (indices >= 16 pick b).
-  return Second ? ((j & S) ? 16 + j : j + S) : ((j & S) ? 16 + j - S : j);
-}
-template <int S, bool Second, size_t... J>
-constexpr VI transpose_mask(std::index_sequence<J...>) {
-  return VI{transpose_index<S, Second>(static_cast<int>(J))...};
-}
-
-template <int S>
-inline void transpose_stage(V* r) {
-  constexpr VI first = transpose_mask<S, false>(std::make_index_sequence<W>{});
-  constexpr VI second = transpose_mask<S, true>(std::make_index_sequence<W>{});
-#pragma GCC unroll 16
-  for (int i = 0; i < W; ++i) {
-    if (i & S) continue;
-    const V a = r[i], b = r[i + S];
-    r[i] = __builtin_shuffle(a, b, first);
-    r[i + S] = __builtin_shuffle(a, b, second);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+template <int Level>
+INLINE Vec combine(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = a, y = b;
+  if constexpr (Level < 2) {
+    return Vec(_mm512_add_ps(_mm512_shuffle_ps(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_ps(x, y, _MM_SHUFFLE(3, 1, 3, 1))));
+  } else {
+    return Vec(_mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD)));
   }
+#else
+  const __m256 x = a, y = b;
+  if constexpr (Level < 2) {
+    return Vec(_mm256_add_ps(_mm256_shuffle_ps(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm256_shuffle_ps(x, y, _MM_SHUFFLE(3, 1, 3, 1))));
+  } else {
+    return Vec(_mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31)));
+  }
+#endif
 }
 
-inline void transpose16(V* r) {
-  transpose_stage<8>(r);
-  transpose_stage<4>(r);
-  transpose_stage<2>(r);
-  transpose_stage<1>(r);
-}
+constexpr int kLaneLevels = W == 16 ? 4 : W == 8 ? 3 : 2;
 
-template <int H, bool High>
-constexpr int lane_sum_index(int j) {
-  // Inputs x, y each hold 16 / (2H) partial sums of width 2H; the output holds twice as many of
-  // width H: groups from x first, then from y; `High` picks the upper half of each width-2H group.
-  const int per = 8 / H, g = j / H, w = j % H;
-  return (g < per ? 0 : 16) + (g % per) * 2 * H + w + (High ? H : 0);
-}
-template <int H, bool High, size_t... J>
-constexpr VI lane_sum_mask(std::index_sequence<J...>) {
-  return VI{lane_sum_index<H, High>(static_cast<int>(J))...};
-}
-template <int H>
-INLINE V lane_sum_stage(V x, V y) {
-  constexpr VI lo = lane_sum_mask<H, false>(std::make_index_sequence<W>{});
-  constexpr VI hi = lane_sum_mask<H, true>(std::make_index_sequence<W>{});
-  return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, hi);
-}
-
-// Feeds vectors 0..15 one at a time and combines pairs as soon as they exist, so at most five
-// partial vectors are live (the reverse loop already holds N carried adjoints in registers).
-struct LaneSums16 {
-  V pending, l1[2], l2[2], l3[2], result;
-  INLINE void push(int n, V w) {  // n is a compile-time constant after unrolling
-    if (!(n & 1)) { pending = w; return; }
-    l1[(n >> 1) & 1] = lane_sum_stage<8>(pending, w);
-    if ((n & 3) != 3) return;
-    l2[(n >> 2) & 1] = lane_sum_stage<4>(l1[0], l1[1]);
-    if ((n & 7) != 7) return;
-    l3[(n >> 3) & 1] = lane_sum_stage<2>(l2[0], l2[1]);
-    if (n == 15) result = lane_sum_stage<1>(l3[0], l3[1]);
+struct LaneSums {
+  Vec slot[kLaneLevels];  // slot[k]: the left operand waiting at level k
+  Vec result;
+  template <int K>
+  INLINE void add(int index, const Vec& v) {  // v is item `index` of level K
+    if constexpr (K == kLaneLevels) {
+      result = v;
+    } else {
+      if (!(index & 1)) {
+        slot[K] = v;
+        return;
+      }
+      add<K + 1>(index >> 1, combine<K>(slot[K], v));
+    }
+  }
+  INLINE void push(int n, const Vec& w) { add<0>(n, w); }  // n in [0, W), a constant after unrolling
+};
+#else
+struct LaneSums {
+  alignas(64) float lanes[W][W];
+  Vec result;
+  INLINE void push(int n, const Vec& w) {
+    w.store(lanes[n]);
+    if (n != W - 1) return;
+    alignas(64) float sums[W];
+    for (int j = 0; j < W; ++j) {
+      float s = 0.f;
+      for (int i = 0; i < W; ++i) s += lanes[j][i];
+      sums[j] = s;
+    }
+    result = Vec::loadu(sums);
   }
 };
+#endif
 
-// Adds the lane sums of w[0..N) into acc[0..N): the shuffle tree per 16 states (zero-padded).
-inline void add_lane_sums(const V* w, int N, float* acc) {
+// Adds the lane sums of the N vectors w[n * W ..] into acc[0..N): the tree per W states (zero-padded).
+inline void add_lane_sums(const float* w, int N, float* acc) {
   for (int n0 = 0; n0 < N; n0 += W) {
-    LaneSums16 sums;
-#pragma GCC unroll 16
-    for (int i = 0; i < W; ++i) sums.push(i, n0 + i < N ? w[n0 + i] : V{});
+    LaneSums sums;
+    for (int i = 0; i < W; ++i) sums.push(i, n0 + i < N ? load(w + (n0 + i) * W) : zeros());
     if (N - n0 >= W) {
-      storeu(acc + n0, loadu(acc + n0) + sums.result);
+      store(acc + n0, load(acc + n0) + sums.result);
     } else {
-      for (int i = 0; i < N - n0; ++i) acc[n0 + i] += sums.result[i];
+      alignas(64) float r[W];
+      sums.result.store(r);
+      for (int i = 0; i < N - n0; ++i) acc[n0 + i] += r[i];
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tiles: (rows <= 16, L) slices of a (.., dim, L) tensor  <->  (L, 16) time-major buffers
+// Tiles: (rows <= W, L) slices of a (.., dim, L) tensor  <->  (L, W) time-major buffers
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for a W x W block, in registers. AVX2 and the baseline use
+// PyTorch's transpose_mxn (8 x 8 in 24 shuffles under AVX2, element by element in the baseline); its
+// AVX-512 version takes runtime sizes and is not inlined, which cost ~15 % of the forward here, so
+// AVX-512 has its own 16 x 16: interleave 32-bit, then 64-bit pairs, then 128-bit lanes twice.
+#if defined(CPU_CAPABILITY_AVX512)
+INLINE void transpose_block(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  // r[i] now holds rows 4(i/4)..4(i/4)+3 of column set (i % 4) + 4k in 128-bit lane k.
+#pragma GCC unroll 2
+  for (int i = 0; i < 16; i += 8) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    _mm512_storeu_ps(dst + j * ld_dst, _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88));
+    _mm512_storeu_ps(dst + (j + 8) * ld_dst, _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD));
+  }
+}
+#else
+INLINE void transpose_block(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  at::vec::transpose_mxn<float, W, W>(src, ld_src, dst, ld_dst);
+}
+#endif
 
 void rows_to_tile(const float* src, int64_t stride, int rows, int64_t L, float* tile) {
   int64_t t = 0;
-  if (rows == W) {
-    for (; t + W <= L; t += W) {
-      V r[W];
-      for (int c = 0; c < W; ++c) r[c] = loadu(src + c * stride + t);
-      transpose16(r);
-      for (int j = 0; j < W; ++j) store(tile + (t + j) * W, r[j]);
-    }
-  }
-  for (; t < L; ++t)  // ragged end of time, and blocks narrower than 16 (padded with zeros)
+  if (rows == W)
+    for (; t + W <= L; t += W) transpose_block(src + t, stride, tile + t * W, W);
+  for (; t < L; ++t)  // ragged end of time, and blocks narrower than W (padded with zeros)
     for (int c = 0; c < W; ++c) tile[t * W + c] = c < rows ? src[c * stride + t] : 0.f;
 }
 
 void tile_to_rows(const float* tile, int rows, int64_t L, float* dst, int64_t stride) {
   int64_t t = 0;
-  if (rows == W) {
-    for (; t + W <= L; t += W) {
-      V r[W];
-      for (int j = 0; j < W; ++j) r[j] = load(tile + (t + j) * W);
-      transpose16(r);
-      for (int c = 0; c < W; ++c) storeu(dst + c * stride + t, r[c]);
-    }
-  }
+  if (rows == W)
+    for (; t + W <= L; t += W) transpose_block(tile + t * W, W, dst + t, stride);
   for (; t < L; ++t)
     for (int c = 0; c < rows; ++c) dst[c * stride + t] = tile[t * W + c];
 }
@@ -266,14 +503,14 @@ struct Seq {
   const float* block(int64_t b, int64_t d0) const { return data + b * stride_b + d0 * stride_d; }
 };
 
-// The (L, 16) tile of channels [d0, d0 + rows) of batch b; absent channels read as 0.
+// The (L, W) tile of channels [d0, d0 + rows) of batch b; absent channels read as 0.
 void load_tile(const Seq& s, int64_t b, int64_t d0, int rows, int64_t L, float* tile) {
   const float* src = s.block(b, d0);
   if (s.time_major()) return rows_to_tile(src, s.stride_d, rows, L, tile);
   for (int64_t t = 0; t < L; ++t) {
     const float* step = src + t * s.stride_t;
     if (rows == W) {
-      store(tile + t * W, loadu(step));
+      store(tile + t * W, load(step));
     } else {
       for (int c = 0; c < W; ++c) tile[t * W + c] = c < rows ? step[c] : 0.f;
     }
@@ -379,7 +616,7 @@ struct Geometry {
         blocks(groups * blocks_per_group), chunk(chunk_), n_chunks((L + chunk_ - 1) / chunk_) {}
 };
 
-// One work item: batch b, a block of up to 16 channels that all belong to one group of B / C.
+// One work item: batch b, a block of up to W channels that all belong to one group of B / C.
 struct Item {
   int64_t b, block, group, d0;
   int rows;
@@ -394,36 +631,80 @@ struct Item {
 };
 
 // Per-channel vector of a (dim,) parameter for this block; zero for padded lanes and absent tensors.
-V lanes_of(const float* p, const Item& it) {
-  V v{};
+Vec lanes_of(const float* p, const Item& it) {
+  alignas(64) float v[W] = {};
   if (p)
     for (int c = 0; c < it.rows; ++c) v[c] = p[it.d0 + c];
-  return v;
+  return Vec::loadu(v);
 }
 
-// (N, 16) lanes of A for this block, optionally scaled (by log2 e, for exp2v).
+// (N, W) lanes of A for this block, optionally scaled (by log2 e, for exp2v).
 void state_lanes(const float* A, int64_t N, const Item& it, float scale, float* out) {
   for (int64_t n = 0; n < N; ++n)
     for (int c = 0; c < W; ++c) out[n * W + c] = c < it.rows ? A[(it.d0 + c) * N + n] * scale : 0.f;
 }
 
-// dt = softplus(delta + bias) in place on an (L, 16) tile; sig = its derivative sigmoid(delta + bias).
-// The formula max(x, 0) + log1p(exp(-|x|)) equals torch's softplus (threshold 20) to float32 rounding.
-void prepare_dt(float* dt, int64_t L, V bias, bool softplus, float* sig) {
-  for (int64_t t = 0; t < L; ++t) {
-    V x = load(dt + t * W) + bias;
-    if (softplus) {
-      const V e = expv(-vabs(x));
-      if (sig) store(sig + t * W, sigmoid_from(x, e));
+struct DtRange {
+  Vec lo, hi;  // per lane, the least and the greatest dt of the tile
+};
+
+// dt = softplus(delta + bias) in place on an (L, W) tile (and sig = its derivative sigmoid(delta +
+// bias) when given), and gate = silu(z) = z sigmoid(z) in place on z's tile when given: one pass, so
+// that the two long dependency chains of each step interleave as well. Returns dt's range per lane
+// under AVX2 (see exp_args_in_range; the other builds skip it). A NaN may be left out of the range:
+// exp2v<true> propagates NaN without the clamps.
+DtRange prepare_tiles(float* dt, float* z, int64_t L, const Vec& bias, bool use_softplus, float* sig) {
+  DtRange range{splat(INFINITY), splat(-INFINITY)};
+  by_fours(L, [&](int64_t t, auto k) {
+    constexpr int K = decltype(k)::value;
+    Pack<K> x = load_pack<K>(dt + t * W) + bias;
+    if (use_softplus) {
+      const Pack<K> e = expv(neg_abs(x));
+      if (sig) store_pack(sig + t * W, sigmoid_from(x, e));
       x = vmax0(x) + log1p_unit(e);
     }
-    store(dt + t * W, x);
+    store_pack(dt + t * W, x);
+    if (z) {
+      const Pack<K> zz = load_pack<K>(z + t * W);
+      store_pack(z + t * W, zz * sigmoid_from(zz, expv(neg_abs(zz))));
+    }
+#if defined(CPU_CAPABILITY_AVX2)
+#pragma GCC unroll 4
+    for (int i = 0; i < K; ++i) {
+      range.lo = Vec(_mm256_min_ps(range.lo, x.v[i]));
+      range.hi = Vec(_mm256_max_ps(range.hi, x.v[i]));
+    }
+#endif
+  });
+  return range;
+}
+
+// Whether every exponent dt * A * log2(e) of this block lies in [-126, 127], so that exp2v<true> may
+// skip its clamps. Only the AVX2 build has clamps to skip; the others always answer false (and so
+// compile one version of the recurrences).
+bool exp_args_in_range(const DtRange& dt, const float* A2, int64_t N) {
+#if defined(CPU_CAPABILITY_AVX2)
+  Vec lo = splat(0.f), hi = splat(0.f);
+  for (int64_t n = 0; n < N; ++n) {
+    const Vec a = load(A2 + n * W), p = dt.lo * a, q = dt.hi * a;
+    lo = Vec(_mm256_min_ps(lo, _mm256_min_ps(p, q)));
+    hi = Vec(_mm256_max_ps(hi, _mm256_max_ps(p, q)));
   }
+  alignas(64) float l[W], h[W];
+  lo.store(l);
+  hi.store(h);
+  for (int c = 0; c < W; ++c)
+    if (!(l[c] >= -126.f && h[c] <= 127.f)) return false;
+  return true;
+#else
+  (void)dt, (void)A2, (void)N;
+  return false;
+#endif
 }
 
 // Runs body(worker, claim) once per worker; claim() hands out item indices until none are left (-1).
-// Items come from a shared counter rather than a static split: the machine is shared, and a worker
-// that loses its core for a while should not leave the other idle at the end.
+// Items come from a shared counter rather than a static split: the machine may be shared, and a
+// worker that loses its core for a while should not leave the others idle at the end.
 template <typename F>
 void parallel_items(int64_t n_items, int n_workers, const F& body) {
   std::atomic<int64_t> counter{0};
@@ -437,11 +718,10 @@ void parallel_items(int64_t n_items, int n_workers, const F& body) {
 }
 
 // Pulls the next item's inputs towards L2 while this item computes, a few cache lines per time step.
-// Loading them only when the next item starts leaves the core waiting on DRAM: 16 rows per operand
+// Loading them only when the next item starts leaves the core waiting on DRAM: W rows per operand
 // are more streams than the hardware prefetcher runs far enough ahead, and a channel-contiguous
 // operand is one cache line per step, kilobytes apart, which it does not follow at all. Measured:
-// 5-10% of the single-threaded forward at the FGF shape. (Loading and prefetching chunk by chunk
-// instead was tried: slower for contiguous inputs, no better for channel-contiguous ones.)
+// 5-10% of the single-threaded forward at the FGF shape under AVX-512.
 struct RowPrefetcher {
   static constexpr int kMaxArrays = 4;
   struct Runs {  // `count` runs of `bytes` contiguous bytes, `stride` bytes apart
@@ -484,73 +764,96 @@ struct BlockScan {
   int N;
   const float* Bt;  // (L, N) rows of B for this batch and group
   const float* Ct;  // (L, N)
-  const float* A2;  // (N, 16) A * log2(e)
-  float* ckpt;      // state before chunk k at ckpt + k * ckpt_stride, (N, 16)
+  const float* A2;  // (N, W) A * log2(e)
+  float* ckpt;      // state before chunk k at ckpt + k * ckpt_stride, (N, W)
   int64_t ckpt_stride;
   RowPrefetcher* prefetch;  // the next item's inputs, or null
   int prefetch_lines;       // cache lines to request per time step
 };
 
-template <int NS>
-void forward_block(const BlockScan& s, const float* dt, const float* u, float* y, float* last) {
+template <int NS, bool Safe>
+void forward_block(const BlockScan& s, const float* dt, const float* u, const float* gate, Vec D, float* out,
+                   float* last) {
   const int N = NS > 0 ? NS : s.N;
-  V h[NS > 0 ? NS : kMaxGenericState];
-  for (int n = 0; n < N; ++n) h[n] = V{};
+  Vec h[NS > 0 ? NS : kMaxGenericState];
+  for (int n = 0; n < N; ++n) h[n] = zeros();
   for (int64_t t0 = 0, k = 0; t0 < s.L; t0 += s.chunk, ++k) {
     if (s.ckpt)
       for (int n = 0; n < N; ++n) store(s.ckpt + k * s.ckpt_stride + n * W, h[n]);
     const int64_t t1 = std::min(s.L, t0 + s.chunk);
     for (int64_t t = t0; t < t1; ++t) {
       if (s.prefetch) s.prefetch->step(s.prefetch_lines);
-      const V d = load(dt + t * W);
-      const V du = d * load(u + t * W);
+      const Vec d = load(dt + t * W), uu = load(u + t * W);
+      const Vec du = d * uu;
       const float* Bn = s.Bt + t * N;
       const float* Cn = s.Ct + t * N;
-      V y0{}, y1{};  // two accumulators: the sum over n is otherwise one long dependency chain
+      Vec y0 = zeros(), y1 = zeros();  // two accumulators: the sum over n is otherwise one long dependency chain
 #pragma GCC unroll 16
       for (int n = 0; n < N; ++n) {
-        const V a = exp2v(d * load(s.A2 + n * W));  // exp(dt * A)
-        h[n] = a * h[n] + du * Bn[n];
-        if (n & 1) y1 += h[n] * Cn[n]; else y0 += h[n] * Cn[n];
+        const Vec a = exp2v<Safe>(d * load(s.A2 + n * W));  // exp(dt * A)
+        h[n] = fma(a, h[n], du * splat(Bn[n]));
+        if (n & 1) y1 = fma(h[n], splat(Cn[n]), y1); else y0 = fma(h[n], splat(Cn[n]), y0);
       }
-      store(y + t * W, y0 + y1);
+      const Vec o = fma(D, uu, y0 + y1);  // out = (y + D u) * silu(z)
+      store(out + t * W, gate ? o * load(gate + t * W) : o);
     }
   }
   for (int n = 0; n < N; ++n) store(last + n * W, h[n]);
 }
 
 struct BlockGrads {
-  const float* Ar;  // (N, 16) A itself (the decay's derivative w.r.t. dt is A * decay)
-  V D;              // per-lane D (zero if absent)
-  float* go;        // (L, 16) in: dL/dy;              out: dL/du
-  float* dt;        // (L, 16) in: dt;                 out: dL/d(dt)
-  float* gz;        // (L, 16) in: dL/dout * silu'(z); out: dL/dz   (null without z)
-  float* decay;     // (chunk, N, 16) scratch
-  float* states;    // (chunk + 1, N, 16) scratch: the chunk's starting state, then h_t
-  float* dA;        // (N, 16) out
+  const float* Ar;  // (N, W) A itself (the decay's derivative w.r.t. dt is A * decay)
+  Vec D;            // per-lane D (zero if absent)
+  float* go;        // (L, W) in: dL/dy;              out: dL/du
+  float* dt;        // (L, W) in: dt;                 out: dL/d(dt)
+  float* gz;        // (L, W) in: dL/dout * silu'(z); out: dL/dz   (null without z)
+  float* decay;     // (chunk, N, W) scratch
+  float* states;    // (chunk + 1, N, W) scratch: the chunk's starting state, then h_t
+  float* dA;        // (N, W) out
   float* dBt;       // (L, N) accumulated
   float* dCt;       // (L, N) accumulated
-  const float* dlast;  // (N, 16) or null
-  V dD;             // out: sum_t dL/dy * u per lane
+  const float* dlast;  // (N, W) or null
+  Vec dD;           // out: sum_t dL/dy * u per lane
 };
 
+// Lane sums of per-state vectors, streamed when N is a multiple of W (the tree is fed as the states
+// are computed, so the products never all need registers at once), batched otherwise. The batch is
+// plain floats: an array of Vec would be zero-filled on every step.
 template <int NS>
+struct StateSums {
+  static constexpr bool kStreamed = NS > 0 && NS % W == 0;
+  LaneSums tree;
+  alignas(64) float w[kStreamed ? 1 : (NS > 0 ? NS : kMaxGenericState) * W];
+
+  INLINE void put(int n, const Vec& v, float* acc) {
+    if constexpr (kStreamed) {
+      tree.push(n % W, v);
+      if (n % W == W - 1) store(acc + n - (W - 1), load(acc + n - (W - 1)) + tree.result);
+    } else {
+      store(w + n * W, v);
+    }
+  }
+  INLINE void finish(int N, float* acc) {
+    if constexpr (!kStreamed) add_lane_sums(w, N, acc);
+  }
+};
+
+template <int NS, bool Safe>
 void backward_block(const BlockScan& s, const float* u, BlockGrads& g) {
   const int N = NS > 0 ? NS : s.N;
-  V carry[NS > 0 ? NS : kMaxGenericState];  // a_{t+1} * dL/dh_{t+1}: the adjoint flowing back in time
-  V w[NS > 0 ? NS : kMaxGenericState];      // per-state vectors waiting for their lane sums
-  V dA[NS > 0 ? NS : kMaxGenericState];
+  Vec carry[NS > 0 ? NS : kMaxGenericState];  // a_{t+1} * dL/dh_{t+1}: the adjoint flowing back in time
+  Vec dA[NS > 0 ? NS : kMaxGenericState];
   for (int n = 0; n < N; ++n) {
-    carry[n] = g.dlast ? load(g.dlast + n * W) : V{};
-    dA[n] = V{};
+    carry[n] = g.dlast ? load(g.dlast + n * W) : zeros();
+    dA[n] = zeros();
   }
-  V dD{};
+  Vec dD = zeros();
   for (int64_t k = s.L > 0 ? (s.L - 1) / s.chunk : -1; k >= 0; --k) {
     const int64_t t0 = k * s.chunk, len = std::min(s.chunk, s.L - t0);
 
     // 1. Recompute the chunk from its checkpoint, keeping decays and states; dC and dz need the
     //    states and y, which are only available here.
-    V h[NS > 0 ? NS : kMaxGenericState];
+    Vec h[NS > 0 ? NS : kMaxGenericState];
     for (int n = 0; n < N; ++n) {
       h[n] = load(s.ckpt + k * s.ckpt_stride + n * W);
       store(g.states + n * W, h[n]);
@@ -558,25 +861,23 @@ void backward_block(const BlockScan& s, const float* u, BlockGrads& g) {
     for (int64_t j = 0; j < len; ++j) {
       if (s.prefetch) s.prefetch->step(s.prefetch_lines);
       const int64_t t = t0 + j;
-      const V d = load(g.dt + t * W), uu = load(u + t * W), du = d * uu, gy = load(g.go + t * W);
+      const Vec d = load(g.dt + t * W), uu = load(u + t * W), du = d * uu, gy = load(g.go + t * W);
       const float* Bn = s.Bt + t * N;
       const float* Cn = s.Ct + t * N;
       float* a_out = g.decay + j * N * W;
       float* h_out = g.states + (j + 1) * N * W;
-      V y0{}, y1{};
-      LaneSums16 sums;
+      Vec y0 = zeros(), y1 = zeros();
+      StateSums<NS> sums;
 #pragma GCC unroll 16
       for (int n = 0; n < N; ++n) {
-        const V a = exp2v(d * load(s.A2 + n * W));
-        h[n] = a * h[n] + du * Bn[n];
+        const Vec a = exp2v<Safe>(d * load(s.A2 + n * W));
+        h[n] = fma(a, h[n], du * splat(Bn[n]));
         store(a_out + n * W, a);
         store(h_out + n * W, h[n]);
-        if (n & 1) y1 += h[n] * Cn[n]; else y0 += h[n] * Cn[n];
-        // dC_t[n] = sum over channels of dL/dy_t * h_t[n]
-        if constexpr (NS == W) sums.push(n, gy * h[n]); else w[n] = gy * h[n];
+        if (n & 1) y1 = fma(h[n], splat(Cn[n]), y1); else y0 = fma(h[n], splat(Cn[n]), y0);
+        sums.put(n, gy * h[n], g.dCt + t * N);  // dC_t[n] = sum over channels of dL/dy_t * h_t[n]
       }
-      if constexpr (NS == W) storeu(g.dCt + t * N, loadu(g.dCt + t * N) + sums.result);
-      else add_lane_sums(w, N, g.dCt + t * N);
+      sums.finish(N, g.dCt + t * N);
       if (g.gz) store(g.gz + t * W, load(g.gz + t * W) * (y0 + y1 + g.D * uu));
     }
 
@@ -584,51 +885,58 @@ void backward_block(const BlockScan& s, const float* u, BlockGrads& g) {
     for (int64_t j = len - 1; j >= 0; --j) {
       if (s.prefetch) s.prefetch->step(s.prefetch_lines);
       const int64_t t = t0 + j;
-      const V d = load(g.dt + t * W), uu = load(u + t * W), du = d * uu, gy = load(g.go + t * W);
+      const Vec d = load(g.dt + t * W), uu = load(u + t * W), du = d * uu, gy = load(g.go + t * W);
       const float* Bn = s.Bt + t * N;
       const float* Cn = s.Ct + t * N;
       const float* a_in = g.decay + j * N * W;
       const float* hprev = g.states + j * N * W;
-      V ddt0{}, ddt1{}, sb0{}, sb1{};
-      LaneSums16 sums;
+      Vec ddt0 = zeros(), ddt1 = zeros(), sb0 = zeros(), sb1 = zeros();
+      StateSums<NS> sums;
 #pragma GCC unroll 16
       for (int n = 0; n < N; ++n) {
-        const V a = load(a_in + n * W);
-        const V gh = carry[n] + gy * Cn[n];
-        const V q = gh * load(hprev + n * W) * a;  // dL/d(decay) * decay
+        const Vec a = load(a_in + n * W);
+        const Vec gh = fma(gy, splat(Cn[n]), carry[n]);
+        const Vec q = gh * load(hprev + n * W) * a;  // dL/d(decay) * decay
         if (n & 1) {
-          ddt1 += q * load(g.Ar + n * W);
-          sb1 += gh * Bn[n];
+          ddt1 = fma(q, load(g.Ar + n * W), ddt1);
+          sb1 = fma(gh, splat(Bn[n]), sb1);
         } else {
-          ddt0 += q * load(g.Ar + n * W);
-          sb0 += gh * Bn[n];
+          ddt0 = fma(q, load(g.Ar + n * W), ddt0);
+          sb0 = fma(gh, splat(Bn[n]), sb0);
         }
-        dA[n] += q * d;
-        // dB_t[n] = sum over channels of dL/dh_t[n] * dt_t * u_t. For N = 16 the shuffle tree is fed
-        // as we go, so the 16 products never need registers at the same time as the 16 carries.
-        if constexpr (NS == W) sums.push(n, gh * du); else w[n] = gh * du;
+        dA[n] = fma(q, d, dA[n]);
+        sums.put(n, gh * du, g.dBt + t * N);  // dB_t[n] = sum over channels of dL/dh_t[n] * dt_t * u_t
         carry[n] = gh * a;
       }
-      if constexpr (NS == W) storeu(g.dBt + t * N, loadu(g.dBt + t * N) + sums.result);
-      else add_lane_sums(w, N, g.dBt + t * N);
-      const V sb = sb0 + sb1;  // sum_n dL/dh_t[n] B_t[n]
-      dD += gy * uu;
-      store(g.go + t * W, gy * g.D + d * sb);
-      store(g.dt + t * W, ddt0 + ddt1 + uu * sb);
+      sums.finish(N, g.dBt + t * N);
+      const Vec sb = sb0 + sb1;  // sum_n dL/dh_t[n] B_t[n]
+      dD = fma(gy, uu, dD);
+      store(g.go + t * W, fma(gy, g.D, d * sb));
+      store(g.dt + t * W, fma(uu, sb, ddt0 + ddt1));
     }
   }
   for (int n = 0; n < N; ++n) store(g.dA + n * W, dA[n]);
   g.dD = dD;
 }
 
-template <typename F>
+// Calls f(NS, Safe) with N as a compile-time constant where specialised, and Safe as one.
+template <bool Safe, typename F>
 void dispatch_state_size(int64_t N, const F& f) {
   switch (N) {
-    case 16: f(std::integral_constant<int, 16>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    default: f(std::integral_constant<int, 0>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}, std::bool_constant<Safe>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}, std::bool_constant<Safe>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}, std::bool_constant<Safe>{}); break;
+    default: f(std::integral_constant<int, 0>{}, std::bool_constant<Safe>{}); break;
   }
+}
+
+template <typename F>
+void dispatch(int64_t N, bool safe, const F& f) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (safe) return dispatch_state_size<true>(N, f);
+#endif
+  (void)safe;
+  dispatch_state_size<false>(N, f);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -670,7 +978,7 @@ void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
     TORCH_CHECK(delta_bias->numel() == u.size(1), "delta_bias must be (dim,)");
 }
 
-// Returns (out, last_state (batch, dim, N), checkpoints (batch, n_chunks, blocks, N, 16) or empty).
+// Returns (out, last_state (batch, dim, N), checkpoints (batch, n_chunks, blocks, N, W) or empty).
 std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                      const at::Tensor& B, const at::Tensor& C,
                                      const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
@@ -704,9 +1012,11 @@ std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delt
       }
       const Item it(geo, index);
       const int64_t row0 = (it.b * geo.dim + it.d0) * L;  // first row of this block in the output
+      const Vec bias = lanes_of(bias_p, it);
       load_tile(delta_s, it.b, it.d0, it.rows, L, dt.data);
-      prepare_dt(dt.data, L, lanes_of(bias_p, it), delta_softplus, nullptr);
       load_tile(u_s, it.b, it.d0, it.rows, L, ut.data);
+      if (z_s) load_tile(z_s, it.b, it.d0, it.rows, L, zt.data);
+      const DtRange range = prepare_tiles(dt.data, z_s ? zt.data : nullptr, L, bias, delta_softplus, nullptr);
       state_lanes(A_p, N, it, kLog2e, A2.data);
 
       const BlockScan scan{L, geo.chunk, static_cast<int>(N), Bt_p + (it.b * geo.groups + it.group) * L * N,
@@ -714,19 +1024,11 @@ std::vector<at::Tensor> scan_forward(const at::Tensor& u, const at::Tensor& delt
                            ckpt_p ? ckpt_p + (it.b * geo.n_chunks * geo.blocks + it.block) * N * W : nullptr,
                            geo.blocks * N * W, next >= 0 ? &prefetch : nullptr,
                            prefetch.lines_per_step(L * 3 / 4)};  // all requested by 3/4 of the scan
-      dispatch_state_size(N, [&](auto ns) { forward_block<decltype(ns)::value>(scan, dt.data, ut.data, yt.data, last_lanes.data); });
-
-      // out = (y + D u) * silu(z), on the tile so the epilogue needs no ragged row ends.
-      const V Dv = lanes_of(D_p, it);
-      if (z_s) load_tile(z_s, it.b, it.d0, it.rows, L, zt.data);
-      for (int64_t t = 0; t < L; ++t) {
-        V o = load(yt.data + t * W) + Dv * load(ut.data + t * W);
-        if (z_s) {
-          const V zz = load(zt.data + t * W);
-          o = o * zz * sigmoid_from(zz, expv(-vabs(zz)));
-        }
-        store(yt.data + t * W, o);
-      }
+      const Vec Dv = lanes_of(D_p, it);
+      dispatch(N, exp_args_in_range(range, A2.data, N), [&](auto ns, auto safe) {
+        forward_block<decltype(ns)::value, decltype(safe)::value>(scan, dt.data, ut.data, z_s ? zt.data : nullptr, Dv,
+                                                                  yt.data, last_lanes.data);
+      });
       tile_to_rows(yt.data, it.rows, L, out_p + row0, L);
       for (int c = 0; c < it.rows; ++c)
         for (int64_t n = 0; n < N; ++n) last_p[((it.b * geo.dim) + it.d0 + c) * N + n] = last_lanes.data[n * W + c];
@@ -747,7 +1049,8 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
   const Geometry geo(u, A, B, chunk);
   TORCH_CHECK(ckpt.dim() == 5 && ckpt.size(0) == geo.batch && ckpt.size(1) == geo.n_chunks &&
                   ckpt.size(2) == geo.blocks && ckpt.size(3) == geo.N && ckpt.size(4) == W && ckpt.is_contiguous(),
-              "meteor selective scan backward: checkpoints do not match the inputs (was chunk changed?)");
+              "meteor selective scan backward: checkpoints do not match the inputs (was chunk changed, or were "
+              "they made by another instruction-set build?)");
   TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == at::kFloat && sequence_layout_ok(dout),
               "meteor selective scan backward: dout must be a float32 tensor shaped like u, time- or channel-contiguous");
   const float* dlast_p = data_or_null(dlast);
@@ -795,19 +1098,21 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
       const Item it(geo, index);
       const int64_t row0 = (it.b * geo.dim + it.d0) * L;
       load_tile(delta_s, it.b, it.d0, it.rows, L, dt.data);
-      prepare_dt(dt.data, L, lanes_of(bias_p, it), delta_softplus, delta_softplus ? sig.data : nullptr);
+      const DtRange range =
+          prepare_tiles(dt.data, nullptr, L, lanes_of(bias_p, it), delta_softplus, delta_softplus ? sig.data : nullptr);
       load_tile(u_s, it.b, it.d0, it.rows, L, ut.data);
       load_tile(dout_s, it.b, it.d0, it.rows, L, go.data);
       if (has_z) {
         // out = o * silu(z): dL/do = dout * silu(z) and dL/dz = dout * o * silu'(z); o is rebuilt in
         // the recompute, so keep dout * silu'(z) until then.
         load_tile(z_s, it.b, it.d0, it.rows, L, gz.data);
-        for (int64_t t = 0; t < L; ++t) {
-          const V zz = load(gz.data + t * W), g = load(go.data + t * W);
-          const V sz = sigmoid_from(zz, expv(-vabs(zz)));
-          store(go.data + t * W, g * zz * sz);
-          store(gz.data + t * W, g * sz * (1.f + zz * (1.f - sz)));
-        }
+        by_fours(L, [&](int64_t t, auto k) {
+          constexpr int K = decltype(k)::value;
+          const Pack<K> zz = load_pack<K>(gz.data + t * W), g = load_pack<K>(go.data + t * W);
+          const Pack<K> sz = sigmoid_from(zz, expv(neg_abs(zz)));
+          store_pack(go.data + t * W, g * zz * sz);
+          store_pack(gz.data + t * W, g * sz * fma(zz, broadcast<K>(splat(1.f)) - sz, splat(1.f)));
+        });
       }
       state_lanes(A_p, N, it, kLog2e, A2.data);
       state_lanes(A_p, N, it, 1.f, Ar.data);
@@ -825,16 +1130,18 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
       float* worker_dC = dCt_p + worker * geo.batch * geo.groups * L * N;
       BlockGrads grads{Ar.data, lanes_of(D_p, it), go.data, dt.data, has_z ? gz.data : nullptr, decay.data,
                        states.data, dA_p + (it.b * geo.blocks + it.block) * N * W, worker_dB + bg, worker_dC + bg,
-                       dlast_p ? dlast_lanes.data : nullptr, V{}};
-      dispatch_state_size(N, [&](auto ns) { backward_block<decltype(ns)::value>(scan, ut.data, grads); });
+                       dlast_p ? dlast_lanes.data : nullptr, zeros()};
+      dispatch(N, exp_args_in_range(range, A2.data, N), [&](auto ns, auto safe) {
+        backward_block<decltype(ns)::value, decltype(safe)::value>(scan, ut.data, grads);
+      });
 
       // dL/d(delta) = dL/d(dt) * softplus'(delta + bias); the bias gradient sums it over time.
-      V dbias{};
+      Vec dbias = zeros();
       for (int64_t t = 0; t < L; ++t) {
-        V g = load(dt.data + t * W);
+        Vec g = load(dt.data + t * W);
         if (delta_softplus) g = g * load(sig.data + t * W);
         store(dt.data + t * W, g);
-        dbias += g;
+        dbias = dbias + g;
       }
       store(dbias_p + (it.b * geo.blocks + it.block) * W, dbias);
       store(dD_p + (it.b * geo.blocks + it.block) * W, grads.dD);
@@ -865,12 +1172,9 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Mamba-1 selective scan, fused CPU kernels (see meteor/ops/selective_scan.py)";
-#ifdef METEOR_SCAN_AVX512
-  m.attr("simd") = "avx512";
-#else
-  m.attr("simd") = "generic-vector";
-#endif
+  m.doc() = "Mamba-1 selective scan, fused CPU kernels (see meteor/model/ops/selective_scan.py)";
+  m.attr("isa") = METEOR_SCAN_ISA;  // the instruction set this build was compiled for
+  m.attr("lanes") = W;              // floats per vector = channels per block
   m.def("forward", &scan_forward, "selective scan forward: (out, last_state, checkpoints)");
   m.def("release_cached_memory", [] { OutputPool::instance().release_all(); },
         "free the idle output blocks kept for reuse");
