@@ -188,6 +188,35 @@ def test_importing_the_model_loads_neither_the_trainer_nor_the_demo():
     assert bare == ["meteor", "meteor.model", "meteor.model.configuration"]   # `import meteor` stays cheap
 
 
+# --- what the code cites ------------------------------------------------------------------------------
+DESIGN = TESTS.parent / "docs" / "design.md"
+_CITATION = re.compile(r'docs/design\.md((?:,\s*"[^"\n]+")*)')
+
+
+def _design_sections() -> set[str]:
+    return {line.lstrip("#").strip() for line in DESIGN.read_text(encoding="utf-8").splitlines()
+            if line.startswith("#")}
+
+
+def test_the_code_cites_sections_of_the_design_document_that_exist():
+    sections = _design_sections()
+    cited = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for match in _CITATION.finditer(path.read_text(encoding="utf-8")):
+            for section in re.findall(r'"([^"\n]+)"', match.group(1)):
+                cited.setdefault(section, []).append(_module_name(path))
+    assert {"Tensors", "The folder", "Slicing", "Visual expert"} <= set(cited)
+    assert {section: where for section, where in cited.items() if section not in sections} == {}
+
+
+def test_the_code_cites_no_document_outside_the_repository():
+    """The design document is docs/design.md; the working notes the project started from are not in
+    the repository, so a comment must not send a reader to them."""
+    outside = [f"{_module_name(path)}: {found}" for path in sorted(PACKAGE.rglob("*.py"))
+               for found in re.findall(r"\bSPEC\b[^\n]{0,12}|SPEC\.md|\.\./shared/", path.read_text(encoding="utf-8"))]
+    assert outside == []
+
+
 # --- the tests' own layering ---------------------------------------------------------------------------
 _DEMO_MODULE = re.compile(r"meteor\.demo(\.[\w.]*)?")
 

@@ -218,7 +218,7 @@ class MeteorConfig:
 
     attention_layer: int | None = None
     """Layer whose CLS attention gives the visual expert; None = the layer producing the features
-    (SPEC §4, as FasterVLM)."""
+    (as FasterVLM; docs/design.md, "Visual expert")."""
 
     visual_expert: VisualExpert = "cls"
     """What the visual expert VSⁱ (Eq. 3) reads from the frozen tower (``meteor.model.visual_expert``).

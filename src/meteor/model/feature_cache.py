@@ -1,8 +1,8 @@
 """A cache of the frozen vision tower's outputs, so each view is encoded once per run (or ever).
 
-The vision tower is frozen in both training stages (docs/design.md), so its output for a view depends only
-on the view's pixels and the tower's weights. ``FeatureCache`` keys each view on a hash of its
-normalised pixels and keeps the patch tokens and the CLS-attention row:
+The vision tower is frozen in both training stages (docs/design.md, "Training"), so its output for a
+view depends only on the view's pixels and the tower's weights. ``FeatureCache`` keys each view on a
+hash of its normalised pixels and keeps the patch tokens and the CLS-attention row:
 
 - in memory, least recently used first out, up to ``max_memory_bytes``;
 - and, given a ``folder``, on disk as one safetensors file per view under a sub-folder named by the

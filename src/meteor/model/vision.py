@@ -1,4 +1,5 @@
-"""The frozen vision tower: patch tokens and the visual expert's scores of every view (SPEC §2, §4).
+"""The frozen vision tower: patch tokens and the visual expert's scores of every view (docs/design.md,
+"The vision tower", "Visual expert").
 
 Each view (a UHD slice or the global view) is encoded at its own size: its height and width are
 multiples of the patch size, and the 24×24 grid of position embeddings learnt at 336 px is
@@ -14,7 +15,8 @@ The attention "at" index ``j`` is the self-attention inside ``encoder.layers[j -
 produces ``hidden_states[j]``; in transformers' ``attentions`` tuple (``L`` entries) that is
 ``attentions[j - 1]`` for ``j > 0`` and ``attentions[j]`` for ``j < 0``. So the default
 ``feature_layer = -2`` (LLaVA's penultimate layer; ``encoder.layers[L - 2]``, layer 23 of 24 for
-ViT-L counted from 1) gives both the features and, by default, the CLS attention (SPEC §4).
+ViT-L counted from 1) gives both the features and, by default, the CLS attention (docs/design.md,
+"Visual expert").
 Index 0 (the embeddings) is rejected: no attention produces it. Layers after the deepest one needed
 are never run (with the defaults the last layer is skipped).
 

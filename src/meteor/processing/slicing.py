@@ -1,5 +1,5 @@
-"""LLaVA-UHD image slicing (SPEC §2): where to cut an image, the size of every view, and how the
-views' tokens are laid out in the prompt.
+"""LLaVA-UHD image slicing (docs/design.md, "Slicing"): where to cut an image, the size of every view,
+and how the views' tokens are laid out in the prompt.
 
 An image of W×H pixels becomes N ≤ ``max_slices`` slices (the equal cells of a ``rows × cols``
 grid) plus one global view of the whole image. Every view is resized to about ``base_size²``
@@ -183,7 +183,7 @@ def view_size(width: float, height: float, patch_size: int = 14, base_size: int 
 
 def plan_slices(width: int, height: int, max_slices: int = 6, patch_size: int = 14,
                 base_size: int = 336) -> SlicePlan:
-    """Plan the slices and views of a ``width × height`` image (SPEC §2).
+    """Plan the slices and views of a ``width × height`` image (docs/design.md, "Slicing").
 
     1. Ideal count N = ceil(W·H / base²), capped at ``max_slices``. N ≤ 1: unsliced (global view
        only; see ``SlicePlan``).
