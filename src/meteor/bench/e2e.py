@@ -408,7 +408,7 @@ def measure_inference(model, setup: Setup, sliced, ids: torch.Tensor, decode_tok
     ``decode_tokens`` greedy tokens with the KV cache. LLM figures at the real depth. ``cache``: a
     FeatureCache the vision tower's outputs are read from."""
     clock = Clock(setup.device)
-    lm, layers = setup.lm, setup.lm.model.layers
+    layers = setup.lm.model.layers
     vision = ModuleTimer([model.model.tower], clock)
     compressor = ModuleTimer([model.compressor], clock)
     per_layer = ModuleTimer(layers, clock)
@@ -421,7 +421,8 @@ def measure_inference(model, setup: Setup, sliced, ids: torch.Tensor, decode_tok
                                                                      inputs["view_grids"])
             embeds, _ = model.model.embed(ids.to(setup.device), **inputs, tower_outputs=towers)   # (1, T, D)
             embedded = clock()
-            out = lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+            # the model's own forward (decoder and head) on the embedded prompt, then per new token
+            out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1, keepdim=True)                   # (1, 1)
             prefilled = clock()
             prefill_layers = per_layer.seconds
@@ -429,7 +430,7 @@ def measure_inference(model, setup: Setup, sliced, ids: torch.Tensor, decode_tok
             per_layer.reset()
             cache = out.cache
             for _ in range(decode_tokens):
-                out = lm(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+                out = model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
                 cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
             decoded = clock()
             del out, cache, embeds

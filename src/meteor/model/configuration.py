@@ -306,16 +306,24 @@ class MeteorConfig:
 
     @classmethod
     def load(cls, folder: str | Path) -> "MeteorConfig":
+        """The options of a saved model (its config.json, ``model_type`` "llava_meteor"), of a folder in
+        the format before 0.2 (meteor_config.json), or of a JSON file of these options."""
         path = Path(folder)
         if path.is_dir():
-            path = path / CONFIG_NAME
+            path = path / CONFIG_NAME if (path / CONFIG_NAME).is_file() else path / "config.json"
         if not path.is_file():
-            raise ConfigError(f"no Meteor configuration at {path}: expected a folder written by "
-                              f"save_pretrained (it holds {CONFIG_NAME})")
+            raise ConfigError(f"no Meteor configuration at {path.parent}: expected a model folder (config.json) "
+                              f"or the format before 0.2 ({CONFIG_NAME})")
         try:
-            return cls.from_json(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path} is not valid JSON ({err})") from err
+        if isinstance(data, dict) and "model_type" in data:
+            if data["model_type"] != "llava_meteor":
+                raise ConfigError(f"{path} describes a {data['model_type']!r} model, not a LLaVA-Meteor one")
+            names = {f.name for f in dataclasses.fields(cls)}
+            data = {key: value for key, value in data.items() if key in names}
+        return cls.from_dict(data)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -265,8 +265,8 @@ class RowSampler(LogitsProcessor):
 
 @dataclass
 class BatchTiming:
-    """When one ``generate_streamed`` call started, had its first tokens (images encoded,
-    compressed, the prompts prefilled) and ended, in ``time.perf_counter()`` seconds."""
+    """When one ``generate_streamed`` call started, had its prompts ready (images encoded, compressed
+    and embedded: the decoder's first call begins) and ended, in ``time.perf_counter()`` seconds."""
 
     started: float
     prompt_ready: float | None = None
@@ -289,8 +289,6 @@ class _Streamer(BaseStreamer):
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        if self.timing.prompt_ready is None:
-            self.timing.prompt_ready = time.perf_counter()
         for row, token in zip(self.rows, value.view(-1).tolist()):
             row.push(int(token), self.end_ids)
 
@@ -333,11 +331,20 @@ def generate_streamed(model, processor, prompts: Sequence[tuple[list[int], Seque
     if feature_cache is not None and batch.images:
         kwargs["tower_outputs"] = feature_cache.encode_views(model.model, kwargs["pixel_values"], kwargs["view_grids"])
     model.eval()
-    model.generate(**kwargs, max_new_tokens=max(row.max_new_tokens for row in rows),
-                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                   streamer=_Streamer(rows, [tokenizer.eos_token_id], timing),
-                   stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), do_sample=False,
-                   logits_processor=LogitsProcessorList([] if sampler.greedy else [sampler]))
+
+    def prompts_ready(module, args):          # the decoder's first call: images encoded and embedded
+        if timing.prompt_ready is None:
+            timing.prompt_ready = time.perf_counter()
+
+    hook = model.get_decoder().register_forward_pre_hook(prompts_ready)
+    try:
+        model.generate(**kwargs, max_new_tokens=max(row.max_new_tokens for row in rows),
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       streamer=_Streamer(rows, [tokenizer.eos_token_id], timing),
+                       stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), do_sample=False,
+                       logits_processor=LogitsProcessorList([] if sampler.greedy else [sampler]))
+    finally:
+        hook.remove()
     for row in rows:
         row.end()
     timing.ended = time.perf_counter()
