@@ -107,10 +107,13 @@ def measure(model, processor, records: Sequence[dict[str, Any]], image_folder: P
             "identical_kept_share": mean([float(value == 1.0) for value in between])}
 
 
+def _is_model(folder: Path) -> bool:
+    return (folder / "config.json").exists() or (folder / "meteor_config.json").exists()
+
+
 def _model_folder(out: Path, name: str) -> Path:
     folder = Path(name)
-    is_model = (folder / "config.json").exists() or (folder / "meteor_config.json").exists()
-    return folder if is_model else out / "runs" / name / "stage2" / "model"
+    return folder if _is_model(folder) else out / "runs" / name / "stage2" / "model"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {}
     for name in args.models:
         folder = _model_folder(out, name)
-        if not (folder / "meteor_config.json").exists():
+        if not _is_model(folder):
             parser.error(f"no model {name!r}: neither a LLaVA-Meteor folder (config.json) nor a run {folder}")
         model, processor = load_pretrained(folder)
         results[name] = measure(model, processor, records, out / "world" / "images")
