@@ -5,8 +5,9 @@ the per-view scores as a table and a JSON file, and the model's answer to the qu
     meteor explain --model runs/stage2/model --image photo.jpg --question "What is on the sign?" \\
         --out photo_selection.png          # also writes photo_selection.json
 
-Selection depends on the image alone (the instruction token is learnt, not the question), so the
-figure is the same for every question; the question is answered beside it.
+With the paper's instruction token (learnt, the same for every image) the selection depends on the
+image alone, so the figure is the same for every question; with ``instruction="question"`` it is the
+selection made for the question asked. The question is answered beside it.
 """
 
 from __future__ import annotations
