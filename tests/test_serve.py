@@ -567,6 +567,6 @@ def test_meteor_serve_help_lists_every_limit(capsys):
         main(["serve", "--help"])
     out = capsys.readouterr().out
     for flag in ("--host", "--port", "--image-root", "--api-key-env", "--max-batch-size", "--batch-window-ms",
-                 "--queue-size", "--max-body-mb", "--max-image-pixels", "--max-prompt-tokens", "--max-tokens-limit",
-                 "--request-timeout", "--no-ui"):
+                 "--queue-size", "--max-body-mb", "--max-image-pixels", "--limit-images-per-request",
+                 "--max-prompt-tokens", "--max-tokens-limit", "--request-timeout", "--worker", "--no-ui"):
         assert flag in out, flag

@@ -320,6 +320,22 @@ def test_metrics_are_prometheus_text_and_move_as_requests_are_served(strict):
     assert stats["answered"] >= 3 and stats["ready"] is True
 
 
+# --- the model in a thread (--worker thread) ---------------------------------------------------------------
+
+def test_the_model_in_a_thread_answers_as_in_its_own_process(long, model_dir):
+    url = data_url(png_bytes(noise_image(12, (168, 112))))
+    payload = body(messages=images_message([url], "Describe the image."), max_tokens=12)
+    in_process = chat(long["base"], payload, headers=AUTH)
+    with meteor_server(model_dir, ["--model-name", "tiny", "--worker", "thread", "--no-ui"]) as (base, _, _):
+        in_thread = chat(base, payload)
+        stats = httpx.get(base + "/stats", timeout=10).json()
+    assert in_process.status_code == in_thread.status_code == 200
+    assert in_thread.json()["choices"][0]["message"] == in_process.json()["choices"][0]["message"]
+    assert in_thread.json()["usage"] == in_process.json()["usage"]
+    assert stats["worker"] == "thread" and json_metrics(long, AUTH)["worker"] == "process"
+    assert stats["answered"] == 1
+
+
 # --- reliability: fuzzed bodies, a soak, SIGTERM ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -465,7 +481,7 @@ def test_sigterm_lets_streams_finish_and_refuses_new_requests(model_dir):
     Retry-After (so a client retries elsewhere), /health says 503, and the server then exits 0."""
     with meteor_server(model_dir, ["--model-name", "tiny", "--max-tokens-limit", "400", "--no-ui"]) as (base, process, log):
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
-        streams = [client.chat.completions.create(model="tiny", messages=STORY, max_tokens=300, temperature=0,
+        streams = [client.chat.completions.create(model="tiny", messages=STORY, max_tokens=200, temperature=0,
                                                   stream=True) for _ in range(3)]
         firsts = [next(iter(stream)) for stream in streams]             # every answer has begun
         process.send_signal(signal.SIGTERM)

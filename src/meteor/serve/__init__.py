@@ -3,11 +3,14 @@
 - ``config.ServeConfig``: every option and limit, with its default.
 - ``protocol``: requests checked field by field, responses and stream chunks, OpenAI's errors.
 - ``images``: inline data URLs or files under ``--image-root``; nothing is fetched.
-- ``worker.BatchingWorker``: one thread owns the model; a bounded queue; batches gathered in a
-  short window and grouped by tokens per view and decoding.
+- ``worker.BatchingWorker``: one thread owns the model; batches gathered in a short window and
+  grouped by tokens per view, each row decoding (and sampling) on its own; ``worker.load_model``.
+- ``engine``: where that worker runs (a process of its own, or a thread) and the HTTP side's handle
+  on each request; ``metrics``: the Prometheus metrics at /metrics and their JSON at /stats.
 - ``app``: the FastAPI routes; ``ui``: the Gradio UI at /ui; ``server.serve``: the entry point.
 
-FastAPI, uvicorn and Gradio come with the ``serve`` extra (``pip install "llava-meteor[serve]"``).
+FastAPI, uvicorn, Gradio and prometheus_client come with the ``serve`` extra
+(``pip install "llava-meteor[serve]"``).
 """
 
 from meteor.serve.config import ServeConfig
