@@ -497,3 +497,24 @@ def test_sigterm_lets_streams_finish_and_refuses_new_requests(model_dir):
             assert len("".join(c.choices[0].delta.content or "" for c in chunks)) > 0
         assert ends == ["length"] * 3
         assert process.wait(30) == 0
+
+
+def test_a_dead_model_process_fails_open_requests_and_stops_the_server(model_dir):
+    """The model's process killed (the kernel's OOM killer does that): the request it was answering
+    gets a 500 at once instead of waiting for its timeout, and the server exits with status 1, so
+    that a supervisor restarts it."""
+    import psutil
+
+    with meteor_server(model_dir, ["--model-name", "tiny", "--max-tokens-limit", "2000", "--no-ui"]) as (base, process, log):
+        worker = next(p for p in psutil.Process(process.pid).children() if "python" in p.name().lower()
+                      and "resource_tracker" not in " ".join(p.cmdline()))
+        done = {}
+        thread = threading.Thread(target=lambda: done.update(response=chat(base, body(max_tokens=1500, messages=STORY))))
+        thread.start()
+        wait_for(lambda: json_metrics({"base": base})["running"] == 1)
+        worker.kill()
+        thread.join(30)
+        error = assert_openai_error(done["response"], 500)
+        assert error["code"] == "worker_exited"
+        assert process.wait(30) == 1
+        assert "the model worker process exited" in log.read_text()
