@@ -136,6 +136,83 @@ def test_the_plugin_refuses_what_it_cannot_serve_naming_the_reason(served):
         serving_config(siglip)
 
 
+TOWER_CHECK = r"""
+import json, sys
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel
+import meteor.adapters.vllm as plugin
+plugin.register()
+from vllm.tokenizers.registry import get_tokenizer
+from meteor.adapters.vllm.model import LlavaMeteorForConditionalGeneration, split_swiglu
+from meteor.model.vision import VisionTower
+folder, out = sys.argv[1:3]
+config = AutoConfig.from_pretrained(folder)
+encoder = AutoModel.from_config(config.vision_config, attn_implementation="sdpa")
+mapped = LlavaMeteorForConditionalGeneration.hf_to_vllm_mapper.apply(split_swiglu(load_file(folder + "/model.safetensors").items()))
+prefix = "vision_tower.clip."
+tower_weights = {name[len(prefix):]: tensor for name, tensor in mapped if name.startswith(prefix)}
+encoder.load_state_dict(tower_weights, strict=True)
+tower = VisionTower(encoder, config.feature_layer, config.attention_layer, visual_expert=config.visual_expert)
+torch.manual_seed(0)
+result = tower(torch.randn(2, 3, 42, 70))
+tokenizer = get_tokenizer(folder, tokenizer_mode=plugin.TOKENIZER_MODE)
+json.dump({"tokens": result.patch_tokens.tolist(), "scores": result.cls_attention.tolist(),
+           "ids": tokenizer("a<image>\nb")["input_ids"], "image_id": tokenizer.convert_tokens_to_ids("<image>")},
+          open(out, "w"))
+"""
+
+
+def tokenizer_without_image_token(folder: Path):
+    """A byte-level BPE tokenizer folder whose files know no <image> (a real LLM's tokenizer has none)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(["What is in the image? A red circle and a blue square. USER: ASSISTANT:"] * 4,
+                             trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                 show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="</s>").save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_the_plugin_loads_a_dinov2_tower_and_adds_the_image_token(vllm_python, tmp_path):
+    """A DINOv2 tower with registers and a SwiGLU MLP, saved by transformers 5 under DINOv2's original
+    weight names, loads through the plugin's weight mapping into vLLM's environment's transformers
+    and computes what this one computes; the plugin's tokenizer mode gives the folder's tokenizer the
+    image placeholder the processor adds (a tokenizer whose files lack it, as real LLMs' do)."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, LlamaForCausalLM
+
+    from meteor.model.vision import VisionTower
+    from meteor.pretrained import build, save_pretrained
+    from meteor.testing import tiny_llama_config, tiny_meteor_config
+
+    torch.manual_seed(0)
+    vision = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=56, patch_size=14,
+        num_register_tokens=2, use_swiglu_ffn=True, initializer_range=0.2))
+    words = tokenizer_without_image_token(tmp_path / "words")
+    assert "<image>" not in words.get_vocab()                  # as a real LLM's tokenizer
+    model, processor = build(vision, LlamaForCausalLM(tiny_llama_config(len(words))), tmp_path / "words",
+                             tiny_meteor_config())
+    assert processor.image_token_id == len(words)
+    folder = save_pretrained(tmp_path / "dinov2-meteor", model, processor)
+    run = subprocess.run([str(vllm_python), "-c", TOWER_CHECK, str(folder), str(tmp_path / "out.json")],
+                         env=vllm_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-6000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    torch.manual_seed(0)
+    expected = VisionTower.from_model(model.vision_tower)(torch.randn(2, 3, 42, 70))
+    torch.testing.assert_close(torch.tensor(got["tokens"]), expected.patch_tokens, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(got["scores"]), expected.cls_attention, rtol=1e-5, atol=1e-6)
+    assert got["image_id"] == processor.image_token_id and got["ids"].count(processor.image_token_id) == 1
+    assert got["ids"] == processor.tokenizer("a<image>\nb")["input_ids"]
+
+
 # --- the engine ------------------------------------------------------------------------------------------
 
 OFFLINE_CASES = [   # name, images, K′ for the request (None: the folder's K = 4)

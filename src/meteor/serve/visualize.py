@@ -78,10 +78,15 @@ def draw_selection(sliced, selections: Sequence[Any], processor, title: str = ""
     for row, selection in enumerate(selections):
         picture = view_picture(views[selection.view_index], mean, std)
         name = "global" if selection.is_global else f"slice {selection.view_index + 1}"
-        for col, kept in enumerate((None, *expert_choices(selection))):
+        choices = expert_choices(selection)
+        for col, kept in enumerate((None, *choices)):
             ax = axes[row][col] if by_view == "rows" else axes[col][row]
+            absent = col > 0 and kept is None and choices[2] is not None   # a selecting projector without this expert
             shown = picture if kept is None else highlight(picture, selection.grid, kept, processor.patch_size)
-            ax.imshow(shown.numpy())
+            ax.imshow((shown * 0.2 + 0.8 if absent else shown).numpy())
+            if absent:
+                ax.text(0.5, 0.5, "none in this projector", transform=ax.transAxes, ha="center", va="center",
+                        fontsize=7, color="0.3")
             ax.set_xticks([])
             ax.set_yticks([])
             if by_view == "rows":

@@ -46,6 +46,11 @@ class TrainConfig:
     language_model: str | None = None
     """Local causal-LM folder (e.g. Vicuna), when not starting from --model; also the tokenizer."""
 
+    base_size: int | None = None
+    """Side in pixels UHD slicing sizes every view to, for a new model (--vision and
+    --language-model); default: the tower's native side (336 for CLIP ViT-L/14-336, 518 for DINOv2).
+    A multiple of the patch size; a model from --model keeps its own."""
+
     compressor_from: str | None = None
     """Stage-1 output (its folder or compressor.safetensors) whose compressor weights start stage 2,
     as LLaVA starts from its projector file."""
@@ -164,6 +169,9 @@ class TrainConfig:
             raise TrainConfigError(f"--data {self.data} does not exist")
         if not self.output_dir:
             raise TrainConfigError("--output-dir is required")
+        if self.model is not None and self.base_size is not None:
+            raise TrainConfigError("--base-size sets the view side of a new model (--vision and --language-model); "
+                                   "a model from --model keeps the one it was built with")
         if self.model is None and (self.vision is None or self.language_model is None):
             raise TrainConfigError("give --model (a LLaVA-Meteor folder) or both --vision and "
                                    "--language-model (local Hugging Face folders)")

@@ -73,7 +73,8 @@ def load_model(config: TrainConfig, dist: DistributedRun) -> tuple[Any, Any]:
     else:
         meteor_config = (MeteorConfig.from_json(Path(config.meteor_config).read_text())
                          if config.meteor_config else MeteorConfig())
-        model, processor = build(config.vision, config.language_model, config.language_model, meteor_config)
+        model, processor = build(config.vision, config.language_model, config.language_model, meteor_config,
+                                 base_size=config.base_size)
     if config.compressor_from is not None:
         source = Path(config.compressor_from)
         weights = load_compressor(source / COMPRESSOR_FILE if source.is_dir() else source)

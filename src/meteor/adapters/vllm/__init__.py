@@ -3,8 +3,10 @@
 Installed with the package (``pip install "llava-meteor[vllm]"``), the entry point ``register`` in the
 group ``vllm.general_plugins`` runs in every vLLM process and registers, by name, the model class
 ``LlavaMeteorForConditionalGeneration`` with vLLM's ``ModelRegistry`` (its module, which also
-registers the multimodal processor, is imported only when vLLM loads such a folder) and the config's
-model_type "llava_meteor" with transformers' ``AutoConfig``. A folder saved by
+registers the multimodal processor, is imported only when vLLM loads such a folder), the config's
+model_type "llava_meteor" with transformers' ``AutoConfig``, and a tokenizer mode that loads the
+folder's tokenizer with the ``<image>`` placeholder added (``tokenizer``), as the package's processor
+adds it. A folder saved by
 ``meteor.pretrained.save_pretrained`` then serves unchanged::
 
     python -m vllm.entrypoints.openai.api_server --model FOLDER --limit-mm-per-prompt '{"image": 4}' \
@@ -27,6 +29,9 @@ from __future__ import annotations
 from meteor.adapters.vllm.config import ARCHITECTURE, register_config, serving_config
 
 MODEL_CLASS = f"meteor.adapters.vllm.model:{ARCHITECTURE}"
+TOKENIZER_MODE = "llava_meteor"
+"""vLLM's tokenizer mode the plugin registers (``tokenizer.MeteorTokenizer``) and selects for the
+folders it serves: the folder's tokenizer with the image placeholder the processor adds."""
 
 
 def register() -> None:
@@ -42,8 +47,17 @@ def register() -> None:
         @staticmethod
         def verify_and_update_model_config(model_config) -> None:
             serving_config(model_config.hf_config)
+            if model_config.tokenizer_mode in ("auto", "hf"):
+                model_config.tokenizer_mode = TOKENIZER_MODE       # the folder's tokenizer with <image>
+
+    from vllm.renderers.registry import RENDERER_REGISTRY
+    from vllm.tokenizers.registry import TokenizerRegistry
 
     register_config()
+    if TOKENIZER_MODE not in TokenizerRegistry.tokenizers:
+        TokenizerRegistry.register(TOKENIZER_MODE, "meteor.adapters.vllm.tokenizer", "MeteorTokenizer")
+    if TOKENIZER_MODE not in RENDERER_REGISTRY.renderers:       # prompts rendered as the hf mode renders them
+        RENDERER_REGISTRY.register(TOKENIZER_MODE, "vllm.renderers.hf", "HfRenderer")
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     MODELS_CONFIG_MAP[ARCHITECTURE] = CheckServable
 

@@ -13,8 +13,8 @@ from meteor.model.configuration import ConfigError, MeteorConfig
 
 MODEL_TYPE = "llava_meteor"
 ARCHITECTURE = "LlavaMeteorForConditionalGeneration"
-VISION_MODEL_TYPES = ("clip_vision_model", "clip", "siglip_vision_model", "siglip")
-"""The towers the plugin runs: those ``meteor.model.vision.VisionTower`` wraps (CLIP, SigLIP)."""
+VISION_MODEL_TYPES = ("clip_vision_model", "clip", "siglip_vision_model", "siglip", "dinov2", "dinov2_with_registers")
+"""The towers the plugin runs: those ``meteor.model.vision.VisionTower`` wraps (CLIP, SigLIP, DINOv2)."""
 CHAT_PLACEHOLDER = "<image>"
 """What vLLM's chat API writes into the prompt for each image (the model class's placeholder)."""
 
@@ -53,9 +53,10 @@ class ServingConfig:
     image_token_id: int
     patch_size: int
     base_size: int
-    """The tower's native view side in px: ``image_size`` rounded down to whole patches."""
+    """The tower's native view side in px: ``image_size`` rounded down to whole patches (the folder's
+    processor may slice to another side: ``MeteorProcessingInfo`` reads that one)."""
     max_view_patches: int
-    """The most patches one view can have: (base_size / patch_size)²."""
+    """(base_size / patch_size)²: the patches of one view at the tower's native side."""
 
 
 def serving_config(hf_config) -> ServingConfig:
@@ -70,7 +71,7 @@ def serving_config(hf_config) -> ServingConfig:
     problems = []
     vision_type = getattr(vision, "model_type", None)
     if vision_type not in VISION_MODEL_TYPES:
-        problems.append(f"its vision tower is {vision_type!r}; the plugin runs CLIP and SigLIP towers "
+        problems.append(f"its vision tower is {vision_type!r}; the plugin runs CLIP, SigLIP and DINOv2 towers "
                         f"(vision_config.model_type one of {', '.join(VISION_MODEL_TYPES)})")
     if not text_architectures(text):
         problems.append(f"its text_config names no architectures and transformers knows no causal LM of "
@@ -98,6 +99,9 @@ def serving_config(hf_config) -> ServingConfig:
         if meteor.visual_expert == "cls" and vision_type in ("siglip_vision_model", "siglip"):
             problems.append("visual_expert='cls' needs a CLS token and a SigLIP tower has none "
                             "(use 'attention_received' or 'pooling_head')")
+        if meteor.visual_expert == "pooling_head" and vision_type not in ("siglip_vision_model", "siglip"):
+            problems.append(f"visual_expert='pooling_head' reads SigLIP's attention-pooling head and a "
+                            f"{vision_type!r} tower has none (use 'cls' or 'attention_received')")
     if problems:
         raise UnservableFolder("the LLaVA-Meteor vLLM plugin cannot serve this folder: " + "; ".join(problems))
     patch_size = int(vision.patch_size)

@@ -2,13 +2,16 @@
 embeddings, and vLLM's own implementation of the language model (LLaMA, Qwen2, ... as
 ``text_config.architectures`` names it) reads them, with vLLM's paged attention and KV cache.
 
-The tower is transformers' model for ``vision_config`` (``AutoModel.from_config``: CLIPVisionModel or
-SiglipVisionModel) read through ``meteor.model.vision.VisionTower``, which runs it to the feature
+The tower is transformers' model for ``vision_config`` (``AutoModel.from_config``: CLIPVisionModel,
+SiglipVisionModel, Dinov2Model or Dinov2WithRegistersModel) read through ``meteor.model.vision.VisionTower``, which runs it to the feature
 layer and computes the visual expert's scores; the compressor is ``build_projector`` of the folder's
 ``CompressorConfig``: the same modules as the transformers class. They are plain torch modules, so
 they are not sharded across tensor-parallel ranks (each rank would hold a copy; not tested yet).
 Weights load from the folder's names (the transformers class's, llava-hf's layout) through
-``hf_to_vllm_mapper``.
+``hf_to_vllm_mapper``. transformers 5 writes a DINOv2's weights under their original names
+(``attention.attention.query``, ``attention.output.dense``; a SwiGLU MLP's ``weights_in`` holding
+the gate and up projections stacked, ``weights_out``) and renames them when it loads; the mapper and
+``load_weights`` rename them the same way for the modules built here.
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ class LlavaMeteorForConditionalGeneration(nn.Module, SupportsMultiModal):
         # VisionTower keeps the transformers encoder as its attribute ``clip``
         "model.vision_tower.": "vision_tower.clip.",
         "model.multi_modal_projector.": "multi_modal_projector.",
+    }, orig_to_new_substr={
+        # DINOv2 as transformers 5 saves it (its conversion mapping for Dinov2Model, reversed on save)
+        ".attention.attention.query.": ".attention.q_proj.",
+        ".attention.attention.key.": ".attention.k_proj.",
+        ".attention.attention.value.": ".attention.v_proj.",
+        ".attention.output.dense.": ".attention.o_proj.",
+        ".mlp.weights_out.": ".mlp.down_proj.",
     })
 
     @classmethod
@@ -121,7 +131,19 @@ class LlavaMeteorForConditionalGeneration(nn.Module, SupportsMultiModal):
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
+        return AutoWeightsLoader(self).load_weights(split_swiglu(weights), mapper=self.hf_to_vllm_mapper)
+
+
+def split_swiglu(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+    """A DINOv2 SwiGLU MLP's stacked ``mlp.weights_in`` (gate rows, then up rows) as transformers
+    loads it: ``mlp.gate_proj`` and ``mlp.up_proj``. Every other weight passes unchanged."""
+    for name, tensor in weights:
+        if ".mlp.weights_in." in name:
+            gate, up = tensor.chunk(2, dim=0)
+            yield name.replace(".mlp.weights_in.", ".mlp.gate_proj."), gate
+            yield name.replace(".mlp.weights_in.", ".mlp.up_proj."), up
+        else:
+            yield name, tensor
 
 
 def _cat(value) -> torch.Tensor:

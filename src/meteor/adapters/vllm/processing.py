@@ -91,15 +91,16 @@ class MeteorProcessingInfo(BaseProcessingInfo):
         return len(processor.layout_ids(processor.image_processor.plan(width, height), tokens_per_slice))
 
     def get_image_size_with_most_features(self) -> ImageSize:
-        """An image cut into ``max_slices`` slices of the native size."""
-        serving = self.serving
-        return ImageSize(width=serving.base_size * serving.meteor.max_slices, height=serving.base_size)
+        """An image cut into ``max_slices`` slices of the processor's view side (the tower's native
+        side unless the model was built with another ``base_size``)."""
+        base = self.processor.base_size
+        return ImageSize(width=base * self.serving.meteor.max_slices, height=base)
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         """The most embeddings one image can take whatever K′ a request asks for: (max_slices + 1)
         views keeping all of their at most (base / patch)² patches."""
-        serving = self.serving
-        return {"image": (serving.meteor.max_slices + 1) * serving.max_view_patches}
+        side = self.processor.base_size // self.processor.patch_size
+        return {"image": (self.serving.meteor.max_slices + 1) * side * side}
 
 
 class MeteorDummyInputsBuilder(BaseDummyInputsBuilder[MeteorProcessingInfo]):
