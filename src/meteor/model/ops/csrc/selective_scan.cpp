@@ -17,8 +17,8 @@
 //   -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 -mavx2 -mfma -mf16c
 //   -DCPU_CAPABILITY=DEFAULT                  (no extension beyond the architecture's baseline)
 // and loads the one the CPU runs. Nothing depends on the machine that compiled it beyond those
-// flags. A few helpers have explicit AVX-512 / AVX2 bodies (exp2, 1/x, the lane-sum shuffle tree);
-// each has a plain version used by the baseline build.
+// flags. A few helpers have explicit AVX-512 / AVX2 bodies (exp2, 1/x, -|x|, the lane-sum shuffle
+// tree, AVX-512's 16 x 16 transpose); each has a plain version used by the baseline build.
 //
 // Why it is organised this way:
 //  * The scan is compute-bound (~2.4 GFLOP at the FGF shape, dominated by the exp) and batch x channels
@@ -34,7 +34,7 @@
 //  * Outputs come from a small pool of reused blocks (OutputPool): fresh 66 MB tensors cost more in
 //    page faults than the rest of the forward's overhead.
 //  * exp(x) = 2^(x log2 e): a degree-5 polynomial of the fraction, times 2^floor. The recurrence is
-//    bound by the FMA units (9 of its 14-16 instructions per state and step use them under AVX2).
+//    bound by the FMA units (9 of its ~18 instructions per state and step use them under AVX2).
 //  * The forward stores the state every `chunk` steps. The backward recomputes one chunk at a time from
 //    its checkpoint (decays and states into a small buffer), then runs the adjoint recurrence in
 //    reverse, so nothing of size (batch, dim, L, N) is ever stored.
@@ -248,19 +248,13 @@ INLINE Pack<K> expv(const Pack<K>& x) {
   return exp2v<false>(x * splat(kLog2e));
 }
 
-// 1 / x for x in [1, 3] (all its callers): the hardware estimate (rcp14 under AVX-512, 2^-14; rcpps
-// under AVX2, 1.5 * 2^-12) and one Newton step, about 1 and 2 ulp; a vdivps would stall the
-// elementwise loops. Elsewhere a division.
+// 1 / x for x in [1, 3] (all its callers). Under AVX-512, rcp14 (2^-14) and one Newton step, about
+// 1 ulp: a vdivps would stall the elementwise loops there. Elsewhere a division, which measured
+// faster under AVX2 than rcpps and its Newton step (two more FMAs where the FMA units are the limit).
 template <int K>
 INLINE Pack<K> reciprocal(const Pack<K>& x) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  const Pack<K> r = map([](const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
-    return Vec(_mm512_rcp14_ps(v));
-#else
-    return Vec(_mm256_rcp_ps(v));
-#endif
-  }, x);
+  const Pack<K> r = map([](const Vec& v) { return Vec(_mm512_rcp14_ps(v)); }, x);
   return fma(r, fnmadd(x, r, splat(1.f)), r);  // r + r (1 - x r)
 #else
   return broadcast<K>(splat(1.f)) / x;
@@ -270,9 +264,9 @@ INLINE Pack<K> reciprocal(const Pack<K>& x) {
 // log(1 + e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) <= 1/3, series to s^13 (rel. err 1e-8).
 template <int K>
 INLINE Pack<K> log1p_unit(const Pack<K>& e) {
-  constexpr float kSeries[] = {1.f / 13.f, 1.f / 11.f, 1.f / 9.f, 1.f / 7.f, 1.f / 5.f, 1.f / 3.f, 1.f};
+  constexpr float kSeries[] = {2.f / 13.f, 2.f / 11.f, 2.f / 9.f, 2.f / 7.f, 2.f / 5.f, 2.f / 3.f, 2.f};  // 2 / (2i + 1)
   const Pack<K> s = e * reciprocal(e + splat(2.f));
-  return (s * splat(2.f)) * horner(s * s, kSeries);
+  return s * horner(s * s, kSeries);
 }
 
 // -|x|: one OR of the sign bit.
@@ -655,7 +649,7 @@ struct DtRange {
 // exp2v<true> propagates NaN without the clamps.
 DtRange prepare_tiles(float* dt, float* z, int64_t L, const Vec& bias, bool use_softplus, float* sig) {
   DtRange range{splat(INFINITY), splat(-INFINITY)};
-  by_fours(L, [&](int64_t t, auto k) {
+  by_fours(L, [&](int64_t t, auto k) __attribute__((always_inline)) {
     constexpr int K = decltype(k)::value;
     Pack<K> x = load_pack<K>(dt + t * W) + bias;
     if (use_softplus) {
@@ -720,8 +714,10 @@ void parallel_items(int64_t n_items, int n_workers, const F& body) {
 // Pulls the next item's inputs towards L2 while this item computes, a few cache lines per time step.
 // Loading them only when the next item starts leaves the core waiting on DRAM: W rows per operand
 // are more streams than the hardware prefetcher runs far enough ahead, and a channel-contiguous
-// operand is one cache line per step, kilobytes apart, which it does not follow at all. Measured:
-// 5-10% of the single-threaded forward at the FGF shape under AVX-512.
+// operand is one cache line per step, kilobytes apart, which it does not follow at all. Measured at
+// the FGF shape, single-threaded: it saves slightly more in the loads than its prefetches cost the
+// recurrence (~2 ms of ~25 under AVX2). (Transposing the next item's tiles in during the recurrence,
+// a block at a time, was tried too and measured slower under both AVX2 and AVX-512.)
 struct RowPrefetcher {
   static constexpr int kMaxArrays = 4;
   struct Runs {  // `count` runs of `bytes` contiguous bytes, `stride` bytes apart
@@ -1106,7 +1102,7 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
         // out = o * silu(z): dL/do = dout * silu(z) and dL/dz = dout * o * silu'(z); o is rebuilt in
         // the recompute, so keep dout * silu'(z) until then.
         load_tile(z_s, it.b, it.d0, it.rows, L, gz.data);
-        by_fours(L, [&](int64_t t, auto k) {
+        by_fours(L, [&](int64_t t, auto k) __attribute__((always_inline)) {
           constexpr int K = decltype(k)::value;
           const Pack<K> zz = load_pack<K>(gz.data + t * W), g = load_pack<K>(go.data + t * W);
           const Pack<K> sz = sigmoid_from(zz, expv(neg_abs(zz)));
