@@ -610,3 +610,60 @@ def test_the_benchmark_runs_and_its_prompts_shrink_as_asked(tmp_path):
     assert [r["visual_tokens"] for r in rows.values()] == [merged, round(merged / 4), max(1, int(0.11 * merged + 0.5))]
     assert all(r["prompt_tokens"] == 52 + r["visual_tokens"] for r in rows.values())  # 50 text + vision start/end
     assert all(r["vision_s"] > 0 and r["prefill_s"] > 0 and r["selection_s"] >= 0 for r in rows.values())
+
+
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for part in m['content'] %}"
+                      "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+                      "{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+"""Qwen2.5-VL's chat format (ChatML, the image as vision tokens), as its processor's template writes it."""
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_explain_draws_what_compress_keeps_and_answers(kind, processors, models, compressed, tmp_path):
+    """meteor explain on a Qwen-VL model: the figure and the JSON hold the selection_report of the
+    answer it gives, which is the compressed model's greedy answer."""
+    import json
+
+    from meteor.adapters.qwen_vl.explain import explain_qwen, format_qwen_explanation
+
+    processor, model = processors[kind], models[kind]
+    processor.chat_template = QWEN_CHAT_TEMPLATE
+    image = picture(150, 100, 1)
+    compressed(kind, keep=0.25)
+    result = explain_qwen(model, processor, image, "What is in the image?", tmp_path / "kept.png", keep=0.25,
+                          max_new_tokens=4)
+    (frame,) = result.frames
+    rows, cols = frame["grid"]
+    assert len(frame["kept"]) == tokens_to_keep(0.25, rows * cols)
+    assert frame["kept"] == meteor.adapters.qwen_vl.selection_report(model)[0].kept
+    assert (tmp_path / "kept.png").stat().st_size > 5_000
+    assert json.loads((tmp_path / "kept.json").read_text())["frames"][0]["kept"] == frame["kept"]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text.count(IMAGE) == 1
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        again = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert result.answer == processor.decode(again, skip_special_tokens=True).strip()
+    assert format_qwen_explanation(result).startswith(f"answer: {result.answer}")
+
+
+def test_the_explain_command_tells_a_qwen_folder_from_a_llava_meteor_one(tmp_path, capsys):
+    from meteor.adapters.qwen_vl.explain import is_qwen_vl_folder
+    from meteor.cli import main
+    from meteor.pretrained import save_pretrained
+    from meteor.testing import tiny_model as tiny_llava_meteor
+
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    model, processor = tiny_llava_meteor()
+    save_pretrained(tmp_path / "meteor", model, processor)
+    assert is_qwen_vl_folder(tmp_path / "qwen") and not is_qwen_vl_folder(tmp_path / "meteor")
+    picture(60, 60, 1).save(tmp_path / "p.png")
+    assert main(["explain", "--model", str(tmp_path / "meteor"), "--image", str(tmp_path / "p.png"),
+                 "--keep", "0.25"]) == 2
+    assert "--keep is for Qwen-VL folders" in capsys.readouterr().err
+    assert main(["explain", "--model", str(tmp_path / "qwen"), "--image", str(tmp_path / "p.png"),
+                 "--tokens-per-slice", "4"]) == 2
+    assert "give --keep" in capsys.readouterr().err

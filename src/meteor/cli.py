@@ -115,9 +115,27 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    from meteor.adapters.qwen_vl.explain import is_qwen_vl_folder, run_explain_qwen
     from meteor.serve.explain import run_explain
 
+    if is_qwen_vl_folder(args.model):          # a Qwen2.5-VL / Qwen3-VL folder: meteor.compress at --keep
+        if args.tokens_per_slice is not None:
+            raise ValueError("--tokens-per-slice is LLaVA-Meteor's K per view; for a Qwen-VL model give --keep")
+        return run_explain_qwen(args.model, args.image, args.question, args.out, _keep(args.keep),
+                                args.max_new_tokens)
+    if args.keep is not None:
+        raise ValueError("--keep is for Qwen-VL folders; a LLaVA-Meteor model takes --tokens-per-slice K′")
     return run_explain(args.model, args.image, args.question, args.out, args.tokens_per_slice, args.max_new_tokens)
+
+
+def _keep(text: str | None) -> float | int:
+    """--keep: a share of each image's merged tokens (0.25) or a count (64); default 0.25."""
+    if text is None:
+        return 0.25
+    try:
+        return int(text) if text.isdigit() else float(text)
+    except ValueError:
+        raise ValueError(f"--keep {text!r}: give a share in (0, 1] (e.g. 0.25) or a count of tokens (e.g. 64)") from None
 
 
 def _add_talk_commands(commands) -> None:
@@ -148,12 +166,14 @@ def _add_talk_commands(commands) -> None:
                                   description="Draw what the visual expert, the native expert and their aggregate "
                                   "keep on every view of IMAGE, print the per-view scores (also written as OUT "
                                   "with .json) and the model's answer to the question.")
-    explain.add_argument("--model", required=True, help="a LLaVA-Meteor folder (save_pretrained)")
+    explain.add_argument("--model", required=True, help="a LLaVA-Meteor folder, or a Qwen2.5-VL / Qwen3-VL folder")
     explain.add_argument("--image", required=True)
     explain.add_argument("--question", default="Describe the image.")
     explain.add_argument("--out", default="selection.png", help="the figure (PNG); its scores go beside it as .json")
     explain.add_argument("--tokens-per-slice", type=_at_least_one, default=None, help=k_help)
     explain.add_argument("--max-new-tokens", type=_at_least_one, default=64, help="longest answer (tokens)")
+    explain.add_argument("--keep", default=None, help="Qwen-VL: the share (0.25) or count of each image's merged "
+                         "tokens meteor.compress keeps (default 0.25)")
     explain.set_defaults(run=_explain)
 
 
@@ -322,8 +342,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--pretrain-clip", action="store_true",
                       help="train the tiny CLIP here (~5 min) instead of using the shipped one")
     demo.add_argument("--workers", type=_at_least_one, default=None,
-                      help="budgets trained at once, one process each (default 3: keeps 2 cores busy "
-                           "to the end with 4 budgets of unequal length)")
+                      help="worker processes running the demo's steps, one step each at a time, the "
+                           "longest remaining chain first (default: this machine's cores, at most 4)")
     demo.set_defaults(run=_demo)
 
     ablate = commands.add_parser("ablate", help="the paper's Tables 1-4 in the demo's world",
@@ -345,7 +365,8 @@ def _parser() -> argparse.ArgumentParser:
     ablate.add_argument("--force", action="store_true", help="rebuild every step instead of reusing OUT")
     ablate.add_argument("--list", action="store_true", help="print the variants per table with their overrides")
     ablate.add_argument("--workers", type=_at_least_one, default=None,
-                        help="variants trained at once, one process each (default 3)")
+                        help="worker processes running the variants' stages and evaluations, one each at a "
+                             "time (default: this machine's cores, at most 4)")
     ablate.set_defaults(run=_ablate)
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
