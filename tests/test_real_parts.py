@@ -55,8 +55,9 @@ def meteor(real, tmp_path_factory):
     config = MeteorConfig(compressor=CompressorConfig(tokens_per_slice=K))        # template "auto"
     model, processor = build(real.dinov2, real.smollm2, real.smollm2, config, base_size=BASE)
     folder = save_pretrained(tmp_path_factory.mktemp("real-meteor") / "dinov2-smollm2", model, processor)
+    del model
     model, processor = load_pretrained(folder)
-    return SimpleNamespace(folder=folder, model=model.eval(), processor=processor, built=model)
+    return SimpleNamespace(folder=folder, model=model.eval(), processor=processor)
 
 
 @pytest.fixture(scope="module")
