@@ -1,6 +1,7 @@
 """`meteor demo --quick` through the real entry point, in a clean folder, then re-run to reuse it."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 from meteor.demo import quick_config
-from meteor.demo.pipeline import CachedFolder, budget_name
+from meteor.demo.pipeline import CachedFolder, budget_name, worker_count
 from meteor.demo.world import QUESTION_TYPES
 from meteor.eval import WorldRunner, read_jsonl
 
@@ -41,11 +42,13 @@ def test_the_clip_step_takes_the_cores_the_budgets_share_later(monkeypatch):
 
     from meteor.demo.pipeline import clip_threads
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert clip_threads(quick_config()) == 2                                  # 3 workers × 1 thread, 2 cores
+    assert clip_threads(quick_config()) == 2                                  # a worker per core × 1 thread
     assert clip_threads(dataclasses.replace(quick_config(), workers=1)) == 1
     assert clip_threads(dataclasses.replace(quick_config(), workers=4, threads=2)) == 2   # capped by the cores
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert clip_threads(quick_config()) == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert worker_count(quick_config()) == 4 and worker_count(dataclasses.replace(quick_config(), workers=6)) == 6
 
 
 @pytest.mark.slow
@@ -118,7 +121,7 @@ def test_quick_demo_writes_the_report_with_numbers_and_pictures(tmp_path):
     assert {"world", "clip", "language_model", "k16/stage2", "eval/k16"} <= set(reused)
     assert "k16, stage 1: training" not in again.stdout and "k16, stage 1: training" in done.stdout
 
-    # the budgets ran two at a time in worker processes; one after another in this process gives
+    # the budgets ran in worker processes (one per core); one after another in this process gives
     # the same models and scores, bit for bit (world, CLIP and LLaMA reused from a copy)
     import dataclasses
     import shutil
@@ -128,7 +131,8 @@ def test_quick_demo_writes_the_report_with_numbers_and_pictures(tmp_path):
     for part in ("world", "clip", "clip_corpus", "language_model"):
         shutil.copytree(tmp_path / "out" / part, serial / part)
     results = run_demo(serial, config=dataclasses.replace(quick_config(), workers=1))
-    assert quick_config().workers == 3 and set(results["reused"]) >= {"world", "clip", "language_model"}
+    assert quick_config().workers is None and worker_count(quick_config()) == min(os.cpu_count() or 1, 4)
+    assert set(results["reused"]) >= {"world", "clip", "language_model"}
     parallel = json.loads((report / "results.json").read_text())
     for one, other in zip(results["budgets"], parallel["budgets"]):
         assert one["name"] == other["name"] and one["scores"]["accuracy"] == other["scores"]["accuracy"]

@@ -25,7 +25,6 @@ def run_demo(out: str | Path = "meteor-demo", seed: int = 0, quick: bool = False
              config: DemoConfig | None = None, rebuild: Sequence[str] = ()) -> dict[str, Any]:
     """The whole demo in ``out``; ``rebuild`` names shipped assets to train here instead
     ("language_model", "clip")."""
-    from meteor.pretrained import load_pretrained
     from meteor.demo import report
 
     config = config or (quick_config(seed) if quick else full_config(seed))
@@ -43,37 +42,28 @@ def run_demo(out: str | Path = "meteor-demo", seed: int = 0, quick: bool = False
         f"{'further unsliced train-split' if config.clip_images else 'train'} images ...")
     clip = pipe.clip(world, language_model)
     patches = (config.world.base_size // config.world.patch_size) ** 2
-    budgets = run_budgets(pipe, world, clip, language_model, patches, total)
-    log(f"[{total - 1}/{total}] figures ...")
     report_dir = out / "report"
     report_dir.mkdir(exist_ok=True)
+    shown = next((k for k in config.budgets if k is not None), config.budgets[0])
+    budgets, figures = run_budgets(pipe, world, clip, language_model, patches, total, shown)
+    log(f"[{total - 1}/{total}] figures ...")
+    figures_started = pipe._clock()
     results = {"budgets": budgets, "patches_per_view": patches, "config": config.to_dict()}
     baselines = world.baselines
     report.accuracy_plot(results, baselines, patches, report_dir / "accuracy_vs_tokens.png")
     report.loss_plot({budget_name(k): out / "runs" / budget_name(k) for k in config.budgets},
                      report_dir / "training_loss.png")
-    shown = next((b for b in budgets if b["k"] is not None), budgets[0])
-    model, processor = load_pretrained(shown["model"])
-    tests = [json.loads(line) for line in world.test_path.read_text().splitlines() if line.strip()]
-    seen, figures = set(), []
-    for record in tests:
-        if record["image_id"] in seen or len(figures) >= config.figure_images:
-            continue
-        if record["meta"]["num_slices"] < 2 and len(figures) < config.figure_images - 1:
-            continue   # show sliced images first: they have several views
-        seen.add(record["image_id"])
-        name = f"selection_{record['image_id']}.png"
-        report.selection_figure(model, processor, world.image_folder / record["image"], record["question"],
-                                report_dir / name)
-        figures.append(name)
+    pipe._timed("plots", figures_started)
     log(f"[{total}/{total}] report ...")
     results["baselines"] = baselines
     results["timings"] = pipe.timings
+    results["cpu_timings"] = pipe.cpu_timings
     results["reused"] = pipe.reused
     results["seconds"] = round(time.perf_counter() - started, 1)
     notes = report.findings(results, baselines, patches)
     timings = {**pipe.timings, "total (this run)": results["seconds"]}
-    report.write_markdown(report_dir / "report.md", results, baselines, patches, figures, timings, notes)
+    report.write_markdown(report_dir / "report.md", results, baselines, patches, figures, timings, notes,
+                          pipe.cpu_timings)
     results["findings"] = notes
     results["figures"] = figures
     (report_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -84,21 +74,26 @@ def run_demo(out: str | Path = "meteor-demo", seed: int = 0, quick: bool = False
     return results
 
 
-def run_budgets(pipe: Pipeline, world, clip: Path, language_model: Path, patches: int, total: int
-                ) -> list[dict[str, Any]]:
-    """Stage 1, stage 2 and evaluation of every budget (``config.workers`` at a time); results in
-    budget order."""
+def run_budgets(pipe: Pipeline, world, clip: Path, language_model: Path, patches: int, total: int,
+                shown: int | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Stage 1, stage 2 and evaluation of every budget, and the selection figures of budget
+    ``shown`` (once its stage 2 is done), as one graph of tasks (``Pipeline.run_variants``); the
+    budgets' results in budget order, and the figures' file names."""
     from meteor.demo import report
+    from meteor.demo.pipeline import _figures_task, worker_count
+    from meteor.demo.schedule import Task
 
     config = pipe.config
-    parallel = config.workers > 1 and len(config.budgets) > 1
+    parallel = worker_count(config) > 1 and len(config.budgets) > 1
     for index, k in enumerate(config.budgets):
         pipe.log(f"[{4 + index}/{total}] budget {report.budget_label(k, patches)}: stage 1, stage 2, "
                  f"evaluation{' (in parallel)' if parallel else ''} ...")
     variants = [(budget_name(k), pipe.budget_config(world, k)) for k in config.budgets]
-    finished = pipe.run_variants(world, clip, language_model, variants)
-    return [{"k": k, "name": budget_name(k), "model": str(model_dir), "scores": scores}
-            for k, (model_dir, scores) in zip(config.budgets, finished)]
+    figures = Task("figures", _figures_task, (pipe.job(), world, budget_name(shown)),
+                   after=(f"{budget_name(shown)}/stage2",), cost=10.0)
+    finished = pipe.run_variants(world, clip, language_model, variants, extra=[figures])
+    return ([{"k": k, "name": budget_name(k), "model": str(model_dir), "scores": scores}
+             for k, (model_dir, scores) in zip(config.budgets, finished)], pipe.extra_results["figures"])
 
 
 __all__ = ["DemoConfig", "StageRun", "full_config", "quick_config", "run_demo"]

@@ -78,20 +78,23 @@ class DemoConfig:
     eval_batch_size: int = 32
     figure_images: int = 3
     """Test images drawn with the tokens each expert kept (the paper's Figure 4)."""
+    example_cache_mb: int = 1024
+    """Encoded training records kept in memory by each training (``TrainConfig.example_cache_mb``):
+    the full demo's 1000 images take about 650 MB, so the epochs after the first skip decoding,
+    slicing and tokenising. The same tensors, so the same training; 0 turns it off."""
     threads: int = 1
     """torch threads. On a shared 2-core machine one thread was 5-50× faster than two for these
     tiny matrices (thread contention dominates); raise it on a quiet machine."""
-    workers: int = 3
-    """Budgets trained and evaluated at once, each in its own process with ``threads`` threads
-    (their stages are independent; the frozen-feature cache on disk is shared); 1 runs them one
-    after another in this process. 3 on this 2-core machine: the all-tokens budget takes twice as
-    long as the others, so with 2 at a time the last budget ran alone for 3 minutes on one core,
-    while 3 at a time keep both cores busy to the end. Each process computes the same numbers
-    whatever the count (one thread each), so the results do not depend on it."""
+    workers: int | None = None
+    """Worker processes that run the demo's tasks (each budget's stage 1, stage 2 and evaluation,
+    and the figures; ``meteor.demo.schedule``), one task each at a time with ``threads`` threads,
+    the longest remaining chain first; None: this machine's cores, at most four. 1 runs them one
+    after another in this process. Each task computes the same numbers wherever and whenever it
+    runs (one thread each), so the results do not depend on the count."""
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.threads < 1:
+        if (self.workers is not None and self.workers < 1) or self.threads < 1:
             raise ConfigError(f"DemoConfig.workers and threads must be ≥ 1, got {self.workers} and {self.threads}")
         if self.clip_images < 0 or self.clip_images == 1:
             raise ConfigError(f"DemoConfig.clip_images must be 0 (the world's own train images) or ≥ 2 "

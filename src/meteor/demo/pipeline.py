@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,6 +23,7 @@ from meteor.train.data import split_turns
 from meteor.model.feature_cache import FeatureCache
 from meteor.demo.clip import pretrain_clip
 from meteor.demo.config import DemoConfig, StageRun
+from meteor.demo.schedule import Task, run_tasks
 from meteor.demo.world import WorldConfig, WorldManifest, generate_world, world_texts
 
 KEY_FILE = "key.json"
@@ -65,6 +64,19 @@ def _text_processor(tokenizer):
     return build_processor(tokenizer, MeteorConfig(), patch_size=14, base_size=112)
 
 
+STEP_COSTS = {1: (0.50, 0.0029), 2: (0.68, 0.0043)}
+"""CPU seconds of a training step of the full demo (16 samples), fixed and per visual token of a
+sample, by stage: fitted to ``benchmarks/bench_demo.py``'s figures on a 2-core AMD EPYC; only the
+order of the tasks depends on them."""
+EVAL_COST = (0.012, 0.00009)
+"""CPU seconds per test question of the evaluation, fixed and per visual token (as above)."""
+
+
+def worker_count(config: DemoConfig) -> int:
+    """Worker processes: ``config.workers``, or this machine's cores, at most four."""
+    return config.workers or max(1, min(os.cpu_count() or 1, 4))
+
+
 def budget_name(k: int | None) -> str:
     return "all" if k is None else f"k{k}"
 
@@ -72,7 +84,7 @@ def budget_name(k: int | None) -> str:
 def clip_threads(config: DemoConfig) -> int:
     """torch threads for the CLIP step, which runs alone: the threads all budgets use together
     (``workers`` × ``threads``), but no more than this machine's cores."""
-    return max(1, min(config.workers * config.threads, os.cpu_count() or 1))
+    return max(1, min(worker_count(config) * config.threads, os.cpu_count() or 1))
 
 
 def open_pipeline(out: str | Path, config: DemoConfig, force: bool,
@@ -110,19 +122,30 @@ class Pipeline:
         self.rebuild = tuple(rebuild)
         """The shipped assets (``ASSETS``) to train here even when their key fits."""
         self.timings: dict[str, float] = {}
+        """Wall seconds per step."""
+        self.cpu_timings: dict[str, float] = {}
+        """CPU seconds per step (the process's, all its threads: ``time.process_time``)."""
         self.reused: list[str] = []
+        self.extra_results: dict[str, Any] = {}
+        """The results of ``run_variants``'s extra tasks, by name."""
         self.started = time.perf_counter()
 
     def elapsed(self) -> float:
         """Seconds since the pipeline (or its parent's) started."""
         return time.perf_counter() - self.started
 
-    def _timed(self, name: str, started: float) -> None:
-        self.timings[name] = round(time.perf_counter() - started, 1)
+    @staticmethod
+    def _clock() -> tuple[float, float]:
+        """(wall, CPU) seconds now, for ``_timed``."""
+        return time.perf_counter(), time.process_time()
+
+    def _timed(self, name: str, started: tuple[float, float]) -> None:
+        self.timings[name] = round(time.perf_counter() - started[0], 1)
+        self.cpu_timings[name] = round(time.process_time() - started[1], 1)
 
     # --- 1. world -----------------------------------------------------------------------------------
     def world(self) -> WorldManifest:
-        started = time.perf_counter()
+        started = self._clock()
         folder = self.out / "world"
         if self.force and folder.exists():
             shutil.rmtree(folder)
@@ -153,7 +176,7 @@ class Pipeline:
         if step.done:
             self.reused.append("language_model")
             return step.folder
-        started = time.perf_counter()
+        started = self._clock()
         step.start()
         if recipe is not None and self._use_asset("language_model", key, step.folder):
             self.log("    the shipped text-pretrained tiny LLaMA (meteor/demo/assets/language_model) fits "
@@ -204,7 +227,7 @@ class Pipeline:
         if step.done:
             self.reused.append("clip")
             return step.folder
-        started = time.perf_counter()
+        started = self._clock()
         step.start()
         if self._use_asset("clip", step.key, step.folder):
             self.log("    the shipped tiny CLIP (meteor/demo/assets/clip) fits this configuration: using it "
@@ -274,36 +297,75 @@ class Pipeline:
                             max_slices=world.config.max_slices)
 
     def run_variants(self, world: WorldManifest, clip: Path, language_model: Path,
-                     variants: Sequence[tuple[str, MeteorConfig] | tuple[str, MeteorConfig, int]]
-                     ) -> list[tuple[Path, dict[str, Any]]]:
-        """``train_variant`` then ``evaluate`` for each (name, config) or (name, config, training
-        seed), ``config.workers`` at a time, each in a spawned process of its own logging on this
-        pipeline's clock (their stages are independent and the frozen-feature cache on disk is
-        shared); (model folder, scores) in the order given. Timings and reuse are merged into this
-        pipeline's."""
-        jobs = [(self.out, self.config, self.force, self.rebuild, time.time() - self.elapsed(),
-                 world, clip, language_model, *variant) for variant in variants]
-        if self.config.workers == 1 or len(jobs) <= 1:
-            finished = [self._variant(*job[5:]) for job in jobs]
-        else:
-            context = multiprocessing.get_context("spawn")     # never fork a process that has run torch
-            with ProcessPoolExecutor(max_workers=min(self.config.workers, len(jobs)), mp_context=context) as pool:
-                finished = list(pool.map(_variant_in_worker, jobs))
-        results = []
-        for model_dir, scores, timings, reused in finished:
-            self.timings.update(timings)
-            self.reused.extend(reused)
-            results.append((model_dir, scores))
-        return results
+                     variants: Sequence[tuple[str, MeteorConfig] | tuple[str, MeteorConfig, int]
+                                        | tuple[str, MeteorConfig, int, dict[int, StageRun]]],
+                     extra: Sequence[Task] = ()) -> list[tuple[Path, dict[str, Any]]]:
+        """``train_variant`` then ``evaluate`` for each (name, config[, training seed[, stages]]):
+        stage 1, stage 2 and the evaluation of every variant as tasks of one graph
+        (``meteor.demo.schedule``), ``worker_count(config)`` at a time in spawned worker processes
+        logging on this pipeline's clock, the longest chain first (their stages are independent;
+        the frozen-feature cache on disk is shared); (model folder, scores) in the order given.
+        ``extra`` tasks join the graph (their results land in ``self.extra_results``). Timings
+        and reuse are merged into this pipeline's."""
+        tasks = [*self.variant_tasks(world, clip, language_model, variants), *extra]
+        results = self.run_tasks(tasks)
+        self.extra_results = {task.name: results[task.name]["result"] for task in extra}
+        return [(self.out / "runs" / variant[0] / "stage2" / "model", results[f"eval/{variant[0]}"]["result"])
+                for variant in variants]
 
-    def _variant(self, world: WorldManifest, clip: Path, language_model: Path, name: str,
-                 meteor_config: MeteorConfig, seed: int | None = None, stages: dict[int, StageRun] | None = None
-                 ) -> tuple[Path, dict[str, Any], dict[str, float], list[str]]:
-        timings, reused = len(self.timings), len(self.reused)
-        model_dir = self.train_variant(world, clip, language_model, name, meteor_config, seed, stages)
-        scores = self.evaluate(world, model_dir, name)
-        self.log(f"    {name}: accuracy " + ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in scores["accuracy"].items()))
-        return model_dir, scores, dict(list(self.timings.items())[timings:]), self.reused[reused:]
+    def job(self) -> tuple:
+        """What a task needs to open this pipeline in a worker process (on this pipeline's clock)."""
+        return (self.out, self.config, self.force, self.rebuild, time.time() - self.elapsed())
+
+    def variant_tasks(self, world: WorldManifest, clip: Path, language_model: Path,
+                      variants: Sequence[tuple]) -> list[Task]:
+        """Stage 1 → stage 2 → evaluation of each variant, as tasks (see ``run_variants``)."""
+        job = self.job()
+        tasks = []
+        for variant in variants:
+            name, meteor_config, seed, stages = (*variant, None, None)[:4]
+            runs = self.stage_runs(name, meteor_config, stages, quiet=True)
+            for stage in (1, 2):
+                tasks.append(Task(f"{name}/stage{stage}", _stage_task,
+                                  (job, world, clip, language_model, name, meteor_config, stage, seed, stages),
+                                  after=(f"{name}/stage1",) if stage == 2 else (),
+                                  cost=self.estimated_cost(world, meteor_config, stage, runs[stage])))
+            tasks.append(Task(f"eval/{name}", _eval_task, (job, world, name), after=(f"{name}/stage2",),
+                              cost=self.estimated_cost(world, meteor_config, "eval")))
+        return tasks
+
+    def run_tasks(self, tasks: Sequence[Task]) -> dict[str, Any]:
+        """``meteor.demo.schedule.run_tasks`` with this pipeline's worker count; each task returns
+        ``task_report`` (its result, timings and reuse), merged here."""
+        def merge(name: str, report: dict[str, Any]) -> None:
+            self.timings.update(report["wall"])
+            self.cpu_timings.update(report["cpu"])
+            self.reused.extend(report["reused"])
+
+        return run_tasks(tasks, worker_count(self.config), on_done=merge)
+
+    def task_report(self, result: Any) -> dict[str, Any]:
+        """A task's result with this (worker's) pipeline's timings and reuse, for ``run_tasks``."""
+        return {"result": result, "wall": dict(self.timings), "cpu": dict(self.cpu_timings),
+                "reused": list(self.reused)}
+
+    def estimated_cost(self, world: WorldManifest, meteor_config: MeteorConfig, step: int | str,
+                       run: StageRun | None = None) -> float:
+        """Estimated CPU seconds of a stage (1, 2, with its ``run``) or of the evaluation ("eval")
+        of a model, for the order of the tasks only: a fixed cost per training step or question
+        plus one per visual token of a sample (``STEP_COSTS``, ``EVAL_COST``)."""
+        histogram = world.slice_histogram["train"]
+        images = sum(histogram.values()) or 1
+        views = sum(count * (int(slices) + 1 if int(slices) else 1) for slices, count in histogram.items()) / images
+        k = meteor_config.compressor.tokens_per_slice
+        visual = views * (64 if k is None else k)
+        if step == "eval":
+            fixed, per_token = EVAL_COST
+            return world.counts["test_questions"] * (fixed + per_token * visual)
+        fixed, per_token = STEP_COSTS[step]
+        records = world.counts["stage1_records" if step == 1 else "stage2_records"]
+        steps = -(-records // run.global_batch_size) * run.epochs
+        return steps * (fixed + per_token * visual)
 
     def train_variant(self, world: WorldManifest, clip: Path, language_model: Path, name: str,
                       meteor_config: MeteorConfig, seed: int | None = None,
@@ -313,55 +375,125 @@ class Pipeline:
         Both stages use the demo's recipe (``config.stage1`` / ``config.stage2``) and its seed, or
         the training ``seed`` given (the world, the CLIP and the LLaMA stay the demo's), so
         variants differ only by ``meteor_config`` and the seed (or by the ``stages`` recipe given);
-        each stage is reused when its key matches."""
-        seed = self.config.seed if seed is None else seed
+        each stage is reused when its key matches, stage 2 only when stage 1 was."""
+        rebuilt = self.train_stage(world, clip, language_model, name, meteor_config, 1, seed, stages)
+        self.train_stage(world, clip, language_model, name, meteor_config, 2, seed, stages, after_rebuild=rebuilt)
+        return self.out / "runs" / name / "stage2" / "model"
+
+    def stage_runs(self, name: str, meteor_config: MeteorConfig, stages: dict[int, StageRun] | None = None,
+                   quiet: bool = False) -> dict[int, StageRun]:
+        """The recipe of each stage: ``stages`` or the demo's, without glyph alignment for a projector
+        that is not token-wise."""
         from meteor.model.projectors import is_tokenwise
-        from meteor.train import TrainConfig, train
-        from meteor.demo.aids import TrainingAids
 
         stage_runs = stages or {1: self.config.stage1, 2: self.config.stage2}
         projector = meteor_config.compressor.projector
         if not is_tokenwise(projector) and any(run.glyph_alignment for run in stage_runs.values()):
-            self.log(f"    {name}: no glyph alignment (the {projector!r} projector has no token-wise MLP)")
+            if not quiet:
+                self.log(f"    {name}: no glyph alignment (the {projector!r} projector has no token-wise MLP)")
             stage_runs = {stage: dataclasses.replace(run, glyph_alignment=0.0) for stage, run in stage_runs.items()}
+        return stage_runs
+
+    def stage_folders(self, world: WorldManifest, clip: Path, language_model: Path, name: str,
+                      meteor_config: MeteorConfig, seed: int | None = None,
+                      stages: dict[int, StageRun] | None = None, after_rebuild: bool = False
+                      ) -> dict[int, CachedFolder]:
+        """The cached folders of both stages (``out/runs/<name>/stage1``, ``stage2``), keyed on
+        everything they depend on; stage 2 is rebuilt when ``after_rebuild`` (stage 1 was)."""
+        seed = self.config.seed if seed is None else seed
+        stage_runs = self.stage_runs(name, meteor_config, stages, quiet=True)
         base_key = {"world": world.config.to_dict(), "clip": _read_key(clip),
                     "language_model": _read_key(language_model), "meteor": meteor_config.to_dict(),
                     "seed": seed}
         root = self.out / "runs" / name
         stage1 = CachedFolder(root / "stage1", {**base_key, "stage1": asdict(stage_runs[1])}, self.force)
         stage2 = CachedFolder(root / "stage2", {**stage1.key, "stage2": asdict(stage_runs[2])},
-                      self.force or not stage1.done)
-        for stage, step, run in ((1, stage1, stage_runs[1]), (2, stage2, stage_runs[2])):
-            step_name = f"{name}/stage{stage}"
-            if step.done:
-                self.reused.append(step_name)
+                              self.force or after_rebuild or not stage1.done)
+        return {1: stage1, 2: stage2}
+
+    def stage_train_config(self, world: WorldManifest, clip: Path, language_model: Path, stage: int,
+                           run: StageRun, folders: dict[int, CachedFolder], seed: int | None = None):
+        """(``TrainConfig``, auxiliary losses) of one stage into ``folders[stage]`` (its
+        ``meteor_config.json`` and, for ``run.single_turn``, its data file must be written there)."""
+        from meteor.train import TrainConfig
+        from meteor.demo.aids import TrainingAids
+
+        folder = folders[stage].folder
+        data = world.stage1_path if stage == 1 else world.stage2_path
+        if run.single_turn:
+            data = folder / "single_turn.json"
+        return TrainConfig(
+            stage=stage, data=str(data),
+            image_folder=str(world.image_folder), vision=str(clip), language_model=str(language_model),
+            meteor_config=str(folder / "meteor_config.json"),
+            compressor_from=str(folders[1].folder) if stage == 2 else None,
+            output_dir=str(folder), epochs=run.epochs, global_batch_size=run.global_batch_size,
+            per_device_batch_size=run.per_device_batch_size, learning_rate=run.learning_rate,
+            save_every=10 ** 6, keep_checkpoints=1, progress="lines" if worker_count(self.config) > 1 else "bar",
+            seed=self.config.seed if seed is None else seed, feature_cache=str(self.out / "features"),
+            example_cache_mb=self.config.example_cache_mb), \
+            TrainingAids(run.scene_distillation, run.glyph_alignment).factories()
+
+    def prepare_stage_folder(self, world: WorldManifest, meteor_config: MeteorConfig, stage: int, run: StageRun,
+                             step: CachedFolder) -> None:
+        """Clear ``step`` and write what its training reads there: the model configuration and, for
+        ``run.single_turn``, the data with one record per question."""
+        step.start()
+        (step.folder / "meteor_config.json").write_text(meteor_config.to_json() + "\n")
+        if run.single_turn:
+            source = world.stage1_path if stage == 1 else world.stage2_path
+            (step.folder / "single_turn.json").write_text(json.dumps(split_turns(json.loads(source.read_text()))))
+
+    def train_stage(self, world: WorldManifest, clip: Path, language_model: Path, name: str,
+                    meteor_config: MeteorConfig, stage: int, seed: int | None = None,
+                    stages: dict[int, StageRun] | None = None, after_rebuild: bool = False) -> bool:
+        """Stage ``stage`` of one model configuration (``train_variant``), unless its folder is
+        reused; whether it was trained here."""
+        from meteor.train import train
+
+        stage_runs = self.stage_runs(name, meteor_config, stages, quiet=stage != 1)
+        folders = self.stage_folders(world, clip, language_model, name, meteor_config, seed, stages, after_rebuild)
+        step, run, step_name = folders[stage], stage_runs[stage], f"{name}/stage{stage}"
+        if step.done:
+            self.reused.append(step_name)
+            return False
+        started = self._clock()
+        self.prepare_stage_folder(world, meteor_config, stage, run, step)
+        self.log(f"    {name}, stage {stage}: training ...")
+        train_config, auxiliary = self.stage_train_config(world, clip, language_model, stage, run, folders, seed)
+        result = train(train_config, auxiliary=auxiliary)
+        if result.interrupted:
+            raise RuntimeError(f"{step_name} was interrupted; re-run meteor demo to start it again")
+        self.log(f"    {name}, stage {stage}: {result.steps_done} steps, "
+                 f"final loss {result.final_loss:.3f} ({time.perf_counter() - started[0]:.0f} s)")
+        step.finish()
+        self._timed(step_name, started)
+        return True
+
+    # --- 6. figures ---------------------------------------------------------------------------------------
+    def selection_figures(self, world: WorldManifest, model_dir: Path, report_dir: Path) -> list[str]:
+        """The paper's Figure 4 for ``config.figure_images`` test images (the sliced ones first: they
+        have several views) with the model in ``model_dir``: which patches each expert kept; the
+        file names written in ``report_dir``."""
+        from meteor.demo.report import selection_figure
+        from meteor.pretrained import load_pretrained
+
+        report_dir.mkdir(parents=True, exist_ok=True)
+        model, processor = load_pretrained(model_dir)
+        tests = [json.loads(line) for line in world.test_path.read_text().splitlines() if line.strip()]
+        seen, figures = set(), []
+        count = self.config.figure_images
+        for record in tests:
+            if record["image_id"] in seen or len(figures) >= count:
                 continue
-            started = time.perf_counter()
-            step.start()
-            config_file = step.folder / "meteor_config.json"
-            config_file.write_text(meteor_config.to_json() + "\n")
-            data = world.stage1_path if stage == 1 else world.stage2_path
-            if run.single_turn:
-                data = step.folder / "single_turn.json"
-                data.write_text(json.dumps(split_turns(json.loads((world.stage1_path if stage == 1 else
-                                                                   world.stage2_path).read_text()))))
-            self.log(f"    {name}, stage {stage}: training ...")
-            result = train(TrainConfig(
-                stage=stage, data=str(data),
-                image_folder=str(world.image_folder), vision=str(clip), language_model=str(language_model),
-                meteor_config=str(config_file), compressor_from=str(stage1.folder) if stage == 2 else None,
-                output_dir=str(step.folder), epochs=run.epochs, global_batch_size=run.global_batch_size,
-                per_device_batch_size=run.per_device_batch_size, learning_rate=run.learning_rate,
-                save_every=10 ** 6, keep_checkpoints=1, progress="lines" if self.config.workers > 1 else "bar",
-                seed=seed, feature_cache=str(self.out / "features")),
-                auxiliary=TrainingAids(run.scene_distillation, run.glyph_alignment).factories())
-            if result.interrupted:
-                raise RuntimeError(f"{step_name} was interrupted; re-run meteor demo to start it again")
-            self.log(f"    {name}, stage {stage}: {result.steps_done} steps, "
-                     f"final loss {result.final_loss:.3f} ({time.perf_counter() - started:.0f} s)")
-            step.finish()
-            self._timed(step_name, started)
-        return stage2.folder / "model"
+            if record["meta"]["num_slices"] < 2 and len(figures) < count - 1:
+                continue   # show sliced images first: they have several views
+            seen.add(record["image_id"])
+            name = f"selection_{record['image_id']}.png"
+            selection_figure(model, processor, world.image_folder / record["image"], record["question"],
+                                    report_dir / name)
+            figures.append(name)
+        return figures
 
     # --- 5. evaluation ------------------------------------------------------------------------------------------
     def evaluate(self, world: WorldManifest, model_dir: Path, name: str,
@@ -383,7 +515,7 @@ class Pipeline:
         if step.done and scores_file.is_file():
             self.reused.append(f"eval/{name}")
             return json.loads(scores_file.read_text())
-        started = time.perf_counter()
+        started = self._clock()
         if _read_key(step.folder) != step.key or self.force:
             step.start()          # predictions of another model: start over; same model: resume
         model, processor = load_pretrained(model_dir, compressor_overrides=compressor_overrides)
@@ -395,8 +527,33 @@ class Pipeline:
         return scores
 
 
-def _variant_in_worker(job: tuple) -> tuple[Path, dict[str, Any], dict[str, float], list[str]]:
-    """``Pipeline._variant`` in a worker process (see ``Pipeline.run_variants``)."""
-    out, config, force, rebuild, started_at, world, clip, language_model, *variant = job
-    pipe = open_pipeline(out, config, force, rebuild, started_at=started_at)
-    return pipe._variant(world, clip, language_model, *variant)
+def _figures_task(job: tuple, world: WorldManifest, name: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``Pipeline.selection_figures`` of ``name``'s stage-2 model as a task."""
+    pipe = _worker_pipeline(job)
+    started = pipe._clock()
+    figures = pipe.selection_figures(world, pipe.out / "runs" / name / "stage2" / "model", pipe.out / "report")
+    pipe._timed("figures", started)
+    return pipe.task_report(figures)
+
+
+def _worker_pipeline(job: tuple) -> Pipeline:
+    out, config, force, rebuild, started_at = job
+    return open_pipeline(out, config, force, rebuild, started_at=started_at)
+
+
+def _stage_task(job: tuple, world: WorldManifest, clip: Path, language_model: Path, name: str,
+                meteor_config: MeteorConfig, stage: int, seed: int | None, stages: dict[int, StageRun] | None,
+                inputs: dict[str, Any]) -> dict[str, Any]:
+    """``Pipeline.train_stage`` as a task; stage 2 is rebuilt when its stage 1 was (``inputs``)."""
+    pipe = _worker_pipeline(job)
+    after_rebuild = stage == 2 and inputs[f"{name}/stage1"]["result"]
+    return pipe.task_report(pipe.train_stage(world, clip, language_model, name, meteor_config, stage, seed,
+                                             stages, after_rebuild=after_rebuild))
+
+
+def _eval_task(job: tuple, world: WorldManifest, name: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``Pipeline.evaluate`` of ``name``'s stage-2 model as a task."""
+    pipe = _worker_pipeline(job)
+    scores = pipe.evaluate(world, pipe.out / "runs" / name / "stage2" / "model", name)
+    pipe.log(f"    {name}: accuracy " + ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in scores["accuracy"].items()))
+    return pipe.task_report(scores)

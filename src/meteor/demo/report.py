@@ -146,7 +146,9 @@ def text_note(config: dict[str, Any]) -> str:
 
 
 def write_markdown(path: Path, results: dict[str, Any], baselines: dict[str, Any], patches: int,
-                   figures: list[str], timings: dict[str, float], notes: list[str]) -> None:
+                   figures: list[str], timings: dict[str, float], notes: list[str],
+                   cpu_timings: dict[str, float] | None = None) -> None:
+    """``timings``: wall seconds per step; ``cpu_timings``: CPU seconds of the steps that have them."""
     budgets = results["budgets"]
     types = list(budgets[0]["scores"]["accuracy"])
     head = ["question type", "n", "± 95%", "chance", "majority", "blind prior"] + [budget_label(b["k"], patches) for b in budgets]
@@ -180,9 +182,12 @@ def write_markdown(path: Path, results: dict[str, Any], baselines: dict[str, Any
               "![training loss](training_loss.png)", "",
               "Which patches each expert keeps (the paper's Figure 4; faded = dropped, red outline = kept):", ""]
     lines += [f"![{name}]({name})" for name in figures]
+    cpu_timings = cpu_timings or {}
     lines += ["", "## Time (seconds; 0 or missing = reused from an earlier run)", "",
-              "| step | seconds |", "|---|---:|"]
-    lines += [f"| {name} | {seconds} |" for name, seconds in timings.items()]
+              "Wall time per step, and the CPU time of the process that ran it (all its threads); steps "
+              "of different budgets run at the same time.", "",
+              "| step | wall s | CPU s |", "|---|---:|---:|"]
+    lines += [f"| {name} | {seconds} | {cpu_timings.get(name, '')} |" for name, seconds in timings.items()]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -243,9 +243,13 @@ class Runner(ABC):
     @torch.no_grad()
     def answer(self, model, processor, questions: Sequence[dict[str, Any]],
                image_folder: str | Path | None) -> list[str]:
-        """Greedy answers for one batch, decoded without special tokens and stripped."""
-        images = [None if q.get("image") is None else
-                  processor.prepare_image(Path(image_folder or ".") / q["image"]) for q in questions]
+        """Greedy answers for one batch, decoded without special tokens and stripped. Questions on
+        the same image file share one prepared image (decoded and sliced once)."""
+        prepared: dict[str, Any] = {}
+        for question in questions:
+            if question.get("image") is not None and str(question["image"]) not in prepared:
+                prepared[str(question["image"])] = processor.prepare_image(Path(image_folder or ".") / question["image"])
+        images = [None if q.get("image") is None else prepared[str(q["image"])] for q in questions]
         return self.generate(model, processor, [self.prompt(q) for q in questions], images)
 
     def generate(self, model, processor, prompts: Sequence[str], images: Sequence[Any]) -> list[str]:

@@ -110,6 +110,11 @@ class TrainConfig:
     stage 1 and stage 2 and every budget), or "memory" (this run only, up to 1 GiB). Exact: the
     cached outputs are the tower's own. Default: encode every view at every step."""
 
+    example_cache_mb: int = 0
+    """Keep encoded records (token ids and the image's normalised views) in memory, up to this many
+    MiB, so the epochs after the first skip image decoding, slicing and tokenising: the same
+    tensors, so the same training. 0: encode every record at every step."""
+
     precision: Precision = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16."""
 
@@ -140,6 +145,8 @@ class TrainConfig:
                 setattr(self, name, value)
         if self.lora and self.stage != 2:
             raise TrainConfigError("--lora applies to stage 2 (the LLM is frozen in stage 1)")
+        if self.example_cache_mb < 0:
+            raise TrainConfigError(f"example_cache_mb must be ≥ 0 (0: off), got {self.example_cache_mb}")
         for name in ("global_batch_size", "per_device_batch_size", "save_every", "log_every",
                      "keep_checkpoints", "lora_rank", "lora_alpha"):
             if getattr(self, name) < 1:

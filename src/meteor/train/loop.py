@@ -134,6 +134,33 @@ class DataOrder:
         return order[within * self.global_batch:(within + 1) * self.global_batch].tolist()
 
 
+class EncodedRecords:
+    """``dataset.encode`` with the encoded records kept in memory up to ``max_bytes`` (the first
+    ones read; a record that cannot be encoded is not kept and fails again when read again)."""
+
+    def __init__(self, dataset: LlavaDataset, max_bytes: int):
+        self.dataset, self.max_bytes = dataset, max_bytes
+        self.kept: dict[int, Example] = {}
+        self.bytes = 0
+
+    def encode(self, index: int) -> Example:
+        example = self.kept.get(index)
+        if example is None:
+            example = self.dataset.encode(index)
+            size = _example_bytes(example)
+            if self.bytes + size <= self.max_bytes:
+                self.kept[index] = example
+                self.bytes += size
+        return example
+
+
+def _example_bytes(example: Example) -> int:
+    size = 16 * (len(example.input_ids) + len(example.labels)) + 256
+    if example.image is not None:
+        size += sum(t.numel() * t.element_size() for t in (example.image.slices, example.image.global_view))
+    return size
+
+
 def _supervised(example: Example) -> int:
     return sum(label != IGNORE_INDEX for label in example.labels[1:])
 
@@ -177,6 +204,7 @@ def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> Tr
         cache = FeatureCache(None if config.feature_cache == "memory" else config.feature_cache)
     dataset = LlavaDataset(config.data, config.image_folder, processor, config.template, config.max_length)
     _refuse_if_every_record_is_skipped(dataset, config)
+    records_in_memory = EncodedRecords(dataset, config.example_cache_mb << 20)
     terms: list[AuxiliaryLoss] = [build(model, dataset, config.template) for build in auxiliary]  # before wrapping
     needs_hidden = any(term.needs_hidden_states for term in terms)
     forward_options = {"output_hidden_states": needs_hidden}
@@ -222,7 +250,7 @@ def train(config: TrainConfig, auxiliary: Sequence[AuxiliaryFactory] = ()) -> Tr
             positions: list[int] = []
             for index in records:
                 try:
-                    example = dataset.encode(index)
+                    example = records_in_memory.encode(index)
                     for term in terms:
                         term.prepare(index, example)
                     examples.append(example)
