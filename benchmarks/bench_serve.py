@@ -18,6 +18,18 @@ them; each cell is the median over rounds.
                                      [--requests 96] [--workloads questions captions]
                                      [--workers process thread] [--json out.json] [--markdown out.md]
 
+    python benchmarks/bench_serve.py --vllm [--clients 16] [--rounds 3] [--k 16] [--max-tokens 16]
+                                     [--client openai http] [--vllm-python .venv-vllm/bin/python]
+
+--vllm compares, in one run, vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`,
+from the environment `make vllm-env` builds, with the package's plugin) on all tokens (the same folder
+with K′ = every patch per request), vLLM with Meteor at K, and `meteor serve` with Meteor at K, all on
+one folder built here (``build_vllm_model``: a CLIP tower with 224-px views and a 3.4 M-parameter LLaMA,
+448×448 images of 5 views, so visual tokens dominate the prompt). Clients stream greedy answers of
+exactly ``--max-tokens`` tokens through the official `openai` client; per configuration:
+requests/s, time to first token p50/p95, output tokens/s, vLLM's KV-cache blocks per request (from
+its /metrics, alone and under load) and the CPU time per request of each server's processes.
+
 Without --model it uses the full demo's K=16 model (meteor-demo/runs/k16/stage2/model, or
 /tmp/demo_after/... when that exists); without a world folder, the model's demo world beside it.
 """
@@ -29,6 +41,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -72,7 +85,10 @@ def requests_from_world(world: Path, count: int, workload: str, model_name: str)
 
 
 class Server:
-    def __init__(self, model: Path, name: str, args: list[str], log: Path):
+    """A server on a free loopback port: `meteor serve` on ``model`` with ``args``, or, given
+    ``command`` (the port → the command line), another one (vLLM's OpenAI server)."""
+
+    def __init__(self, model: Path, name: str, args: list[str], log: Path, command=None, env: dict | None = None):
         import socket
 
         with socket.socket() as sock:
@@ -80,10 +96,13 @@ class Server:
             self.port = sock.getsockname()[1]
         self.name, self.base = name, f"http://127.0.0.1:{self.port}"
         self.log = log
+        if command is None:
+            line = [sys.executable, "-m", "meteor", "serve", "--model", str(model), "--port", str(self.port),
+                    "--model-name", "bench", "--no-ui", *args]
+        else:
+            line = command(self.port)
         with open(log, "w") as sink:
-            self.process = subprocess.Popen([sys.executable, "-m", "meteor", "serve", "--model", str(model), "--port",
-                                             str(self.port), "--model-name", "bench", "--no-ui", *args],
-                                            stdout=sink, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(line, stdout=sink, stderr=subprocess.STDOUT, env=env)
 
     def wait(self, timeout: float = 300) -> None:
         started = time.monotonic()
@@ -112,10 +131,21 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """CPU time so far of the server's process and its children (the model's worker)."""
+        return sum(self.cpu_split())
+
+    def cpu_split(self) -> tuple[float, float]:
+        """CPU time so far of the server's own process (HTTP, images, tokenising) and of its children
+        (meteor serve's model worker; vLLM's engine core and its worker)."""
         import psutil
 
         process = psutil.Process(self.process.pid)
-        return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
+        children = 0.0
+        for child in process.children(recursive=True):
+            try:
+                children += sum(child.cpu_times()[:2])
+            except psutil.NoSuchProcess:
+                pass
+        return sum(process.cpu_times()[:2]), children
 
     def stop(self) -> None:
         self.process.terminate()
@@ -229,23 +259,424 @@ def ratio(modes: dict, worker: str) -> float:
     return modes[f"{worker}: batching"]["rps"] / modes[f"{worker}: batch size 1"]["rps"]
 
 
+# --- vLLM: the same folder on vLLM's OpenAI server (all tokens, Meteor at K) and on meteor serve ---------
+
+VLLM_VISION = dict(image_size=224, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+"""The benchmark model's CLIP tower: 224-px views of 16×16 patches (256 tokens each)."""
+VLLM_TEXT = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4, head_dim=32)
+"""Its LLaMA: head_dim 32 (vLLM's CPU attention takes no less), 3.4 M parameters."""
+VLLM_IMAGE = (448, 448)
+"""Its images: a 2×2 grid of 224-px slices plus the global view, 5 views of 256 patches, so that
+K′ = 256 is every token of every view and visual tokens dominate the prompt."""
+VLLM_QUESTION = "What is in the image?"
+
+
+def build_vllm_model(folder: Path, tokens_per_slice: int) -> Path:
+    """The benchmark's LLaVA-Meteor (built once, kept in ``folder``): real transformers parts
+    (CLIPVisionModel, LlamaForCausalLM, a BPE tokenizer) from ``meteor.testing``, randomly
+    initialised, K = ``tokens_per_slice``, saved with ``save_pretrained`` as a user saves one. The
+    output layer's rows of the special tokens and of tokens that decode to nothing printable
+    (a lone byte of a multi-byte character) are zeroed, so greedy answers never end early and every
+    token streams a visible piece: every request decodes exactly max_tokens tokens on every server."""
+    import torch
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    from meteor.model.configuration import CompressorConfig, MeteorConfig
+    from meteor.pretrained import build, save_pretrained
+    from meteor.testing import tiny_clip_vision_config, tiny_llama_config, tiny_tokenizer
+
+    recipe = json.dumps({"vision": VLLM_VISION, "text": VLLM_TEXT, "k": tokens_per_slice, "version": 1})
+    if (folder / "bench_recipe.json").is_file() and (folder / "bench_recipe.json").read_text() == recipe:
+        return folder
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    vision = CLIPVisionModel(tiny_clip_vision_config(**VLLM_VISION))
+    language_model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), **VLLM_TEXT))
+    config = MeteorConfig(compressor=CompressorConfig(tokens_per_slice=tokens_per_slice, d_state=8, expand=2),
+                          max_slices=6)
+    model, processor = build(vision, language_model, tokenizer, config)
+    silent = [i for i in range(len(tokenizer)) if i in tokenizer.all_special_ids
+              or not tokenizer.decode([i]).strip() or "\ufffd" in tokenizer.decode([i])]
+    with torch.no_grad():
+        model.lm_head.weight[silent] = 0
+    save_pretrained(folder, model, processor, overwrite=True)
+    (folder / "bench_recipe.json").write_text(recipe)
+    return folder
+
+
+def vllm_images(count: int, seed: int = 0) -> list[str]:
+    """``count`` distinct drawn 448×448 PNGs as data URLs (shapes at random places and colours)."""
+    import io
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    urls = []
+    for _ in range(count):
+        image = Image.new("RGB", VLLM_IMAGE, tuple(rng.randrange(40, 220) for _ in range(3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x, y = rng.randrange(0, 400), rng.randrange(0, 400)
+            box = [x, y, x + rng.randrange(20, 160), y + rng.randrange(20, 160)]
+            colour = tuple(rng.randrange(256) for _ in range(3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
+    return urls
+
+
+def stream_requests(urls: list[str], max_tokens: int, extra: dict) -> list[dict]:
+    """Streamed chat requests, one image and the short question each; ``extra``: fields beyond
+    OpenAI's (vLLM's ``mm_processor_kwargs``), sent as the openai client's ``extra_body``."""
+    return [{"request": {"model": "bench", "temperature": 0, "max_tokens": max_tokens, "stream": True,
+                         "stream_options": {"include_usage": True},
+                         "messages": [{"role": "user", "content": [
+                             {"type": "image_url", "image_url": {"url": url}},
+                             {"type": "text", "text": VLLM_QUESTION}]}]},
+             "extra": extra} for url in urls]
+
+
+class KVPoller:
+    """Samples vLLM's Prometheus gauges while a load runs: ``vllm:kv_cache_usage_perc`` times the
+    engine's block count (``vllm:cache_config_info``'s num_gpu_blocks, less vLLM's null block) is
+    the blocks in use; divided by ``vllm:num_requests_running``, the blocks a running request holds."""
+
+    def __init__(self, server: "Server", interval: float = 0.1):
+        self.server, self.interval = server, interval
+        self.samples: list[tuple[int, int]] = []          # (blocks in use, requests running)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        info = self.scrape()
+        self.blocks, self.block_size = info["num_gpu_blocks"], info["block_size"]
+
+    def scrape(self) -> dict:
+        text = self.server.get("/metrics")[1].decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("vllm:cache_config_info{"):
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+                out["num_gpu_blocks"], out["block_size"] = int(labels["num_gpu_blocks"]), int(labels["block_size"])
+            elif line.startswith("vllm:kv_cache_usage_perc{"):
+                out["usage"] = float(line.rsplit(" ", 1)[1])
+            elif line.startswith("vllm:num_requests_running{"):
+                out["running"] = int(float(line.rsplit(" ", 1)[1]))
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = self.scrape()
+            if now.get("running"):
+                self.samples.append((round(now["usage"] * (self.blocks - 1)), now["running"]))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "KVPoller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def per_request(self) -> float | None:
+        """Blocks in use per running request, over the samples taken while any ran."""
+        blocks, running = sum(s[0] for s in self.samples), sum(s[1] for s in self.samples)
+        return blocks / running if running else None
+
+    def alone(self) -> int | None:
+        """The most blocks one request held while it ran alone."""
+        return max((s[0] for s in self.samples if s[1] == 1), default=None)
+
+
+def stream_load(server: "Server", requests: list[dict], clients: int, total: int, kind: str) -> dict:
+    """``clients`` threads (``kind`` "openai": the official client, one ``OpenAI`` each; "http":
+    ``http.client``, one keep-alive connection each, reading the event stream line by line) send
+    ``total`` streamed requests back to back. Time to first token: from sending to the first chunk
+    with text. Requests/s, output tokens/s (from each stream's usage chunk), CPU per request."""
+    import psutil
+
+    records: list[tuple[float, float, int, int]] = []       # (ttft, latency, completion tokens, prompt tokens)
+    failures: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(total))
+    if kind == "openai":
+        import openai
+
+        sessions = [openai.OpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0, timeout=900)
+                    for _ in range(clients)]
+        for session in sessions:
+            session.models.list()                         # connected before the clock starts
+    else:
+        sessions = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=900) for _ in range(clients)]
+        for session in sessions:
+            session.request("GET", "/health")
+            session.getresponse().read()
+    start = threading.Barrier(clients + 1)
+
+    def one_openai(session, spec: dict) -> tuple[float | None, int, int]:
+        fields = dict(spec["request"])
+        fields.pop("stream")
+        first, usage = None, None
+        began = time.perf_counter()
+        for chunk in session.chat.completions.create(stream=True, extra_body=spec["extra"] or None, **fields):
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - began
+            if chunk.usage is not None:
+                usage = chunk.usage
+        return first, usage.completion_tokens, usage.prompt_tokens
+
+    def one_http(session, spec: dict) -> tuple[float | None, int, int]:
+        body = json.dumps({**spec["request"], **spec["extra"]}).encode()
+        first, usage = None, None
+        began = time.perf_counter()
+        session.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        response = session.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"{response.status} {response.read()[:300]!r}")
+        while True:
+            line = response.readline()
+            if not line:
+                break
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                first = time.perf_counter() - began
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+        response.read()
+        return first, usage["completion_tokens"], usage["prompt_tokens"]
+
+    one = one_openai if kind == "openai" else one_http
+
+    def client(session) -> None:
+        start.wait()
+        while True:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                return
+            began = time.perf_counter()
+            try:
+                first, tokens, prompt = one(session, requests[index % len(requests)])
+            except Exception as err:          # reported with the cell, which the caller refuses
+                with lock:
+                    failures.append(f"{type(err).__name__}: {err}"[:300])
+                continue
+            elapsed = time.perf_counter() - began
+            with lock:
+                if first is None:
+                    failures.append("no text streamed")
+                else:
+                    records.append((first, elapsed, tokens, prompt))
+
+    threads = [threading.Thread(target=client, args=(session,)) for session in sessions]
+    for thread in threads:
+        thread.start()
+    me = psutil.Process()
+    front, back = server.cpu_split()
+    client_cpu = sum(me.cpu_times()[:2])
+    load_before = os.getloadavg()[0]
+    start.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    front_after, back_after = server.cpu_split()
+    front, back = front_after - front, back_after - back
+    client_cpu = sum(me.cpu_times()[:2]) - client_cpu
+    for session in sessions:
+        session.close()
+    done = max(len(records), 1)
+    return {"requests": len(records), "failures": failures, "seconds": round(wall, 3),
+            "rps": len(records) / wall, "ttft_p50": percentile(sorted(r[0] for r in records), 50),
+            "ttft_p95": percentile(sorted(r[0] for r in records), 95),
+            "latency_p50": percentile(sorted(r[1] for r in records), 50),
+            "output_tps": sum(r[2] for r in records) / wall,
+            "completion_tokens": statistics.mean(r[2] for r in records) if records else 0,
+            "prompt_tokens": statistics.mean(r[3] for r in records) if records else 0,
+            "server_ms": 1000 * (front + back) / done, "front_ms": 1000 * front / done, "back_ms": 1000 * back / done,
+            "client_ms": 1000 * client_cpu / done, "load": (load_before + os.getloadavg()[0]) / 2}
+
+
+VLLM_FIGURES = ("rps", "ttft_p50", "ttft_p95", "latency_p50", "output_tps", "server_ms", "front_ms", "back_ms",
+                "client_ms", "load",
+                "prompt_tokens", "completion_tokens")
+
+
+def vllm_command(python: str, model: Path, extra: list[str]):
+    """vLLM's OpenAI server on the folder, as a deployment starts it (``vllm serve`` fails on the
+    CPU build: the module is run instead). Prefix caching and the multimodal processor cache are off:
+    the benchmark sends a few images over and over, and a cache would skip the prefills measured."""
+    return lambda port: [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                         "--served-model-name", "bench", "--dtype", "float32", "--max-model-len", "2048",
+                         "--limit-mm-per-prompt", json.dumps({"image": 1}), "--trust-request-mm-kwargs",
+                         "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
+                         "--disable-uvicorn-access-log", "--host", "127.0.0.1", "--port", str(port), *extra]
+
+
+def run_vllm(args) -> int:
+    """vLLM on all tokens, vLLM with Meteor at K and meteor serve with Meteor at K, alternating."""
+    k = args.k
+    folder = build_vllm_model(args.vllm_model, k)
+    from meteor.model.configuration_llava_meteor import LlavaMeteorConfig  # noqa: F401  (the folder loads)
+    from meteor.processing.slicing import plan_slices
+
+    side = VLLM_VISION["image_size"] // 14
+    every = side * side
+    plan = plan_slices(*VLLM_IMAGE, 6, 14, VLLM_VISION["image_size"])
+    assert all(rows * cols == every for rows, cols in plan.view_patches), plan
+    urls = vllm_images(args.images)
+    python = str(args.vllm_python)
+    if not Path(python).is_file():
+        raise SystemExit(f"no vLLM python at {python}: run `make vllm-env`, or give --vllm-python")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("VLLM_PLUGINS", None)
+    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    vllm = Server(folder, "vLLM", [], logs / "bench_serve_vllm.log",
+                  command=vllm_command(python, folder, [*shlex.split(args.vllm_args), "--max-num-seqs",
+                                                         str(max(args.clients))]), env=env)
+    serve = Server(folder, "meteor serve", args.batching, logs / "bench_serve_meteor.log")
+    configs = {   # name → (server, the request's extra fields)
+        "vLLM, all tokens": (vllm, {"mm_processor_kwargs": {"tokens_per_slice": every}}),
+        f"vLLM, Meteor K={k}": (vllm, {}),
+        f"meteor serve, Meteor K={k}": (serve, {}),
+    }
+    requests = {name: stream_requests(urls, args.max_tokens, extra) for name, (_, extra) in configs.items()}
+    runs = {kind: {c: {name: [] for name in configs} for c in args.clients} for kind in args.client}
+    kv = {name: {"alone": None, "loaded": []} for name, (server, _) in configs.items() if server is vllm}
+    started = time.monotonic()
+    try:
+        for server in (vllm, serve):
+            server.wait(timeout=1800)
+        print(f"servers up in {time.monotonic() - started:.0f} s", flush=True)
+        for name, (server, _) in configs.items():          # warm: first requests pay allocations and compiles
+            stream_load(server, requests[name], 4, 8, args.client[0])
+        for name in kv:                                    # one request alone: the blocks it holds
+            with KVPoller(vllm, interval=0.02) as poller:
+                cell = stream_load(vllm, requests[name], 1, 1, "http")
+            kv[name]["alone"] = poller.alone()
+            kv[name]["block_size"], kv[name]["prompt_tokens"] = poller.block_size, cell["prompt_tokens"]
+        for round_ in range(args.rounds):
+            for kind in args.client:
+                for clients in args.clients:
+                    order = list(configs)[round_ % len(configs):] + list(configs)[:round_ % len(configs)]
+                    for name in order:
+                        server, _ = configs[name]
+                        total = max(args.requests, 2 * clients)
+                        if name in kv:
+                            with KVPoller(vllm) as poller:
+                                cell = stream_load(server, requests[name], clients, total, kind)
+                            cell["kv_blocks"] = poller.per_request()
+                            kv[name]["loaded"].append(cell["kv_blocks"])
+                        else:
+                            cell = stream_load(server, requests[name], clients, total, kind)
+                        if cell["failures"]:
+                            raise RuntimeError(f"{name}, {clients} clients: {cell['failures'][:3]}")
+                        runs[kind][clients][name].append(cell)
+                        print(f"round {round_ + 1} · {kind:<6} · {clients:>2} clients · {name:<26} "
+                              f"{cell['rps']:6.2f} req/s  TTFT p50 {cell['ttft_p50']:.2f} s p95 {cell['ttft_p95']:.2f} s  "
+                              f"{cell['output_tps']:6.1f} tok/s  CPU/request server {cell['front_ms']:.0f}+{cell['back_ms']:.0f} ms "
+                              f"clients {cell['client_ms']:.0f} ms  load {cell['load']:.1f}", flush=True)
+    finally:
+        for server in (vllm, serve):
+            server.stop()
+    results = {kind: {c: {name: {key: statistics.median(cell[key] for cell in cells) for key in VLLM_FIGURES}
+                          for name, cells in by_name.items()} for c, by_name in by_clients.items()}
+               for kind, by_clients in runs.items()}
+    meta = {"model": str(folder), "cpu": _cpu(), "rounds": args.rounds, "requests": args.requests,
+            "max_tokens": args.max_tokens, "k": k, "every": every, "views": len(plan.view_patches),
+            "batching": args.batching, "vllm_args": args.vllm_args, "kv": kv,
+            "vllm": subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                                   text=True, env=env).stdout.strip()}
+    table = vllm_markdown(results, runs, meta)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "runs": runs}, indent=1, default=str))
+    if args.markdown:
+        args.markdown.write_text(table)
+    return 0
+
+
+def vllm_markdown(results: dict, runs: dict, meta: dict) -> str:
+    k, every = meta["k"], meta["every"]
+    lines = [f"Model: {meta['views']} views of {every} patches per {VLLM_IMAGE[0]}×{VLLM_IMAGE[1]} image, K={k}; "
+             f"{meta['cpu']}; vLLM {meta['vllm']}; {meta['rounds']} rounds, medians; greedy, "
+             f"{meta['max_tokens']} tokens per answer, streamed.", "",
+             "| client | clients | configuration | prompt tokens | requests/s | TTFT p50 (s) | TTFT p95 (s) "
+             "| output tokens/s | KV blocks / request (alone; loaded) | server CPU ms/request (HTTP process + "
+             "engine/worker) | client CPU ms/request | load average |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for kind, by_clients in results.items():
+        for clients, by_name in by_clients.items():
+            for name, cell in by_name.items():
+                blocks = "-"
+                if name in meta["kv"]:
+                    loaded = [b for b in meta["kv"][name]["loaded"] if b is not None]
+                    blocks = f"{meta['kv'][name]['alone']}; {statistics.median(loaded):.1f}" if loaded else \
+                        f"{meta['kv'][name]['alone']}"
+                lines.append(f"| {kind} | {clients} | {name} | {cell['prompt_tokens']:.0f} | {cell['rps']:.2f} | "
+                             f"{cell['ttft_p50']:.2f} | {cell['ttft_p95']:.2f} | {cell['output_tps']:.1f} | {blocks} | "
+                             f"{cell['server_ms']:.0f} ({cell['front_ms']:.0f} + {cell['back_ms']:.0f}) | "
+                             f"{cell['client_ms']:.1f} | {cell['load']:.1f} |")
+    lines.append("")
+    for kind, by_clients in runs.items():
+        for clients, by_name in by_clients.items():
+            names = list(by_name)
+            all_tokens, meteor_vllm, meteor_serve = (by_name[n] for n in names)
+            for label, top, bottom in ((f"vLLM-Meteor / meteor serve", meteor_vllm, meteor_serve),
+                                       (f"vLLM-Meteor K={k} / vLLM all tokens", meteor_vllm, all_tokens)):
+                per_round = [a["rps"] / b["rps"] for a, b in zip(top, bottom)]
+                median = statistics.median(c["rps"] for c in top) / statistics.median(c["rps"] for c in bottom)
+                lines.append(f"- {kind}, {clients} clients, {label}, requests/s: {median:.2f}× (per round: "
+                             + ", ".join(f"{r:.2f}×" for r in per_round) + ")")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--world", type=Path, default=None)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=96,
-                        help="requests per measurement at 4 or more clients (a quarter at 1, at least 4 per client)")
+    parser.add_argument("--clients", type=int, nargs="+", default=None, help="default 1 4 16 (--vllm: 16)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per measurement at 4 or more clients (a quarter at 1, at least 4 per client); "
+                             "default 96 (--vllm: 48, at least 2 per client)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batching", default="--max-batch-size 8 --batch-window-ms 15",
-                        help="the batching server's flags, as one string (--batching='--max-batch-size 16')")
+    parser.add_argument("--batching", default=None,
+                        help="the batching server's flags, as one string (--batching='--max-batch-size 16'); default "
+                             "'--max-batch-size 8 --batch-window-ms 15' (--vllm: the most clients as the batch size, "
+                             "as vLLM's --max-num-seqs)")
     parser.add_argument("--workers", nargs="+", default=["process"], choices=["process", "thread"],
                         help="where the servers run the model (meteor serve --worker); each gets its pair of servers")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
+    vllm = parser.add_argument_group("--vllm", "vLLM's OpenAI server against meteor serve on one folder")
+    vllm.add_argument("--vllm", action="store_true",
+                      help="compare vLLM on all tokens, vLLM with Meteor at K and meteor serve with Meteor at K")
+    vllm.add_argument("--vllm-python", type=Path,
+                      default=Path(os.environ.get("METEOR_VLLM_PYTHON", Path(__file__).resolve().parent.parent
+                                                  / ".venv-vllm" / "bin" / "python")),
+                      help="a python with vllm-cpu and this package (`make vllm-env`; $METEOR_VLLM_PYTHON)")
+    vllm.add_argument("--vllm-model", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "bench_serve_vllm_model",
+                      help="where the benchmark's model is built (once) and served from")
+    vllm.add_argument("--vllm-args", default="", help="more flags for vLLM's server, as one string")
+    vllm.add_argument("--k", type=int, default=16, help="the model's K, tokens kept per view")
+    vllm.add_argument("--max-tokens", type=int, default=16, help="tokens per answer")
+    vllm.add_argument("--images", type=int, default=16, help="distinct images the requests cycle through")
+    vllm.add_argument("--client", nargs="+", default=["openai"], choices=["openai", "http"],
+                      help="the clients: the official openai package, and/or http.client (less CPU per request)")
     args = parser.parse_args()
-    args.batching = shlex.split(args.batching)
+    if args.vllm:
+        args.clients = args.clients or [16]
+        args.requests = args.requests or 48
+        args.batching = shlex.split(args.batching or f"--max-batch-size {max(args.clients)} --batch-window-ms 15")
+        return run_vllm(args)
+    args.batching = shlex.split(args.batching or "--max-batch-size 8 --batch-window-ms 15")
+    args.clients = args.clients or [1, 4, 16]
+    args.requests = args.requests or 96
     model, world = args.model, args.world
     if model is None or world is None:
         found_model, found_world = find_demo()
