@@ -155,6 +155,36 @@ class Server:
             self.process.kill()
 
 
+def run_clients(sessions: list, total: int, send, meter) -> tuple[float, tuple]:
+    """One thread per session (each already connected) sends requests 0 … ``total`` - 1 back to
+    back, each index taken by the next free client, through ``send(session, index)``. The clock
+    starts when every thread is ready; ``meter()`` (a tuple of counters, e.g. CPU seconds) is read
+    just before it starts and after it stops. Returns (wall seconds, the counters' change)."""
+    lock = threading.Lock()
+    counter = iter(range(total))
+    start = threading.Barrier(len(sessions) + 1)
+
+    def client(session) -> None:
+        start.wait()
+        while True:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                return
+            send(session, index)
+
+    threads = [threading.Thread(target=client, args=(session,)) for session in sessions]
+    for thread in threads:
+        thread.start()
+    before = meter()
+    start.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return wall, tuple(after - earlier for after, earlier in zip(meter(), before))
+
+
 def load(server: Server, bodies: list[bytes], clients: int, total: int) -> dict:
     """``clients`` threads send ``total`` requests back to back; RPS, latency percentiles and CPU
     time per request (the server's processes, and the clients: this process)."""
@@ -163,45 +193,29 @@ def load(server: Server, bodies: list[bytes], clients: int, total: int) -> dict:
     latencies: list[float] = []
     failures: list[str] = []
     lock = threading.Lock()
-    counter = iter(range(total))
     # every client connects before the clock starts: connecting is not what is measured
     connections = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=300) for _ in range(clients)]
     for connection in connections:
         connection.request("GET", "/health")
         connection.getresponse().read()
-    start = threading.Barrier(clients + 1)
     headers = {"Content-Type": "application/json"}
 
-    def client(connection) -> None:
-        start.wait()
-        while True:
-            with lock:
-                index = next(counter, None)
-            if index is None:
-                return
-            began = time.perf_counter()
-            connection.request("POST", "/v1/chat/completions", body=bodies[index % len(bodies)], headers=headers)
-            response = connection.getresponse()
-            text = response.read()
-            elapsed = time.perf_counter() - began
-            with lock:
-                if response.status == 200:
-                    latencies.append(elapsed)
-                else:
-                    failures.append(f"{response.status} {text[:200]!r}")
+    def send(connection, index: int) -> None:
+        began = time.perf_counter()
+        connection.request("POST", "/v1/chat/completions", body=bodies[index % len(bodies)], headers=headers)
+        response = connection.getresponse()
+        text = response.read()
+        elapsed = time.perf_counter() - began
+        with lock:
+            if response.status == 200:
+                latencies.append(elapsed)
+            else:
+                failures.append(f"{response.status} {text[:200]!r}")
 
     before = server.metrics()
-    threads = [threading.Thread(target=client, args=(connection,)) for connection in connections]
-    for thread in threads:
-        thread.start()
     me = psutil.Process()
-    server_cpu, client_cpu = server.cpu_seconds(), sum(me.cpu_times()[:2])
-    start.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
-    server_cpu, client_cpu = server.cpu_seconds() - server_cpu, sum(me.cpu_times()[:2]) - client_cpu
+    wall, (server_cpu, client_cpu) = run_clients(
+        connections, total, send, lambda: (server.cpu_seconds(), sum(me.cpu_times()[:2])))
     for connection in connections:
         connection.close()
     after = server.metrics()
@@ -400,7 +414,6 @@ def stream_load(server: "Server", requests: list[dict], clients: int, total: int
     records: list[tuple[float, float, int, int]] = []       # (ttft, latency, completion tokens, prompt tokens)
     failures: list[str] = []
     lock = threading.Lock()
-    counter = iter(range(total))
     if kind == "openai":
         import openai
 
@@ -413,7 +426,6 @@ def stream_load(server: "Server", requests: list[dict], clients: int, total: int
         for session in sessions:
             session.request("GET", "/health")
             session.getresponse().read()
-    start = threading.Barrier(clients + 1)
 
     def one_openai(session, spec: dict) -> tuple[float | None, int, int]:
         fields = dict(spec["request"])
@@ -451,42 +463,25 @@ def stream_load(server: "Server", requests: list[dict], clients: int, total: int
 
     one = one_openai if kind == "openai" else one_http
 
-    def client(session) -> None:
-        start.wait()
-        while True:
+    def send(session, index: int) -> None:
+        began = time.perf_counter()
+        try:
+            first, tokens, prompt = one(session, requests[index % len(requests)])
+        except Exception as err:          # reported with the cell, which the caller refuses
             with lock:
-                index = next(counter, None)
-            if index is None:
-                return
-            began = time.perf_counter()
-            try:
-                first, tokens, prompt = one(session, requests[index % len(requests)])
-            except Exception as err:          # reported with the cell, which the caller refuses
-                with lock:
-                    failures.append(f"{type(err).__name__}: {err}"[:300])
-                continue
-            elapsed = time.perf_counter() - began
-            with lock:
-                if first is None:
-                    failures.append("no text streamed")
-                else:
-                    records.append((first, elapsed, tokens, prompt))
+                failures.append(f"{type(err).__name__}: {err}"[:300])
+            return
+        elapsed = time.perf_counter() - began
+        with lock:
+            if first is None:
+                failures.append("no text streamed")
+            else:
+                records.append((first, elapsed, tokens, prompt))
 
-    threads = [threading.Thread(target=client, args=(session,)) for session in sessions]
-    for thread in threads:
-        thread.start()
     me = psutil.Process()
-    front, back = server.cpu_split()
-    client_cpu = sum(me.cpu_times()[:2])
     load_before = os.getloadavg()[0]
-    start.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
-    front_after, back_after = server.cpu_split()
-    front, back = front_after - front, back_after - back
-    client_cpu = sum(me.cpu_times()[:2]) - client_cpu
+    wall, (front, back, client_cpu) = run_clients(
+        sessions, total, send, lambda: (*server.cpu_split(), sum(me.cpu_times()[:2])))
     for session in sessions:
         session.close()
     done = max(len(records), 1)
