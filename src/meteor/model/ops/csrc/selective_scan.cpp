@@ -18,7 +18,9 @@
 //   -DCPU_CAPABILITY=DEFAULT                  (no extension beyond the architecture's baseline)
 // and loads the one the CPU runs. Nothing depends on the machine that compiled it beyond those
 // flags. A few helpers have explicit AVX-512 / AVX2 bodies (exp2, 1/x, -|x|, the lane-sum shuffle
-// tree, AVX-512's 16 x 16 transpose); each has a plain version used by the baseline build.
+// tree, AVX-512's 16 x 16 transpose) and exp2 a NEON one (the aarch64 baseline build); each has a
+// plain version used by the other baseline builds. tests/native/scan_block_check.cpp runs this file's
+// block-level functions without libtorch, which is how the aarch64 build is checked under qemu.
 //
 // Why it is organised this way:
 //  * The scan is compute-bound (~2.4 GFLOP at the FGF shape, dominated by the exp) and batch x channels
@@ -47,6 +49,8 @@
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
 #include <algorithm>
@@ -181,7 +185,7 @@ INLINE Pack<K> horner(const Pack<K>& x, const float (&c)[M]) {
 // rounding (about 1.3 ulp; mamba's CUDA kernel uses the hardware exp2f approximation, ~2 ulp).
 constexpr float kExp2Poly[] = {0.0018775767f, 0.00898934f, 0.055826318f, 0.24015361f, 0.6931531f, 0.99999994f};
 
-#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
+#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2) && !defined(__aarch64__)
 // Baseline: split x = k + f with k = floor(x), build 2^k in the exponent bits. Written per lane
 // on plain floats without branches, so that the compiler vectorises it for the baseline's SIMD (SSE2,
 // NEON).
@@ -232,6 +236,19 @@ INLINE Pack<K> exp2v(const Pack<K>& x) {
   return map([](const Vec& p, const Vec& kf) {
     const __m256i scale = _mm256_slli_epi32(_mm256_cvttps_epi32(kf), 23);
     return Vec(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale)));
+  }, horner(xc - k, kExp2Poly), k);
+#elif defined(__aarch64__)
+  // The AVX2 scheme on NEON (Vectorized<float> is a float32x4_t here): FMAX/FMIN keep a NaN, FRINTM
+  // floors, FCVTZS truncates (a NaN to 0, so its exponent is left alone).
+  Pack<K> xc = x;
+  if constexpr (!Safe)
+    xc = map([](const Vec& v) {
+      return Vec(vminq_f32(vdupq_n_f32(127.99999f), vmaxq_f32(vdupq_n_f32(-126.f), v)));
+    }, x);
+  const Pack<K> k = map([](const Vec& v) { return Vec(vrndmq_f32(v)); }, xc);
+  return map([](const Vec& p, const Vec& kf) {
+    const int32x4_t scale = vshlq_n_s32(vcvtq_s32_f32(kf), 23);
+    return Vec(vreinterpretq_f32_s32(vaddq_s32(vreinterpretq_s32_f32(p), scale)));
   }, horner(xc - k, kExp2Poly), k);
 #else
   return map([](const Vec& v) { return exp2_lanes(v); }, x);
