@@ -1,4 +1,4 @@
-"""The selective-scan kernel's ARM (NEON) build, checked on an x86 machine.
+"""The selective-scan kernel's block-level arithmetic built outside PyTorch: NEON under qemu, x86 SIMD natively.
 
 On aarch64 the kernel's baseline build is PyTorch's ``Vectorized<float>`` on NEON (4 lanes), with its
 own exp (``exp2v``'s aarch64 branch). No ARM machine is at hand, so this test does what an ARM server
@@ -7,8 +7,9 @@ would run, under emulation: ``tests/native/scan_block_check.cpp`` includes
 (``_build.BASE_CFLAGS``, ``-DCPU_CAPABILITY=DEFAULT``: what ``_build`` gives on aarch64) and runs
 under ``qemu-aarch64``; it checks exp2, softplus, the silu gate, the forward recurrence (specialised
 N = 16 and generic N = 5, with its checkpoints) and the backward (du, ddt, dA, dB, dC, dD) against
-double-precision references. The same program built natively checks the x86 builds (not run here:
-tests/test_ops.py holds those builds equal to the PyTorch reference through the real extension).
+double-precision references. The same program built natively checks the x86 SIMD builds this CPU
+runs (AVX2, AVX-512) too, for what tests/test_ops.py (those builds through the real extension against
+the PyTorch reference) does not reach: exp2 over its whole range and the silu gate at |z| up to 3e38.
 
 It needs Debian's ``g++-aarch64-linux-gnu`` and ``qemu-user`` (``.ci/run`` installs them); where they are
 missing the test is skipped and says which. The program links statically with libtorch's symbols left
@@ -52,6 +53,23 @@ def test_neon_build_matches_double_precision_references_under_qemu(tmp_path):
     print(done.stdout)
     lines = done.stdout.splitlines()
     assert lines and lines[0] == "build default, 4 lanes", done.stdout + done.stderr  # NEON: 4 float lanes
+    checks = [line for line in lines[1:] if line.strip()]
+    assert len(checks) == 10 and all(" ok " in line for line in checks), done.stdout
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_x86_simd_builds_match_double_precision_references(isa, tmp_path):
+    if isa not in _build.cpu_isas():
+        pytest.skip(f"this CPU does not run the {isa} build")
+    binary = tmp_path / "scan_block_check"
+    compile_check("g++", _build.ISA_FLAGS[isa], binary)
+    done = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+    print(done.stdout)
+    lines = done.stdout.splitlines()
+    lanes = {"avx2": 8, "avx512": 16}[isa]
+    assert lines and lines[0] == f"build {isa}, {lanes} lanes", done.stdout + done.stderr
     checks = [line for line in lines[1:] if line.strip()]
     assert len(checks) == 10 and all(" ok " in line for line in checks), done.stdout
     assert done.returncode == 0, done.stdout + done.stderr
