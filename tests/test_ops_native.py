@@ -42,6 +42,17 @@ def compile_check(compiler: str, flags: list[str], out: Path) -> None:
     assert done.returncode == 0, f"{' '.join(command)}\n{done.stderr[-4000:]}"
 
 
+def run_check(command: list[str], header: str) -> None:
+    """Runs the check program: its first line names the build, then all ten checks say ok."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    print(done.stdout)
+    lines = done.stdout.splitlines()
+    assert lines and lines[0] == header, done.stdout + done.stderr
+    checks = [line for line in lines[1:] if line.strip()]
+    assert len(checks) == 10 and all(" ok " in line for line in checks), done.stdout
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 @pytest.mark.slow
 def test_neon_build_matches_double_precision_references_under_qemu(tmp_path):
     missing = [tool for tool in (CXX, QEMU) if shutil.which(tool) is None]
@@ -49,13 +60,7 @@ def test_neon_build_matches_double_precision_references_under_qemu(tmp_path):
         pytest.skip(f"{', '.join(missing)} not installed (Debian: apt-get install g++-aarch64-linux-gnu qemu-user)")
     binary = tmp_path / "scan_block_check"
     compile_check(CXX, _build.ISA_FLAGS["default"], binary)
-    done = subprocess.run([QEMU, str(binary)], capture_output=True, text=True, timeout=300)
-    print(done.stdout)
-    lines = done.stdout.splitlines()
-    assert lines and lines[0] == "build default, 4 lanes", done.stdout + done.stderr  # NEON: 4 float lanes
-    checks = [line for line in lines[1:] if line.strip()]
-    assert len(checks) == 10 and all(" ok " in line for line in checks), done.stdout
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_check([QEMU, str(binary)], "build default, 4 lanes")  # NEON: 4 float lanes
 
 
 @pytest.mark.slow
@@ -65,11 +70,4 @@ def test_x86_simd_builds_match_double_precision_references(isa, tmp_path):
         pytest.skip(f"this CPU does not run the {isa} build")
     binary = tmp_path / "scan_block_check"
     compile_check("g++", _build.ISA_FLAGS[isa], binary)
-    done = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
-    print(done.stdout)
-    lines = done.stdout.splitlines()
-    lanes = {"avx2": 8, "avx512": 16}[isa]
-    assert lines and lines[0] == f"build {isa}, {lanes} lanes", done.stdout + done.stderr
-    checks = [line for line in lines[1:] if line.strip()]
-    assert len(checks) == 10 and all(" ok " in line for line in checks), done.stdout
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_check([str(binary)], f"build {isa}, {dict(avx2=8, avx512=16)[isa]} lanes")
