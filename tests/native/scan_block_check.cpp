@@ -1,11 +1,11 @@
 // The selective-scan kernel's per-block arithmetic, checked without libtorch: this file includes the
 // kernel source as it is and calls its block-level functions (exp2v, softplus, the tile preparation,
 // the forward and backward recurrences for a specialised and a generic state size) on plain arrays,
-// against double-precision references. tests/test_ops_arm.py cross-compiles it for aarch64 (the
+// against double-precision references. tests/test_ops_native.py cross-compiles it for aarch64 (the
 // kernel's NEON build: PyTorch's Vectorized<float> is a float32x4_t there) and runs it under qemu,
-// which is how this project checks the ARM build without an ARM machine. Built natively with an x86
-// build's flags it checks that build the same way (the suite does not: tests/test_ops.py covers the
-// x86 builds through the real extension). Exit status 0 when every check passes; one line per check.
+// which is how this project checks the ARM build without an ARM machine, and builds it natively with
+// the avx2 and avx512 flags where the CPU runs them. Exit status 0 when every check passes; one line
+// per check.
 
 #include "selective_scan.cpp"
 
