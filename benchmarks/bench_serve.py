@@ -16,7 +16,8 @@ them; each cell is the median over rounds.
 
     python benchmarks/bench_serve.py [--model DIR] [--world DIR] [--clients 1 4 16] [--rounds 3]
                                      [--requests 96] [--workloads questions captions]
-                                     [--workers process thread] [--json out.json] [--markdown out.md]
+                                     [--workers process thread] [--server-args '--threads 2']
+                                     [--json out.json] [--markdown out.md]
 
     python benchmarks/bench_serve.py --vllm [--clients 16] [--rounds 3] [--k 16] [--max-tokens 16]
                                      [--client openai http] [--vllm-python .venv-vllm/bin/python]
@@ -249,6 +250,7 @@ def percentile(ordered: list[float], q: float) -> float:
 def markdown(results: dict, meta: dict) -> str:
     lines = [f"Model: `{meta['model']}` ({meta['views']}); {meta['cpu']}; the model worker on "
              f"{meta['threads']} torch thread(s); batching server: `{' '.join(meta['batching'])}`; "
+             + (f"both servers: `{' '.join(meta['server_args'])}`; " if meta.get("server_args") else "") +
              f"{meta['rounds']} rounds, medians; greedy.", "",
              "| workload | clients | worker | server | requests/s | p50 latency (s) | p99 latency (s) | mean batch "
              "| server CPU ms/request | client CPU ms/request |",
@@ -644,6 +646,9 @@ def main() -> int:
                         help="the batching server's flags, as one string (--batching='--max-batch-size 16'); default "
                              "'--max-batch-size 8 --batch-window-ms 15' (--vllm: the most clients as the batch size, "
                              "as vLLM's --max-num-seqs)")
+    parser.add_argument("--server-args", default="",
+                        help="flags for both meteor serve servers of each pair, as one string "
+                             "(--server-args='--threads 2'); default none")
     parser.add_argument("--workers", nargs="+", default=["process"], choices=["process", "thread"],
                         help="where the servers run the model (meteor serve --worker); each gets its pair of servers")
     parser.add_argument("--json", type=Path, default=None)
@@ -670,6 +675,7 @@ def main() -> int:
         args.batching = shlex.split(args.batching or f"--max-batch-size {max(args.clients)} --batch-window-ms 15")
         return run_vllm(args)
     args.batching = shlex.split(args.batching or "--max-batch-size 8 --batch-window-ms 15")
+    common = shlex.split(args.server_args)
     args.clients = args.clients or [1, 4, 16]
     args.requests = args.requests or 96
     model, world = args.model, args.world
@@ -680,10 +686,10 @@ def main() -> int:
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
     servers = {}
     for worker in args.workers:
-        servers[f"{worker}: batching"] = Server(model, f"{worker}: batching", ["--worker", worker, *args.batching],
+        servers[f"{worker}: batching"] = Server(model, f"{worker}: batching", ["--worker", worker, *common, *args.batching],
                                                 logs / f"bench_serve_{worker}_batching.log")
         servers[f"{worker}: batch size 1"] = Server(model, f"{worker}: batch size 1",
-                                                    ["--worker", worker, "--max-batch-size", "1"],
+                                                    ["--worker", worker, *common, "--max-batch-size", "1"],
                                                     logs / f"bench_serve_{worker}_single.log")
     runs: dict[str, dict[int, dict[str, list[dict]]]] = {
         w: {c: {m: [] for m in servers} for c in args.clients} for w in args.workloads}
@@ -717,7 +723,7 @@ def main() -> int:
     config = MeteorConfig.load(model)
     meta = {"model": str(model), "views": f"K={config.compressor.tokens_per_slice} per view, up to "
             f"{config.max_slices} slices + global", "cpu": _cpu(), "threads": threads,
-            "rounds": args.rounds, "batching": args.batching, "workers": args.workers,
+            "rounds": args.rounds, "batching": args.batching, "server_args": common, "workers": args.workers,
             "workloads": {w: WORKLOADS[w] for w in args.workloads}}
     table = markdown(results, meta)
     print(table)
