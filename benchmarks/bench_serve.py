@@ -535,7 +535,7 @@ def run_vllm(args) -> int:
     vllm = Server(folder, "vLLM", [], logs / "bench_serve_vllm.log",
                   command=vllm_command(python, folder, [*shlex.split(args.vllm_args), "--max-num-seqs",
                                                          str(max(args.clients))]), env=env)
-    serve = Server(folder, "meteor serve", args.batching, logs / "bench_serve_meteor.log")
+    serve = Server(folder, "meteor serve", [*args.server_args, *args.batching], logs / "bench_serve_meteor.log")
     configs = {   # name → (server, the request's extra fields)
         "vLLM, all tokens": (vllm, {"mm_processor_kwargs": {"tokens_per_slice": every}}),
         f"vLLM, Meteor K={k}": (vllm, {}),
@@ -585,7 +585,7 @@ def run_vllm(args) -> int:
                for kind, by_clients in runs.items()}
     meta = {"model": str(folder), "cpu": _cpu(), "rounds": args.rounds, "requests": args.requests,
             "max_tokens": args.max_tokens, "k": k, "every": every, "views": len(plan.view_patches),
-            "batching": args.batching, "vllm_args": args.vllm_args, "kv": kv,
+            "batching": args.batching, "server_args": args.server_args, "vllm_args": args.vllm_args, "kv": kv,
             "vllm": subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                                    text=True, env=env).stdout.strip()}
     table = vllm_markdown(results, runs, meta)
@@ -647,8 +647,8 @@ def main() -> int:
                              "'--max-batch-size 8 --batch-window-ms 15' (--vllm: the most clients as the batch size, "
                              "as vLLM's --max-num-seqs)")
     parser.add_argument("--server-args", default="",
-                        help="flags for both meteor serve servers of each pair, as one string "
-                             "(--server-args='--threads 2'); default none")
+                        help="flags for every meteor serve server (both of each pair; with --vllm, the one meteor serve), "
+                             "as one string (--server-args='--threads 2'); default none")
     parser.add_argument("--workers", nargs="+", default=["process"], choices=["process", "thread"],
                         help="where the servers run the model (meteor serve --worker); each gets its pair of servers")
     parser.add_argument("--json", type=Path, default=None)
@@ -669,13 +669,16 @@ def main() -> int:
     vllm.add_argument("--client", nargs="+", default=["openai"], choices=["openai", "http"],
                       help="the clients: the official openai package, and/or http.client (less CPU per request)")
     args = parser.parse_args()
+    try:
+        args.server_args = shlex.split(args.server_args)
+    except ValueError as err:
+        parser.error(f"--server-args: {err} (give the flags as one quoted string, e.g. --server-args='--threads 2')")
     if args.vllm:
         args.clients = args.clients or [16]
         args.requests = args.requests or 48
         args.batching = shlex.split(args.batching or f"--max-batch-size {max(args.clients)} --batch-window-ms 15")
         return run_vllm(args)
     args.batching = shlex.split(args.batching or "--max-batch-size 8 --batch-window-ms 15")
-    common = shlex.split(args.server_args)
     args.clients = args.clients or [1, 4, 16]
     args.requests = args.requests or 96
     model, world = args.model, args.world
@@ -686,10 +689,10 @@ def main() -> int:
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
     servers = {}
     for worker in args.workers:
-        servers[f"{worker}: batching"] = Server(model, f"{worker}: batching", ["--worker", worker, *common, *args.batching],
+        servers[f"{worker}: batching"] = Server(model, f"{worker}: batching", ["--worker", worker, *args.server_args, *args.batching],
                                                 logs / f"bench_serve_{worker}_batching.log")
         servers[f"{worker}: batch size 1"] = Server(model, f"{worker}: batch size 1",
-                                                    ["--worker", worker, *common, "--max-batch-size", "1"],
+                                                    ["--worker", worker, *args.server_args, "--max-batch-size", "1"],
                                                     logs / f"bench_serve_{worker}_single.log")
     runs: dict[str, dict[int, dict[str, list[dict]]]] = {
         w: {c: {m: [] for m in servers} for c in args.clients} for w in args.workloads}
@@ -723,7 +726,7 @@ def main() -> int:
     config = MeteorConfig.load(model)
     meta = {"model": str(model), "views": f"K={config.compressor.tokens_per_slice} per view, up to "
             f"{config.max_slices} slices + global", "cpu": _cpu(), "threads": threads,
-            "rounds": args.rounds, "batching": args.batching, "server_args": common, "workers": args.workers,
+            "rounds": args.rounds, "batching": args.batching, "server_args": args.server_args, "workers": args.workers,
             "workloads": {w: WORKLOADS[w] for w in args.workloads}}
     table = markdown(results, meta)
     print(table)
