@@ -9,7 +9,11 @@ URLs, greedy, in two workloads: the world's test questions (1-2 token answers, `
 world runner allows) and captions ("Describe the image.", the stage-1 task: 15-64 token answers,
 `max_tokens` 64). Per setting: requests per second over the whole run, p50 and p99 latency, the mean
 batch size the server reports (/stats) and the CPU time per request of the server's processes
-(HTTP side and model worker) and of the clients. The clients use the standard library's
+(HTTP side and model worker) and of the clients. Then the model alone (``ModelAlone``, unless
+``--model-alone no``): the servers' batching worker in this process, given each workload's requests
+all at once, at batch size 1 and at the batching server's ``--max-batch-size``: what the model's own
+work allows batching to gain, which bounds the servers' ratio (``--model-alone only`` measures just
+that). The clients use the standard library's
 `http.client`, a tenth of httpx's CPU per request, since they share the machine with the servers
 they measure. Rounds alternate the servers, so load from elsewhere on the machine falls on all of
 them; each cell is the median over rounds.
@@ -17,7 +21,7 @@ them; each cell is the median over rounds.
     python benchmarks/bench_serve.py [--model DIR] [--world DIR] [--clients 1 4 16] [--rounds 3]
                                      [--requests 96] [--workloads questions captions]
                                      [--workers process thread] [--server-args '--threads 2']
-                                     [--json out.json] [--markdown out.md]
+                                     [--model-alone also|only|no] [--json out.json] [--markdown out.md]
 
     python benchmarks/bench_serve.py --vllm [--clients 16] [--rounds 3] [--k 16] [--max-tokens 16]
                                      [--client openai http] [--vllm-python .venv-vllm/bin/python]
@@ -156,6 +160,96 @@ class Server:
             self.process.kill()
 
 
+class ModelAlone:
+    """The served model's own rate, with nothing around it: the server's batching worker
+    (``BatchingWorker``, in this process, on the servers' torch threads) given every request of a
+    measurement at once, as a saturated server's queue holds them, prepared as the server prepares them
+    (``parse_chat_request``, the image resolver, ``prepare_image``, the conversation's template) but
+    with no HTTP, no JSON, no hand-over between processes. Batching over batch size 1 here is the most
+    a pair of servers around this model can show: what a server adds per request is paid by both."""
+
+    def __init__(self, model: Path, threads: int | None):
+        from meteor.serve.worker import load_model
+
+        self.model, self.processor = load_model(model)
+        self.threads = threads if threads is not None else torch_threads_default()
+        self.prompts: dict[str, list] = {}
+
+    def prepare(self, workload: str, bodies: list[bytes]) -> None:
+        from meteor.serve.images import ImageResolver
+        from meteor.serve.protocol import parse_chat_request
+        from meteor.serve.streaming import Conversation
+
+        resolver = ImageResolver(None, 1 << 40)
+        prompts = []
+        for body in bodies:
+            request = parse_chat_request(json.loads(body), "bench", 1 << 20)
+            conversation = Conversation()
+            for message in request.messages:
+                conversation.ask(message.text, [self.processor.prepare_image(resolver.load(part))
+                                                for part in message.images], self.processor.config.image_token)
+            prompts.append((conversation.prompt_ids(self.processor, request.tokens_per_slice), conversation.images,
+                            request))
+        self.prompts[workload] = prompts
+
+    def measure(self, workload: str, batch_size: int) -> dict:
+        """Every prepared request of ``workload`` through a worker of ``batch_size``: requests per
+        second (wall), CPU ms per request (this process), the batches it formed and the answers."""
+        from meteor.serve.worker import BatchingWorker, Job, JobSpec
+
+        prompts = self.prompts[workload]
+        done = threading.Semaphore(0)
+        worker = BatchingWorker(self.model, self.processor, max_batch_size=batch_size, batch_window=0.0,
+                                queue_size=len(prompts), threads=self.threads)
+        jobs = []
+        for ids, images, request in prompts:
+            spec = JobSpec(ids, images, request.max_tokens, request.stop, None, request.tokens_per_slice,
+                           request.sampling)
+            jobs.append(Job.from_spec(spec, self.processor.tokenizer,
+                                      lambda event: done.release() if event[0] in ("done", "error") else None))
+        for job in jobs:                        # all waiting before the worker looks, as in a full queue
+            worker.submit(job)
+        cpu, started = time.process_time(), time.perf_counter()
+        worker.start(warmup=False)
+        for _ in jobs:
+            done.acquire()
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        worker.close()                          # after its last batch is counted
+        stats = worker.stats()
+        if stats["answered"] != len(jobs):
+            raise RuntimeError(f"the model alone answered {stats['answered']} of {len(jobs)} requests: {stats}")
+        return {"rps": len(jobs) / wall, "cpu_ms": 1000 * cpu / len(jobs), "batch_sizes": stats["batch_sizes"],
+                "answers": [job.stream.text for job in jobs]}
+
+
+def alone_rounds(alone: ModelAlone, workloads: list[str], batch_size: int, rounds: int) -> dict:
+    """Batch size 1 and ``batch_size`` alternating over ``rounds`` (after one warm-up batch each);
+    per workload the median cell of each and their ratio. The answers must not depend on the batch
+    (greedy; rows are independent: ``meteor.serve.streaming``)."""
+    results = {}
+    for workload in workloads:
+        runs: dict[int, list[dict]] = {1: [], batch_size: []}
+        for size in runs:
+            alone.measure(workload, size)
+        for round_ in range(rounds):
+            for size in (list(runs) if round_ % 2 == 0 else list(runs)[::-1]):
+                runs[size].append(alone.measure(workload, size))
+                cell = runs[size][-1]
+                print(f"round {round_ + 1} · {workload:<9} · model alone · batch size {size:<2} {cell['rps']:6.2f} req/s  "
+                      f"CPU/request {cell['cpu_ms']:.1f} ms  batches {cell['batch_sizes']}", flush=True)
+        different = sum(a != b for a, b in zip(runs[1][-1]["answers"], runs[batch_size][-1]["answers"]))
+        if different:
+            print(f"{workload}: {different} of {len(runs[1][-1]['answers'])} answers differ between batch size 1 "
+                  f"and {batch_size} (float rounding of batched products can flip a near tie)", flush=True)
+        cells = {size: {key: statistics.median(cell[key] for cell in cells) for key in ("rps", "cpu_ms")}
+                 for size, cells in runs.items()}
+        results[workload] = {"batch_size": batch_size, "requests": len(alone.prompts[workload]),
+                             "single": cells[1], "batched": cells[batch_size],
+                             "ratio": cells[batch_size]["rps"] / cells[1]["rps"], "answers_differing": different,
+                             "per_round": [b["rps"] / s["rps"] for s, b in zip(runs[1], runs[batch_size])]}
+    return results
+
+
 def run_clients(sessions: list, total: int, send, meter) -> tuple[float, tuple]:
     """One thread per session (each already connected) sends requests 0 … ``total`` - 1 back to
     back, each index taken by the next free client, through ``send(session, index)``. The clock
@@ -247,14 +341,15 @@ def percentile(ordered: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def markdown(results: dict, meta: dict) -> str:
+def markdown(results: dict, meta: dict, alone: dict | None = None) -> str:
     lines = [f"Model: `{meta['model']}` ({meta['views']}); {meta['cpu']}; the model worker on "
              f"{meta['threads']} torch thread(s); batching server: `{' '.join(meta['batching'])}`; "
              + (f"both servers: `{' '.join(meta['server_args'])}`; " if meta.get("server_args") else "") +
-             f"{meta['rounds']} rounds, medians; greedy.", "",
-             "| workload | clients | worker | server | requests/s | p50 latency (s) | p99 latency (s) | mean batch "
-             "| server CPU ms/request | client CPU ms/request |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"{meta['rounds']} rounds, medians; greedy.", ""]
+    if results:
+        lines += ["| workload | clients | worker | server | requests/s | p50 latency (s) | p99 latency (s) | mean batch "
+                  "| server CPU ms/request | client CPU ms/request |",
+                  "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for workload, by_clients in results.items():
         for clients, modes in by_clients.items():
             for mode, cell in modes.items():
@@ -268,6 +363,13 @@ def markdown(results: dict, meta: dict) -> str:
             ratios = ", ".join(f"{clients} client{'s' if clients > 1 else ''} {ratio(modes, worker):.2f}×"
                                for clients, modes in by_clients.items())
             lines.append(f"- {workload}, worker in a {worker}: batching / batch size 1, requests per second: {ratios}.")
+    for workload, cell in (alone or {}).items():
+        single, batched = cell["single"], cell["batched"]
+        lines.append(f"- {workload}, the model alone (no HTTP; {cell['requests']} requests queued at once): batch size 1 "
+                     f"{single['rps']:.2f} requests/s ({single['cpu_ms']:.1f} CPU ms each), batches of "
+                     f"{cell['batch_size']} {batched['rps']:.2f}/s ({batched['cpu_ms']:.1f} ms): **{cell['ratio']:.2f}×** "
+                     f"(per round: {', '.join(f'{r:.2f}×' for r in cell['per_round'])}), the most a pair of servers "
+                     f"around this model can show.")
     return "\n".join(lines) + "\n"
 
 
@@ -651,6 +753,10 @@ def main() -> int:
                              "as one string (--server-args='--threads 2'); default none")
     parser.add_argument("--workers", nargs="+", default=["process"], choices=["process", "thread"],
                         help="where the servers run the model (meteor serve --worker); each gets its pair of servers")
+    parser.add_argument("--model-alone", choices=["also", "only", "no"], default="also",
+                        help="also (default): after the servers, the model alone (ModelAlone: the batching worker "
+                             "with no HTTP), batch size 1 against the batching server's --max-batch-size; only: that "
+                             "alone, no servers; no: the servers only")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     vllm = parser.add_argument_group("--vllm", "vLLM's OpenAI server against meteor serve on one folder")
@@ -688,7 +794,7 @@ def main() -> int:
     bodies = {w: requests_from_world(world, max(args.requests, 64), w, "bench") for w in args.workloads}
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
     servers = {}
-    for worker in args.workers:
+    for worker in (args.workers if args.model_alone != "only" else []):
         servers[f"{worker}: batching"] = Server(model, f"{worker}: batching", ["--worker", worker, *args.server_args, *args.batching],
                                                 logs / f"bench_serve_{worker}_batching.log")
         servers[f"{worker}: batch size 1"] = Server(model, f"{worker}: batch size 1",
@@ -701,8 +807,8 @@ def main() -> int:
             server.wait()
         for server in servers.values():        # warm both: first requests pay allocations
             load(server, bodies[args.workloads[0]], 4, 8)
-        threads = next(iter(servers.values())).metrics().get("threads")
-        for round_ in range(args.rounds):
+        threads = next(iter(servers.values())).metrics().get("threads") if servers else _flag(args.server_args, "--threads")
+        for round_ in range(args.rounds if servers else 0):
             for workload in args.workloads:
                 for clients in args.clients:
                     order = list(servers) if round_ % 2 == 0 else list(servers)[::-1]
@@ -720,7 +826,14 @@ def main() -> int:
         for server in servers.values():
             server.stop()
     results = {w: {c: {m: median_cell(cells) for m, cells in modes.items()} for c, modes in by_clients.items()}
-               for w, by_clients in runs.items()}
+               for w, by_clients in runs.items()} if servers else {}
+    alone = None
+    if args.model_alone != "no":
+        model_alone = ModelAlone(model, threads)
+        for workload in args.workloads:
+            model_alone.prepare(workload, bodies[workload][:args.requests])
+        alone = alone_rounds(model_alone, args.workloads, _flag(args.batching, "--max-batch-size") or 8, args.rounds)
+        threads = model_alone.threads
     from meteor.model.configuration import MeteorConfig
 
     config = MeteorConfig.load(model)
@@ -728,13 +841,31 @@ def main() -> int:
             f"{config.max_slices} slices + global", "cpu": _cpu(), "threads": threads,
             "rounds": args.rounds, "batching": args.batching, "server_args": args.server_args, "workers": args.workers,
             "workloads": {w: WORKLOADS[w] for w in args.workloads}}
-    table = markdown(results, meta)
+    table = markdown(results, meta, alone)
     print(table)
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "results": results, "runs": runs}, indent=1, default=str))
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "runs": runs, "model_alone": alone},
+                                        indent=1, default=str))
     if args.markdown:
         args.markdown.write_text(table)
     return 0
+
+
+def _flag(flags: list[str], name: str) -> int | None:
+    """The whole-number value of ``name`` in a server's flags (``--name N`` or ``--name=N``), or None."""
+    for i, flag in enumerate(flags):
+        if flag == name and i + 1 < len(flags):
+            return int(flags[i + 1])
+        if flag.startswith(name + "="):
+            return int(flag.split("=", 1)[1])
+    return None
+
+
+def torch_threads_default() -> int:
+    """The model worker's torch threads when ``--threads`` is not given (``BatchingWorker``'s default)."""
+    import torch
+
+    return max(1, torch.get_num_threads() - 1)
 
 
 def _cpu() -> str:
