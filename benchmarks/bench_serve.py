@@ -785,6 +785,11 @@ def main() -> int:
         args.batching = shlex.split(args.batching or f"--max-batch-size {max(args.clients)} --batch-window-ms 15")
         return run_vllm(args)
     args.batching = shlex.split(args.batching or "--max-batch-size 8 --batch-window-ms 15")
+    try:
+        batch_size = _flag(args.batching, "--max-batch-size") or 8
+        threads = _flag(args.server_args, "--threads")
+    except ValueError as err:
+        parser.error(f"{err} (e.g. --batching='--max-batch-size 8', --server-args='--threads 1')")
     args.clients = args.clients or [1, 4, 16]
     args.requests = args.requests or 96
     model, world = args.model, args.world
@@ -807,7 +812,7 @@ def main() -> int:
             server.wait()
         for server in servers.values():        # warm both: first requests pay allocations
             load(server, bodies[args.workloads[0]], 4, 8)
-        threads = next(iter(servers.values())).metrics().get("threads") if servers else _flag(args.server_args, "--threads")
+        threads = next(iter(servers.values())).metrics().get("threads") if servers else threads
         for round_ in range(args.rounds if servers else 0):
             for workload in args.workloads:
                 for clients in args.clients:
@@ -832,7 +837,7 @@ def main() -> int:
         model_alone = ModelAlone(model, threads)
         for workload in args.workloads:
             model_alone.prepare(workload, bodies[workload][:args.requests])
-        alone = alone_rounds(model_alone, args.workloads, _flag(args.batching, "--max-batch-size") or 8, args.rounds)
+        alone = alone_rounds(model_alone, args.workloads, batch_size, args.rounds)
         threads = model_alone.threads
     from meteor.model.configuration import MeteorConfig
 
@@ -854,10 +859,12 @@ def main() -> int:
 def _flag(flags: list[str], name: str) -> int | None:
     """The whole-number value of ``name`` in a server's flags (``--name N`` or ``--name=N``), or None."""
     for i, flag in enumerate(flags):
-        if flag == name and i + 1 < len(flags):
-            return int(flags[i + 1])
-        if flag.startswith(name + "="):
-            return int(flag.split("=", 1)[1])
+        value = flags[i + 1] if flag == name and i + 1 < len(flags) else \
+            flag.split("=", 1)[1] if flag.startswith(name + "=") else None
+        if value is not None:
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{name} must be a whole number ≥ 1, got {value!r}")
+            return int(value)
     return None
 
 

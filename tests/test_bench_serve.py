@@ -7,6 +7,7 @@ speed: the figures are in docs/benchmarks.md."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,15 @@ def test_server_flags_are_read_in_both_spellings():
     assert _flag(["--max-batch-size", "16", "--batch-window-ms", "15"], "--max-batch-size") == 16
     assert _flag(["--threads=2"], "--threads") == 2
     assert _flag(["--batch-window-ms", "15"], "--max-batch-size") is None
+    with pytest.raises(ValueError, match="--max-batch-size must be a whole number ≥ 1, got 'x'"):
+        _flag(["--max-batch-size", "x"], "--max-batch-size")
+
+
+def test_a_malformed_server_flag_is_a_usage_error_naming_it(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_serve.py"
+    run = subprocess.run([sys.executable, str(script), "--model", str(tmp_path), "--world",
+                          str(tmp_path), "--batching=--max-batch-size 0"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--max-batch-size must be a whole number ≥ 1, got '0'" in run.stderr
