@@ -223,9 +223,10 @@ class ModelAlone:
 
 
 def alone_rounds(alone: ModelAlone, workloads: list[str], batch_size: int, rounds: int) -> dict:
-    """Batch size 1 and ``batch_size`` alternating over ``rounds`` (after one warm-up batch each);
-    per workload the median cell of each and their ratio. The answers must not depend on the batch
-    (greedy; rows are independent: ``meteor.serve.streaming``)."""
+    """Batch size 1 and ``batch_size`` alternating over ``rounds`` (after one unmeasured run of
+    each); per workload the median cell of each, their ratio, and how many answers of the last round
+    differ between the two (greedy rows are independent, ``meteor.serve.streaming``: only float
+    rounding of batched products can flip a near tie)."""
     results = {}
     for workload in workloads:
         runs: dict[int, list[dict]] = {1: [], batch_size: []}
