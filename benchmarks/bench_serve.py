@@ -164,7 +164,7 @@ class ModelAlone:
     """The served model's own rate, with nothing around it: the server's batching worker
     (``BatchingWorker``, in this process, on the servers' torch threads) given every request of a
     measurement at once, as a saturated server's queue holds them, prepared as the server prepares them
-    (``parse_chat_request``, the image resolver, ``prepare_image``, the conversation's template) but
+    (``parse_chat_request``, ``meteor.serve.app.conversation_of``, the conversation's template) but
     with no HTTP, no JSON, no hand-over between processes. Batching over batch size 1 here is the most
     a pair of servers around this model can show: what a server adds per request is paid by both."""
 
@@ -176,18 +176,15 @@ class ModelAlone:
         self.prompts: dict[str, list] = {}
 
     def prepare(self, workload: str, bodies: list[bytes]) -> None:
+        from meteor.serve.app import conversation_of
         from meteor.serve.images import ImageResolver
         from meteor.serve.protocol import parse_chat_request
-        from meteor.serve.streaming import Conversation
 
         resolver = ImageResolver(None, 1 << 40)
         prompts = []
         for body in bodies:
             request = parse_chat_request(json.loads(body), "bench", 1 << 20)
-            conversation = Conversation()
-            for message in request.messages:
-                conversation.ask(message.text, [self.processor.prepare_image(resolver.load(part))
-                                                for part in message.images], self.processor.config.image_token)
+            conversation = conversation_of(request, self.processor, resolver)
             prompts.append((conversation.prompt_ids(self.processor, request.tokens_per_slice), conversation.images,
                             request))
         self.prompts[workload] = prompts

@@ -93,21 +93,7 @@ class Server:
     def prompt(self, request: ChatRequest, deadline: float | None = None) -> Prompt:
         """Images decoded and sliced, one after another, the conversation laid out in the model's
         template (runs in a preparation thread). Past ``deadline``, a 408."""
-        conversation = Conversation()
-        token = self.processor.config.image_token
-        try:
-            for message in request.messages:
-                if message.role == "human":
-                    images = []
-                    for part in message.images:
-                        _check_deadline(deadline, "while its images were decoded")
-                        images.append(self.processor.prepare_image(self.images.load(part)))
-                    conversation.ask(message.text, images, token)
-                else:
-                    conversation.answer(message.text)
-        except ConversationError as err:
-            raise invalid(str(err), "messages") from None
-        prompt = self.layout(conversation, request.tokens_per_slice)
+        prompt = self.layout(conversation_of(request, self.processor, self.images, deadline), request.tokens_per_slice)
         _check_deadline(deadline, "while its images were decoded")
         return prompt
 
@@ -188,6 +174,25 @@ class Server:
             running=running, busy=running > 0, max_batch_size=config.max_batch_size,
             batch_window_ms=config.batch_window_ms, queue_size=config.queue_size,
             threads=self.engine.options["threads"], warmup_seconds=self.engine.warmup_seconds)
+
+
+def conversation_of(request: ChatRequest, processor, images: ImageResolver, deadline: float | None = None) -> Conversation:
+    """The request's turns as a ``Conversation``: each user turn's images decoded by ``images`` and
+    sliced by ``processor``, one after another (past ``deadline``, a 408)."""
+    conversation = Conversation()
+    try:
+        for message in request.messages:
+            if message.role == "human":
+                sliced = []
+                for part in message.images:
+                    _check_deadline(deadline, "while its images were decoded")
+                    sliced.append(processor.prepare_image(images.load(part)))
+                conversation.ask(message.text, sliced, processor.config.image_token)
+            else:
+                conversation.answer(message.text)
+    except ConversationError as err:
+        raise invalid(str(err), "messages") from None
+    return conversation
 
 
 def _check_deadline(deadline: float | None, where: str) -> None:
